@@ -1,0 +1,1 @@
+"""data: the collection store, image sources, safe decoding and the concept world."""

@@ -1,0 +1,256 @@
+"""The aligner: a linear map ``c ≈ W f + b`` from an encoder's features into CLIP image space.
+
+Fitted in closed form by ridge regression with an unpenalised bias, from streamed sufficient statistics
+(X̃ᵀX̃ and X̃ᵀY with X̃ = [X, 1]), so it works when the features do not fit in memory. Rows are split
+into train and held-out deterministically by key; the ridge strength is chosen on the held-out rows, and the
+held-out R² of the saved map is reported. Stored as safetensors with provenance metadata.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data.errors import AlignerError, InvalidInput, NotFound
+
+#: ridge strengths, relative to the mean feature variance (scale-free)
+DEFAULT_ALPHAS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+FORMAT = "t2c-aligner/1"
+
+
+class _Split:
+    """Augmented sufficient statistics for one split."""
+
+    def __init__(self, dx: int, dy: int):
+        self.n = 0
+        self.xx = np.zeros((dx + 1, dx + 1), np.float64)  # X̃ᵀX̃
+        self.xy = np.zeros((dx + 1, dy), np.float64)  # X̃ᵀY
+        self.yy = np.zeros(dy, np.float64)  # Σ y² per dim
+        self.ysum = np.zeros(dy, np.float64)
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        if not len(x):
+            return
+        xa = np.empty((len(x), x.shape[1] + 1), np.float64)
+        xa[:, :-1] = x
+        xa[:, -1] = 1.0
+        y = y.astype(np.float64, copy=False)
+        self.n += len(x)
+        self.xx += xa.T @ xa
+        self.xy += xa.T @ y
+        self.yy += np.einsum("ij,ij->j", y, y)
+        self.ysum += y.sum(0)
+
+    def sse(self, B: np.ndarray) -> np.ndarray:
+        """Per-dimension sum of squared errors of predictions X̃B."""
+        return self.yy - 2 * np.einsum("ij,ij->j", self.xy, B) + np.einsum("ij,ij->j", B, self.xx @ B)
+
+    def sst(self) -> np.ndarray:
+        return self.yy - self.ysum**2 / max(self.n, 1)
+
+
+def _holdout_mask(keys, holdout: float, seed: int) -> np.ndarray:
+    """Deterministic train/held-out assignment from row keys (independent of streaming order)."""
+    out = np.empty(len(keys), bool)
+    cut = int(holdout * 2**32)
+    for i, k in enumerate(keys):
+        h = hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=4).digest()
+        out[i] = int.from_bytes(h, "little") < cut
+    return out
+
+
+class RidgeAccumulator:
+    """Streams (features, CLIP targets) batches into train/held-out sufficient statistics."""
+
+    def __init__(self, dx: int, dy: int, *, holdout: float = 0.2, seed: int = 0):
+        if not 0.0 < holdout < 1.0:
+            raise InvalidInput(f"holdout fraction must be in (0, 1), got {holdout}")
+        self.dx, self.dy, self.holdout, self.seed = int(dx), int(dy), float(holdout), int(seed)
+        self.train = _Split(self.dx, self.dy)
+        self.held = _Split(self.dx, self.dy)
+        self._rows = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray, keys=None) -> None:
+        """Add a batch; ``keys`` (e.g. paths or ids) fix each row's split, else the running row number."""
+        x = np.asarray(x, np.float64)
+        y = np.asarray(y, np.float64)
+        if x.ndim != 2 or y.ndim != 2 or len(x) != len(y) or x.shape[1] != self.dx or y.shape[1] != self.dy:
+            raise InvalidInput(f"aligner batch shapes {x.shape} / {y.shape} do not match ({self.dx}, {self.dy})")
+        if keys is None:
+            keys = range(self._rows, self._rows + len(x))
+        self._rows += len(x)
+        m = _holdout_mask(list(keys), self.holdout, self.seed)
+        self.train.add(x[~m], y[~m])
+        self.held.add(x[m], y[m])
+
+    def fit(self, alphas=DEFAULT_ALPHAS, **meta) -> "Aligner":
+        """Solve the ridge problem for each alpha, keep the best on held-out rows, return the Aligner."""
+        t, h = self.train, self.held
+        if t.n < 2 or h.n < 1:
+            raise AlignerError(
+                f"too few images to fit an aligner ({t.n} train, {h.n} held out)",
+                "give at least a few dozen images (more images than feature dimensions is best)",
+            )
+        # variance scale of the centred features, so that alpha is unit-free
+        mean = t.xx[-1, :-1] / t.n
+        var = np.diag(t.xx)[:-1] / t.n - mean**2
+        scale = max(float(var.mean()), 1e-12) * t.n
+        pen = np.ones(self.dx + 1)
+        pen[-1] = 0.0  # never penalise the bias
+        best = None
+        sst = h.sst()
+        for a in alphas:
+            B = _solve(t.xx + np.diag(pen * a * scale), t.xy)
+            sse = h.sse(B)
+            total = float(sse.sum())
+            if best is None or total < best[0] - 1e-12 * abs(best[0]):
+                best = (total, a, B, sse)
+        _, alpha, B, sse = best
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_dim = np.where(sst > 0, 1.0 - sse / sst, 0.0)
+        r2 = 1.0 - float(sse.sum()) / max(float(sst.sum()), 1e-300)
+        info = dict(meta)
+        info.update(
+            dx=self.dx, dy=self.dy, n_train=t.n, n_heldout=h.n, alpha=float(alpha), r2_heldout=r2,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        return Aligner(B[:-1].astype(np.float32), B[-1].astype(np.float32), info, per_dim.astype(np.float32))
+
+
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve a symmetric PSD system, falling back to least squares when it is singular."""
+    try:
+        import scipy.linalg
+
+        return scipy.linalg.solve(a, b, assume_a="pos", check_finite=False)
+    except Exception:  # noqa: BLE001 - singular (alpha=0 with collinear features): use lstsq
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def fit_aligner(x: np.ndarray, y: np.ndarray, *, holdout: float = 0.2, seed: int = 0, keys=None,
+                alphas=DEFAULT_ALPHAS, **meta) -> "Aligner":
+    """Fit an aligner from in-memory features ``x`` (N, d_E) and CLIP image embeddings ``y`` (N, d_C).
+
+    Args:
+        x: encoder features.
+        y: CLIP image embeddings of the same images (normalised or not; the map is fitted as given).
+        holdout: fraction of rows held out to choose the ridge strength and report R².
+        seed: split seed. keys: optional per-row keys that fix the split.
+        alphas: relative ridge strengths to try. meta: provenance (encoder, clip, ...).
+
+    Returns:
+        An :class:`Aligner` with ``r2_heldout`` and per-dimension held-out R².
+
+    Raises:
+        InvalidInput: shapes do not match. AlignerError: too few rows.
+
+    Example:
+        >>> al = fit_aligner(feats, clip_feats, encoder="world:pairnet", clip="world:clip")  # doctest: +SKIP
+        >>> al.apply(feats).shape  # doctest: +SKIP
+    """
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+        raise InvalidInput(f"features {x.shape} and targets {y.shape} must be 2-D with equal rows")
+    acc = RidgeAccumulator(x.shape[1], y.shape[1], holdout=holdout, seed=seed)
+    step = 4096
+    for i in range(0, len(x), step):
+        acc.add(x[i : i + step], y[i : i + step], None if keys is None else keys[i : i + step])
+    return acc.fit(alphas, **meta)
+
+
+@dataclass
+class Aligner:
+    """A fitted linear map from encoder features to CLIP space, with provenance."""
+
+    W: np.ndarray  # (d_E, d_C)
+    b: np.ndarray  # (d_C,)
+    meta: dict = field(default_factory=dict)
+    r2_per_dim: np.ndarray | None = None
+
+    @classmethod
+    def identity(cls, dim: int, spec: str) -> "Aligner":
+        """The aligner of a CLIP encoder indexed against itself."""
+        return cls(np.eye(dim, dtype=np.float32), np.zeros(dim, np.float32),
+                   {"encoder": spec, "clip": spec, "dx": dim, "dy": dim, "identity": True, "r2_heldout": 1.0})
+
+    @property
+    def r2_heldout(self) -> float:
+        return float(self.meta.get("r2_heldout", float("nan")))
+
+    @property
+    def is_identity(self) -> bool:
+        return bool(self.meta.get("identity"))
+
+    @property
+    def digest(self) -> str:
+        """Content hash of W and b (goes into store manifests)."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.W, np.float32).tobytes())
+        h.update(np.ascontiguousarray(self.b, np.float32).tobytes())
+        return h.hexdigest()[:32]
+
+    def apply(self, f: np.ndarray, normalize: bool = True) -> np.ndarray:
+        """Map features (N, d_E) into CLIP space; L2-normalised rows by default."""
+        f = np.asarray(f, np.float32)
+        if f.ndim != 2 or f.shape[1] != self.W.shape[0]:
+            raise AlignerError(f"features of shape {f.shape} do not fit an aligner for {self.W.shape[0]}-d input",
+                               "use the aligner fitted for this encoder")
+        a = f if self.is_identity else f @ self.W + self.b
+        a = np.ascontiguousarray(a, np.float32)
+        if normalize:
+            n = np.linalg.norm(a, axis=1, keepdims=True)
+            a /= np.maximum(n, 1e-12)
+        return a
+
+    def check_pair(self, encoder: str, clip: str | None = None) -> None:
+        """Raise AlignerError when this aligner was fitted for another encoder/CLIP pair."""
+        if self.meta.get("encoder") and self.meta["encoder"] != encoder:
+            raise AlignerError(f"aligner was fitted for encoder {self.meta['encoder']!r}, not {encoder!r}",
+                               "fit one for this encoder with `t2c align` or `--fit-aligner N`")
+        if clip and self.meta.get("clip") and self.meta["clip"] != clip:
+            raise AlignerError(f"aligner targets CLIP {self.meta['clip']!r}, not {clip!r}")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write W, b, per-dim R² and provenance as safetensors, atomically."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"W": np.ascontiguousarray(self.W, np.float32), "b": np.ascontiguousarray(self.b, np.float32)}
+        if self.r2_per_dim is not None:
+            tensors["r2_per_dim"] = np.ascontiguousarray(self.r2_per_dim, np.float32)
+        meta = {"format": FORMAT, "meta": json.dumps(self.meta, sort_keys=True)}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Aligner":
+        """Read an aligner written by :meth:`save`; raise a clear error for anything else."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise NotFound(f"aligner file {str(path)!r} does not exist", "fit one with `t2c align ... --out FILE`")
+        try:
+            with safe_open(str(path), framework="numpy") as fh:
+                md = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as e:  # noqa: BLE001 - any unreadable file
+            raise AlignerError(f"{str(path)!r} is not a safetensors aligner file: {e}")
+        if md.get("format") != FORMAT or "W" not in tensors or "b" not in tensors:
+            raise AlignerError(f"{str(path)!r} is not a text2concept aligner (format {md.get('format')!r})")
+        meta = json.loads(md.get("meta", "{}"))
+        W, b = tensors["W"], tensors["b"]
+        if W.ndim != 2 or b.shape != (W.shape[1],):
+            raise AlignerError(f"aligner {str(path)!r} has inconsistent shapes W{W.shape} b{b.shape}")
+        return cls(W, b, meta, tensors.get("r2_per_dim"))

@@ -1,0 +1,471 @@
+"""Encoder registry: spec strings -> encoders with one small interface.
+
+Spec grammar: ``SOURCE:NAME[?key=value&key=value]``, for example ``timm:resnet50.a1_in1k``,
+``open_clip:ViT-B-32/openai``, ``torchvision:resnet50``, ``world:clip``,
+``python:my_pkg.module:factory``. ``weights=random`` builds a randomly initialised model (tests, speed
+benchmarks); ``weights=PATH`` loads a local checkpoint file (offline use). Other options:
+``device=cpu|cuda``, ``batch_size=N``, ``threads=N``, ``image_size=N`` (python source).
+
+Heavy imports (torch, timm, open_clip, torchvision) are deferred until an encoder is made.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+from urllib.parse import parse_qsl
+
+import numpy as np
+
+from data.errors import EncoderError, InvalidInput, NotFound, UnknownChoice
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A parsed spec string."""
+
+    source: str
+    name: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def weights(self) -> str | None:
+        return self.options.get("weights")
+
+    def __str__(self) -> str:
+        q = "&".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.source}:{self.name}" + (f"?{q}" if q else "")
+
+    @property
+    def identity(self) -> str:
+        """The spec without run-time options (device, batch size, threads): what defines the features."""
+        keep = {k: v for k, v in self.options.items() if k not in RUNTIME_OPTIONS}
+        return str(EncoderSpec(self.source, self.name, keep))
+
+
+RUNTIME_OPTIONS = {"device", "batch_size", "threads"}
+
+
+def parse_spec(spec: str) -> EncoderSpec:
+    """Parse ``SOURCE:NAME[?k=v&...]`` into an EncoderSpec; raise InvalidInput on malformed specs."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise InvalidInput(
+            f"malformed encoder spec {spec!r}",
+            f"use SOURCE:NAME, e.g. timm:resnet50 or world:clip; sources: {', '.join(sorted(_SOURCES))}",
+        )
+    head, _, query = spec.partition("?")
+    source, _, name = head.partition(":")
+    source = source.strip()
+    name = name.strip()
+    if source not in _SOURCES:
+        raise UnknownChoice("encoder source", source, _SOURCES)
+    if not name:
+        raise InvalidInput(f"encoder spec {spec!r} names no model", "put the model name after the colon")
+    options = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+    return EncoderSpec(source, name, options)
+
+
+class Encoder:
+    """One small interface: ``dim``, ``preprocess`` (PIL -> CHW float32), ``encode_images``, ``encode_texts``.
+
+    Subclasses implement ``_forward_images`` (and ``_forward_texts`` when CLIP-like); batching and
+    device handling live here once.
+    """
+
+    spec: str = ""
+    dim: int = 0
+    has_text: bool = False
+    image_size: int = 224
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    resize_mode: str = "shorter"  # "shorter": resize shorter side then centre crop; "squash": resize to square
+
+    def __init__(self, batch_size: int = 64, device: str | None = None, threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EncoderError("device=cuda requested but CUDA is not available", "use device=cpu")
+        self.device = device
+        self.batch_size = int(batch_size)
+
+    # ---- preprocessing (runs in decode workers: numpy + PIL only) ----
+    def preprocess(self, img) -> np.ndarray:
+        """Resize/crop an RGB PIL image and normalise it into a CHW float32 array."""
+        from PIL import Image
+
+        s = self.image_size
+        if self.resize_mode == "squash":
+            img = img.resize((s, s), Image.BICUBIC)
+        else:
+            w, h = img.size
+            scale = s / min(w, h)
+            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+            if (nw, nh) != (w, h):
+                img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+            left, top = (nw - s) // 2, (nh - s) // 2
+            img = img.crop((left, top, left + s, top + s))
+        arr = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+    def preprocess_config(self) -> dict:
+        """Picklable description of preprocessing, for worker processes."""
+        return {"image_size": self.image_size, "mean": self.mean, "std": self.std, "resize_mode": self.resize_mode}
+
+    # ---- encoding ----
+    def encode_images(self, batch: np.ndarray) -> np.ndarray:
+        """Encode an (N, 3, H, W) float32 array into (N, dim) float32 features, in batches."""
+        import torch
+
+        batch = np.asarray(batch, dtype=np.float32)
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise InvalidInput(f"expected an (N, 3, H, W) batch, got shape {batch.shape}")
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(batch), self.batch_size):
+                x = torch.from_numpy(batch[i : i + self.batch_size]).to(self.device)
+                y = self._forward_images(x)
+                out.append(y.float().cpu().numpy())
+        if not out:
+            return np.zeros((0, self.dim), np.float32)
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Encode texts into (N, dim) float32 CLIP text embeddings (CLIP-like encoders only)."""
+        import torch
+
+        if not self.has_text:
+            raise EncoderError(
+                f"encoder {self.spec} has no text tower",
+                "use a CLIP-like encoder (open_clip:..., world:clip) for text",
+            )
+        texts = list(texts)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), 256):
+                out.append(self._forward_texts(texts[i : i + 256]).float().cpu().numpy())
+        if not out:
+            return np.zeros((0, self.dim), np.float32)
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+    def _forward_images(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _forward_texts(self, texts):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Summary for listings and manifests."""
+        return {"spec": self.spec, "dim": self.dim, "has_text": self.has_text, "image_size": self.image_size}
+
+
+class ModuleEncoder(Encoder):
+    """Wraps a torch module mapping images to features; optional text function."""
+
+    def __init__(self, spec: str, module, *, dim: int | None = None, image_size: int = 224,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, text_fn: Callable | None = None,
+                 resize_mode: str = "shorter", **kw):
+        super().__init__(**kw)
+        self.spec = spec
+        self.module = module.eval().to(self.device)
+        self.image_size = int(image_size)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.resize_mode = resize_mode
+        self._text_fn = text_fn
+        self.has_text = text_fn is not None
+        self.dim = int(dim) if dim else self._probe_dim()
+
+    def _probe_dim(self) -> int:
+        import torch
+
+        with torch.inference_mode():
+            y = self.module(torch.zeros(1, 3, self.image_size, self.image_size, device=self.device))
+        if y.ndim != 2:
+            raise EncoderError(f"encoder {self.spec} returns shape {tuple(y.shape)}, expected (N, dim)",
+                               "make the model return pooled features (e.g. num_classes=0)")
+        return int(y.shape[1])
+
+    def _forward_images(self, x):
+        return self.module(x)
+
+    def _forward_texts(self, texts):
+        return self._text_fn(texts)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+# ---------------------------------------------------------------------------------------------
+SourceFactory = Callable[[EncoderSpec, dict], Encoder]
+_SOURCES: dict[str, SourceFactory] = {}
+_SOURCE_DOCS: dict[str, str] = {}
+
+
+def register_source(name: str, doc: str = ""):
+    """Decorator registering a factory ``(spec, runtime_kwargs) -> Encoder`` for a spec source."""
+
+    def deco(fn: SourceFactory) -> SourceFactory:
+        if name in _SOURCES:
+            raise ValueError(f"encoder source {name!r} is already registered")
+        _SOURCES[name] = fn
+        _SOURCE_DOCS[name] = doc or (fn.__doc__ or "").strip().splitlines()[0]
+        return fn
+
+    return deco
+
+
+def sources() -> dict[str, str]:
+    """Registered sources and a one-line description of each."""
+    return dict(_SOURCE_DOCS)
+
+
+def make_encoder(spec: str | EncoderSpec, **overrides) -> Encoder:
+    """Build an encoder from a spec string.
+
+    Args:
+        spec: ``SOURCE:NAME[?weights=random|PATH&device=cpu&batch_size=64&threads=2]``.
+        **overrides: runtime options (device, batch_size, threads) that win over the spec's.
+
+    Returns:
+        An :class:`Encoder` whose ``spec`` is the normalised spec string.
+
+    Raises:
+        UnknownChoice: unknown source or model (the message lists valid choices).
+        NotFound: a ``weights=PATH`` file does not exist.
+        EncoderError: the model could not be built or loaded.
+
+    Example:
+        >>> enc = make_encoder("timm:resnet18?weights=random")  # doctest: +SKIP
+        >>> enc.encode_images(batch).shape  # doctest: +SKIP
+        (8, 512)
+    """
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    w = parsed.weights
+    if w not in (None, "", "random", "pretrained") and not os.path.exists(w):
+        raise NotFound(f"weights file {w!r} does not exist", "pass an existing checkpoint path, or weights=random")
+    runtime = {k: parsed.options[k] for k in RUNTIME_OPTIONS if k in parsed.options}
+    runtime.update({k: v for k, v in overrides.items() if v is not None})
+    kw = {}
+    if "batch_size" in runtime:
+        kw["batch_size"] = int(runtime["batch_size"])
+    if "device" in runtime:
+        kw["device"] = runtime["device"]
+    if "threads" in runtime:
+        kw["threads"] = int(runtime["threads"])
+    enc = _SOURCES[parsed.source](parsed, kw)
+    enc.spec = parsed.identity
+    return enc
+
+
+def _load_state_dict(path: str) -> dict:
+    """Load a checkpoint file (safetensors, or a torch file read with weights_only=True)."""
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise EncoderError(f"cannot read checkpoint {path!r}: {e}", "pass a .safetensors or torch state-dict file")
+    for key in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise EncoderError(f"checkpoint {path!r} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _load_into(module, path: str, spec: EncoderSpec) -> None:
+    """Load a local checkpoint into ``module``; classifier-head keys may be absent or extra."""
+    sd = _load_state_dict(path)
+    own = module.state_dict()
+    usable = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    missing = [k for k in own if k not in usable]
+    if not usable or len(missing) > 0.5 * len(own):
+        raise EncoderError(
+            f"checkpoint {path!r} does not fit {spec.source}:{spec.name} "
+            f"({len(usable)} of {len(own)} tensors match)",
+            "check that the checkpoint was saved from the same architecture",
+        )
+    module.load_state_dict(usable, strict=False)
+
+
+@register_source("timm", "timm image models: timm:resnet50.a1_in1k (hub name) ")
+def _timm(spec: EncoderSpec, kw: dict) -> Encoder:
+    """timm image models, pooled features (num_classes=0)."""
+    import timm
+
+    base = spec.name.split(".")[0]
+    if not timm.is_model(base):
+        close = timm.list_models(f"*{base.split('_')[0]}*")[:20] or timm.list_models()[:20]
+        raise UnknownChoice("timm model", spec.name, close)
+    w = spec.weights
+    try:
+        model = timm.create_model(spec.name, pretrained=w in (None, "", "pretrained"), num_classes=0)
+    except Exception as e:  # noqa: BLE001 - hub/network failures become a clear error
+        raise EncoderError(
+            f"cannot build timm model {spec.name!r}: {e}",
+            "offline? pass ?weights=PATH to a local checkpoint, or ?weights=random for speed tests",
+        )
+    if w not in (None, "", "random", "pretrained"):
+        _load_into(model, w, spec)
+    cfg = model.pretrained_cfg or {}
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    return ModuleEncoder("", model, dim=model.num_features, image_size=size,
+                         mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD), **kw)
+
+
+@register_source("torchvision", "torchvision classification models: torchvision:resnet50")
+def _torchvision(spec: EncoderSpec, kw: dict) -> Encoder:
+    """torchvision classification models with the classifier replaced by identity."""
+    import torch
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if spec.name not in names:
+        raise UnknownChoice("torchvision model", spec.name, names)
+    w = spec.weights
+    try:
+        weights = "DEFAULT" if w in (None, "", "pretrained") else None
+        model = torchvision.models.get_model(spec.name, weights=weights)
+    except Exception as e:  # noqa: BLE001
+        raise EncoderError(f"cannot build torchvision model {spec.name!r}: {e}",
+                           "offline? pass ?weights=PATH or ?weights=random")
+    if w not in (None, "", "random", "pretrained"):
+        _load_into(model, w, spec)
+    for attr in ("fc", "classifier", "heads", "head"):
+        if hasattr(model, attr):
+            setattr(model, attr, torch.nn.Identity())
+            break
+    return ModuleEncoder("", model, image_size=224, **kw)
+
+
+@register_source("open_clip", "open_clip CLIP models: open_clip:ViT-B-32/openai (image + text)")
+def _open_clip(spec: EncoderSpec, kw: dict) -> Encoder:
+    """open_clip models (image and text towers); NAME/TAG selects the pretrained tag."""
+    import open_clip
+
+    name, _, tag = spec.name.partition("/")
+    models = open_clip.list_models()
+    if name not in models:
+        raise UnknownChoice("open_clip model", name, models)
+    w = spec.weights
+    if w == "random":
+        pretrained = None
+    elif w not in (None, "", "pretrained"):
+        pretrained = w  # open_clip accepts a local checkpoint path here
+    else:
+        tags = [t for n, t in open_clip.list_pretrained() if n == name]
+        if tag and tag not in tags:
+            raise UnknownChoice(f"pretrained tag for {name}", tag, tags or ["(none: use ?weights=PATH)"])
+        pretrained = tag or None
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device="cpu")
+    except Exception as e:  # noqa: BLE001
+        raise EncoderError(f"cannot build open_clip model {spec.name!r}: {e}",
+                           "offline? pass ?weights=PATH to a local checkpoint, or ?weights=random")
+    tokenizer = open_clip.get_tokenizer(name)
+    visual = model.visual
+    size = visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    mean = getattr(visual, "image_mean", None) or CLIP_MEAN
+    std = getattr(visual, "image_std", None) or CLIP_STD
+
+    enc = ModuleEncoder("", _ImageTower(model, "encode_image"), dim=None, image_size=size, mean=mean, std=std, **kw)
+
+    def text_fn(texts):
+        tokens = tokenizer(texts).to(enc.device)
+        return model.encode_text(tokens)
+
+    enc._text_fn = text_fn
+    enc.has_text = True
+    return enc
+
+
+@register_source("world", "concept-world models shipped with text2concept: world:clip (image + text), ...")
+def _world(spec: EncoderSpec, kw: dict) -> Encoder:
+    """Concept-world models (offline default); weights ship inside the package."""
+    from data.world import models as wm
+
+    if spec.name not in wm.WORLD_MODELS:
+        raise UnknownChoice("world model", spec.name, wm.WORLD_MODELS)
+    w = spec.weights
+    model = wm.load_world_model(spec.name, None if w in (None, "", "pretrained") else w)
+    text_fn = model.encode_text if model.has_text else None
+    return ModuleEncoder("", _ImageTower(model, "encode_image"), dim=model.dim, image_size=model.image_size,
+                         mean=model.mean, std=model.std, text_fn=text_fn, resize_mode="squash", **kw)
+
+
+def _ImageTower(model, method: str):  # noqa: N802 - a module factory (torch import deferred)
+    """Wrap ``model.<method>`` as a torch module's forward."""
+    import torch
+
+    class ImageTower(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return getattr(self.m, method)(x)
+
+    return ImageTower(model)
+
+
+@register_source("python", "your own factory: python:my_pkg.module:factory")
+def _python(spec: EncoderSpec, kw: dict) -> Encoder:
+    """A user factory returning an Encoder, or a torch module mapping (N,3,S,S) images to (N,dim)."""
+    import torch
+
+    modname, _, attr = spec.name.rpartition(":")
+    if not modname or not attr:
+        raise InvalidInput(f"python encoder spec {spec.name!r} must be MODULE:FACTORY",
+                           "e.g. python:my_pkg.encoders:make_encoder")
+    try:
+        mod = importlib.import_module(modname)
+    except ImportError as e:
+        raise NotFound(f"cannot import module {modname!r}: {e}", "check PYTHONPATH and the module name")
+    factory = getattr(mod, attr, None)
+    if not callable(factory):
+        raise NotFound(f"module {modname!r} has no callable {attr!r}")
+    extra = {k: v for k, v in spec.options.items() if k not in RUNTIME_OPTIONS | {"weights", "image_size"}}
+    obj = factory(**extra)
+    if isinstance(obj, Encoder):
+        return obj
+    if not isinstance(obj, torch.nn.Module):
+        raise EncoderError(f"factory {spec.name!r} returned {type(obj).__name__}",
+                           "return an indexer.encoders.Encoder or a torch.nn.Module")
+    w = spec.weights
+    if w not in (None, "", "random", "pretrained"):
+        _load_into(obj, w, spec)
+    return ModuleEncoder("", obj, image_size=int(spec.options.get("image_size", 224)),
+                         text_fn=getattr(obj, "encode_text", None), **kw)
+
+
+def list_encoders() -> list[dict]:
+    """Concrete encoders worth listing (world models) plus one line per source, for ``t2c encoders``."""
+    from data.world import models as wm
+
+    rows = []
+    for name in sorted(wm.WORLD_MODELS):
+        info = wm.WORLD_MODELS[name]
+        rows.append({"spec": f"world:{name}", "source": "world", "dim": info["dim"],
+                     "has_text": info["has_text"], "description": info.get("description", "")})
+    text_sources = {"open_clip": True, "timm": False, "torchvision": False, "python": None}
+    for src, doc in sorted(sources().items()):
+        if src == "world":
+            continue
+        rows.append({"spec": f"{src}:NAME", "source": src, "dim": None, "has_text": text_sources.get(src),
+                     "description": doc})
+    return rows

@@ -1,0 +1,52 @@
+"""The `t2c` command line: a thin edge over the library. Typed errors become a message and exit code 2."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from data.errors import T2CError
+
+app = typer.Typer(
+    name="t2c",
+    help="text2concept: search and audit image collections in words, with any vision encoder.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Each module owns one area and exposes register(app). Listed here so the command set is explicit.
+COMMAND_MODULES = [
+    "service.cli_index",
+    "service.cli_world",
+]
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app)
+
+
+def fail(err: T2CError) -> None:
+    """Print a typed error for a person and exit non-zero."""
+    typer.secho(f"error: {err.message}", fg=typer.colors.RED, err=True)
+    if err.hint:
+        typer.echo(f"hint: {err.hint}", err=True)
+    raise SystemExit(err.exit_code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `t2c` console script."""
+    _register_all()
+    try:
+        app(args=argv, standalone_mode=True)
+    except T2CError as err:
+        fail(err)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

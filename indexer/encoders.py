@@ -101,22 +101,9 @@ class Encoder:
     # ---- preprocessing (runs in decode workers: numpy + PIL only) ----
     def preprocess(self, img) -> np.ndarray:
         """Resize/crop an RGB PIL image and normalise it into a CHW float32 array."""
-        from PIL import Image
+        from indexer.preprocess import preprocess_image
 
-        s = self.image_size
-        if self.resize_mode == "squash":
-            img = img.resize((s, s), Image.BICUBIC)
-        else:
-            w, h = img.size
-            scale = s / min(w, h)
-            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-            if (nw, nh) != (w, h):
-                img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
-            left, top = (nw - s) // 2, (nh - s) // 2
-            img = img.crop((left, top, left + s, top + s))
-        arr = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        return preprocess_image(img, self.preprocess_config())
 
     def preprocess_config(self) -> dict:
         """Picklable description of preprocessing, for worker processes."""

@@ -1,0 +1,631 @@
+"""The collection store: one directory of immutable snapshots, switched atomically.
+
+Layout::
+
+    STORE/
+      CURRENT                      name of the live snapshot (replaced atomically)
+      snapshots/s-000003/
+        manifest.json              format, encoder/CLIP spec, aligner digest and R², counts, index info,
+                                   checksums of every file below
+        catalog.duckdb             images, errors, runs
+        ids.npy                    int64 catalog ids, sorted
+        vectors.npy                aligned, L2-normalised float32 vectors, row i ↔ ids[i]
+        index.faiss                FAISS index over the same vectors, ids = catalog ids
+      features/f-<run>-<seq>.npz   raw encoder features (ids, feats), immutable shards shared by snapshots
+      staging/                     the running (or killed) index run's progress, see indexer.pipeline
+      .lock                        writers hold an exclusive flock; readers never take it
+
+Readers open the snapshot named by CURRENT read-only and never wait on a writer; a writer builds the next
+snapshot in a temporary folder, fsyncs it, renames it into place and then replaces CURRENT.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from data.errors import InvalidInput, NotFound, StoreError
+
+FORMAT_VERSION = 1
+KEEP_SNAPSHOTS = 3
+QUICK_VERIFY_BYTES = 256 << 20
+
+IMAGE_COLUMNS = {
+    "id": "BIGINT",
+    "path": "VARCHAR",
+    "relpath": "VARCHAR",
+    "content_hash": "VARCHAR",
+    "size": "BIGINT",
+    "width": "INTEGER",
+    "height": "INTEGER",
+    "mtime": "TIMESTAMP",
+    "mtime_ns": "BIGINT",
+    "status": "VARCHAR",
+    "added_at": "TIMESTAMP",
+}
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS images (
+        id BIGINT PRIMARY KEY, path VARCHAR NOT NULL UNIQUE, relpath VARCHAR, content_hash VARCHAR,
+        size BIGINT, width INTEGER, height INTEGER, mtime TIMESTAMP, mtime_ns BIGINT,
+        status VARCHAR DEFAULT 'ok', added_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS errors (
+        path VARCHAR PRIMARY KEY, reason VARCHAR NOT NULL, message VARCHAR, size BIGINT, mtime_ns BIGINT,
+        "at" TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id VARCHAR PRIMARY KEY, command VARCHAR, settings VARCHAR, started_at TIMESTAMP,
+        finished_at TIMESTAMP, added BIGINT, updated BIGINT, removed BIGINT, errors BIGINT)""",
+]
+
+
+def utcnow() -> _dt.datetime:
+    """Naive UTC timestamp (DuckDB TIMESTAMP)."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it is durable."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically: temporary file, fsync, rename, fsync the folder."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_save_npz(path: Path, **arrays) -> None:
+    """Save arrays as an uncompressed .npz atomically (no pickled objects)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def load_npz(path: Path) -> dict:
+    """Load an .npz written by atomic_save_npz, refusing pickled objects."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def file_digest(path: Path, quick: bool = False) -> str:
+    """blake2b of a file; ``quick`` hashes size plus the first and last MiB only (for very large files)."""
+    h = hashlib.blake2b(digest_size=16)
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        if quick and size > 2 << 20:
+            h.update(str(size).encode())
+            h.update(fh.read(1 << 20))
+            fh.seek(size - (1 << 20))
+            h.update(fh.read(1 << 20))
+            return "q:" + h.hexdigest()
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------------
+class Snapshot:
+    """A read-only view of one committed snapshot: manifest, catalog, vectors and FAISS index."""
+
+    def __init__(self, root: Path, name: str, *, verify: bool = True):
+        self.root = Path(root)
+        self.name = name
+        self.path = self.root / "snapshots" / name
+        mpath = self.path / "manifest.json"
+        if not mpath.is_file():
+            raise StoreError(f"store {str(self.root)!r} snapshot {name!r} has no manifest.json",
+                             "the store is damaged; re-run `t2c index` into a new store")
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise StoreError(f"manifest of store {str(self.root)!r} is not valid JSON: {e}")
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"store format {self.manifest.get('format_version')!r} is not supported "
+                             f"(this version reads {FORMAT_VERSION})", "re-index with this version of t2c")
+        if verify:
+            self.verify()
+        self._lock = threading.Lock()
+        self._index = None
+        self._vectors = None
+        self._ids = None
+        self._con = None
+
+    # -- integrity --
+    def _files(self) -> dict:
+        return self.manifest.get("files", {})
+
+    def _resolve(self, rel: str) -> Path:
+        return (self.path / rel) if not rel.startswith("../") else (self.root / rel[3:])
+
+    def verify(self) -> None:
+        """Refuse a snapshot whose files do not match the manifest's checksums."""
+        for rel, info in self._files().items():
+            p = self._resolve(rel)
+            if not p.is_file():
+                raise StoreError(f"store file {rel} named by the manifest is missing",
+                                 "the store is damaged; re-index into a new store")
+            if os.path.getsize(p) != info["size"]:
+                raise StoreError(f"store file {rel} has size {os.path.getsize(p)}, manifest says {info['size']}",
+                                 "the store was modified outside t2c; re-index into a new store")
+            quick = info["digest"].startswith("q:")
+            if file_digest(p, quick=quick) != info["digest"]:
+                raise StoreError(f"store file {rel} does not match its checksum",
+                                 "the store was modified outside t2c; re-index into a new store")
+
+    # -- properties --
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["counts"]["images"])
+
+    @property
+    def encoder(self) -> str:
+        return self.manifest["encoder"]
+
+    @property
+    def clip(self) -> str:
+        return self.manifest["clip"]
+
+    @property
+    def ids(self) -> np.ndarray:
+        if self._ids is None:
+            self._ids = np.load(self.path / "ids.npy", mmap_mode="r", allow_pickle=False)
+        return self._ids
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """Aligned, normalised vectors (memory-mapped), row i belongs to ``ids[i]``."""
+        if self._vectors is None:
+            self._vectors = np.load(self.path / "vectors.npy", mmap_mode="r", allow_pickle=False)
+        return self._vectors
+
+    @property
+    def index(self):
+        """The FAISS index (loaded on first use)."""
+        with self._lock:
+            if self._index is None:
+                import faiss
+
+                self._index = faiss.read_index(str(self.path / "index.faiss"))
+        return self._index
+
+    def rows_of(self, ids) -> np.ndarray:
+        """Row positions of catalog ids in ``vectors``; raise NotFound for unknown ids."""
+        ids = np.asarray(ids, np.int64)
+        pos = np.searchsorted(self.ids, ids)
+        pos = np.minimum(pos, max(len(self.ids) - 1, 0))
+        if len(self.ids) == 0 or np.any(self.ids[pos] != ids):
+            bad = ids[(len(self.ids) == 0) | (self.ids[pos] != ids)] if len(self.ids) else ids
+            raise NotFound(f"image id {int(bad[0])} is not in this store", "ids come from query results")
+        return pos
+
+    # -- catalog --
+    def catalog(self):
+        """A DuckDB cursor on the read-only catalog (one cursor per caller/thread)."""
+        import duckdb
+
+        with self._lock:
+            if self._con is None:
+                self._con = duckdb.connect(str(self.path / "catalog.duckdb"), read_only=True)
+            return self._con.cursor()
+
+    def columns(self) -> dict[str, str]:
+        """Catalog ``images`` columns and their DuckDB types (user columns included)."""
+        cur = self.catalog()
+        rows = cur.execute("SELECT column_name, data_type FROM information_schema.columns "
+                           "WHERE table_name = 'images' ORDER BY ordinal_position").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def image_rows(self, ids) -> list[dict]:
+        """Catalog rows for ids, in the given order; unknown ids raise NotFound."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return []
+        cur = self.catalog()
+        df = cur.execute("SELECT * FROM images WHERE id IN (SELECT unnest(?::BIGINT[]))", [ids]).fetchall()
+        cols = [d[0] for d in cur.description]
+        by_id = {r[0]: dict(zip(cols, r)) for r in df}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise NotFound(f"image id {missing[0]} is not in this store", "ids come from query results")
+        return [by_id[i] for i in ids]
+
+    def features(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (ids, raw features) for every live image, latest version of each id, in shard order."""
+        live = set(map(int, self.ids))
+        shards = self.manifest.get("feature_shards", [])
+        latest: dict[int, int] = {}
+        for si, rel in enumerate(shards):
+            z = load_npz(self.root / rel)
+            for i in z["ids"]:
+                latest[int(i)] = si
+        for si, rel in enumerate(shards):
+            z = load_npz(self.root / rel)
+            keep = np.array([int(i) in live and latest.get(int(i)) == si for i in z["ids"]], bool)
+            if keep.any():
+                ids, feats = z["ids"][keep], z["feats"][keep]
+                for j in range(0, len(ids), batch):
+                    yield ids[j : j + batch], feats[j : j + batch]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+
+
+def current_name(root: Path) -> str | None:
+    """Name of the live snapshot, or None for an empty/new store."""
+    p = Path(root) / "CURRENT"
+    if not p.is_file():
+        return None
+    return p.read_text().strip() or None
+
+
+def open_store(path: str | os.PathLike, *, verify: bool = True) -> Snapshot:
+    """Open a store's live snapshot read-only.
+
+    Args:
+        path: the store directory.
+        verify: check every file against the manifest's checksums (refuse on mismatch).
+
+    Returns:
+        A :class:`Snapshot`.
+
+    Raises:
+        NotFound: no store there. StoreError: the store is damaged or of another format.
+
+    Example:
+        >>> snap = open_store("photos.t2c")  # doctest: +SKIP
+        >>> snap.count, snap.dim  # doctest: +SKIP
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise NotFound(f"store {str(root)!r} does not exist", "create it with `t2c index DIR --store PATH`")
+    name = current_name(root)
+    if name is None:
+        raise StoreError(f"store {str(root)!r} has no committed snapshot yet",
+                         "run `t2c index` to completion (a killed run resumes when rerun)")
+    return Snapshot(root, name, verify=verify)
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Changes:
+    """What one run changes: upserted image rows + their feature shards, removed ids, errors."""
+
+    rows: list[dict]  # image rows (id, path, relpath, content_hash, size, width, height, mtime_ns, user cols)
+    feature_shards: list[str]  # shard paths relative to the store root, each holding (ids, feats)
+    removed_ids: list[int]
+    errors: list[dict]  # path, reason, message, size, mtime_ns
+    cleared_error_paths: list[str]  # error rows to drop (file fixed, deleted, or now indexed)
+    run: dict  # run_id, command, settings, started_at
+
+
+class StoreWriter:
+    """Exclusive writer of a store: holds the lock, builds and commits snapshots."""
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = True):
+        self.root = Path(path)
+        if not self.root.exists():
+            if not create:
+                raise NotFound(f"store {str(self.root)!r} does not exist")
+            self.root.mkdir(parents=True)
+        elif not self.root.is_dir():
+            raise InvalidInput(f"store path {str(self.root)!r} is a file", "give a directory path for the store")
+        elif any(self.root.iterdir()) and not (self.root / ".t2c-store").exists():
+            raise InvalidInput(f"{str(self.root)!r} is a non-empty folder that is not a t2c store",
+                               "give a new or empty folder for --store")
+        (self.root / ".t2c-store").touch()
+        for sub in ("snapshots", "features", "staging"):
+            (self.root / sub).mkdir(exist_ok=True)
+        self._lockfh = open(self.root / ".lock", "a+")
+        try:
+            fcntl.flock(self._lockfh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lockfh.close()
+            raise StoreError(f"store {str(self.root)!r} is being written by another process",
+                             "wait for the other `t2c index`/`realign` to finish")
+        name = current_name(self.root)
+        self.current = Snapshot(self.root, name, verify=False) if name else None
+
+    @property
+    def staging(self) -> Path:
+        return self.root / "staging"
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+        if not self._lockfh.closed:
+            fcntl.flock(self._lockfh.fileno(), fcntl.LOCK_UN)
+            self._lockfh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- catalog lookups for planning --
+    def known_files(self) -> dict[str, dict]:
+        """path → {id, size, mtime_ns, content_hash} of the current catalog."""
+        if self.current is None:
+            return {}
+        cur = self.current.catalog()
+        rows = cur.execute("SELECT path, id, size, mtime_ns, content_hash FROM images").fetchall()
+        return {r[0]: {"id": r[1], "size": r[2], "mtime_ns": r[3], "content_hash": r[4]} for r in rows}
+
+    def known_errors(self) -> dict[str, dict]:
+        """path → {reason, size, mtime_ns} of recorded errors."""
+        if self.current is None:
+            return {}
+        cur = self.current.catalog()
+        rows = cur.execute("SELECT path, reason, size, mtime_ns FROM errors").fetchall()
+        return {r[0]: {"reason": r[1], "size": r[2], "mtime_ns": r[3]} for r in rows}
+
+    def next_id(self) -> int:
+        """First id never used by this store (ids are never reused)."""
+        if self.current is None:
+            return 0
+        return int(self.current.manifest.get("next_id", 0))
+
+    # -- commit --
+    def commit(self, changes: Changes, *, manifest_fields: dict, vectors_for: Callable,
+               build_index: Callable, next_id: int | None = None, reproject: bool = False,
+               extra_files: list[str] = ()) -> Snapshot:
+        """Build the next snapshot from the current one plus ``changes`` and switch CURRENT to it.
+
+        ``vectors_for(ids, feats) -> aligned normalised vectors`` projects raw features;
+        ``build_index(vectors, ids) -> (faiss_index, info)`` builds the FAISS index;
+        ``extra_files`` (relative to the store root, e.g. the aligner) are checksummed in the manifest.
+        """
+        import duckdb
+
+        prev = self.current
+        seq = int(prev.name.split("-")[1]) + 1 if prev else 1
+        name = f"s-{seq:06d}"
+        tmpdir = Path(tempfile.mkdtemp(dir=self.root / "snapshots", prefix=".tmp-"))
+        try:
+            cat = tmpdir / "catalog.duckdb"
+            if prev is not None:
+                prev.close()
+                shutil.copyfile(prev.path / "catalog.duckdb", cat)
+            con = duckdb.connect(str(cat))
+            try:
+                for stmt in SCHEMA:
+                    con.execute(stmt)
+                self._apply_catalog(con, changes)
+                con.execute("CHECKPOINT")
+                ids = np.array(sorted(r[0] for r in con.execute("SELECT id FROM images").fetchall()), np.int64)
+            finally:
+                con.close()
+            shards = list(prev.manifest.get("feature_shards", [])) if prev else []
+            shards += list(changes.feature_shards)
+            shards = self._compact_shard_list(shards, set(map(int, ids)))
+            vectors, dim = self._project(shards, ids, vectors_for, manifest_fields, changes.feature_shards, reproject)
+            np.save(tmpdir / "ids.npy", ids)
+            np.save(tmpdir / "vectors.npy", vectors)
+            index, index_info = build_index(vectors, ids)
+            import faiss
+
+            faiss.write_index(index, str(tmpdir / "index.faiss"))
+            files = {}
+            for f in ("catalog.duckdb", "ids.npy", "vectors.npy", "index.faiss"):
+                p = tmpdir / f
+                with open(p, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                files[f] = {"size": os.path.getsize(p), "digest": file_digest(p, os.path.getsize(p) > QUICK_VERIFY_BYTES)}
+            for rel in list(shards) + list(extra_files):
+                p = self.root / rel
+                files["../" + rel] = {"size": os.path.getsize(p), "digest": file_digest(p, os.path.getsize(p) > QUICK_VERIFY_BYTES)}
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "created": utcnow().isoformat(timespec="seconds"),
+                "snapshot": name,
+                "dim": int(dim),
+                "counts": {"images": int(len(ids)), "errors": self._count(cat, "errors")},
+                "next_id": int(max(next_id or 0, int(ids.max()) + 1 if len(ids) else 0,
+                                   prev.manifest.get("next_id", 0) if prev else 0)),
+                "feature_shards": shards,
+                "index": index_info,
+                "last_run": changes.run.get("run_id"),
+                "files": files,
+            }
+            manifest.update(manifest_fields)
+            atomic_write_bytes(tmpdir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+            final = self.root / "snapshots" / name
+            os.replace(tmpdir, final)
+            fsync_dir(self.root / "snapshots")
+            atomic_write_bytes(self.root / "CURRENT", name.encode())
+        except BaseException:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
+        self.current = Snapshot(self.root, name, verify=False)
+        self._gc()
+        return self.current
+
+    @staticmethod
+    def _count(cat: Path, table: str) -> int:
+        import duckdb
+
+        con = duckdb.connect(str(cat), read_only=True)
+        try:
+            return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        finally:
+            con.close()
+
+    def _apply_catalog(self, con, ch: Changes) -> None:
+        now = utcnow()
+        existing = {r[0] for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name='images'").fetchall()}
+        con.execute("BEGIN")
+        if ch.removed_ids:
+            con.execute("DELETE FROM images WHERE id IN (SELECT unnest(?::BIGINT[]))", [list(map(int, ch.removed_ids))])
+        if ch.rows:
+            import pyarrow as pa
+
+            rows = []
+            for r in ch.rows:
+                r = dict(r)
+                r.setdefault("status", "ok")
+                r.setdefault("added_at", now)
+                if r.get("mtime_ns") is not None:
+                    r.setdefault("mtime", _dt.datetime.fromtimestamp(r["mtime_ns"] / 1e9, _dt.timezone.utc).replace(tzinfo=None))
+                rows.append(r)
+            extra = sorted({k for r in rows for k in r} - set(IMAGE_COLUMNS))
+            for col in extra:
+                if col not in existing:
+                    if not col.isidentifier():
+                        raise InvalidInput(f"user column name {col!r} is not an identifier")
+                    sample = next(r[col] for r in rows if r.get(col) is not None) if any(r.get(col) is not None for r in rows) else ""
+                    typ = "BIGINT" if isinstance(sample, (int, np.integer)) and not isinstance(sample, bool) else \
+                        "DOUBLE" if isinstance(sample, (float, np.floating)) else "BOOLEAN" if isinstance(sample, bool) else "VARCHAR"
+                    con.execute(f'ALTER TABLE images ADD COLUMN "{col}" {typ}')
+            cols = list(IMAGE_COLUMNS) + extra
+            # keep the original added_at of updated rows
+            ids = [int(r["id"]) for r in rows]
+            old = dict(con.execute("SELECT id, added_at FROM images WHERE id IN (SELECT unnest(?::BIGINT[]))", [ids]).fetchall())
+            for r in rows:
+                if r["id"] in old:
+                    r["added_at"] = old[r["id"]]
+            tbl = pa.table({c: [r.get(c) for r in rows] for c in cols})
+            con.execute("DELETE FROM images WHERE id IN (SELECT unnest(?::BIGINT[]))", [ids])
+            con.register("_new_rows", tbl)
+            collist = ", ".join(f'"{c}"' for c in cols)
+            con.execute(f"INSERT INTO images ({collist}) SELECT {collist} FROM _new_rows")
+            con.unregister("_new_rows")
+        drop = list(ch.cleared_error_paths) + [e["path"] for e in ch.errors]
+        if drop:
+            con.execute("DELETE FROM errors WHERE path IN (SELECT unnest(?::VARCHAR[]))", [drop])
+        if ch.errors:
+            con.executemany("INSERT INTO errors VALUES (?, ?, ?, ?, ?, ?)",
+                            [[e["path"], e["reason"], e.get("message"), e.get("size"), e.get("mtime_ns"), now] for e in ch.errors])
+        run = ch.run
+        con.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [run["run_id"], run.get("command"), json.dumps(run.get("settings", {}), sort_keys=True),
+                     run.get("started_at", now), now, run.get("added", 0), run.get("updated", 0),
+                     run.get("removed", 0), len(ch.errors)])
+        con.execute("COMMIT")
+
+    def _compact_shard_list(self, shards: list[str], live: set[int]) -> list[str]:
+        """Drop shards none of whose rows are still the live version."""
+        latest: dict[int, int] = {}
+        for si, rel in enumerate(shards):
+            for i in load_npz(self.root / rel)["ids"]:
+                latest[int(i)] = si
+        used = {si for i, si in latest.items() if i in live}
+        return [rel for si, rel in enumerate(shards) if si in used]
+
+    def _project(self, shards, ids, vectors_for, manifest_fields, new_shards, reproject):
+        """Aligned vectors for ``ids`` in order: previous vectors reused, new shards projected.
+
+        When the projection changed (``reproject``, e.g. a new aligner) every shard is
+        projected again from raw features; later shards win over earlier ones for the same id.
+        """
+        dim = int(manifest_fields["dim"])
+        out = np.zeros((len(ids), dim), np.float32)
+        filled = np.zeros(len(ids), bool)
+        prev = self.current
+        todo = shards
+        if prev is not None and not reproject and len(ids):
+            old_ids = prev.ids
+            pos = np.searchsorted(ids, old_ids)
+            ok = (pos < len(ids))
+            ok[ok] = ids[pos[ok]] == old_ids[ok]
+            if ok.any():
+                out[pos[ok]] = prev.vectors[np.nonzero(ok)[0]]
+                filled[pos[ok]] = True
+            todo = [s for s in shards if s in set(new_shards)]
+        for rel in todo:  # oldest first: later shards overwrite
+            z = load_npz(self.root / rel)
+            if not len(ids) or not len(z["ids"]):
+                continue
+            pos = np.searchsorted(ids, z["ids"])
+            ok = pos < len(ids)
+            ok[ok] = ids[pos[ok]] == z["ids"][ok]
+            if ok.any():
+                out[pos[ok]] = vectors_for(z["ids"][ok], z["feats"][ok])
+                filled[pos[ok]] = True
+        if not filled.all():
+            missing = ids[~filled][:5].tolist()
+            raise StoreError(f"no features for ids {missing}: the feature shards are incomplete",
+                             "re-run `t2c index` (it resumes) or re-index into a new store")
+        return out, dim
+
+    def _gc(self) -> None:
+        """Keep the newest KEEP_SNAPSHOTS snapshots; drop unreferenced feature shards and temp folders."""
+        snaps = sorted(p for p in (self.root / "snapshots").iterdir() if p.name.startswith("s-"))
+        for p in (self.root / "snapshots").iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+        for p in snaps[:-KEEP_SNAPSHOTS]:
+            shutil.rmtree(p, ignore_errors=True)
+        referenced = set()
+        for p in snaps[-KEEP_SNAPSHOTS:]:
+            try:
+                referenced.update(json.loads((p / "manifest.json").read_text()).get("feature_shards", []))
+            except (OSError, json.JSONDecodeError):
+                continue
+        for p in (self.root / "features").iterdir():
+            rel = f"features/{p.name}"
+            if rel not in referenced:
+                p.unlink(missing_ok=True)
+
+
+def new_feature_shard_name(run_id: str, seq: int) -> str:
+    """Relative path for a raw-feature shard of a run."""
+    return f"features/f-{run_id}-{seq:05d}.npz"
+
+
+def iter_batches(seq: Iterable, n: int):
+    """Yield lists of up to n items."""
+    buf = []
+    for x in seq:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf

@@ -1,0 +1,122 @@
+"""FAISS index building: the type is chosen by collection size and a memory budget.
+
+- up to ``exact_max`` vectors that fit the budget: exact inner-product search (``IDMap2,Flat``);
+- larger, while raw vectors fit the budget: ``IVF{nlist},Flat`` (exact distances inside probed lists);
+- larger than the budget: ``IVF{nlist},PQ{m}`` (product-quantised codes, m bytes a vector).
+
+For approximate indices the number of probed lists is raised until recall@10 against exact search on a
+sample of queries reaches ``target_recall``; the chosen nprobe and the measured recall go to the manifest.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from data.errors import InvalidInput
+
+EXACT_MAX = 200_000
+DEFAULT_BUDGET = 4 << 30  # bytes for the index's vectors/codes
+
+
+def choose_index_type(n: int, d: int, *, memory_budget: int = DEFAULT_BUDGET, exact_max: int = EXACT_MAX) -> dict:
+    """Pick the index family and its parameters for n vectors of dimension d."""
+    raw = n * d * 4
+    if n <= exact_max and raw <= memory_budget:
+        return {"type": "flat", "factory": "IDMap2,Flat"}
+    nlist = int(min(65536, max(16, 2 ** round(math.log2(4 * math.sqrt(n))))))
+    if raw <= memory_budget:
+        return {"type": "ivf_flat", "factory": f"IVF{nlist},Flat", "nlist": nlist}
+    m = max(8, min(d // 2, int(memory_budget // max(n, 1))))
+    while d % m:
+        m -= 1
+    return {"type": "ivf_pq", "factory": f"IVF{nlist},PQ{m}", "nlist": nlist, "m": m}
+
+
+def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 65536) -> np.ndarray:
+    """Row positions of the exact top-k by inner product (blocked, numpy)."""
+    k = min(k, len(vectors))
+    best_s = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 0), np.int64)
+    for s in range(0, len(vectors), block):
+        sc = queries @ np.asarray(vectors[s : s + block], np.float32).T
+        cs = np.concatenate([best_s, sc], 1)
+        ci = np.concatenate([best_i, np.arange(s, s + sc.shape[1])[None].repeat(len(queries), 0)], 1)
+        sel = np.argpartition(-cs, min(k, cs.shape[1] - 1), axis=1)[:, :k]
+        best_s = np.take_along_axis(cs, sel, 1)
+        best_i = np.take_along_axis(ci, sel, 1)
+    order = np.argsort(-best_s, axis=1)
+    return np.take_along_axis(best_i, order, 1)
+
+
+def build_index(vectors: np.ndarray, ids: np.ndarray, *, memory_budget: int = DEFAULT_BUDGET,
+                exact_max: int = EXACT_MAX, target_recall: float = 0.95, seed: int = 0, n_eval: int = 200):
+    """Build a FAISS inner-product index over normalised ``vectors`` keyed by ``ids``.
+
+    Args:
+        vectors: (n, d) float32, L2-normalised. ids: (n,) int64 catalog ids.
+        memory_budget: bytes the index may use for vectors/codes. exact_max: largest exact index.
+        target_recall: recall@10 that nprobe is tuned to reach on sampled queries.
+
+    Returns:
+        (faiss_index, info) where info holds type, factory, nprobe, recall_at_10, build_seconds.
+
+    Raises:
+        InvalidInput: shapes do not match.
+    """
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    ids = np.ascontiguousarray(ids, np.int64)
+    if vectors.ndim != 2 or len(vectors) != len(ids):
+        raise InvalidInput(f"vectors {vectors.shape} and ids {ids.shape} do not match")
+    n, d = vectors.shape
+    t0 = time.perf_counter()
+    choice = choose_index_type(n, d, memory_budget=memory_budget, exact_max=exact_max)
+    if choice["type"] == "flat":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+        index.add_with_ids(vectors, ids)
+        info = dict(choice, n=n, d=d, nprobe=None, recall_at_10=1.0)
+    else:
+        index = faiss.index_factory(d, choice["factory"], faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        ntrain = min(n, max(choice["nlist"] * 40, 10_000))
+        train = vectors[np.sort(rng.choice(n, ntrain, replace=False))]
+        index.train(train)
+        for s in range(0, n, 262144):
+            index.add_with_ids(vectors[s : s + 262144], ids[s : s + 262144])
+        info = dict(choice, n=n, d=d)
+        info.update(tune_nprobe(index, vectors, ids, target_recall=target_recall, seed=seed, n_eval=n_eval))
+    info["build_seconds"] = round(time.perf_counter() - t0, 3)
+    return index, info
+
+
+def tune_nprobe(index, vectors: np.ndarray, ids: np.ndarray, *, target_recall: float = 0.95, seed: int = 0,
+                n_eval: int = 200, k: int = 10) -> dict:
+    """Raise nprobe until recall@k vs exact search on sampled queries reaches the target."""
+    import faiss
+
+    rng = np.random.default_rng(seed + 1)
+    q = vectors[rng.choice(len(vectors), min(n_eval, len(vectors)), replace=False)]
+    q = q + rng.normal(scale=0.05, size=q.shape).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    truth = ids[exact_topk(vectors, q, k)]
+    ivf = faiss.extract_index_ivf(index)
+    nprobe, recall = 1, 0.0
+    while True:
+        ivf.nprobe = nprobe
+        _, got = index.search(q, k)
+        recall = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(got, truth)]))
+        if recall >= target_recall or nprobe >= ivf.nlist:
+            break
+        nprobe = min(ivf.nlist, nprobe * 2)
+    return {"nprobe": nprobe, "recall_at_10": round(recall, 4), "recall_queries": len(q)}
+
+
+def set_search_params(index, info: dict) -> None:
+    """Apply the manifest's tuned nprobe to a loaded index."""
+    import faiss
+
+    if info.get("nprobe"):
+        faiss.extract_index_ivf(index).nprobe = int(info["nprobe"])

@@ -1,0 +1,521 @@
+"""The batch pipeline: read → decode → encode → align → write, resumable and incremental.
+
+A run plans its work against the store's catalog (new, changed, removed files), then processes the work list
+in fixed-size parts. Each finished part is written atomically to ``STORE/staging`` (raw features + rows), so a
+killed run, rerun with the same command, re-plans the same work, keeps the finished parts and continues.
+When every part is done the changes are committed as a new snapshot in one atomic switch.
+
+Decoding runs in worker processes and overlaps with encoding in the main process.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data.errors import AlignerError, InvalidInput, StoreError
+from data.store import (Changes, StoreWriter, atomic_save_npz, atomic_write_bytes, load_npz, new_feature_shard_name,
+                        utcnow)
+
+PART_SIZE = 256
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+@dataclass
+class IndexReport:
+    """What an index run did."""
+
+    store: str
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    errors: int = 0
+    resumed_parts: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    aligner_r2: float | None = None
+    snapshot: str | None = None
+    error_reasons: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ------------------------------------------------------------------------------------------------
+# decode workers (no torch in here)
+# ------------------------------------------------------------------------------------------------
+_CFG: dict = {}
+
+
+def _init_worker(cfg: dict) -> None:
+    global _CFG
+    _CFG = cfg
+    try:  # decoding workers must not fight the encoder for cores
+        os.nice(5)
+    except OSError:
+        pass
+
+
+def _preprocess(img):
+    from indexer.preprocess import preprocess_image
+
+    return preprocess_image(img, _CFG)
+
+
+def _decode(path: str):
+    """Decode + preprocess one file; never raises (errors come back as a reason)."""
+    from data.errors import ImageDecodeError
+    from data.images import decode_for
+
+    try:
+        arr, meta = decode_for(path, _preprocess, _CFG["max_pixels"], draft=int(_CFG["image_size"]),
+                               with_hash=True)
+        return ("ok", arr, int(meta["width"]), int(meta["height"]), meta["content_hash"])
+    except ImageDecodeError as e:
+        return ("error", e.reason, e.message)
+    except Exception as e:  # noqa: BLE001 - any failure is recorded for the file, the run goes on
+        return ("error", "decode_failed", f"{type(e).__name__}: {e}")
+
+
+class Decoder:
+    """Ordered parallel decoding (a process pool), or in-process when workers=0."""
+
+    def __init__(self, cfg: dict, workers: int):
+        self.cfg = cfg
+        self.workers = workers
+        self.pool = None
+        if workers > 0:
+            ctx = mp.get_context("spawn")
+            self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,))
+
+    def imap(self, paths):
+        if self.pool is None:
+            _init_worker(self.cfg)
+            return map(_decode, paths)
+        return self.pool.imap(_decode, paths, chunksize=4)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+# ------------------------------------------------------------------------------------------------
+# planning
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    todo: list  # dicts: id, path, relpath, size, mtime_ns, kind ("new"|"changed")
+    removed_ids: list
+    cleared_error_paths: list
+    skipped: list  # (path, reason) from the walk
+    unchanged: int
+    next_id: int
+
+
+def plan_run(writer: StoreWriter, root: Path, *, follow_symlinks: bool = False) -> Plan:
+    """Compare the folder with the catalog: new, changed and removed files, with stable ids."""
+    from data.sources import walk_folder
+
+    walk = walk_folder(root, follow_symlinks=follow_symlinks)
+    known = writer.known_files()
+    known_err = writer.known_errors()
+    prefix = str(root).rstrip(os.sep) + os.sep
+    next_id = writer.next_id()
+    todo, seen, cleared, unchanged = [], set(), [], 0
+    for f in walk.files:
+        seen.add(f.path)
+        k = known.get(f.path)
+        if k is not None and k["size"] == f.size and k["mtime_ns"] == f.mtime_ns:
+            unchanged += 1
+            continue
+        e = known_err.get(f.path)
+        if e is not None and e["size"] == f.size and e["mtime_ns"] == f.mtime_ns:
+            unchanged += 1  # same bad file as before: keep its error row, don't retry
+            continue
+        if k is not None:
+            todo.append({"id": k["id"], "path": f.path, "relpath": f.relpath, "size": f.size,
+                         "mtime_ns": f.mtime_ns, "kind": "changed"})
+        else:
+            todo.append({"id": next_id, "path": f.path, "relpath": f.relpath, "size": f.size,
+                         "mtime_ns": f.mtime_ns, "kind": "new"})
+            next_id += 1
+    removed = [k["id"] for p, k in known.items() if p.startswith(prefix) and p not in seen]
+    skipped_paths = {p for p, _ in walk.skipped}
+    cleared = [p for p in known_err if p.startswith(prefix) and p not in seen and p not in skipped_paths]
+    return Plan(todo, removed, cleared, list(walk.skipped), unchanged, next_id)
+
+
+def _run_id(settings: dict, plan: Plan) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for t in plan.todo:
+        h.update(f"{t['id']}|{t['path']}|{t['size']}|{t['mtime_ns']}\n".encode())
+    h.update(json.dumps(sorted(plan.removed_ids)).encode())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# aligner resolution
+# ------------------------------------------------------------------------------------------------
+def default_clip_for(encoder_spec: str) -> str:
+    """The CLIP target used when none is given: world:clip for world encoders, else OpenAI ViT-B/32."""
+    return "world:clip" if encoder_spec.startswith("world:") else "open_clip:ViT-B-32/openai"
+
+
+def fit_aligner_on_folder(encoder, clip_spec: str, paths: list[str], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                          workers: int = 1, progress: bool = False, **overrides):
+    """Fit an aligner from images alone: encode each image with the encoder and with CLIP, ridge-fit."""
+    from indexer.aligner import RidgeAccumulator
+    from indexer.encoders import make_encoder
+
+    clip = make_encoder(clip_spec, **overrides)
+    if not clip.has_text:
+        raise AlignerError(f"alignment target {clip_spec!r} has no text tower", "use a CLIP model as --clip")
+    if not paths:
+        raise InvalidInput("no readable images to fit the aligner on", "point at a folder with images")
+    acc = RidgeAccumulator(encoder.dim, clip.dim)
+    bar = _bar(len(paths), "fit aligner", progress)
+    dec_e = Decoder(dict(encoder.preprocess_config(), max_pixels=max_pixels), workers)
+    dec_c = Decoder(dict(clip.preprocess_config(), max_pixels=max_pixels), workers)
+    try:
+        for chunk_start in range(0, len(paths), PART_SIZE):
+            chunk = paths[chunk_start : chunk_start + PART_SIZE]
+            xe, xc, keys = [], [], []
+            for p, re, rc in zip(chunk, dec_e.imap(chunk), dec_c.imap(chunk)):
+                if re[0] == "ok" and rc[0] == "ok":
+                    xe.append(re[1])
+                    xc.append(rc[1])
+                    keys.append(p)
+            if keys:
+                fe = encoder.encode_images(np.stack(xe))
+                fc = clip.encode_images(np.stack(xc))
+                fc /= np.maximum(np.linalg.norm(fc, axis=1, keepdims=True), 1e-12)
+                acc.add(fe, fc, keys=keys)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        dec_e.close()
+        dec_c.close()
+    return acc.fit(encoder=encoder.spec, clip=clip.spec, n_images=acc.train.n + acc.held.n)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+
+
+def _store_aligner(writer: StoreWriter, aligner) -> str:
+    """Copy an aligner into the store (content-addressed) and return its path relative to the root."""
+    rel = f"aligners/{aligner.digest}.safetensors"
+    p = writer.root / rel
+    if not p.exists():
+        p.parent.mkdir(exist_ok=True)
+        aligner.save(p)
+    return rel
+
+
+def resolve_aligner(writer: StoreWriter, encoder, *, aligner_path=None, fit_n=None, clip=None, sample_paths=None,
+                    workers=1, progress=False, max_pixels=DEFAULT_MAX_PIXELS, **overrides):
+    """Decide the aligner of a run: given file, fitted now, the store's own, or identity for CLIP encoders."""
+    from indexer.aligner import Aligner
+
+    cur = writer.current
+    if aligner_path:
+        al = Aligner.load(aligner_path)
+        al.check_pair(encoder.spec, clip)
+        return al
+    if fit_n:
+        clip = clip or default_clip_for(encoder.spec)
+        if encoder.has_text and clip == encoder.spec:
+            return Aligner.identity(encoder.dim, encoder.spec)
+        paths = _spread(sample_paths or [], int(fit_n))
+        return fit_aligner_on_folder(encoder, clip, paths, workers=workers, progress=progress,
+                                     max_pixels=max_pixels, **overrides)
+    if cur is not None:
+        return load_store_aligner(cur)
+    if encoder.has_text and (clip is None or clip == encoder.spec):
+        return Aligner.identity(encoder.dim, encoder.spec)
+    raise AlignerError(
+        f"encoder {encoder.spec} has no text tower, so it needs an aligner into CLIP space",
+        "pass --aligner FILE (from `t2c align`) or --fit-aligner N to fit one on N images of this folder",
+    )
+
+
+def load_store_aligner(snap):
+    """The aligner a snapshot's vectors were projected with."""
+    from indexer.aligner import Aligner
+
+    info = snap.manifest.get("aligner", {})
+    if info.get("identity"):
+        return Aligner.identity(int(snap.manifest["feature_dim"]), snap.manifest["encoder"])
+    return Aligner.load(snap.root / info["file"])
+
+
+def _spread(paths: list[str], n: int) -> list[str]:
+    """n paths spread evenly over a sorted list (deterministic sample)."""
+    if n >= len(paths):
+        return list(paths)
+    idx = np.linspace(0, len(paths) - 1, n).round().astype(int)
+    return [paths[i] for i in idx]
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+def index_folder(root, store, encoder_spec: str, *, aligner=None, fit_aligner: int | None = None,
+                 clip: str | None = None, follow_symlinks: bool = False, workers: int | None = None,
+                 batch_size: int = 32, device: str | None = None, threads: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, memory_budget: int | None = None,
+                 progress: bool = False, user_columns: dict | None = None,
+                 part_size: int = PART_SIZE) -> IndexReport:
+    """Index a folder of images into a store (create, resume, or update incrementally).
+
+    Args:
+        root: folder to index (walked recursively, symlinks not followed unless ``follow_symlinks``).
+        store: store directory (created if missing).
+        encoder_spec: encoder spec string, e.g. ``timm:resnet50.a1_in1k`` or ``world:pairnet``.
+        aligner: path to an aligner file; ``fit_aligner``: fit one on N images of the folder instead.
+        clip: CLIP spec to align into (default: the encoder itself when it is CLIP-like, else a default CLIP).
+        workers: decode processes (default: cores - 1, at least 1). batch_size/device/threads: encoder run-time.
+        max_pixels: decompression-bomb limit. memory_budget: bytes for the FAISS index (chooses its type).
+        user_columns: optional {relpath: {column: value}} added to the catalog.
+        part_size: images per staged (resumable) part.
+
+    Returns:
+        An :class:`IndexReport` (counts, errors, throughput).
+
+    Raises:
+        NotFound / InvalidInput: bad folder; StoreError: store locked, damaged, or built with another encoder;
+        AlignerError: no usable aligner.
+
+    Example:
+        >>> index_folder("photos/", "photos.t2c", "world:pairnet", fit_aligner=500)  # doctest: +SKIP
+    """
+    from indexer.encoders import make_encoder, parse_spec
+    from indexer.index_build import DEFAULT_BUDGET, build_index
+
+    t0 = time.perf_counter()
+    root = Path(root).expanduser()
+    if not root.exists():
+        from data.errors import NotFound
+
+        raise NotFound(f"folder {str(root)!r} does not exist", "check the path")
+    if not root.is_dir():
+        raise InvalidInput(f"{str(root)!r} is not a folder", "give a folder of images")
+    root = root.resolve()
+    store = Path(store).expanduser().resolve()
+    if store == root or root in store.parents:
+        raise InvalidInput("the store must not live inside the folder being indexed", "put --store elsewhere")
+    spec = parse_spec(encoder_spec)
+    workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else int(workers)
+    with StoreWriter(store) as writer:
+        cur = writer.current
+        if cur is not None and cur.manifest["encoder"] != spec.identity:
+            raise StoreError(f"store {str(store)!r} was built with encoder {cur.manifest['encoder']!r}, "
+                             f"not {spec.identity!r}", "use a new --store for another encoder")
+        plan = plan_run(writer, root, follow_symlinks=follow_symlinks)
+        report = IndexReport(store=str(store), unchanged=plan.unchanged)
+        if not plan.todo and not plan.removed_ids and not plan.cleared_error_paths and cur is not None \
+                and not _new_skips(writer, plan):
+            _clear_staging(writer)
+            report.seconds = time.perf_counter() - t0
+            report.snapshot = cur.name
+            return report
+        encoder = make_encoder(spec, batch_size=batch_size, device=device, threads=threads)
+        al = resolve_aligner(writer, encoder, aligner_path=aligner, fit_n=fit_aligner, clip=clip,
+                             sample_paths=[t["path"] for t in plan.todo], workers=workers, progress=progress,
+                             max_pixels=max_pixels, device=device, threads=threads)
+        if al.W.shape[0] != encoder.dim:
+            raise AlignerError(f"aligner expects {al.W.shape[0]}-d features, encoder gives {encoder.dim}")
+        if cur is not None and cur.manifest.get("aligner", {}).get("digest") not in (None, al.digest):
+            raise StoreError("this store was projected with another aligner",
+                             "use `t2c realign STORE --aligner FILE` to change it, then index")
+        settings = {"encoder": encoder.spec, "aligner": al.digest, "max_pixels": max_pixels, "part": int(part_size)}
+        run_id = _run_id(settings, plan)
+        done = _prepare_staging(writer, run_id, settings)
+        report.resumed_parts = len(done)
+        cfg = dict(encoder.preprocess_config(), max_pixels=max_pixels)
+        parts = [plan.todo[i : i + part_size] for i in range(0, len(plan.todo), part_size)]
+        bar = _bar(len(plan.todo), "index", progress)
+        bar.update(sum(len(parts[i]) for i in done if i < len(parts)))
+        decoder = Decoder(cfg, workers)
+        t_enc = time.perf_counter()
+        processed = 0
+        try:
+            pending = [i for i in range(len(parts)) if i not in done]
+            flat = (t for i in pending for t in parts[i])
+            results = decoder.imap(t["path"] for t in flat)
+            for i in pending:
+                _process_part(writer, i, parts[i], results, encoder, user_columns or {})
+                processed += len(parts[i])
+                bar.update(len(parts[i]))
+        finally:
+            bar.close()
+            decoder.close()
+        enc_seconds = time.perf_counter() - t_enc
+        changes = _collect(writer, run_id, parts, plan, settings)
+        n_dim = al.W.shape[1]
+        manifest_fields = {
+            "encoder": encoder.spec, "clip": al.meta.get("clip", encoder.spec), "dim": n_dim,
+            "feature_dim": encoder.dim,
+            "aligner": {"digest": al.digest, "r2_heldout": al.r2_heldout, "identity": al.is_identity,
+                        "file": None if al.is_identity else _store_aligner(writer, al),
+                        "n_images": al.meta.get("n_images")},
+            "roots": sorted(set((cur.manifest.get("roots", []) if cur else []) + [str(root)])),
+        }
+        budget = memory_budget or DEFAULT_BUDGET
+        snap = writer.commit(changes, manifest_fields=manifest_fields,
+                             vectors_for=lambda ids, feats: al.apply(feats),
+                             build_index=lambda v, i: build_index(v, i, memory_budget=budget),
+                             next_id=plan.next_id,
+                             extra_files=[manifest_fields["aligner"]["file"]] if not al.is_identity else [])
+        _clear_staging(writer)
+        report.added = changes.run["added"]
+        report.updated = changes.run["updated"]
+        report.removed = len(plan.removed_ids)
+        report.errors = len(changes.errors)
+        for e in changes.errors:
+            report.error_reasons[e["reason"]] = report.error_reasons.get(e["reason"], 0) + 1
+        report.aligner_r2 = None if al.is_identity else al.r2_heldout
+        report.snapshot = snap.name
+        report.seconds = time.perf_counter() - t0
+        report.images_per_second = processed / enc_seconds if enc_seconds > 0 and processed else 0.0
+        return report
+
+
+def _new_skips(writer: StoreWriter, plan: Plan) -> bool:
+    known = writer.known_errors()
+    return any(p not in known for p, _ in plan.skipped)
+
+
+def _prepare_staging(writer: StoreWriter, run_id: str, settings: dict) -> set[int]:
+    """Keep a killed run's finished parts when the rerun plans the same work; else start clean."""
+    st = writer.staging
+    meta = st / "run.json"
+    if meta.is_file():
+        try:
+            old = json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("run_id") == run_id:
+            return {int(p.stem.split("-")[1]) for p in st.glob("part-*.json")}
+    _clear_staging(writer)
+    atomic_write_bytes(meta, json.dumps({"run_id": run_id, "settings": settings,
+                                         "started_at": utcnow().isoformat()}).encode())
+    return set()
+
+
+def _clear_staging(writer: StoreWriter) -> None:
+    shutil.rmtree(writer.staging, ignore_errors=True)
+    writer.staging.mkdir(exist_ok=True)
+
+
+def _process_part(writer, i, items, results, encoder, user_columns) -> None:
+    """Encode one part and write its features and rows atomically to staging."""
+    arrays, ok_items, rows, errors = [], [], [], []
+    for item in items:
+        res = next(results)
+        if res[0] == "ok":
+            _, arr, w, h, chash = res
+            arrays.append(arr)
+            row = {"id": item["id"], "path": item["path"], "relpath": item["relpath"], "content_hash": chash,
+                   "size": item["size"], "width": w, "height": h, "mtime_ns": item["mtime_ns"], "_kind": item["kind"]}
+            row.update(user_columns.get(item["relpath"], {}))
+            rows.append(row)
+            ok_items.append(item)
+        else:
+            errors.append({"path": item["path"], "reason": res[1], "message": res[2], "size": item["size"],
+                           "mtime_ns": item["mtime_ns"], "id": item["id"], "_kind": item["kind"]})
+    if arrays:
+        feats = encoder.encode_images(np.stack(arrays))
+    else:
+        feats = np.zeros((0, encoder.dim), np.float32)
+    ids = np.array([r["id"] for r in rows], np.int64)
+    atomic_save_npz(writer.staging / f"part-{i:06d}.npz", ids=ids, feats=feats.astype(np.float32))
+    atomic_write_bytes(writer.staging / f"part-{i:06d}.json",
+                       json.dumps({"rows": rows, "errors": errors}, default=str).encode())
+
+
+def _collect(writer, run_id, parts, plan: Plan, settings) -> Changes:
+    """Turn staged parts into one Changes set; feature shards are hard-linked into features/."""
+    rows, errors, shards = [], [], []
+    failed_changed_ids = []
+    for i in range(len(parts)):
+        meta = json.loads((writer.staging / f"part-{i:06d}.json").read_text())
+        rows += meta["rows"]
+        for e in meta["errors"]:
+            errors.append(e)
+            if e["_kind"] == "changed":
+                failed_changed_ids.append(e["id"])  # a file that changed into garbage leaves the index
+        z = writer.staging / f"part-{i:06d}.npz"
+        if meta["rows"]:
+            rel = new_feature_shard_name(run_id, i)
+            dst = writer.root / rel
+            if dst.exists():
+                dst.unlink()
+            os.link(z, dst)
+            shards.append(rel)
+    known_err = writer.known_errors()
+    errors += [{"path": p, "reason": r, "message": _SKIP_MESSAGES.get(r, r), "size": None, "mtime_ns": None}
+               for p, r in plan.skipped if p not in known_err or known_err[p]["reason"] != r]
+    ok_paths = [r["path"] for r in rows]
+    added = sum(r["_kind"] == "new" for r in rows)
+    updated = sum(r["_kind"] == "changed" for r in rows)
+    rows = [{k: v for k, v in r.items() if k != "_kind"} for r in rows]
+    return Changes(rows=rows, feature_shards=shards, removed_ids=plan.removed_ids + failed_changed_ids,
+                   errors=errors, cleared_error_paths=plan.cleared_error_paths + ok_paths,
+                   run={"run_id": run_id, "command": "index", "settings": settings,
+                        "added": added, "updated": updated, "removed": len(plan.removed_ids)})
+
+
+_SKIP_MESSAGES = {
+    "symlink": "symbolic link not followed (use --follow-symlinks)",
+    "symlink_loop": "symbolic link loop",
+    "broken_symlink": "symbolic link points nowhere",
+    "permission_denied": "permission denied",
+}
+
+
+def realign_store(store, aligner_path, *, memory_budget: int | None = None):
+    """Re-project a store's raw features with a new aligner (no re-encoding); returns the new snapshot.
+
+    Raises:
+        StoreError: store missing/locked; AlignerError: the aligner is for another encoder.
+    """
+    from indexer.aligner import Aligner
+    from indexer.index_build import DEFAULT_BUDGET, build_index
+
+    al = Aligner.load(aligner_path)
+    with StoreWriter(store, create=False) as writer:
+        cur = writer.current
+        if cur is None:
+            raise StoreError(f"store {str(store)!r} has no committed snapshot to realign")
+        al.check_pair(cur.manifest["encoder"])
+        if al.W.shape[0] != int(cur.manifest["feature_dim"]):
+            raise AlignerError(f"aligner expects {al.W.shape[0]}-d features, the store holds "
+                               f"{cur.manifest['feature_dim']}-d features")
+        fields = {k: cur.manifest[k] for k in ("encoder", "feature_dim", "roots") if k in cur.manifest}
+        fields.update({
+            "clip": al.meta.get("clip", cur.manifest["clip"]), "dim": int(al.W.shape[1]),
+            "aligner": {"digest": al.digest, "r2_heldout": al.r2_heldout, "identity": al.is_identity,
+                        "file": None if al.is_identity else _store_aligner(writer, al),
+                        "n_images": al.meta.get("n_images")},
+        })
+        budget = memory_budget or DEFAULT_BUDGET
+        run = {"run_id": f"realign-{al.digest[:12]}-{int(time.time())}", "command": "realign",
+               "settings": {"aligner": al.digest}}
+        return writer.commit(Changes([], [], [], [], [], run), manifest_fields=fields,
+                             vectors_for=lambda ids, feats: al.apply(feats),
+                             build_index=lambda v, i: build_index(v, i, memory_budget=budget),
+                             reproject=True,
+                             extra_files=[fields["aligner"]["file"]] if not al.is_identity else [])

@@ -1,0 +1,152 @@
+"""CLI: encoders, align, index, realign, info."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _echo_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def encoders(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List registered encoder sources and the bundled world models (dims, text tower)."""
+    from indexer.encoders import list_encoders
+
+    rows = list_encoders()
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        dim = "-" if r["dim"] is None else str(r["dim"])
+        text = {True: "text", False: "image", None: "any"}[r["has_text"]]
+        typer.echo(f"{r['spec']:<28} dim={dim:<6} {text:<6} {r['description']}")
+
+
+def align(
+    encoder: str = typer.Option(..., "--encoder", "-e", help="Encoder spec to align (e.g. timm:resnet50)."),
+    clip: Optional[str] = typer.Option(None, "--clip", "-c", help="CLIP spec to align into (default by encoder)."),
+    images: Path = typer.Option(..., "--images", help="Folder of images (no labels needed)."),
+    max_images: int = typer.Option(5000, "--max-images", min=10, help="Images to use (spread over the folder)."),
+    out: Path = typer.Option(..., "--out", help="Output .safetensors file."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    device: Optional[str] = typer.Option(None, "--device"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Fit a linear aligner from an encoder into CLIP image space (closed-form ridge, held-out R²)."""
+    import numpy as np
+
+    from data.errors import InvalidInput
+    from data.sources import walk_folder
+    from indexer.encoders import make_encoder
+    from indexer.pipeline import _spread, default_clip_for, fit_aligner_on_folder
+
+    if out.suffix != ".safetensors":
+        raise InvalidInput(f"--out {str(out)!r} must end in .safetensors")
+    enc = make_encoder(encoder, batch_size=batch_size, device=device)
+    files = walk_folder(images).files
+    paths = _spread([f.path for f in files], max_images)
+    al = fit_aligner_on_folder(enc, clip or default_clip_for(enc.spec), paths, progress=not as_json,
+                               batch_size=batch_size, device=device)
+    al.save(out)
+    r = al.r2_per_dim
+    summary = {"out": str(out), "encoder": al.meta["encoder"], "clip": al.meta["clip"],
+               "n_train": al.meta["n_train"], "n_heldout": al.meta["n_heldout"],
+               "r2_heldout": round(al.r2_heldout, 4), "alpha": al.meta["alpha"],
+               "r2_per_dim": {"min": float(np.min(r)), "median": float(np.median(r)), "max": float(np.max(r))}}
+    if as_json:
+        _echo_json(summary)
+    else:
+        typer.echo(f"aligner {al.meta['encoder']} -> {al.meta['clip']}: held-out R² {al.r2_heldout:.3f} "
+                   f"on {al.meta['n_heldout']} images (train {al.meta['n_train']}, ridge alpha {al.meta['alpha']:g})")
+        typer.echo(f"per-dimension R²: min {np.min(r):.3f}  median {np.median(r):.3f}  max {np.max(r):.3f}")
+        typer.echo(f"saved {out}")
+
+
+def index(
+    folder: Path = typer.Argument(..., help="Folder of images (walked recursively)."),
+    store: Path = typer.Option(..., "--store", "-s", help="Store directory (created if missing)."),
+    encoder: str = typer.Option(..., "--encoder", "-e", help="Encoder spec, e.g. world:pairnet or timm:resnet50."),
+    aligner: Optional[Path] = typer.Option(None, "--aligner", help="Aligner file from `t2c align`."),
+    fit_aligner: Optional[int] = typer.Option(None, "--fit-aligner", min=10, help="Fit an aligner on N images."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="CLIP spec to align into."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Follow symlinks (loop-safe)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decode processes (0: in-process)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+    max_pixels: int = typer.Option(89_478_485, "--max-pixels", min=1, help="Decompression-bomb limit."),
+    memory_budget_mb: Optional[int] = typer.Option(None, "--memory-budget-mb", min=1, help="FAISS index budget."),
+    part_size: int = typer.Option(256, "--part-size", min=1, hidden=True, help="Images per resumable part."),
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Index a folder into a store: resumable after a kill, incremental on rerun."""
+    from indexer.pipeline import index_folder
+
+    rep = index_folder(folder, store, encoder, aligner=str(aligner) if aligner else None, fit_aligner=fit_aligner,
+                       clip=clip, follow_symlinks=follow_symlinks, workers=workers, batch_size=batch_size,
+                       device=device, threads=threads, max_pixels=max_pixels,
+                       memory_budget=memory_budget_mb << 20 if memory_budget_mb else None,
+                       progress=not (quiet or as_json), part_size=part_size)
+    if as_json:
+        _echo_json(rep.to_dict())
+        return
+    typer.echo(f"{rep.store}: +{rep.added} added, {rep.updated} updated, -{rep.removed} removed, "
+               f"{rep.unchanged} unchanged, {rep.errors} errors ({rep.seconds:.1f} s, "
+               f"{rep.images_per_second:.1f} img/s)" + (f", resumed {rep.resumed_parts} parts" if rep.resumed_parts else ""))
+    if rep.aligner_r2 is not None:
+        typer.echo(f"aligner held-out R² {rep.aligner_r2:.3f}")
+    for reason, n in sorted(rep.error_reasons.items()):
+        typer.echo(f"  skipped {n} file(s): {reason}  (see `t2c info {rep.store} --errors`)")
+
+
+def realign(
+    store: Path = typer.Argument(..., help="Store directory."),
+    aligner: Path = typer.Option(..., "--aligner", help="New aligner file."),
+) -> None:
+    """Re-project a store's kept raw features with a new aligner, without re-encoding."""
+    from indexer.pipeline import realign_store
+
+    snap = realign_store(store, aligner)
+    typer.echo(f"{store}: re-projected {snap.count} images into {snap.clip} (snapshot {snap.name})")
+
+
+def info(
+    store: Path = typer.Argument(..., help="Store directory."),
+    errors: bool = typer.Option(False, "--errors", help="List files that could not be indexed."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show a store's manifest summary (and its errors)."""
+    from data.store import open_store
+
+    snap = open_store(store)
+    m = snap.manifest
+    out = {k: m.get(k) for k in ("snapshot", "created", "encoder", "clip", "dim", "feature_dim", "counts", "index",
+                                  "aligner", "roots")}
+    if errors:
+        cur = snap.catalog()
+        out["errors"] = [dict(zip(("path", "reason", "message"), r))
+                         for r in cur.execute("SELECT path, reason, message FROM errors ORDER BY path").fetchall()]
+    if as_json:
+        _echo_json(out)
+        return
+    for k, v in out.items():
+        if k == "errors":
+            typer.echo("errors:")
+            for e in v:
+                typer.echo(f"  {e['reason']:<16} {e['path']}  {e['message'] or ''}")
+        else:
+            typer.echo(f"{k}: {json.dumps(v, default=str)}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add this area's commands to the `t2c` app."""
+    app.command("encoders")(encoders)
+    app.command("align")(align)
+    app.command("index")(index)
+    app.command("realign")(realign)
+    app.command("info")(info)

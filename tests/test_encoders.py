@@ -1,0 +1,143 @@
+"""Encoder registry: spec parsing, errors listing choices, real loading paths on tiny random models."""
+import numpy as np
+import pytest
+import torch
+
+from data.errors import EncoderError, InvalidInput, NotFound, UnknownChoice
+from indexer import encoders as E
+from indexer.encoders import make_encoder, parse_spec
+
+
+def test_parse_spec_options_and_identity():
+    s = parse_spec("timm:resnet50.a1_in1k?weights=random&device=cpu&batch_size=8")
+    assert (s.source, s.name, s.weights) == ("timm", "resnet50.a1_in1k", "random")
+    assert s.identity == "timm:resnet50.a1_in1k?weights=random"
+
+
+@pytest.mark.parametrize("bad", ["", "resnet50", "timm:", 5])
+def test_malformed_specs(bad):
+    with pytest.raises(InvalidInput):
+        parse_spec(bad)
+
+
+def test_unknown_source_lists_valid_ones():
+    with pytest.raises(UnknownChoice) as ei:
+        parse_spec("tfhub:resnet")
+    for src in ("timm", "open_clip", "torchvision", "world", "python"):
+        assert src in ei.value.hint
+
+
+def test_unknown_timm_and_torchvision_models_list_choices():
+    with pytest.raises(UnknownChoice) as ei:
+        make_encoder("timm:resnet_does_not_exist?weights=random")
+    assert ei.value.choices
+    with pytest.raises(UnknownChoice):
+        make_encoder("torchvision:nonsense?weights=random")
+
+
+def test_registry_rejects_duplicates():
+    with pytest.raises(ValueError):
+        E.register_source("timm")(lambda spec, kw: None)
+
+
+def test_missing_weights_file_is_not_found(tmp_path):
+    with pytest.raises(NotFound):
+        make_encoder(f"timm:test_resnet?weights={tmp_path / 'nope.safetensors'}")
+
+
+def _batch(enc, n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 3, enc.image_size, enc.image_size)).astype(np.float32)
+
+
+def test_timm_random_and_local_checkpoint_path_give_same_model(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ref = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
+    ckpt = tmp_path / "test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(ckpt))
+    enc = make_encoder(f"timm:test_resnet?weights={ckpt}&device=cpu")
+    assert enc.dim == ref.num_features and not enc.has_text
+    x = _batch(enc)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(enc.encode_images(x), want, rtol=1e-4, atol=1e-5)
+    # a torch-format checkpoint (read with weights_only=True) works too
+    pt = tmp_path / "test_resnet.pth"
+    torch.save({"state_dict": ref.state_dict()}, pt)
+    enc2 = make_encoder(f"timm:test_resnet?weights={pt}")
+    np.testing.assert_allclose(enc2.encode_images(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_of_other_architecture_is_rejected(tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"foo.weight": torch.zeros(3, 3)}, str(bad))
+    with pytest.raises(EncoderError):
+        make_encoder(f"timm:test_resnet?weights={bad}")
+
+
+def test_torchvision_random_weights_builds_feature_extractor():
+    enc = make_encoder("torchvision:resnet18?weights=random", batch_size=2)
+    assert enc.dim == 512
+    assert enc.encode_images(_batch(enc, 3)).shape == (3, 512)
+
+
+def test_encode_images_batches_and_validates_shape():
+    enc = make_encoder("timm:test_vit?weights=random", batch_size=2)
+    assert enc.encode_images(_batch(enc, 5)).shape == (5, enc.dim)
+    with pytest.raises(InvalidInput):
+        enc.encode_images(np.zeros((2, 4, 8, 8), np.float32))
+    with pytest.raises(EncoderError):
+        enc.encode_texts(["a dog"])
+
+
+def test_python_source_module_and_encoder_factories():
+    enc = make_encoder("python:tests.tiny_encoders:tiny_cnn?dim=10&image_size=32")
+    assert enc.dim == 10 and enc.spec == "python:tests.tiny_encoders:tiny_cnn?dim=10&image_size=32"
+    clip = make_encoder("python:tests.tiny_encoders:tiny_clip")
+    assert clip.has_text and clip.encode_texts(["red", "blue"]).shape == (2, 16)
+    with pytest.raises(NotFound):
+        make_encoder("python:no_such_module_xyz:f")
+    with pytest.raises(InvalidInput):
+        make_encoder("python:justamodule")
+
+
+def test_preprocess_shapes_and_normalisation():
+    from PIL import Image
+
+    enc = make_encoder("timm:test_resnet?weights=random")
+    arr = enc.preprocess(Image.new("RGB", (300, 200), (255, 0, 0)))
+    assert arr.shape == (3, enc.image_size, enc.image_size) and arr.dtype == np.float32
+    assert arr[0].mean() > arr[1].mean()
+
+
+def test_open_clip_tiny_config_random_weights(tmp_path):
+    """The open_clip path (model config + tokenizer + image/text towers) on a tiny random-init model."""
+    import json
+
+    import open_clip
+
+    cfg = {"embed_dim": 32,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "t2c-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    enc = make_encoder("open_clip:t2c-tiny-clip?weights=random")
+    assert enc.has_text and enc.dim == 32
+    assert enc.encode_images(_batch(enc, 2)).shape == (2, 32)
+    assert enc.encode_texts(["a photo of a dog", "a cat"]).shape == (2, 32)
+    # the local-checkpoint path: save this model, load it back through ?weights=PATH
+    model = open_clip.create_model("t2c-tiny-clip", pretrained=None)
+    ck = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), ck)
+    enc2 = make_encoder(f"open_clip:t2c-tiny-clip?weights={ck}")
+    t1 = enc2.encode_texts(["a dog"])
+    with torch.no_grad():
+        want = model.encode_text(open_clip.get_tokenizer("t2c-tiny-clip")(["a dog"])).numpy()
+    np.testing.assert_allclose(t1, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(UnknownChoice):
+        make_encoder("open_clip:ViT-B-32/not-a-tag")

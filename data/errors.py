@@ -20,6 +20,17 @@ class T2CError(Exception):
         """JSON-friendly form for the service."""
         return {"error": type(self).__name__, "message": self.message, "hint": self.hint}
 
+    def __reduce__(self):
+        """Pickle by state, so errors cross process boundaries (worker pools) intact."""
+        return (_rebuild_error, (type(self), self.__dict__.copy()))
+
+
+def _rebuild_error(cls, state):
+    err = cls.__new__(cls)
+    Exception.__init__(err, state.get("message"))
+    err.__dict__.update(state)
+    return err
+
 
 class InvalidInput(T2CError):
     """A user-supplied value is malformed or out of range."""

@@ -50,7 +50,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from data.errors import ImageDecodeError
+from data.errors import ImageDecodeError, InvalidInput
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's default MAX_IMAGE_PIXELS (~ 0.25 GiB of RGBA at 4 B/px / 3)
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG also yields camera MPO files
@@ -179,28 +179,31 @@ def bytes_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-_bomb_warning_silenced = False
+def _silence_pil_warnings() -> None:
+    """We enforce our own pixel limit and report bad files ourselves: ignore PIL's warnings about them.
 
+    Checked on every call (cheap) because ``warnings.catch_warnings`` blocks elsewhere may reset filters;
+    filters are added rather than using ``catch_warnings`` here, which is not thread-safe.
+    """
+    from PIL import Image
 
-def _silence_pil_bomb_warning() -> None:
-    """We enforce our own pixel limit and report bad files ourselves: silence PIL's warnings (once)."""
-    global _bomb_warning_silenced
-    if not _bomb_warning_silenced:
-        from PIL import Image
-
+    if not any(f[0] == "ignore" and f[2] is Image.DecompressionBombWarning for f in warnings.filters):
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-        # Plugins warn about malformed tags in files we then accept or reject ourselves: keep logs clean.
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.\w+ImagePlugin")
-        _bomb_warning_silenced = True
+    if not any(f[0] == "ignore" and f[3] is not None and f[3].pattern == _PLUGIN_MODULES for f in warnings.filters):
+        # plugins warn about malformed tags in files that we then accept or reject ourselves
+        warnings.filterwarnings("ignore", category=UserWarning, module=_PLUGIN_MODULES)
+
+
+_PLUGIN_MODULES = r"PIL\.\w+ImagePlugin"
 
 
 def _open(data: bytes, path, max_pixels: int):
     """Parse the header only (no pixel decoding) and enforce the pixel limit."""
     from PIL import Image, UnidentifiedImageError
 
-    _silence_pil_bomb_warning()
-    if max_pixels is None or max_pixels <= 0:
-        raise ImageDecodeError("bomb", f"max_pixels must be a positive integer, got {max_pixels!r}")
+    _silence_pil_warnings()
+    if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels <= 0:
+        raise InvalidInput(f"max_pixels must be a positive integer, got {max_pixels!r}")
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as e:
@@ -223,6 +226,8 @@ def _open(data: bytes, path, max_pixels: int):
     except EOFError:
         raise _fail("truncated", path, "file ends inside its header") from None
     except Exception as e:  # noqa: BLE001 - any plugin failure means a bad file, never a crash
+        if "truncat" in str(e).lower():
+            raise _fail("truncated", path, f"file ends inside its header ({e})") from None
         raise _fail("corrupt", path, f"invalid header ({type(e).__name__}: {e})") from None
     w, h = img.size
     if w <= 0 or h <= 0:
@@ -333,7 +338,7 @@ def to_rgb(img, path: Any = "<image>"):
 
     mode = img.mode
     try:
-        if mode == "RGB":
+        if mode == "RGB" and "transparency" not in img.info:
             return img
         if mode == "CMYK":
             return _cmyk_to_rgb(img)
@@ -342,6 +347,8 @@ def to_rgb(img, path: Any = "<image>"):
             if arr.ndim != 2:
                 raise ValueError(f"unexpected array shape {arr.shape}")
             return Image.fromarray(_to_uint8_gray(arr, mode)).convert("RGB")
+        if mode == "La":  # premultiplied: PIL only converts it to LA
+            img = img.convert("LA")
         if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
             return _composite_on_white(img.convert("RGBA"))
         if mode in ("P", "L", "RGB", "1") and "transparency" in img.info:
@@ -378,6 +385,7 @@ def _decode(path, max_pixels: int, max_bytes: int | None, draft: int | None):
     """Shared decode: returns (rgb image, meta, bytes); meta width/height are the full-size oriented size."""
     data = _read_bytes(path, max_bytes)
     src = _open(data, path, max_pixels)
+    rgb = None
     try:
         fmt = src.format
         src_mode = src.mode
@@ -388,17 +396,21 @@ def _decode(path, max_pixels: int, max_bytes: int | None, draft: int | None):
             except Exception:  # noqa: BLE001 - draft is only an optimisation
                 pass
         _load(src, data, path)
-        if _orientation(src) in (5, 6, 7, 8):
+        orientation = _orientation(src)
+        if orientation in (5, 6, 7, 8):
             w, h = h, w
-        try:
-            img = _exif_transpose(src)  # a new image (PIL copies even when there is nothing to rotate)
-        except MemoryError:
-            raise _fail("out_of_memory", path, "out of memory applying EXIF orientation") from None
-        if img is src:
-            img = src.copy()
+        img = src
+        if orientation != 1:
+            try:
+                img = _exif_transpose(src)
+            except MemoryError:
+                raise _fail("out_of_memory", path, "out of memory applying EXIF orientation") from None
         rgb = to_rgb(img, path)
     finally:
-        src.close()  # the returned image never shares the source's file or pixel buffer
+        # An RGB image needing no rotation is returned as is (no copy); it is fully loaded and reads from
+        # an in-memory buffer, so it holds no file handle. Otherwise the source is done with.
+        if rgb is not src:
+            src.close()
     meta = {"width": w, "height": h, "format": fmt, "mode": src_mode, "file_size": len(data)}
     return rgb, meta, data
 
@@ -414,8 +426,10 @@ def load_image(
 
     Args:
         path: the file to read (JPEG, PNG, WebP, GIF first frame, BMP, TIFF first page).
-        max_pixels: refuse images whose header declares more pixels (``bomb``); enforced whatever
-            ``PIL.Image.MAX_IMAGE_PIXELS`` is (a stricter PIL limit also yields ``bomb``).
+        max_pixels: refuse images whose header declares more pixels (``bomb``), before any pixel is
+            decoded; enforced whatever ``PIL.Image.MAX_IMAGE_PIXELS`` is (even None). PIL's own check
+            still runs first, so images above ``2 * PIL.Image.MAX_IMAGE_PIXELS`` (default ~179 M) are
+            refused as ``bomb`` too: to allow more, raise PIL's limit as well.
         max_bytes: refuse files bigger than this many bytes (``too_large``); None means no limit.
         draft: for JPEG, let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) while both sides stay
             >= ``draft``; a large speed-up when the consumer resizes to about that size anyway.

@@ -19,7 +19,7 @@ import numpy as np
 from data.errors import AlignerError, InvalidInput, NotFound
 
 #: ridge strengths, relative to the mean feature variance (scale-free)
-DEFAULT_ALPHAS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+DEFAULT_ALPHAS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 FORMAT = "t2c-aligner/1"
 
 
@@ -36,13 +36,15 @@ class _Split:
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         if not len(x):
             return
-        xa = np.empty((len(x), x.shape[1] + 1), np.float64)
+        # float32 products per batch (2x faster BLAS), accumulated in float64 across batches
+        xa = np.empty((len(x), x.shape[1] + 1), np.float32)
         xa[:, :-1] = x
         xa[:, -1] = 1.0
+        y32 = y.astype(np.float32)
         y = y.astype(np.float64, copy=False)
         self.n += len(x)
         self.xx += xa.T @ xa
-        self.xy += xa.T @ y
+        self.xy += xa.T @ y32
         self.yy += np.einsum("ij,ij->j", y, y)
         self.ysum += y.sum(0)
 
@@ -77,7 +79,7 @@ class RidgeAccumulator:
 
     def add(self, x: np.ndarray, y: np.ndarray, keys=None) -> None:
         """Add a batch; ``keys`` (e.g. paths or ids) fix each row's split, else the running row number."""
-        x = np.asarray(x, np.float64)
+        x = np.asarray(x, np.float32)
         y = np.asarray(y, np.float64)
         if x.ndim != 2 or y.ndim != 2 or len(x) != len(y) or x.shape[1] != self.dx or y.shape[1] != self.dy:
             raise InvalidInput(f"aligner batch shapes {x.shape} / {y.shape} do not match ({self.dx}, {self.dy})")

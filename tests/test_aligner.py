@@ -97,3 +97,14 @@ def test_identity_aligner_only_normalises():
     al = Aligner.identity(4, "world:clip")
     v = np.array([[3.0, 0, 4, 0]])
     np.testing.assert_allclose(al.apply(v), [[0.6, 0, 0.8, 0]], atol=1e-6)
+
+
+def test_typed_errors_survive_pickling():
+    import pickle
+
+    from data.errors import ImageDecodeError, UnknownChoice
+
+    for err in (ImageDecodeError("bomb", "too many pixels"), UnknownChoice("thing", "x", ["a", "b"]),
+                InvalidInput("bad", "fix it")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err) and back.hint == err.hint

@@ -1,0 +1,117 @@
+"""Benchmark: images/s of the whole `t2c index` pipeline vs the encoder's forward pass alone (prints JSON).
+
+Generates a folder of JPEGs of mixed sizes (about 640x480), indexes it with
+``timm:resnet50?weights=random`` through ``indexer.pipeline.index_folder`` (walk, decode workers, encode,
+align, store commit), then times the encoder alone on the same images already decoded and resized, in the
+same run. Target: pipeline >= 0.85 x encoder-only throughput.
+
+    python bench/index_throughput.py [--n 500] [--encoder timm:resnet50?weights=random]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def make_jpegs(folder: Path, n: int, seed: int = 0) -> None:
+    """n JPEGs around 640x480 with varied sizes and content."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        w, h = int(rng.integers(560, 720)), int(rng.integers(420, 540))
+        if i % 4 == 0:
+            w, h = h, w
+        base = rng.integers(0, 255, 3)
+        img = Image.new("RGB", (w, h), tuple(int(c) for c in base))
+        d = ImageDraw.Draw(img)
+        for _ in range(8):
+            x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+            d.ellipse([x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))],
+                      fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        noise = rng.integers(0, 24, (h, w, 3), dtype=np.uint8)
+        img = Image.fromarray(np.clip(np.asarray(img, np.int16) + noise, 0, 255).astype(np.uint8))
+        img.save(folder / f"img_{i:05d}.jpg", quality=90)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--encoder", default="timm:resnet50?weights=random")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    from data.images import load_image
+    from indexer.encoders import make_encoder
+    from indexer.pipeline import index_folder
+
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp(prefix="t2c-bench-"))
+    try:
+        imgs = tmp / "imgs"
+        make_jpegs(imgs, args.n)
+        enc = make_encoder(args.encoder, batch_size=args.batch_size)
+        # warm-up (first-call overheads are not part of either measurement)
+        enc.encode_images(np.zeros((2, 3, enc.image_size, enc.image_size), np.float32))
+
+        t0 = time.perf_counter()
+        rep = index_folder(imgs, tmp / "store", args.encoder, workers=args.workers, batch_size=args.batch_size,
+                           **_identity_kw(enc))
+        pipe_s = time.perf_counter() - t0
+
+        paths = sorted(str(p) for p in imgs.iterdir())
+        arrays = np.stack([enc.preprocess(load_image(p)) for p in paths])
+        t0 = time.perf_counter()
+        for i in range(0, len(arrays), 256):
+            enc.encode_images(arrays[i : i + 256])
+        enc_s = time.perf_counter() - t0
+        out = {
+            "bench": "index_throughput",
+            "encoder": args.encoder,
+            "n_images": args.n,
+            "torch_threads": torch.get_num_threads(),
+            "pipeline_images_per_s": round(args.n / pipe_s, 2),
+            "pipeline_seconds": round(pipe_s, 2),
+            "pipeline_encode_loop_images_per_s": round(rep.images_per_second, 2),
+            "encoder_only_images_per_s": round(args.n / enc_s, 2),
+            "ratio": round((args.n / pipe_s) / (args.n / enc_s), 3),
+            "target_ratio": 0.85,
+            "errors": rep.errors,
+        }
+        print(json.dumps(out))
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _identity_kw(enc) -> dict:
+    """A non-CLIP encoder needs an aligner; the speed benchmark uses a random one of the right shape."""
+    if enc.has_text:
+        return {}
+    from indexer.aligner import Aligner
+
+    rng = np.random.default_rng(0)
+    al = Aligner(rng.normal(size=(enc.dim, 512)).astype(np.float32) / np.sqrt(enc.dim), np.zeros(512, np.float32),
+                 {"encoder": enc.spec, "clip": "random:512", "r2_heldout": float("nan")})
+    path = Path(tempfile.mkdtemp(prefix="t2c-al-")) / "random.safetensors"
+    al.save(path)
+    return {"aligner": str(path), "clip": None}
+
+
+if __name__ == "__main__":
+    main()

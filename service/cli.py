@@ -20,6 +20,7 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "service.cli_index",
     "service.cli_world",
+    "service.cli_demo",
 ]
 
 

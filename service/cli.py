@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "service.cli_index",
     "service.cli_world",
     "service.cli_demo",
+    "service.cli_serve",
 ]
 
 

@@ -1,0 +1,182 @@
+"""The FastAPI app: search, images, audit, health over one store, plus the web page at ``/``.
+
+Every error a client can cause is a 4xx JSON body ``{error, message, hint}``; only true bugs give a
+(generic) 500, and those are logged with their traceback.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from data.errors import T2CError
+from service.deps import EngineHolder, Settings
+
+log = logging.getLogger("t2c.service")
+STATIC = Path(__file__).parent / "static"
+_EXTRA_FIELDS = ("position", "expected", "choices", "path", "reason", "limit")
+
+
+def error_body(error: str, message: str, hint: str | None = None, **extra) -> dict:
+    """The JSON body of every error response."""
+    body = {"error": error, "message": message, "hint": hint}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return body
+
+
+# ------------------------------------------------------------------------------------------ body limit
+class BodyLimitMiddleware:
+    """Reject request bodies above ``max_bytes`` with 413: by Content-Length, or while streaming (chunked)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = int(max_bytes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        cl = headers.get(b"content-length")
+        if cl is not None:
+            try:
+                n = int(cl)
+            except ValueError:
+                return await self._reject(send, 400, error_body("InvalidInput", "Content-Length is not a number"))
+            if n > self.max_bytes:
+                return await self._too_large(send)
+        # Buffer the body (it is small by construction) so chunked bodies are counted too.
+        chunks, total, more = [], 0, True
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            while more:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                body = msg.get("body", b"")
+                total += len(body)
+                if total > self.max_bytes:
+                    return await self._too_large(send)
+                chunks.append(body)
+                more = msg.get("more_body", False)
+            data = b"".join(chunks)
+            sent = False
+
+            async def replay():
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": data, "more_body": False}
+                return await receive()
+
+            return await self.app(scope, replay, send)
+        return await self.app(scope, receive, send)
+
+    async def _too_large(self, send):
+        return await self._reject(send, 413, error_body(
+            "PayloadTooLarge", f"request body is larger than {self.max_bytes} bytes",
+            "send a smaller query; large concept lists can be split over several requests",
+            limit=self.max_bytes))
+
+    @staticmethod
+    async def _reject(send, status: int, body: dict):
+        resp = JSONResponse(body, status_code=status, headers={"Connection": "close"})
+        await resp({"type": "http"}, None, send)
+
+
+# ------------------------------------------------------------------------------------------ handlers
+def _t2c_error(request: Request, exc: T2CError) -> JSONResponse:
+    extra = {k: getattr(exc, k) for k in _EXTRA_FIELDS if getattr(exc, k, None) is not None}
+    headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+    return JSONResponse(error_body(type(exc).__name__, exc.message, exc.hint, **extra),
+                        status_code=int(exc.http_status), headers=headers)
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("query", "body", "path"))
+        problems.append(f"{loc or 'request'}: {e.get('msg', 'invalid')}")
+    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+    return JSONResponse(error_body("InvalidParameter", "; ".join(problems) or "invalid request",
+                                   "see /docs for the parameters each endpoint takes", detail=detail),
+                        status_code=422)
+
+
+_HTTP_NAMES = {404: "NotFound", 405: "MethodNotAllowed", 413: "PayloadTooLarge", 401: "Unauthorized"}
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    msg = exc.detail if isinstance(exc.detail, str) else "request failed"
+    hint = "see /docs for the endpoints" if exc.status_code in (404, 405) else None
+    if exc.status_code == 404 and msg == "Not Found":
+        msg = f"no such endpoint: {request.method} {request.url.path}"
+    return JSONResponse(error_body(_HTTP_NAMES.get(exc.status_code, "HTTPError"), msg, hint),
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+def _bug(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body("InternalError", "internal server error",
+                                   "this is a bug in t2c; the server log has the details"), status_code=500)
+
+
+# ------------------------------------------------------------------------------------------ factory
+def create_app(store_path, *, api_key: str | None = None, settings: Settings | None = None,
+               holder: EngineHolder | None = None) -> FastAPI:
+    """Build the service app over one store.
+
+    Args:
+        store_path: the store directory (opened read-only in the app's lifespan).
+        api_key: when set, every endpoint but ``/api/health`` (and the static page) requires it.
+        settings: limits and options (defaults: :class:`service.deps.Settings`); ``api_key`` overrides its key.
+        holder: a prepared :class:`EngineHolder` (tests); default opens ``store_path``.
+
+    Returns:
+        The FastAPI app; the store is opened when the app starts (a bad store fails start-up).
+
+    Example:
+        >>> app = create_app("photos.t2c")  # doctest: +SKIP
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
+    """
+    from service.routers import audit, health, images, search
+
+    settings = settings or Settings(store_path=Path(store_path))
+    settings.store_path = Path(store_path)
+    if api_key is not None:
+        settings.api_key = api_key
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        h = holder or EngineHolder(settings.store_path, reload_interval=settings.reload_interval,
+                                   verify=settings.verify_store)
+        if h._live is None:
+            h.load()
+        app.state.holder = h
+        from service.routers.images import ThumbCache
+
+        app.state.thumbs = ThumbCache(settings.thumb_cache_items)
+        yield
+
+    app = FastAPI(title="text2concept", version="0.1.0", lifespan=lifespan,
+                  description="Search and audit an image collection in words. "
+                              "Send the API key (when the server has one) as `X-API-Key` or `Authorization: Bearer`.")
+    app.state.settings = settings
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_exception_handler(T2CError, _t2c_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _bug)
+    for r in (health, search, images, audit):
+        app.include_router(r.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    return app

@@ -26,7 +26,7 @@ import errno
 import os
 import stat as stat_mod
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Iterable, Iterator, NamedTuple
 
 from data.errors import InvalidInput, NotFound
@@ -91,7 +91,7 @@ def normalise_extensions(extensions: Iterable[str] | str) -> frozenset[str]:
 
 def has_extension(name: str, extensions: frozenset[str]) -> bool:
     """True if ``name``'s extension (case-insensitive) is in ``extensions``."""
-    ext = os.path.splitext(name)[1]
+    ext = PurePath(name).suffix  # pathlib semantics: "....png" has suffix ".png", ".png" has none
     return bool(ext) and ext[1:].lower() in extensions
 
 

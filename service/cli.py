@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "service.cli_world",
     "service.cli_demo",
     "service.cli_serve",
+    "service.cli_query",
 ]
 
 

@@ -1,0 +1,209 @@
+"""Calibration benchmark on the concept world: F1 of calibrated thresholds vs the reference mean + 1·std.
+
+Generates a held-out collection of multi-object world images (seed not used in training), indexes it with
+world:clip and with an aligned non-CLIP world encoder (ridge aligner fitted on the folder's own images,
+``index_folder(..., fit_aligner=N)``), and measures, against exact ground truth from
+``data.world.generator.concept_truth``:
+
+  * single-concept presence: each colour, each shape, and colour-shape pairs ("red circle");
+  * 2- and 3-constraint AND / NOT queries over those concepts (run through ``Engine.search``),
+
+for our calibration (``query.calibrate.calibrate``: two-component mixture, posteriors cross) and the
+reference recipe (mean + 1·std per concept), in the same run. Prints JSON.
+
+Usage:
+    .venv/bin/python bench/calibration.py                      # n = 2000, world:clip and world:pairnet
+    .venv/bin/python bench/calibration.py --n 300 --clip 'world:clip?weights=random'   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+
+def f1(pred: np.ndarray, truth: np.ndarray) -> float:
+    """F1 of boolean predictions (1.0 when both are empty)."""
+    tp = int((pred & truth).sum())
+    denom = int(pred.sum()) + int(truth.sum())
+    return 1.0 if denom == 0 else 2 * tp / denom
+
+
+def make_queries(concepts: list[str], n: int, n_terms: int, rng, truth_of, min_pos: int) -> list[str]:
+    """Random AND / NOT queries with ``n_terms`` constraints, at least ``min_pos`` true matches each."""
+    forms2 = ["{a} AND {b}", "{a} AND NOT {b}"]
+    forms3 = ["{a} AND {b} AND NOT {c}", "{a} AND NOT {b} AND NOT {c}", "{a} AND {b} AND {c}"]
+    forms = forms2 if n_terms == 2 else forms3
+    out, tries = [], 0
+    while len(out) < n and tries < 50 * n:
+        tries += 1
+        a, b, c = rng.choice(concepts, 3, replace=False)
+        q = forms[len(out) % len(forms)].format(a=f'"{a}"', b=f'"{b}"', c=f'"{c}"')
+        words = [set(x.split()) for x in (a, b, c)[:n_terms]]
+        if q in out or any(words[i] & words[j] for i in range(n_terms) for j in range(i + 1, n_terms)):
+            continue
+        if truth_of(q).sum() >= min_pos:
+            out.append(q)
+    return out
+
+
+def run_store(name: str, store: Path, labels_by_id, concepts, queries2, queries3, truth_tree) -> dict:
+    """Per-concept and per-query F1 on one store, ours vs reference."""
+    from query import ast as qa
+    from query.calibrate import concept_scores, reference_threshold, thresholds_for
+    from query.engine import Engine, evaluate_tree
+
+    eng = Engine.for_store(store, verify=False)
+    snap = eng.snapshot
+    ids = np.asarray(snap.ids)
+    truth_rows = labels_by_id(ids)
+    t0 = time.perf_counter()
+    cals = thresholds_for(snap, concepts, bank=eng.bank)
+    V = eng.bank.vectors(concepts)
+    S = concept_scores(snap, V)
+    ref_thr = {c: reference_threshold(S[:, j]) for j, c in enumerate(concepts)}
+    col = {c: j for j, c in enumerate(concepts)}
+    single = {"ours": {}, "reference": {}}
+    from data.world.generator import concept_truth
+
+    for c in concepts:
+        truth = concept_truth(truth_rows, c)
+        single["ours"][c] = f1(S[:, col[c]] >= cals[c].threshold, truth)
+        single["reference"][c] = f1(S[:, col[c]] >= ref_thr[c], truth)
+
+    def query_f1(qs):
+        ours, ref, agree = [], [], 0
+        for q in qs:
+            truth = truth_tree(q, truth_rows)
+            res = eng.search(q, k=10_000)
+            pred = np.isin(ids, res.all_ids)
+            node = eng.parse_query(q)
+            pred_direct = evaluate_tree(node, lambda c: S[:, col[c.text]] >= cals[c.text].threshold,
+                                        lambda f: np.ones(len(ids), bool), len(ids))
+            agree += int(np.array_equal(pred, pred_direct))
+            pred_ref = evaluate_tree(node, lambda c: S[:, col[c.text]] >= ref_thr[c.text],
+                                     lambda f: np.ones(len(ids), bool), len(ids))
+            ours.append(f1(pred, truth))
+            ref.append(f1(pred_ref, truth))
+        return {"ours": round(float(np.mean(ours)), 4), "reference": round(float(np.mean(ref)), 4),
+                "ours_min": round(float(np.min(ours)), 4), "n": len(qs), "engine_equals_direct": agree}
+
+    groups = {"colors": [], "shapes": [], "pairs": []}
+    from data.world import vocab
+
+    for c in concepts:
+        key = "colors" if c in vocab.COLORS else "shapes" if c in vocab.SHAPES else "pairs"
+        groups[key].append(c)
+    summary = {}
+    for g, cs in groups.items():
+        if cs:
+            summary[g] = {m: round(float(np.mean([single[m][c] for c in cs])), 4) for m in ("ours", "reference")}
+    summary["all_single"] = {m: round(float(np.mean(list(single[m].values()))), 4) for m in ("ours", "reference")}
+    out = {
+        "store": name, "encoder": snap.encoder, "clip": snap.clip, "n": int(len(ids)),
+        "aligner_r2_heldout": (snap.manifest.get("aligner") or {}).get("r2_heldout"),
+        "single_concept_f1": summary,
+        "query_f1": {"2_constraints": query_f1(queries2), "3_constraints": query_f1(queries3)},
+        "methods": {m: sum(1 for c in concepts if cals[c].method == m) for m in {c.method for c in cals.values()}},
+        "worst_concepts_ours": sorted(((round(v, 3), c) for c, v in single["ours"].items()))[:5],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=424242, help="collection seed (training uses 0 and 7000001)")
+    ap.add_argument("--clip", default="world:clip")
+    ap.add_argument("--encoder", default="world:pairnet", help="non-CLIP encoder aligned into --clip")
+    ap.add_argument("--fit-aligner", type=int, default=1000, help="images the aligner is fitted on")
+    ap.add_argument("--pairs", type=int, default=16, help="colour-shape pair concepts (evenly chosen)")
+    ap.add_argument("--queries", type=int, default=40, help="queries per size (2 and 3 constraints)")
+    ap.add_argument("--work", type=Path, default=None, help="work dir (kept); default temporary")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(2)
+    from data.world import vocab
+    from data.world.generator import concept_truth, generate
+    from indexer.pipeline import index_folder
+    from query import ast as qa
+    from query.engine import evaluate_tree
+    from query.parse import parse
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="t2c-calib-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    world = work / "world"
+    if not (world / "labels.parquet").exists():
+        generate(world, args.n, args.seed)
+    import pyarrow.parquet as pq
+
+    labels = pq.read_table(world / "labels.parquet")
+    row_of_path = {p: i for i, p in enumerate(labels.column("path").to_pylist())}
+    gen_s = time.perf_counter() - t0
+
+    colors, shapes = list(vocab.COLORS), list(vocab.SHAPES)
+    all_pairs = [f"{c} {s}" for c in colors for s in shapes]
+    pairs = [all_pairs[i] for i in np.linspace(0, len(all_pairs) - 1, args.pairs).round().astype(int)]
+    pairs = list(dict.fromkeys(pairs))
+    concepts = colors + shapes + pairs
+
+    def truth_tree(q, rows):
+        node = parse(q)
+        return evaluate_tree(node, lambda c: concept_truth(rows, c.text), lambda f: np.ones(len(rows), bool),
+                             len(rows))
+
+    rng = np.random.default_rng(args.seed)
+    all_rows = labels
+    q2 = make_queries(concepts, args.queries, 2, rng, lambda q: truth_tree(q, all_rows), min_pos=10)
+    q3 = make_queries(concepts, args.queries, 3, rng, lambda q: truth_tree(q, all_rows), min_pos=10)
+
+    stores = {"clip": (args.clip, None, None), "aligned": (args.encoder, args.fit_aligner, args.clip)}
+    results = []
+    for name, (enc, fit, clip) in stores.items():
+        store = work / f"store-{name}"
+        t1 = time.perf_counter()
+        if not (store / "CURRENT").exists():
+            index_folder(world / "images", store, enc, fit_aligner=fit, clip=clip, workers=0, batch_size=128)
+        index_s = time.perf_counter() - t1
+        from data.store import open_store
+
+        snap = open_store(store, verify=False)
+        rel = {int(r[0]): r[1] for r in snap.catalog().execute("SELECT id, relpath FROM images").fetchall()}
+
+        def labels_by_id(ids, rel=rel):
+            return labels.take([row_of_path["images/" + rel[int(i)]] for i in ids])
+
+        r = run_store(name, store, labels_by_id, concepts, q2, q3, truth_tree)
+        r["index_seconds"] = round(index_s, 1)
+        results.append(r)
+    out = {"n": args.n, "seed": args.seed, "concepts": {"colors": len(colors), "shapes": len(shapes),
+                                                          "pairs": len(pairs)},
+           "reference_recipe": "mean + 1*std per concept", "calibration": "2-component GMM, posteriors cross",
+           "generate_seconds": round(gen_s, 1), "results": results,
+           "example_queries": q3[:3]}
+    targets = {}
+    for r in results:
+        f3 = r["query_f1"]["3_constraints"]
+        need = 0.9 if r["store"] == "clip" else 0.85
+        targets[r["store"]] = {"f1_3_constraints": f3["ours"], "target": need,
+                               "met": f3["ours"] >= need and f3["ours"] > f3["reference"]}
+    out["targets"] = targets
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Query latency benchmark: 3-constraint AND/NOT queries over N synthetic vectors in a real store.
+
+Builds a real store (StoreWriter + build_index: the store format and index type production uses) over
+N synthetic d-dim vectors with a catalog, then times ``Engine.search`` on 3-constraint AND/NOT queries and,
+in the same run, the exact brute-force evaluation of the same queries (every concept scored on every
+vector, the same thresholds, the same tree). Prints JSON: p50/p95 latency, recall (and precision) of the
+answer set against the exact answer, and the speed-up.
+
+Synthetic vectors: each image belongs to one of ``--topics`` topic directions and holds concepts with
+topic-dependent probabilities (each concept common in a few "home" topics, rare elsewhere, as concepts
+cluster in real embedding spaces; concepts spread uniformly over the space could not be found faster than
+by a full scan by any partitioning index); vector = topic + sum of present concepts + isotropic noise,
+L2-normalised. Concept vectors are the concept directions (put into the
+engine's ConceptBank, so no text encoder is involved).
+
+Usage:
+    .venv/bin/python bench/query_latency.py --n 200000            # ~2 minutes on 2 cores
+    .venv/bin/python bench/query_latency.py                       # n = 1,000,000 (several minutes)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "2")
+os.environ.setdefault("MKL_NUM_THREADS", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+
+def synth_vectors(n: int, d: int, n_concepts: int, n_topics: int, seed: int):
+    """(vectors float32 (n, d) normalised, concept directions (C, d), prevalences (C,)).
+
+    Like real embeddings, concepts are topical: concept j is common (25-65%) in a few "home" topics
+    (2-12 of ``n_topics``) and rare (0.02%) elsewhere, so its positives concentrate in part of the space.
+    """
+    rng = np.random.default_rng(seed)
+    dirs = rng.normal(size=(n_concepts, d)).astype(np.float32)
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    topics = rng.normal(size=(n_topics, d)).astype(np.float32)
+    topics /= np.linalg.norm(topics, axis=1, keepdims=True)
+    tp = np.full((n_topics, n_concepts), 0.0002, np.float64)
+    for j in range(n_concepts):
+        home = rng.choice(n_topics, int(rng.integers(2, 13)), replace=False)
+        tp[home, j] = rng.uniform(0.25, 0.65, len(home))
+    out = np.empty((n, d), np.float32)
+    count = np.zeros(n_concepts)
+    block = 50_000
+    for s in range(0, n, block):
+        m = min(block, n - s)
+        t = rng.integers(0, n_topics, m)
+        pres = rng.random((m, n_concepts)) < tp[t]
+        count += pres.sum(0)
+        amp = rng.uniform(0.8, 1.2, (m, n_concepts)).astype(np.float32)
+        v = topics[t] * 1.2 + (pres * amp) @ dirs
+        v += rng.normal(scale=0.8 / np.sqrt(d), size=(m, d)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        out[s : s + m] = v
+    return out, dirs, count / n
+
+
+def build_store(path: Path, vectors: np.ndarray, *, exact_max: int, seed: int) -> float:
+    """Write a real store over the vectors (catalog with width/height/path/user column)."""
+    from data.store import Changes, StoreWriter, atomic_save_npz, new_feature_shard_name
+    from indexer.index_build import build_index
+
+    n, d = vectors.shape
+    ids = np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    widths = rng.integers(64, 4096, n)
+    t0 = time.perf_counter()
+    with StoreWriter(path) as w:
+        rel = new_feature_shard_name("bench", 0)
+        atomic_save_npz(w.root / rel, ids=ids, feats=ids[:, None])
+        rows = [{"id": int(i), "path": f"/photos/{2018 + i % 8}/img{i:07d}.jpg", "relpath": f"img{i:07d}.jpg",
+                 "content_hash": f"{i:016x}", "size": 100_000 + int(i) % 5000, "width": int(widths[i]),
+                 "height": 768, "mtime_ns": 1_600_000_000_000_000_000 + int(i) * 1_000_000_000,
+                 "album": f"a{i % 50}"} for i in range(n)]
+        w.commit(Changes(rows, [rel], [], [], [], {"run_id": "bench", "command": "bench/query_latency.py"}),
+                 manifest_fields={"dim": d, "feature_dim": 1, "encoder": "synthetic", "clip": "synthetic"},
+                 vectors_for=lambda _ids, feats: vectors[feats[:, 0]],
+                 build_index=lambda v, i: build_index(v, i, exact_max=exact_max))
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--concepts", type=int, default=40)
+    ap.add_argument("--topics", type=int, default=256)
+    ap.add_argument("--queries", type=int, default=60)
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--exact-max", type=int, default=100_000,
+                    help="largest store given an exact (flat) index; production default 200000")
+    ap.add_argument("--store", type=Path, default=None, help="store dir (reused if it exists; default: temporary)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    import faiss
+
+    faiss.omp_set_num_threads(2)
+    from data.store import open_store
+    from query.calibrate import thresholds_for
+    from query.concepts import ConceptBank
+    from query.engine import Engine
+
+    tmp = None
+    store = args.store
+    if store is None:
+        tmp = Path(tempfile.mkdtemp(prefix="t2c-bench-"))
+        store = tmp / "store"
+    t0 = time.perf_counter()
+    reuse = (store / "CURRENT").exists()  # a kept store from an earlier run with the same arguments
+    vectors, dirs, prev = synth_vectors(1000 if reuse else args.n, args.d, args.concepts, args.topics, args.seed)
+    gen_s = time.perf_counter() - t0
+    build_s = None
+    if not reuse:
+        build_s = build_store(store, vectors, exact_max=args.exact_max, seed=args.seed)
+    del vectors
+    snap = open_store(store, verify=False)
+    names = [f"c{j:02d}" for j in range(args.concepts)]
+    bank = ConceptBank("synthetic", templates=["{}"])
+    for t, v in zip(names, dirs):
+        bank.put(t, v)
+    eng = Engine(snap, bank)
+    t0 = time.perf_counter()
+    cals = thresholds_for(snap, names, bank=bank)
+    calib_s = time.perf_counter() - t0
+    _ = snap.index  # load the index outside the timed region
+
+    rng = np.random.default_rng(args.seed + 7)
+    forms = ["{a} AND {b} AND NOT {c}", "{a} AND NOT {b} AND NOT {c}", "{a} AND NOT ({b} OR {c})",
+             "2*{a} AND {b} AND NOT {c}"]
+    queries = []
+    for qi in range(args.queries):
+        a, b, c = rng.choice(names, 3, replace=False)
+        queries.append(forms[qi % len(forms)].format(a=a, b=b, c=c))
+    for q in queries[:3]:  # warm caches (page cache, BLAS)
+        eng.search(q, k=args.k)
+        eng.reference_answer(q)
+    lat, exact_lat, recalls, precisions, totals, nprobes, strategies = [], [], [], [], [], [], {}
+    for q in queries:
+        t = time.perf_counter()
+        res = eng.search(q, k=args.k)
+        lat.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        ref = eng.reference_answer(q)
+        exact_lat.append((time.perf_counter() - t) * 1000)
+        got = set(res.all_ids.tolist())
+        ref = set(ref.tolist())
+        recalls.append(len(got & ref) / len(ref) if ref else 1.0)
+        precisions.append(len(got & ref) / len(got) if got else 1.0)
+        totals.append(len(ref))
+        nprobes.append(res.plan.get("nprobe"))
+        strategies[res.plan.get("strategy", res.plan.get("exit"))] = strategies.get(
+            res.plan.get("strategy", res.plan.get("exit")), 0) + 1
+    p50, p95 = float(np.percentile(lat, 50)), float(np.percentile(lat, 95))
+    e50 = float(np.percentile(exact_lat, 50))
+    out = {
+        "n": args.n, "d": args.d, "concepts": args.concepts, "queries": len(queries), "k": args.k,
+        "index": {k: v for k, v in snap.manifest["index"].items() if k in ("type", "factory", "nlist", "nprobe",
+                                                                              "recall_at_10", "build_seconds")},
+        "latency_ms": {"p50": round(p50, 2), "p95": round(p95, 2), "mean": round(float(np.mean(lat)), 2)},
+        "exact_ms": {"p50": round(e50, 2), "p95": round(float(np.percentile(exact_lat, 95)), 2)},
+        "speedup_p50": round(e50 / p50, 1),
+        "recall": {"mean": round(float(np.mean(recalls)), 4), "min": round(float(np.min(recalls)), 4)},
+        "precision_mean": round(float(np.mean(precisions)), 4),
+        "matches": {"mean": round(float(np.mean(totals)), 1), "max": int(np.max(totals))},
+        "nprobe_used": {"median": (float(np.median([x for x in nprobes if x])) if any(nprobes) else None),
+                        "max": max([x for x in nprobes if x], default=None)},
+        "strategies": strategies,
+        "calibration": {"seconds_all_concepts": round(calib_s, 2),
+                        "methods": sorted({c.method for c in cals.values()})},
+        "targets": {"p50_le_50ms": p50 <= 50, "recall_ge_0.95": float(np.mean(recalls)) >= 0.95,
+                    "speedup_ge_10": e50 / p50 >= 10},
+        "setup_seconds": {"generate": round(gen_s, 1), "build_store": None if build_s is None else round(build_s, 1)},
+        "machine": {"cpus": os.cpu_count(), "threads": 2, "python": platform.python_version(),
+                    "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+                    "note": "shared 2-core machine; other jobs may have been running"},
+        "example_queries": queries[:4],
+    }
+    print(json.dumps(out, indent=2))
+    snap.close()
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Per-concept "present" thresholds calibrated on the collection's own score distribution.
+
+Method (``calibrate``): a concept's cosine scores over a collection are a mixture of a large "absent" bulk
+and a smaller "present" component. We fit a two-component 1-D Gaussian mixture by EM with a deterministic
+start (the Otsu split of a 256-bin histogram) and put the threshold where the two posteriors cross
+(between the two means). The fit is accepted when both components carry weight (at least
+``max(5/n, 0.001)``) and are separated (Ashman's D = |m1 - m2| / sqrt((s1² + s2²) / 2) >= ``MIN_SEPARATION``).
+Otherwise the distribution is treated as one population (the concept is absent everywhere, or present
+everywhere — the two cannot be told apart from scores alone) and a robust upper-tail rule applies:
+``median + TAIL_K · 1.4826 · MAD``, so only clear outliers count as present. Constant scores give a
+threshold just above the constant (nothing present).
+
+The reference recipe of the paper's code, ``mean + k·std`` with a hand-set k, is ``reference_threshold``.
+
+``thresholds_for(snapshot, texts)`` computes scores over a deterministic sample of the store's vectors
+(every row up to ``CALIBRATION_SAMPLE`` rows, else an evenly strided subset), calibrates each concept and
+caches the result per (snapshot, concept text, concept vector), so repeated queries agree exactly; the
+computation itself is deterministic, so another process reaches the same thresholds.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from data.errors import InvalidInput
+
+__all__ = ["Calibration", "calibrate", "reference_threshold", "concept_scores", "thresholds_for",
+           "sample_rows", "clear_cache", "CALIBRATION_SAMPLE", "MIN_SEPARATION", "TAIL_K"]
+
+CALIBRATION_SAMPLE = 200_000  # rows scored for calibration (evenly strided beyond this)
+EM_POINTS = 50_000  # points the mixture is fitted on (evenly spaced order statistics beyond this)
+MIN_SEPARATION = 2.0  # Ashman's D needed to accept the two-component fit
+TAIL_K = 4.0  # robust sigmas above the median for the one-population fallback
+_SORTED_KEEP = 4096  # order statistics kept to estimate prevalence at any threshold
+
+
+@dataclass
+class Calibration:
+    """A concept's calibrated threshold.
+
+    Attributes:
+        threshold: cosine score above which (>=) the concept counts as present.
+        method: "gmm" (two-component mixture, posteriors cross), "tail" (one population, robust upper tail),
+            "constant" (all scores equal) or "override" (given by the query).
+        prevalence: fraction of the calibration scores at or above the threshold.
+        scale: spread of the "absent" scores (mixture std, or robust sigma); margins divide by it.
+        n: number of scores used. params: the mixture fit (weights, means, stds, separation) when fitted.
+    """
+
+    threshold: float
+    method: str
+    prevalence: float
+    scale: float = 1.0
+    n: int = 0
+    params: dict = field(default_factory=dict)
+    sorted_sample: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly summary."""
+        return {"threshold": round(float(self.threshold), 6), "method": self.method,
+                "prevalence": round(float(self.prevalence), 6), "scale": round(float(self.scale), 6),
+                "n": int(self.n), "params": self.params}
+
+    def prevalence_at(self, threshold: float) -> float:
+        """Estimated fraction of the collection scoring >= ``threshold``."""
+        s = self.sorted_sample
+        if s is None or not len(s):
+            return float(self.prevalence)
+        return float(len(s) - np.searchsorted(s, threshold, side="left")) / len(s)
+
+    def with_threshold(self, threshold: float) -> "Calibration":
+        """A copy with an overriding threshold (method "override")."""
+        return Calibration(float(threshold), "override", self.prevalence_at(threshold), self.scale, self.n,
+                           dict(self.params, calibrated=round(float(self.threshold), 6)), self.sorted_sample)
+
+
+def reference_threshold(scores, k: float = 1.0) -> float:
+    """The reference recipe: mean + k·std of the scores."""
+    x = np.asarray(scores, np.float64).reshape(-1)
+    if not len(x):
+        raise InvalidInput("no scores to threshold")
+    return float(x.mean() + k * x.std())
+
+
+def _otsu(x: np.ndarray, bins: int = 256) -> float:
+    hist, edges = np.histogram(x, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist).astype(np.float64)
+    w1 = w0[-1] - w0
+    s0 = np.cumsum(hist * centers)
+    m0 = s0 / np.maximum(w0, 1)
+    m1 = (s0[-1] - s0) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    between[(w0 == 0) | (w1 == 0)] = -1
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def _norm_logpdf(x, m, s):
+    return -0.5 * ((x - m) / s) ** 2 - np.log(s) - 0.5 * np.log(2 * np.pi)
+
+
+def fit_gmm2(x: np.ndarray, iters: int = 500, tol: float = 1e-9) -> dict:
+    """Two-component 1-D Gaussian mixture by EM from the Otsu split; components ordered by mean."""
+    x = np.asarray(x, np.float64)
+    t0 = _otsu(x)
+    lo, hi = x[x < t0], x[x >= t0]
+    if len(lo) < 2 or len(hi) < 2:
+        lo, hi = x[: len(x) // 2], x[len(x) // 2 :]
+    spread = float(x.std()) or 1.0
+    floor = max(spread * 1e-3, 1e-6)
+    w = np.array([len(lo), len(hi)], np.float64) / len(x)
+    m = np.array([lo.mean(), hi.mean()])
+    s = np.maximum(np.array([lo.std(), hi.std()]), floor)
+    prev = -np.inf
+    ll = prev
+    for _ in range(iters):
+        lp = np.stack([np.log(w[j]) + _norm_logpdf(x, m[j], s[j]) for j in range(2)])
+        mx = lp.max(0)
+        lse = mx + np.log(np.exp(lp[0] - mx) + np.exp(lp[1] - mx))
+        ll = float(lse.mean())
+        r = np.exp(lp - lse)
+        nk = r.sum(1)
+        if np.any(nk < 1e-9):
+            break
+        w = nk / len(x)
+        m = (r @ x) / nk
+        s = np.maximum(np.sqrt(np.maximum((r * (x[None] - m[:, None]) ** 2).sum(1) / nk, 0)), floor)
+        if ll - prev < tol:
+            break
+        prev = ll
+    order = np.argsort(m)
+    w, m, s = w[order], m[order], s[order]
+    sep = float(abs(m[1] - m[0]) / np.sqrt((s[0] ** 2 + s[1] ** 2) / 2))
+    return {"weights": w.tolist(), "means": m.tolist(), "stds": s.tolist(), "separation": sep, "loglik": ll}
+
+
+def _crossing(p: dict) -> float:
+    """Score between the two means where the posterior of the upper component reaches 0.5."""
+    w, m, s = p["weights"], p["means"], p["stds"]
+    grid = np.linspace(m[0], m[1], 4097)
+    d = (np.log(w[1]) + _norm_logpdf(grid, m[1], s[1])) - (np.log(w[0]) + _norm_logpdf(grid, m[0], s[0]))
+    idx = np.nonzero(d >= 0)[0]
+    if not len(idx):
+        return float(m[1])
+    i = int(idx[0])
+    if i == 0:
+        return float(grid[0])
+    # linear interpolation of the log-odds zero crossing
+    a, b = d[i - 1], d[i]
+    return float(grid[i - 1] + (grid[i] - grid[i - 1]) * (-a) / (b - a))
+
+
+def _order_stats(x_sorted: np.ndarray, k: int) -> np.ndarray:
+    if len(x_sorted) <= k:
+        return x_sorted
+    return x_sorted[np.linspace(0, len(x_sorted) - 1, k).round().astype(np.int64)]
+
+
+def calibrate(scores) -> Calibration:
+    """Calibrate one concept's threshold from its scores over a collection.
+
+    Args:
+        scores: 1-D cosine scores (any length >= 1; NaNs are ignored).
+    Returns:
+        A :class:`Calibration` (threshold, method "gmm" / "tail" / "constant", prevalence, scale, fit params).
+    Raises:
+        InvalidInput: no finite scores.
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> s = np.r_[rng.normal(0.1, 0.03, 9000), rng.normal(0.4, 0.05, 1000)]
+        >>> 0.2 < calibrate(s).threshold < 0.3
+        True
+    """
+    x = np.asarray(scores, np.float64).reshape(-1)
+    x = np.sort(x[np.isfinite(x)])
+    n = len(x)
+    if n == 0:
+        raise InvalidInput("no finite scores to calibrate on")
+    keep = _order_stats(x, _SORTED_KEEP)
+
+    def done(thr, method, scale, params=None):
+        prev = float(n - np.searchsorted(x, thr, side="left")) / n
+        return Calibration(float(thr), method, prev, float(scale), n, params or {}, keep)
+
+    lo_v, hi_v = float(x[0]), float(x[-1])
+    if hi_v - lo_v <= 1e-7 * max(1.0, abs(hi_v)):
+        return done(np.nextafter(np.float32(hi_v), np.float32(np.inf)) + 1e-6, "constant", 1.0)
+    med = float(x[n // 2])
+    mad_sigma = 1.4826 * float(np.median(np.abs(x - med)))
+    if mad_sigma <= 0:
+        mad_sigma = float(x.std()) or 1e-6
+    if n >= 8:
+        p = fit_gmm2(_order_stats(x, EM_POINTS))
+        min_w = max(5.0 / n, 1e-3)
+        if min(p["weights"]) >= min_w and p["separation"] >= MIN_SEPARATION:
+            thr = _crossing(p)
+            p = {k: ([round(v, 6) for v in val] if isinstance(val, list) else round(val, 6)) for k, val in p.items()}
+            return done(thr, "gmm", max(p["stds"][0], 1e-6), p)
+        tail_params = {"rejected_fit": {k: ([round(v, 6) for v in val] if isinstance(val, list) else round(val, 6))
+                                        for k, val in p.items()}}
+    else:
+        tail_params = {}
+    thr = med + TAIL_K * mad_sigma
+    return done(thr, "tail", mad_sigma, dict(tail_params, median=round(med, 6), robust_sigma=round(mad_sigma, 6)))
+
+
+# ----------------------------------------------------------------------------------------- store scores
+def concept_scores(snapshot, vecs, rows=None, block: int = 65536) -> np.ndarray:
+    """(n, k) float32 cosine scores of every image (or of ``rows``) against concept vectors, blockwise.
+
+    Args:
+        snapshot: a Snapshot (or any object with ``.vectors``, or an (n, d) array).
+        vecs: (k, d) or (d,) concept vectors (unit length).
+        rows: optional sorted row positions to score instead of all rows.
+    """
+    V = snapshot if isinstance(snapshot, np.ndarray) else snapshot.vectors
+    T = np.asarray(vecs, np.float32)
+    if T.ndim == 1:
+        T = T[None]
+    if T.shape[1] != V.shape[1]:
+        raise InvalidInput(f"concept vectors have dimension {T.shape[1]}, the store {V.shape[1]}",
+                           "the store's CLIP model and the concept bank's must match")
+    m = V.shape[0] if rows is None else len(rows)
+    out = np.empty((m, T.shape[0]), np.float32)
+    TT = np.ascontiguousarray(T.T)
+    for s in range(0, m, block):
+        if rows is None:
+            blk = np.asarray(V[s : s + block], np.float32)
+        else:
+            blk = np.asarray(V[rows[s : s + block]], np.float32)
+        np.matmul(blk, TT, out=out[s : s + len(blk)])
+    return out
+
+
+def sample_rows(n: int, limit: int = CALIBRATION_SAMPLE) -> np.ndarray | None:
+    """Rows used for calibration: None (all) up to ``limit``, else an evenly strided subset."""
+    if n <= limit:
+        return None
+    return np.linspace(0, n - 1, limit).round().astype(np.int64)
+
+
+_CACHE: dict[tuple, Calibration] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _snap_key(snapshot) -> tuple:
+    root = getattr(snapshot, "root", None)
+    return (str(Path(root).resolve()) if root is not None else f"obj:{id(snapshot)}", getattr(snapshot, "name", ""))
+
+
+def thresholds_for(snapshot, texts: Iterable[str], bank=None) -> dict[str, Calibration]:
+    """Calibrations of concepts over a store, cached per (snapshot, text, concept vector).
+
+    Args:
+        snapshot: an open Snapshot.
+        texts: concept texts.
+        bank: a ConceptBank (default ``concept_bank_for(snapshot)``).
+    Returns:
+        ``{text: Calibration}``.
+    """
+    texts = list(dict.fromkeys(texts))
+    if not texts:
+        return {}
+    if bank is None:
+        from query.concepts import concept_bank_for
+
+        bank = concept_bank_for(snapshot)
+    vecs = bank.vectors(texts)
+    sk = _snap_key(snapshot)
+    keys = [(sk, t, hashlib.blake2b(v.tobytes(), digest_size=12).hexdigest()) for t, v in zip(texts, vecs)]
+    out: dict[str, Calibration] = {}
+    todo = []
+    with _CACHE_LOCK:
+        for t, key, v in zip(texts, keys, vecs):
+            c = _CACHE.get(key)
+            if c is None:
+                todo.append((t, key, v))
+            else:
+                out[t] = c
+    if todo:
+        V = snapshot.vectors
+        if V.shape[0] == 0:
+            raise InvalidInput("the store holds no images to calibrate on")
+        rows = sample_rows(V.shape[0])
+        sc = concept_scores(snapshot, np.stack([v for _, _, v in todo]), rows=rows)
+        with _CACHE_LOCK:
+            for j, (t, key, _) in enumerate(todo):
+                c = _CACHE.get(key) or calibrate(sc[:, j])
+                _CACHE[key] = out[t] = c
+    return out
+
+
+def clear_cache() -> None:
+    """Forget cached calibrations (tests)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()

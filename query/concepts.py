@@ -1,0 +1,254 @@
+"""Concept vectors: a prompt ensemble embedded by the store's CLIP text tower, cached in memory and on disk.
+
+A concept's vector is the mean of its prompt embeddings — each prompt ("a photo of a {}." filled with the
+concept text) is embedded and L2-normalised, the embeddings are averaged, the mean is normalised again.
+
+Templates depend on the text tower: ``open_clip:``/other CLIPs get a standard photo ensemble
+(``DEFAULT_TEMPLATES``); ``world:`` CLIPs only know the concept world's vocabulary, so they get templates made
+of words the world text tower was trained on (``data.world.vocab.PROMPT_TEMPLATES``, filtered to known words).
+
+The text encoder (torch) is built lazily, only when a vector is not cached. Vectors are cached per
+(CLIP model, templates, text) in memory and, when ``cache_dir`` (or ``$T2C_CACHE_DIR``) names a writable
+directory, on disk as ``.npy`` files; stores are never written to (they may be read-only).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from data.errors import InvalidInput
+
+__all__ = ["DEFAULT_TEMPLATES", "WORLD_TEMPLATES", "templates_for", "ConceptBank", "concept_bank_for",
+           "clear_banks"]
+
+#: Standard CLIP prompt ensemble (a subset of the open_clip ImageNet templates that suits open vocabularies).
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a good photo of a {}.",
+    "a close-up photo of a {}.",
+    "a bright photo of a {}.",
+    "a photo of the {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a cropped photo of a {}.",
+)
+
+
+def _world_templates() -> tuple[str, ...]:
+    """Templates whose words the world text tower knows (filtered against data.world.vocab)."""
+    from data.world import vocab
+
+    known = set(vocab.known_words())
+    cands = ("{}",) + tuple(vocab.PROMPT_TEMPLATES)
+    out = []
+    for t in cands:
+        words = re.findall(r"[a-z]+", t.replace("{}", " ").lower())
+        if all(w in known for w in words) and t not in out:
+            out.append(t)
+    return tuple(out)
+
+
+WORLD_TEMPLATES: tuple[str, ...] = _world_templates()
+
+
+def templates_for(clip_spec: str) -> list[str]:
+    """Prompt templates suited to a CLIP spec: world-vocabulary ones for ``world:``, else DEFAULT_TEMPLATES."""
+    spec = str(clip_spec or "")
+    if spec.startswith("world:"):
+        return list(WORLD_TEMPLATES)
+    return list(DEFAULT_TEMPLATES)
+
+
+def _check_templates(templates: Sequence[str]) -> tuple[str, ...]:
+    tpl = tuple(templates)
+    if not tpl:
+        raise InvalidInput("at least one prompt template is needed", 'e.g. ["a photo of a {}."]')
+    for t in tpl:
+        if not isinstance(t, str) or t.count("{}") != 1:
+            raise InvalidInput(f"prompt template {t!r} must contain exactly one '{{}}'", 'e.g. "a photo of a {}."')
+    return tpl
+
+
+def _model_identity(clip_spec: str) -> str:
+    """What defines the text tower: the spec identity plus size/mtime of a weights file it names or ships."""
+    try:
+        from indexer.encoders import parse_spec
+
+        spec = parse_spec(clip_spec)
+        ident = spec.identity
+        w = spec.weights
+    except Exception:  # noqa: BLE001 - an unparsable spec fails later, when the encoder is made
+        return str(clip_spec)
+    paths = []
+    if w and w not in ("random", "pretrained"):
+        paths.append(Path(w))
+    elif spec.source == "world":
+        paths.append(Path(__file__).resolve().parent.parent / "data" / "world" / "weights" / f"{spec.name}.safetensors")
+    for p in paths:
+        try:
+            st = p.stat()
+            ident += f"|{p.name}:{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            pass
+    return ident
+
+
+class ConceptBank:
+    """Concept text -> unit vector in the CLIP space of ``clip_spec`` (prompt ensemble, cached).
+
+    Args:
+        clip_spec: the CLIP spec whose text tower embeds concepts (a store's ``snapshot.clip``).
+        templates: prompt templates with one ``{}`` each (default ``templates_for(clip_spec)``).
+        cache_dir: optional writable directory for an on-disk cache (default ``$T2C_CACHE_DIR`` if set);
+            unwritable directories are ignored.
+        encoder: an already-built encoder with ``encode_texts`` (tests); default built lazily with make_encoder.
+
+    Example:
+        >>> bank = ConceptBank("world:clip")  # doctest: +SKIP
+        >>> bank.vector("red circle").shape  # doctest: +SKIP
+        (64,)
+    """
+
+    def __init__(self, clip_spec: str, templates: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None,
+                 *, encoder=None):
+        self.clip_spec = str(clip_spec)
+        self.templates = _check_templates(templates if templates is not None else templates_for(self.clip_spec))
+        if cache_dir is None:
+            cache_dir = os.environ.get("T2C_CACHE_DIR") or None
+        self.cache_dir = Path(cache_dir).expanduser() / "concepts" if cache_dir else None
+        self._encoder = encoder
+        self._mem: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+        ident = _model_identity(self.clip_spec) + "\x00" + "\x01".join(self.templates)
+        self.key = hashlib.blake2b(ident.encode(), digest_size=12).hexdigest()
+
+    # -- encoder --
+    @property
+    def encoder(self):
+        """The text encoder (built on first use; this is where torch gets imported)."""
+        if self._encoder is None:
+            from indexer.encoders import make_encoder
+
+            self._encoder = make_encoder(self.clip_spec)
+        return self._encoder
+
+    # -- cache --
+    def _disk_path(self, text: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        h = hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+        return self.cache_dir / self.key / f"{h}.npy"
+
+    def _disk_get(self, text: str) -> np.ndarray | None:
+        p = self._disk_path(text)
+        if p is None or not p.is_file():
+            return None
+        try:
+            v = np.load(p, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        return v.astype(np.float32) if v.ndim == 1 else None
+
+    def _disk_put(self, text: str, v: np.ndarray) -> None:
+        p = self._disk_path(text)
+        if p is None:
+            return
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".npy.tmp")
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, v)
+            os.replace(tmp, p)
+        except OSError:  # read-only or full disk: the memory cache still works
+            pass
+
+    def put(self, text: str, vector) -> None:
+        """Set a concept's vector directly (normalised); used for synthetic benchmarks and tests."""
+        v = np.asarray(vector, np.float32).reshape(-1)
+        n = float(np.linalg.norm(v))
+        if not np.isfinite(n) or n == 0:
+            raise InvalidInput(f"concept vector for {text!r} must be finite and non-zero")
+        with self._lock:
+            self._mem[text] = v / n
+
+    # -- vectors --
+    def prompts(self, text: str) -> list[str]:
+        """The prompts embedded for one concept."""
+        return [t.format(text) for t in self.templates]
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        prompts = [p for t in texts for p in self.prompts(t)]
+        e = np.asarray(self.encoder.encode_texts(prompts), np.float64)
+        e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        e = e.reshape(len(texts), len(self.templates), -1).mean(1)
+        e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        return e.astype(np.float32)
+
+    def vectors(self, texts: Iterable[str]) -> np.ndarray:
+        """(k, d) float32 unit vectors for concept texts (prompt ensemble; cached).
+
+        Raises:
+            InvalidInput / UnknownChoice: an empty text, or words the text tower does not know (world:clip).
+            EncoderError: the CLIP spec has no text tower.
+        """
+        texts = [t.strip() if isinstance(t, str) else t for t in texts]
+        for t in texts:
+            if not isinstance(t, str) or not t:
+                raise InvalidInput(f"concept text must be a non-empty string, got {t!r}")
+        todo = []
+        with self._lock:
+            for t in dict.fromkeys(texts):
+                if t not in self._mem:
+                    v = self._disk_get(t)
+                    if v is not None:
+                        self._mem[t] = v
+                    else:
+                        todo.append(t)
+        if todo:
+            emb = self._embed(todo)
+            with self._lock:
+                for t, v in zip(todo, emb):
+                    self._mem[t] = v
+            for t, v in zip(todo, emb):
+                self._disk_put(t, v)
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        return np.stack([self._mem[t] for t in texts]).astype(np.float32)
+
+    def vector(self, text: str) -> np.ndarray:
+        """(d,) float32 unit vector of one concept."""
+        return self.vectors([text])[0]
+
+    @property
+    def dim(self) -> int:
+        if self._mem:
+            return len(next(iter(self._mem.values())))
+        return int(self.encoder.dim)
+
+
+_BANKS: dict[tuple, ConceptBank] = {}
+_BANKS_LOCK = threading.Lock()
+
+
+def concept_bank_for(snapshot, templates: Sequence[str] | None = None, cache_dir=None) -> ConceptBank:
+    """The ConceptBank for a store's CLIP model, memoised per (store, CLIP spec, templates)."""
+    tpl = tuple(templates) if templates is not None else tuple(templates_for(snapshot.clip))
+    key = (str(Path(snapshot.root).resolve()), snapshot.clip, tpl, str(cache_dir))
+    with _BANKS_LOCK:
+        bank = _BANKS.get(key)
+        if bank is None:
+            bank = _BANKS[key] = ConceptBank(snapshot.clip, tpl, cache_dir)
+        return bank
+
+
+def clear_banks() -> None:
+    """Forget memoised banks (tests)."""
+    with _BANKS_LOCK:
+        _BANKS.clear()

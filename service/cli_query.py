@@ -1,0 +1,44 @@
+"""CLI: `t2c query STORE "QUERY"` — ranked, calibrated, explainable concept search."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def query(
+    store: Path = typer.Argument(..., help="Store directory (built by `t2c index`)."),
+    text: str = typer.Argument(..., metavar="QUERY",
+                               help='Query, e.g. \'red circle AND NOT (square OR triangle) AND width>=32\'.'),
+    k: int = typer.Option(20, "-k", "--k", min=1, max=10_000, help="Hits to show."),
+    offset: int = typer.Option(0, "--offset", min=0, help="Hits to skip (pagination)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of hits (id, path, score[, explanation])."),
+    explain: bool = typer.Option(False, "--explain", help="Show per-concept score, threshold and pass/fail."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip checksum verification when opening the store."),
+) -> None:
+    """Search a store with concept constraints (AND / OR / NOT, weights, thresholds, metadata filters).
+
+    Example: t2c query photos.t2c 'red circle AND NOT square' -k 5 --explain
+    """
+    from query.engine import Engine
+
+    eng = Engine.for_store(store, verify=not no_verify)
+    res = eng.search(text, k=k, offset=offset, explain=explain)
+    if as_json:
+        typer.echo(json.dumps([h.to_dict() for h in res.hits], indent=2, default=str))
+        return
+    shown = f"{offset + 1}-{offset + len(res.hits)}" if res.hits else "none"
+    typer.echo(f"{res.total} matching images (showing {shown}) in {res.took_ms:.1f} ms")
+    for h in res.hits:
+        typer.echo(f"{h.score:9.3f}  {h.id:>8}  {h.path}")
+        for e in h.explanation or ():
+            mark = "pass" if e["passed"] != e["negated"] else "FAIL"
+            neg = "NOT " if e["negated"] else ""
+            typer.echo(f"{'':21}{mark}  {neg}{e['concept']!r}: score {e['score']:.3f} "
+                       f"{'>=' if e['passed'] else '<'} threshold {e['threshold']:.3f} ({e['method']})")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `query` command to the t2c app."""
+    app.command("query")(query)

@@ -1,0 +1,105 @@
+"""Calibration: thresholds from the collection's own score distribution (mixture fit, fallbacks)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from data.errors import InvalidInput
+from query.calibrate import calibrate, concept_scores, fit_gmm2, reference_threshold
+
+
+@pytest.mark.parametrize("w", [0.02, 0.1, 0.3, 0.6])
+def test_threshold_between_modes(w):
+    rng = np.random.default_rng(0)
+    n = 20000
+    k = int(n * w)
+    s = np.r_[rng.normal(0.1, 0.03, n - k), rng.normal(0.35, 0.04, k)]
+    c = calibrate(s)
+    assert c.method == "gmm"
+    assert 0.17 < c.threshold < 0.28
+    assert c.prevalence == pytest.approx(w, abs=0.01)
+    assert c.scale == pytest.approx(0.03, rel=0.1)
+    truth = np.r_[np.zeros(n - k, bool), np.ones(k, bool)]
+    pred, ref = s >= c.threshold, s >= reference_threshold(s)
+    f1 = lambda p: 2 * (p & truth).sum() / (p.sum() + truth.sum())  # noqa: E731
+    assert f1(pred) > 0.98 and f1(pred) >= f1(ref)
+
+
+def test_unequal_variances_crossing_is_where_posteriors_meet():
+    rng = np.random.default_rng(1)
+    s = np.r_[rng.normal(0.0, 0.05, 9000), rng.normal(0.5, 0.15, 1000)]
+    c = calibrate(s)
+    p = c.params
+    t = c.threshold
+    from query.calibrate import _norm_logpdf
+
+    a = np.log(p["weights"][0]) + _norm_logpdf(t, p["means"][0], p["stds"][0])
+    b = np.log(p["weights"][1]) + _norm_logpdf(t, p["means"][1], p["stds"][1])
+    assert abs(a - b) < 0.05
+    assert p["means"][0] < t < p["means"][1]
+
+
+def test_degenerate_unimodal_uses_tail():
+    rng = np.random.default_rng(2)
+    s = rng.normal(0.2, 0.05, 10000)  # absent everywhere (or present everywhere): one population
+    c = calibrate(s)
+    assert c.method == "tail"
+    assert c.prevalence < 0.01
+    assert c.threshold > 0.2 + 3 * 0.05
+
+
+def test_constant_and_tiny_inputs():
+    c = calibrate(np.full(100, 0.3, np.float32))
+    assert c.method == "constant" and c.prevalence == 0 and c.threshold > 0.3
+    assert calibrate([0.1]).prevalence == 0
+    assert calibrate([0.1, 0.9]).threshold is not None
+    with pytest.raises(InvalidInput):
+        calibrate([])
+    with pytest.raises(InvalidInput):
+        calibrate([np.nan, np.inf])
+
+
+def test_deterministic_and_order_free():
+    rng = np.random.default_rng(3)
+    s = np.r_[rng.normal(0.1, 0.03, 5000), rng.normal(0.3, 0.04, 500)]
+    a, b = calibrate(s), calibrate(rng.permutation(s))
+    assert a.threshold == b.threshold and a.to_dict() == b.to_dict()
+
+
+def test_prevalence_at_and_override():
+    rng = np.random.default_rng(4)
+    s = np.r_[rng.normal(0.1, 0.03, 5000), rng.normal(0.3, 0.04, 5000)]
+    c = calibrate(s)
+    assert c.prevalence_at(-1) == 1.0 and c.prevalence_at(2) == 0.0
+    assert c.prevalence_at(0.2) == pytest.approx((s >= 0.2).mean(), abs=0.01)
+    o = c.with_threshold(0.35)
+    assert o.method == "override" and o.threshold == 0.35 and o.prevalence == pytest.approx((s >= 0.35).mean(), abs=0.01)
+
+
+def test_gmm_recovers_parameters():
+    rng = np.random.default_rng(5)
+    s = np.r_[rng.normal(-0.2, 0.05, 6000), rng.normal(0.4, 0.1, 4000)]
+    p = fit_gmm2(s)
+    np.testing.assert_allclose(p["weights"], [0.6, 0.4], atol=0.01)
+    np.testing.assert_allclose(p["means"], [-0.2, 0.4], atol=0.01)
+    np.testing.assert_allclose(p["stds"], [0.05, 0.1], atol=0.01)
+
+
+def test_concept_scores_blockwise():
+    rng = np.random.default_rng(6)
+    V = rng.normal(size=(1000, 8)).astype(np.float32)
+    T = rng.normal(size=(3, 8)).astype(np.float32)
+    np.testing.assert_allclose(concept_scores(V, T, block=97), V @ T.T, rtol=1e-5, atol=1e-5)
+    rows = np.array([3, 10, 999])
+    np.testing.assert_allclose(concept_scores(V, T[0], rows=rows), V[rows] @ T[:1].T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidInput):
+        concept_scores(V, np.ones((1, 5)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1, 1, allow_nan=False), min_size=1, max_size=300))
+def test_never_crashes(xs):
+    c = calibrate(xs)
+    assert np.isfinite(c.threshold) and 0 <= c.prevalence <= 1 and c.method in ("gmm", "tail", "constant")

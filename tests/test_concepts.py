@@ -1,0 +1,101 @@
+"""Concept vectors: prompt ensemble, world templates, caches, lazy torch import."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data.errors import InvalidInput
+from data.world import vocab
+from query.concepts import (DEFAULT_TEMPLATES, ConceptBank, clear_banks, concept_bank_for, templates_for)
+
+TINY = "python:tests.tiny_encoders:tiny_clip"
+
+
+def test_world_templates_use_known_words():
+    tpl = templates_for("world:clip")
+    assert tpl and all(t.count("{}") == 1 for t in tpl)
+    for t in tpl:
+        vocab.words_of(t.replace("{}", "red circle"))  # raises UnknownChoice on a word the tower lacks
+    assert templates_for("open_clip:ViT-B-32/openai") == list(DEFAULT_TEMPLATES)
+    assert "a photo of a {}." in templates_for("open_clip:ViT-B-32/openai")
+
+
+def test_prompt_ensemble_matches_manual():
+    from indexer.encoders import make_encoder
+
+    bank = ConceptBank(TINY, templates=["a photo of a {}", "{}", "a {} thing"])
+    v = bank.vector("red dog")
+    enc = make_encoder(TINY)
+    e = enc.encode_texts(["a photo of a red dog", "red dog", "a red dog thing"]).astype(np.float64)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    m = e.mean(0)
+    m /= np.linalg.norm(m)
+    np.testing.assert_allclose(v, m, atol=1e-5)
+    assert v.dtype == np.float32 and abs(np.linalg.norm(v) - 1) < 1e-5
+    both = bank.vectors(["red dog", "cat"])
+    assert both.shape == (2, 16)
+    np.testing.assert_array_equal(both[0], v)
+
+
+def test_disk_cache_roundtrip(tmp_path):
+    b1 = ConceptBank(TINY, cache_dir=tmp_path)
+    v = b1.vector("sunset")
+    files = list((tmp_path / "concepts").rglob("*.npy"))
+    assert len(files) == 1
+
+    class Boom:
+        dim = 16
+
+        def encode_texts(self, texts):
+            raise AssertionError("cache miss")
+
+    b2 = ConceptBank(TINY, cache_dir=tmp_path, encoder=Boom())
+    np.testing.assert_array_equal(b2.vector("sunset"), v)
+    # other templates -> other cache key -> encoder needed
+    b3 = ConceptBank(TINY, templates=["{}"], cache_dir=tmp_path, encoder=Boom())
+    with pytest.raises(AssertionError):
+        b3.vector("sunset")
+
+
+def test_unwritable_cache_dir_is_ignored(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        v = ConceptBank(TINY, cache_dir=ro).vector("sea")
+        assert v.shape == (16,)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_bad_inputs():
+    with pytest.raises(InvalidInput):
+        ConceptBank(TINY, templates=["no placeholder"])
+    with pytest.raises(InvalidInput):
+        ConceptBank(TINY, templates=[])
+    with pytest.raises(InvalidInput):
+        ConceptBank(TINY).vectors([""])
+    with pytest.raises(InvalidInput):
+        ConceptBank(TINY).put("x", np.zeros(16))
+
+
+def test_bank_memoised_per_store_and_clip(tmp_path):
+    clear_banks()
+
+    class Snap:
+        def __init__(self, root, clip):
+            self.root, self.clip = root, clip
+
+    a = concept_bank_for(Snap(tmp_path, TINY))
+    assert concept_bank_for(Snap(tmp_path, TINY)) is a
+    assert concept_bank_for(Snap(tmp_path / "other", TINY)) is not a
+    assert concept_bank_for(Snap(tmp_path, TINY + "?dim=8")) is not a
+
+
+def test_query_imports_without_torch():
+    code = ("import sys, query, query.concepts, query.calibrate, query.engine, query.parse; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

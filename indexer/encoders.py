@@ -248,7 +248,15 @@ def make_encoder(spec: str | EncoderSpec, **overrides) -> Encoder:
         kw["device"] = runtime["device"]
     if "threads" in runtime:
         kw["threads"] = int(runtime["threads"])
-    enc = _SOURCES[parsed.source](parsed, kw)
+    if w == "random":
+        # random init is seeded, so every process (decode workers, Ray actors, reruns) builds the same model
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            enc = _SOURCES[parsed.source](parsed, kw)
+    else:
+        enc = _SOURCES[parsed.source](parsed, kw)
     enc.spec = parsed.identity
     return enc
 

@@ -67,7 +67,7 @@ def align(
 
 
 def index(
-    folder: Path = typer.Argument(..., help="Folder of images (walked recursively)."),
+    folder: Path = typer.Argument(..., help="Folder of images (walked recursively), or a .parquet list (--engine ray)."),
     store: Path = typer.Option(..., "--store", "-s", help="Store directory (created if missing)."),
     encoder: str = typer.Option(..., "--encoder", "-e", help="Encoder spec, e.g. world:pairnet or timm:resnet50."),
     aligner: Optional[Path] = typer.Option(None, "--aligner", help="Aligner file from `t2c align`."),
@@ -81,17 +81,32 @@ def index(
     max_pixels: int = typer.Option(89_478_485, "--max-pixels", min=1, help="Decompression-bomb limit."),
     memory_budget_mb: Optional[int] = typer.Option(None, "--memory-budget-mb", min=1, help="FAISS index budget."),
     part_size: int = typer.Option(256, "--part-size", min=1, hidden=True, help="Images per resumable part."),
+    engine: str = typer.Option("local", "--engine", help="local, or ray (Ray Data stages; folder or parquet list)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start locally)."),
+    column: str = typer.Option("path", "--column", help="Path column of a parquet list (--engine ray)."),
+    actors: int = typer.Option(1, "--actors", min=1, help="Encoder actors (--engine ray)."),
+    gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", min=0.0, help="GPUs per encoder actor (--engine ray)."),
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Index a folder into a store: resumable after a kill, incremental on rerun."""
-    from indexer.pipeline import index_folder
+    from data.errors import UnknownChoice
 
-    rep = index_folder(folder, store, encoder, aligner=str(aligner) if aligner else None, fit_aligner=fit_aligner,
-                       clip=clip, follow_symlinks=follow_symlinks, workers=workers, batch_size=batch_size,
-                       device=device, threads=threads, max_pixels=max_pixels,
-                       memory_budget=memory_budget_mb << 20 if memory_budget_mb else None,
-                       progress=not (quiet or as_json), part_size=part_size)
+    common = dict(aligner=str(aligner) if aligner else None, fit_aligner=fit_aligner, clip=clip,
+                  follow_symlinks=follow_symlinks, batch_size=batch_size, device=device, threads=threads,
+                  max_pixels=max_pixels, memory_budget=memory_budget_mb << 20 if memory_budget_mb else None,
+                  progress=not (quiet or as_json), part_size=part_size)
+    if engine == "local":
+        from indexer.pipeline import index_folder
+
+        rep = index_folder(folder, store, encoder, workers=workers, **common)
+    elif engine == "ray":
+        from indexer.ray_engine import index_folder_ray
+
+        rep = index_folder_ray(folder, store, encoder, address=address, column=column, encoder_actors=actors,
+                               gpus_per_actor=gpus_per_actor, **common)
+    else:
+        raise UnknownChoice("engine", engine, ["local", "ray"])
     if as_json:
         _echo_json(rep.to_dict())
         return

@@ -1,0 +1,372 @@
+"""The Ray engine: the index pipeline (read → decode → encode → align → write) as Ray Data stages.
+
+The run is planned exactly like the local pipeline (``indexer.pipeline.plan_run``: same ids, same run id,
+same staging parts), so a store built here equals one built with ``index_folder``, and a run killed under
+either engine resumes under either. Stages:
+
+1. work items: one row per planned file (``idx`` = position in the plan, ``path``), in blocks;
+2. decode: ``map_batches`` CPU tasks (``data.images.decode_for`` + ``indexer.preprocess.preprocess_image``);
+   failures come back as rows with a reason, never as exceptions;
+3. encode: ``map_batches`` with a callable class holding the encoder (an actor pool, ``concurrency`` actors,
+   CPUs or GPUs per actor);
+4. write: the driver consumes the stream and, as soon as every image of a part has come back, writes that
+   part (``staging/part-XXXXXX.npz`` + ``.json``) atomically. Raw features are small (dim × 4 bytes an
+   image), so the store needs no shared file system; only the images must be readable by the workers.
+
+Finished parts are skipped by a rerun (``part = idx // part_size``), then the parts are committed through
+``StoreWriter.commit`` with ``build_index`` (Flat / IVF-Flat / IVF-PQ by memory budget, nprobe tuned to a
+recall target, recall written to the manifest).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data.errors import AlignerError, InvalidInput, NotFound, StoreError
+from data.store import StoreWriter, atomic_save_npz, atomic_write_bytes
+from indexer.pipeline import (DEFAULT_MAX_PIXELS, PART_SIZE, IndexReport, Plan, _bar, _clear_staging, _collect,
+                              _new_skips, _prepare_staging, _run_id, _store_aligner, plan_run, resolve_aligner)
+
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray set-up
+# ------------------------------------------------------------------------------------------------
+def default_runtime_env() -> dict:
+    """Runtime env that lets workers import this project (and ``python:`` encoders next to it) on one machine."""
+    paths = [PROJECT_ROOT, os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    seen: list[str] = []
+    for p in paths:
+        if p not in seen:
+            seen.append(p)
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(seen)}}
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, runtime_env: dict | None = None) -> bool:
+    """Connect to Ray (an existing session, ``address``, or a new local one); True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kw = {"include_dashboard": False, "runtime_env": runtime_env or default_runtime_env(),
+          "log_to_driver": False, "configure_logging": False}
+    if address:
+        kw["address"] = address
+    elif num_cpus:
+        kw["num_cpus"] = int(num_cpus)
+    ray.init(**kw)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# stages (module-level so Ray can ship them by reference)
+# ------------------------------------------------------------------------------------------------
+def decode_batch(batch: dict, cfg: dict) -> dict:
+    """Decode + preprocess a batch of paths; failures become rows with ``ok=False`` and a reason."""
+    from functools import partial
+
+    from data.errors import ImageDecodeError
+    from data.images import decode_for
+    from indexer.preprocess import preprocess_image
+
+    s = int(cfg["image_size"])
+    prep = partial(preprocess_image, cfg=cfg)
+    n = len(batch["idx"])
+    arr = np.zeros((n, 3, s, s), np.float32)
+    ok = np.zeros(n, bool)
+    width = np.zeros(n, np.int64)
+    height = np.zeros(n, np.int64)
+    chash, reason, message = [""] * n, [""] * n, [""] * n
+    for j, path in enumerate(batch["path"]):
+        try:
+            a, meta = decode_for(str(path), prep, int(cfg["max_pixels"]), draft=s, with_hash=True)
+            arr[j] = a
+            ok[j] = True
+            width[j], height[j], chash[j] = int(meta["width"]), int(meta["height"]), meta["content_hash"]
+        except ImageDecodeError as e:
+            reason[j], message[j] = e.reason, e.message
+        except Exception as e:  # noqa: BLE001 - any failure is recorded for the file, the run goes on
+            reason[j], message[j] = "decode_failed", f"{type(e).__name__}: {e}"
+    return {"idx": np.asarray(batch["idx"], np.int64), "ok": ok, "arr": arr, "width": width, "height": height,
+            "content_hash": np.array(chash, object), "reason": np.array(reason, object),
+            "message": np.array(message, object)}
+
+
+class EncodeActor:
+    """Callable class for ``map_batches``: holds one encoder, turns decoded arrays into raw features."""
+
+    def __init__(self, spec: str, batch_size: int = 32, device: str | None = None, threads: int | None = None):
+        from indexer.encoders import make_encoder
+
+        self.encoder = make_encoder(spec, batch_size=batch_size, device=device, threads=threads)
+
+    def __call__(self, batch: dict) -> dict:
+        ok = np.asarray(batch["ok"], bool)
+        feats = np.zeros((len(ok), self.encoder.dim), np.float32)
+        if ok.any():
+            feats[ok] = self.encoder.encode_images(np.ascontiguousarray(batch["arr"][ok], np.float32))
+        out = {k: v for k, v in batch.items() if k != "arr"}
+        out["feats"] = feats
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# planning for parquet path lists
+# ------------------------------------------------------------------------------------------------
+def plan_paths(writer: StoreWriter, walk) -> Plan:
+    """Plan a run over an explicit list of files (``data.sources.stat_paths``): new and changed files only.
+
+    A list never removes images (a file missing from one list may come from another list or folder);
+    listed paths that do not exist are recorded as errors.
+    """
+    known = writer.known_files()
+    known_err = writer.known_errors()
+    next_id = writer.next_id()
+    todo, unchanged = [], 0
+    for f in walk.files:
+        k = known.get(f.path)
+        if k is not None and k["size"] == f.size and k["mtime_ns"] == f.mtime_ns:
+            unchanged += 1
+            continue
+        e = known_err.get(f.path)
+        if e is not None and e["size"] == f.size and e["mtime_ns"] == f.mtime_ns:
+            unchanged += 1
+            continue
+        if k is not None:
+            todo.append({"id": k["id"], "path": f.path, "relpath": f.relpath, "size": f.size,
+                         "mtime_ns": f.mtime_ns, "kind": "changed"})
+        else:
+            todo.append({"id": next_id, "path": f.path, "relpath": f.relpath, "size": f.size,
+                         "mtime_ns": f.mtime_ns, "kind": "new"})
+            next_id += 1
+    return Plan(todo, [], [], list(walk.skipped), unchanged, next_id)
+
+
+def _resolve_source(source, column: str, base, follow_symlinks: bool, writer: StoreWriter):
+    """(plan, root label) for a folder or a parquet list of paths."""
+    p = Path(source).expanduser()
+    if p.is_file() and p.suffix.lower() in (".parquet", ".pq"):
+        from data.sources import read_path_list, stat_paths
+
+        paths = read_path_list(p, column)
+        walk = stat_paths(paths, base=base if base is not None else p.resolve().parent)
+        return plan_paths(writer, walk), str(p.resolve())
+    return plan_run(writer, p.resolve(), follow_symlinks=follow_symlinks), str(p.resolve())
+
+
+def _check_source(source) -> Path:
+    p = Path(source).expanduser()
+    if not p.exists():
+        raise NotFound(f"{str(p)!r} does not exist", "give a folder of images or a parquet list of paths")
+    if p.is_file() and p.suffix.lower() not in (".parquet", ".pq"):
+        raise InvalidInput(f"{str(p)!r} is neither a folder nor a .parquet list of paths",
+                           "give a folder, or a parquet file with a 'path' column (--column to choose)")
+    return p.resolve()
+
+
+# ------------------------------------------------------------------------------------------------
+# the write stage
+# ------------------------------------------------------------------------------------------------
+def write_part(writer: StoreWriter, i: int, items: list, results: list, dim: int, user_columns: dict) -> None:
+    """Write one finished part to staging atomically, in the local pipeline's exact format."""
+    feats, rows, errors = [], [], []
+    for item, r in zip(items, results):
+        if r["ok"]:
+            row = {"id": item["id"], "path": item["path"], "relpath": item["relpath"],
+                   "content_hash": r["content_hash"], "size": item["size"], "width": int(r["width"]),
+                   "height": int(r["height"]), "mtime_ns": item["mtime_ns"], "_kind": item["kind"]}
+            row.update(user_columns.get(item["relpath"], {}))
+            rows.append(row)
+            feats.append(r["feats"])
+        else:
+            errors.append({"path": item["path"], "reason": r["reason"], "message": r["message"],
+                           "size": item["size"], "mtime_ns": item["mtime_ns"], "id": item["id"],
+                           "_kind": item["kind"]})
+    f = np.stack(feats).astype(np.float32) if feats else np.zeros((0, dim), np.float32)
+    ids = np.array([r["id"] for r in rows], np.int64)
+    atomic_save_npz(writer.staging / f"part-{i:06d}.npz", ids=ids, feats=f)
+    atomic_write_bytes(writer.staging / f"part-{i:06d}.json",
+                       json.dumps({"rows": rows, "errors": errors}, default=str).encode())
+
+
+def _run_stages(writer, plan, pending, part_size, encoder_spec, cfg, dim, *, batch_size, device, threads,
+                encoder_actors, cpus_per_actor, gpus_per_actor, decode_batch_size, decode_cpus, user_columns,
+                bar) -> int:
+    """Run decode → encode on Ray for the pending parts and write each part as it completes."""
+    import pyarrow as pa
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    idx = np.concatenate([np.arange(p * part_size, min((p + 1) * part_size, len(plan.todo))) for p in pending])
+    paths = [plan.todo[i]["path"] for i in idx]
+    n = len(idx)
+    block = max(decode_batch_size, min(part_size, -(-n // 64)))
+    tables = [pa.table({"idx": pa.array(idx[s : s + block], pa.int64()), "path": pa.array(paths[s : s + block])})
+              for s in range(0, n, block)]
+    ds = ray.data.from_arrow(tables)
+    # a memory request of its own (decoded batch, twice, plus slack) also keeps Ray from fusing decoding into the
+    # encoder actors, so decode tasks scale out on their own CPUs while the actors only encode.
+    s = int(cfg["image_size"])
+    decode_mem = decode_batch_size * 3 * s * s * 4 * 2 + (64 << 20)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg}, batch_size=decode_batch_size, batch_format="numpy",
+                        num_cpus=decode_cpus, memory=decode_mem)
+    act_threads = threads or max(1, int(cpus_per_actor))
+    ds = ds.map_batches(EncodeActor, fn_constructor_kwargs={"spec": encoder_spec, "batch_size": batch_size,
+                                                            "device": device, "threads": act_threads},
+                        batch_size=batch_size, batch_format="numpy", concurrency=encoder_actors,
+                        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
+    buf: dict[int, dict[int, dict]] = {}
+    written = 0
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for j in range(len(b["idx"])):
+            gi = int(b["idx"][j])
+            p = gi // part_size
+            buf.setdefault(p, {})[gi] = {"ok": bool(b["ok"][j]), "feats": b["feats"][j],
+                                         "width": b["width"][j], "height": b["height"][j],
+                                         "content_hash": str(b["content_hash"][j]), "reason": str(b["reason"][j]),
+                                         "message": str(b["message"][j])}
+            lo, hi = p * part_size, min((p + 1) * part_size, len(plan.todo))
+            if len(buf[p]) == hi - lo:
+                got = buf.pop(p)
+                write_part(writer, p, plan.todo[lo:hi], [got[k] for k in range(lo, hi)], dim, user_columns)
+                written += hi - lo
+                bar.update(hi - lo)
+    if buf:
+        raise StoreError(f"the Ray pipeline lost images of parts {sorted(buf)[:5]}",
+                         "re-run the same command: finished parts are kept")
+    return written
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+def index_folder_ray(source, store, encoder_spec: str, *, address: str | None = None, num_cpus: int | None = None,
+                     aligner=None, fit_aligner: int | None = None, clip: str | None = None,
+                     follow_symlinks: bool = False, column: str = "path", base=None,
+                     part_size: int = PART_SIZE, batch_size: int = 32, encoder_actors: int = 1,
+                     cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, decode_batch_size: int = 16,
+                     decode_cpus: float = 1.0, device: str | None = None, threads: int | None = None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS, memory_budget: int | None = None,
+                     user_columns: dict | None = None, runtime_env: dict | None = None, fit_workers: int = 0,
+                     progress: bool = False) -> IndexReport:
+    """Index a folder (or a parquet list of paths) into a store with Ray Data; same store as ``index_folder``.
+
+    Args:
+        source: folder of images, or a ``.parquet`` file whose ``column`` holds paths (relative paths are
+            taken against ``base``, default the parquet file's folder). Lists add/update, never remove.
+        store: store directory (created if missing; must be readable/writable by the driver only).
+        encoder_spec: encoder spec string (importable on every Ray worker).
+        address: Ray cluster address (``auto``, ``ray://host:10001``); default: the running session or a new
+            local one with ``num_cpus`` CPUs.
+        aligner / fit_aligner / clip: as in ``index_folder`` (fitting runs on the driver, ``fit_workers``).
+        part_size: images per staged, resumable part. batch_size: encoder batch.
+        encoder_actors / cpus_per_actor / gpus_per_actor: the encoder actor pool.
+        decode_batch_size / decode_cpus: decode task batching and CPUs per decode task.
+        memory_budget: bytes for the FAISS index (chooses Flat / IVF-Flat / IVF-PQ).
+        runtime_env: Ray runtime env (default: PYTHONPATH with this project, for local clusters).
+
+    Returns:
+        An :class:`indexer.pipeline.IndexReport`.
+
+    Raises:
+        NotFound / InvalidInput: bad source; StoreError: store locked, damaged or of another encoder;
+        AlignerError: no usable aligner.
+
+    Example:
+        >>> index_folder_ray("photos/", "photos.t2c", "world:pairnet", num_cpus=8, encoder_actors=2)  # doctest: +SKIP
+    """
+    from indexer.encoders import make_encoder, parse_spec
+    from indexer.index_build import DEFAULT_BUDGET, build_index
+
+    t0 = time.perf_counter()
+    src = _check_source(source)
+    store = Path(store).expanduser().resolve()
+    if src.is_dir() and (store == src or src in store.parents):
+        raise InvalidInput("the store must not live inside the folder being indexed", "put --store elsewhere")
+    if int(part_size) < 1 or int(encoder_actors) < 1:
+        raise InvalidInput("part_size and encoder_actors must be at least 1")
+    spec = parse_spec(encoder_spec)
+    with StoreWriter(store) as writer:
+        cur = writer.current
+        if cur is not None and cur.manifest["encoder"] != spec.identity:
+            raise StoreError(f"store {str(store)!r} was built with encoder {cur.manifest['encoder']!r}, "
+                             f"not {spec.identity!r}", "use a new --store for another encoder")
+        plan, root_label = _resolve_source(src, column, base, follow_symlinks, writer)
+        report = IndexReport(store=str(store), unchanged=plan.unchanged)
+        if not plan.todo and not plan.removed_ids and not plan.cleared_error_paths and cur is not None \
+                and not _new_skips(writer, plan):
+            _clear_staging(writer)
+            report.seconds = time.perf_counter() - t0
+            report.snapshot = cur.name
+            return report
+        encoder = make_encoder(spec, batch_size=batch_size, device=device, threads=threads)
+        al = resolve_aligner(writer, encoder, aligner_path=aligner, fit_n=fit_aligner, clip=clip,
+                             sample_paths=[t["path"] for t in plan.todo], workers=fit_workers, progress=progress,
+                             max_pixels=max_pixels, device=device, threads=threads)
+        if al.W.shape[0] != encoder.dim:
+            raise AlignerError(f"aligner expects {al.W.shape[0]}-d features, encoder gives {encoder.dim}")
+        if cur is not None and cur.manifest.get("aligner", {}).get("digest") not in (None, al.digest):
+            raise StoreError("this store was projected with another aligner",
+                             "use `t2c realign STORE --aligner FILE` to change it, then index")
+        settings = {"encoder": encoder.spec, "aligner": al.digest, "max_pixels": max_pixels, "part": int(part_size)}
+        run_id = _run_id(settings, plan)
+        done = _prepare_staging(writer, run_id, settings)
+        report.resumed_parts = len(done)
+        parts = [plan.todo[i : i + part_size] for i in range(0, len(plan.todo), part_size)]
+        pending = [i for i in range(len(parts)) if i not in done]
+        cfg = dict(encoder.preprocess_config(), max_pixels=max_pixels)
+        bar = _bar(len(plan.todo), "index (ray)", progress)
+        bar.update(sum(len(parts[i]) for i in done if i < len(parts)))
+        processed, enc_seconds = 0, 0.0
+        try:
+            if pending:
+                started = ensure_ray(address, num_cpus, runtime_env)
+                try:
+                    t_enc = time.perf_counter()
+                    processed = _run_stages(
+                        writer, plan, pending, int(part_size), encoder_spec, cfg, encoder.dim,
+                        batch_size=batch_size, device=device, threads=threads, encoder_actors=int(encoder_actors),
+                        cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+                        decode_batch_size=int(decode_batch_size), decode_cpus=decode_cpus,
+                        user_columns=user_columns or {}, bar=bar)
+                    enc_seconds = time.perf_counter() - t_enc
+                finally:
+                    if started:
+                        import ray
+
+                        ray.shutdown()
+        finally:
+            bar.close()
+        changes = _collect(writer, run_id, parts, plan, settings)
+        changes.run["settings"] = dict(settings, engine="ray")
+        fields = {
+            "encoder": encoder.spec, "clip": al.meta.get("clip", encoder.spec), "dim": al.W.shape[1],
+            "feature_dim": encoder.dim,
+            "aligner": {"digest": al.digest, "r2_heldout": al.r2_heldout, "identity": al.is_identity,
+                        "file": None if al.is_identity else _store_aligner(writer, al),
+                        "n_images": al.meta.get("n_images")},
+            "roots": sorted(set((cur.manifest.get("roots", []) if cur else []) + [root_label])),
+        }
+        budget = memory_budget or DEFAULT_BUDGET
+        snap = writer.commit(changes, manifest_fields=fields, vectors_for=lambda ids, feats: al.apply(feats),
+                             build_index=lambda v, i: build_index(v, i, memory_budget=budget),
+                             next_id=plan.next_id,
+                             extra_files=[fields["aligner"]["file"]] if not al.is_identity else [])
+        _clear_staging(writer)
+        report.added = changes.run["added"]
+        report.updated = changes.run["updated"]
+        report.removed = len(plan.removed_ids)
+        report.errors = len(changes.errors)
+        for e in changes.errors:
+            report.error_reasons[e["reason"]] = report.error_reasons.get(e["reason"], 0) + 1
+        report.aligner_r2 = None if al.is_identity else al.r2_heldout
+        report.snapshot = snap.name
+        report.seconds = time.perf_counter() - t0
+        report.images_per_second = processed / enc_seconds if enc_seconds > 0 and processed else 0.0
+        return report

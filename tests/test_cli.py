@@ -1,0 +1,68 @@
+"""The `t2c` CLI edge: typed errors become a message and exit code 2; commands work end to end."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from service.cli import main
+from tests.test_pipeline import CLIP, CNN, REPO, make_images
+
+
+def t2c(*args):
+    """Run the real console entry point in a subprocess; returns (code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "service.cli", *map(str, args)], cwd=REPO, capture_output=True,
+                       text=True, env={"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin"}, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_encoders_json_lists_world_models_and_sources():
+    code, out, _ = t2c("encoders", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    specs = {r["spec"] for r in rows}
+    assert "world:clip" in specs and "timm:NAME" in specs and "open_clip:NAME" in specs
+    clip = next(r for r in rows if r["spec"] == "world:clip")
+    assert clip["has_text"] is True and clip["dim"] > 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["index", "/nonexistent/folder", "--store", "/tmp/x", "-e", "world:clip"], "does not exist"),
+    (["index", REPO + "/README.md", "--store", "/tmp/x", "-e", "world:clip"], "not a folder"),
+    (["info", "/nonexistent/store"], "does not exist"),
+    (["align", "-e", "nosuch:thing", "--images", REPO, "--out", "/tmp/a.safetensors"], "valid encoder sources"),
+    (["query", "/nonexistent/store", "red"], "does not exist"),
+])
+def test_bad_input_gives_message_and_exit_2(args, needle):
+    code, out, err = t2c(*args)
+    assert code == 2, (out, err)
+    assert needle in err and "Traceback" not in err
+
+
+def test_index_info_query_realign_cycle(tmp_path):
+    make_images(tmp_path / "imgs", 40)
+    code, out, err = t2c("index", tmp_path / "imgs", "--store", tmp_path / "st", "-e", CNN, "--fit-aligner", 40,
+                         "--clip", CLIP, "--workers", 0, "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["added"] == 40 and rep["aligner_r2"] is not None
+    code, out, _ = t2c("info", tmp_path / "st", "--json")
+    info = json.loads(out)
+    assert info["counts"]["images"] == 40 and info["encoder"].startswith("python:tests.tiny_encoders:tiny_cnn")
+    code, out, err = t2c("query", tmp_path / "st", "red@-1", "-k", 5, "--json")
+    assert code == 0, err
+    hits = json.loads(out)
+    assert len(hits) == 5 and {"id", "path", "score"} <= set(hits[0])
+    code, out, err = t2c("align", "-e", CNN, "--clip", CLIP, "--images", tmp_path / "imgs", "--max-images", 30,
+                         "--out", tmp_path / "al.safetensors", "--json")
+    assert code == 0, err
+    assert json.loads(out)["n_train"] + json.loads(out)["n_heldout"] == 30
+    code, out, err = t2c("realign", tmp_path / "st", "--aligner", tmp_path / "al.safetensors")
+    assert code == 0 and "re-projected 40 images" in out, err
+
+
+def test_main_translates_errors_in_process(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["info", "/nonexistent/store"])
+    assert ei.value.code == 2
+    assert "hint:" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""Index building: type chosen by size and budget, recall against exact search measured and reached."""
+import numpy as np
+import pytest
+
+from data.errors import InvalidInput
+from indexer.index_build import build_index, choose_index_type, exact_topk, set_search_params
+
+
+def _clustered(n=20000, d=32, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(64, d))
+    v = centres[rng.integers(0, 64, n)] + 0.5 * rng.normal(size=(n, d))
+    v = v.astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_choice_by_size_and_budget():
+    assert choose_index_type(1000, 512)["type"] == "flat"
+    assert choose_index_type(1_000_000, 512)["type"] == "ivf_flat"
+    pq = choose_index_type(10_000_000, 512, memory_budget=640_000_000)
+    assert pq["type"] == "ivf_pq" and pq["factory"].endswith(f"PQ{pq['m']}np") and 512 % pq["m"] == 0
+
+
+def test_exact_topk_matches_argsort():
+    v = _clustered(3000)
+    q = v[:7]
+    want = np.argsort(-(q @ v.T), axis=1)[:, :5]
+    np.testing.assert_array_equal(exact_topk(v, q, 5, block=700), want)
+
+
+@pytest.mark.parametrize("budget", [None, 20000 * 8])
+def test_approximate_indices_reach_target_recall(budget):
+    v = _clustered()
+    ids = np.arange(100, 100 + len(v), dtype=np.int64) * 3  # ids are catalog ids, not row numbers
+    kw = {"memory_budget": budget} if budget else {}
+    index, info = build_index(v, ids, exact_max=1000, **kw)
+    assert info["type"] == ("ivf_pq" if budget else "ivf_flat")
+    assert info["recall_at_10"] >= 0.95 and info["nprobe"] >= 1
+    set_search_params(index, info)
+    _, got = index.search(v[:5], 1)
+    assert set(got[:, 0]) <= set(ids)
+
+
+def test_flat_index_is_exact_and_keyed_by_ids():
+    v = _clustered(500)
+    ids = np.arange(500, dtype=np.int64) + 1000
+    index, info = build_index(v, ids)
+    assert info["type"] == "flat" and info["recall_at_10"] == 1.0
+    _, got = index.search(v[:3], 1)
+    assert list(got[:, 0]) == [1000, 1001, 1002]
+
+
+def test_mismatched_shapes():
+    with pytest.raises(InvalidInput):
+        build_index(np.zeros((3, 4), np.float32), np.arange(2))

@@ -5,8 +5,9 @@ and a smaller "present" component. We fit a two-component 1-D Gaussian mixture b
 start (the Otsu split of a 256-bin histogram) and put the threshold where the two posteriors cross
 (between the two means). The fit is accepted when both components carry weight (at least
 ``max(5/n, 0.001)``) and are separated (Ashman's D = |m1 - m2| / sqrt((s1² + s2²) / 2) >= ``MIN_SEPARATION``).
-Otherwise the distribution is treated as one population (the concept is absent everywhere, or present
-everywhere — the two cannot be told apart from scores alone) and a robust upper-tail rule applies:
+When the fit overlaps (separation >= ``WEAK_SEPARATION``, both weights >= 5%, and two components beat
+one Gaussian by ``BIC_MARGIN``) the two groups are still split, at Otsu's threshold (method "otsu", a weak-confidence flag). Otherwise the distribution is treated
+as one population (the concept is absent everywhere, or present everywhere — the two cannot be told apart from scores alone) and a robust upper-tail rule applies:
 ``median + TAIL_K · 1.4826 · MAD``, so only clear outliers count as present. Constant scores give a
 threshold just above the constant (nothing present).
 
@@ -35,6 +36,8 @@ __all__ = ["Calibration", "calibrate", "reference_threshold", "concept_scores", 
 CALIBRATION_SAMPLE = 200_000  # rows scored for calibration (evenly strided beyond this)
 EM_POINTS = 50_000  # points the mixture is fitted on (evenly spaced order statistics beyond this)
 MIN_SEPARATION = 2.0  # Ashman's D needed to accept the two-component fit
+WEAK_SEPARATION = 0.9  # below MIN_SEPARATION but above this (and both weights >= 5%): Otsu split ...
+BIC_MARGIN = 10.0  # ... when two components beat one by this much BIC (a plain normal sample does not)
 TAIL_K = 4.0  # robust sigmas above the median for the one-population fallback
 _SORTED_KEEP = 4096  # order statistics kept to estimate prevalence at any threshold
 
@@ -45,7 +48,8 @@ class Calibration:
 
     Attributes:
         threshold: cosine score above which (>=) the concept counts as present.
-        method: "gmm" (two-component mixture, posteriors cross), "tail" (one population, robust upper tail),
+        method: "gmm" (two-component mixture, posteriors cross), "otsu" (overlapping groups, Otsu split),
+            "tail" (one population, robust upper tail),
             "constant" (all scores equal) or "override" (given by the query).
         prevalence: fraction of the calibration scores at or above the threshold.
         scale: spread of the "absent" scores (mixture std, or robust sigma); margins divide by it.
@@ -85,6 +89,20 @@ def reference_threshold(scores, k: float = 1.0) -> float:
     if not len(x):
         raise InvalidInput("no scores to threshold")
     return float(x.mean() + k * x.std())
+
+
+def _bic_gain(x: np.ndarray, p: dict) -> float:
+    """BIC(one Gaussian) - BIC(the two-component fit ``p``) on sample ``x``: > 0 favours two components."""
+    x = _order_stats(x, EM_POINTS)
+    n = len(x)
+    mu, sd = float(x.mean()), max(float(x.std()), 1e-12)
+    ll1 = float(np.sum(-0.5 * ((x - mu) / sd) ** 2 - np.log(sd * np.sqrt(2 * np.pi))))
+    dens = np.zeros(n)
+    for w, m, s in zip(p["weights"], p["means"], p["stds"]):
+        s = max(float(s), 1e-12)
+        dens += w * np.exp(-0.5 * ((x - m) / s) ** 2) / (s * np.sqrt(2 * np.pi))
+    ll2 = float(np.sum(np.log(np.maximum(dens, 1e-300))))
+    return (2 * np.log(n) - 2 * ll1) - (5 * np.log(n) - 2 * ll2)
 
 
 def _otsu(x: np.ndarray, bins: int = 256) -> float:
@@ -201,12 +219,45 @@ def calibrate(scores) -> Calibration:
             thr = _crossing(p)
             p = {k: ([round(v, 6) for v in val] if isinstance(val, list) else round(val, 6)) for k, val in p.items()}
             return done(thr, "gmm", max(p["stds"][0], 1e-6), p)
-        tail_params = {"rejected_fit": {k: ([round(v, 6) for v in val] if isinstance(val, list) else round(val, 6))
-                                        for k, val in p.items()}}
+        rounded = {k: ([round(v, 6) for v in val] if isinstance(val, list) else round(val, 6)) for k, val in p.items()}
+        if min(p["weights"]) >= 0.05 and p["separation"] >= WEAK_SEPARATION and _bic_gain(x, p) > BIC_MARGIN:
+            # overlapping but two-sided: the split that best separates the two groups (Otsu), flagged weak
+            thr = _otsu(x)
+            low = x[x < thr]
+            return done(thr, "otsu", max(float(low.std()) if len(low) > 1 else mad_sigma, 1e-6),
+                        {"weak_fit": rounded})
+        tail_params = {"rejected_fit": rounded}
     else:
         tail_params = {}
     thr = med + TAIL_K * mad_sigma
     return done(thr, "tail", mad_sigma, dict(tail_params, median=round(med, 6), robust_sigma=round(mad_sigma, 6)))
+
+
+def _bic_gain(x: np.ndarray, p: dict) -> float:
+    """BIC(one Gaussian) - BIC(the two-component fit ``p``) on sample ``x``: > 0 favours two components."""
+    x = _order_stats(x, EM_POINTS)
+    n = len(x)
+    mu, sd = float(x.mean()), max(float(x.std()), 1e-12)
+    ll1 = float(np.sum(-0.5 * ((x - mu) / sd) ** 2 - np.log(sd * np.sqrt(2 * np.pi))))
+    dens = np.zeros(n)
+    for w, m, s in zip(p["weights"], p["means"], p["stds"]):
+        s = max(float(s), 1e-12)
+        dens += w * np.exp(-0.5 * ((x - m) / s) ** 2) / (s * np.sqrt(2 * np.pi))
+    ll2 = float(np.sum(np.log(np.maximum(dens, 1e-300))))
+    return (2 * np.log(n) - 2 * ll1) - (5 * np.log(n) - 2 * ll2)
+
+
+def _otsu(x: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold: the cut maximising the between-class variance of a 1-D sample."""
+    h, edges = np.histogram(x, bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w = np.cumsum(h).astype(np.float64)
+    m = np.cumsum(h * centres)
+    wt, mt = w[-1], m[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mt * w / wt - m) ** 2 / (w * (wt - w))
+    between[~np.isfinite(between)] = -1
+    return float(edges[int(np.argmax(between)) + 1])
 
 
 # ----------------------------------------------------------------------------------------- store scores

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "service.cli_demo",
     "service.cli_serve",
     "service.cli_query",
+    "service.cli_audit",
 ]
 
 

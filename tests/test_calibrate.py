@@ -102,4 +102,4 @@ def test_concept_scores_blockwise():
 @given(st.lists(st.floats(-1, 1, allow_nan=False), min_size=1, max_size=300))
 def test_never_crashes(xs):
     c = calibrate(xs)
-    assert np.isfinite(c.threshold) and 0 <= c.prevalence <= 1 and c.method in ("gmm", "tail", "constant")
+    assert np.isfinite(c.threshold) and 0 <= c.prevalence <= 1 and c.method in ("gmm", "otsu", "tail", "constant")

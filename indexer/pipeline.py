@@ -234,6 +234,10 @@ def resolve_aligner(writer: StoreWriter, encoder, *, aligner_path=None, fit_n=No
         al = Aligner.load(aligner_path)
         al.check_pair(encoder.spec, clip)
         return al
+    if cur is not None:
+        # the store keeps its aligner: reruns of the same command (incl. --fit-aligner) update incrementally;
+        # a different aligner goes through `t2c realign`
+        return load_store_aligner(cur)
     if fit_n:
         clip = clip or default_clip_for(encoder.spec)
         if encoder.has_text and clip == encoder.spec:
@@ -241,8 +245,6 @@ def resolve_aligner(writer: StoreWriter, encoder, *, aligner_path=None, fit_n=No
         paths = _spread(sample_paths or [], int(fit_n))
         return fit_aligner_on_folder(encoder, clip, paths, workers=workers, progress=progress,
                                      max_pixels=max_pixels, **overrides)
-    if cur is not None:
-        return load_store_aligner(cur)
     if encoder.has_text and (clip is None or clip == encoder.spec):
         return Aligner.identity(encoder.dim, encoder.spec)
     raise AlignerError(

@@ -82,10 +82,31 @@ class SearchResult:
     plan: dict = field(default_factory=dict)
     all_ids: np.ndarray | None = field(default=None, repr=False)  # every matching id, unranked (not serialised)
 
+    @property
+    def warnings(self) -> list[str]:
+        """Notes for the person asking (e.g. a concept this collection's scores cannot calibrate)."""
+        return list(self.plan.get("warnings", []))
+
     def to_dict(self) -> dict:
         return {"query": self.query, "total": int(self.total), "k": self.k, "offset": self.offset,
                 "took_ms": round(float(self.took_ms), 3), "plan": self.plan,
                 "hits": [h.to_dict() for h in self.hits]}
+
+
+def _calibration_warnings(leaves, cals) -> list[str]:
+    """One note per positive concept whose threshold came from the one-population fallback."""
+    out = []
+    for leaf, positive in leaves:
+        c = cals[id(leaf)]
+        if positive and c.method == "tail" and leaf.threshold is None:
+            p = c.params.get("rejected_fit", {})
+            hint = f"{leaf.text}@{round(float(np.mean(p['means'])), 2)}" if p.get("means") else f"{leaf.text}@0.3"
+            msg = (f"'{leaf.text}': this collection's scores show no separate 'present' group, so only clear "
+                   f"outliers pass (threshold {c.threshold:.3f}); set one yourself, e.g. {hint}, or use an "
+                   f"encoder that separates this concept")
+            if msg not in out:
+                out.append(msg)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ tree logic
@@ -473,6 +494,9 @@ class Engine:
 
         leaves = _leaves(rest)
         cals = self.calibrations(rest)
+        warnings = _calibration_warnings(leaves, cals)
+        if warnings:
+            plan["warnings"] = warnings
         texts = list(dict.fromkeys(c.text for c, _ in leaves))
         T = self.bank.vectors(texts)
         tindex = {t: i for i, t in enumerate(texts)}

@@ -30,6 +30,8 @@ def query(
         return
     shown = f"{offset + 1}-{offset + len(res.hits)}" if res.hits else "none"
     typer.echo(f"{res.total} matching images (showing {shown}) in {res.took_ms:.1f} ms")
+    for w in res.warnings:
+        typer.secho(f"note: {w}", fg=typer.colors.YELLOW, err=True)
     for h in res.hits:
         typer.echo(f"{h.score:9.3f}  {h.id:>8}  {h.path}")
         for e in h.explanation or ():

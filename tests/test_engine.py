@@ -327,3 +327,18 @@ def test_ivf_explain_scores_are_exact(ivf_store):
             assert e["score"] == pytest.approx(float(V[row] @ bank.vector(e["concept"])), abs=1e-5)
         s, c = h.explanation
         assert s["passed"] and not c["passed"] and c["negated"]
+
+
+def test_uncalibratable_positive_concept_warns():
+    from query.engine import _calibration_warnings
+    from query.calibrate import calibrate
+    from query import ast as qa
+
+    leaf = qa.Concept("circle")
+    one_pop = calibrate(np.random.default_rng(0).normal(0.3, 0.05, 3000))
+    assert one_pop.method == "tail"
+    warnings = _calibration_warnings([(leaf, True)], {id(leaf): one_pop})
+    assert len(warnings) == 1 and "circle@" in warnings[0]
+    assert _calibration_warnings([(leaf, False)], {id(leaf): one_pop}) == []
+    overridden = qa.Concept("circle", threshold=0.4)
+    assert _calibration_warnings([(overridden, True)], {id(overridden): one_pop}) == []

@@ -25,8 +25,8 @@ def _app() -> typer.Typer:
 def test_world_generate(tmp_path):
     out = tmp_path / "w"
     r = CliRunner().invoke(_app(), ["world", "generate", str(out), "--n", "12", "--seed", "4", "--size", "40",
-                                    "--weights", "color.red=0", "--weights", "background.teal=0 background.gray=0",
-                                    "--quiet"])
+                                    "--quiet", "--weights", "color.red=0", "--weights", "background.teal=0",
+                                    "background.gray=0"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.output.strip().splitlines()[-1])
     rows = pq.read_table(info["labels"]).to_pylist()

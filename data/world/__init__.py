@@ -1,0 +1,24 @@
+"""The concept world: procedural images with exact labels, and small models trained on them.
+
+Importing this package (and ``data.world.generator`` / ``data.world.vocab``) never imports torch;
+``data.world.models`` does so only when a model is built.
+"""
+from __future__ import annotations
+
+from data.world.generator import (
+    Scene,
+    WorldObject,
+    concept_truth,
+    generate,
+    parse_weights,
+    render,
+    sample_dataset,
+    sample_scene,
+    scene_rng,
+)
+from data.world.vocab import PROMPT_TEMPLATES, parse_concept
+
+__all__ = [
+    "PROMPT_TEMPLATES", "Scene", "WorldObject", "concept_truth", "generate", "parse_concept",
+    "parse_weights", "render", "sample_dataset", "sample_scene", "scene_rng",
+]

@@ -1,0 +1,249 @@
+"""Concept-world models: a small CLIP (image + text towers) and two encoders trained without text.
+
+- ``clip``: 3-block CNN image tower + 2-layer transformer text tower over the world vocabulary, trained
+  contrastively on generated captions. Both towers return L2-normalised 64-d embeddings.
+- ``pairnet``: a residual CNN (strided 5x5 stem, residual blocks, global max pooling) trained as a
+  multi-label classifier of the colour-shape pairs present; features are its 128-d penultimate layer.
+  It never sees size or background labels, nor any text.
+- ``autoenc``: a convolutional autoencoder trained to reconstruct the image (no labels, no text);
+  features are its 64-d bottleneck.
+
+torch is imported only when a model is built (``WORLD_MODELS`` can be listed without it).
+Weights ship as safetensors in ``data/world/weights/`` and are reproduced by ``t2c world train``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+from data.errors import EncoderError, NotFound, UnknownChoice
+from data.world import vocab
+
+IMAGE_SIZE = 32
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.25, 0.25, 0.25)
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+N_PAIRS = len(vocab.COLORS) * len(vocab.SHAPES)
+
+WORLD_MODELS: dict[str, dict] = {
+    "clip": {"dim": 64, "has_text": True,
+             "description": "world CLIP: CNN image tower + transformer text tower, contrastive on captions"},
+    "pairnet": {"dim": 128, "has_text": False,
+                "description": "residual CNN, supervised multi-label colour-shape pairs (no text, no size)"},
+    "autoenc": {"dim": 64, "has_text": False,
+                "description": "convolutional autoencoder bottleneck, self-supervised reconstruction (no labels)"},
+}
+
+
+def pair_index(color: str, shape: str) -> int:
+    """Class index of a colour-shape pair in pairnet's head."""
+    return list(vocab.COLORS).index(color) * len(vocab.SHAPES) + vocab.SHAPES.index(shape)
+
+
+@functools.cache
+def _nets() -> SimpleNamespace:
+    """Define the torch modules (deferred so that importing this file does not import torch)."""
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+
+    class WorldModel(nn.Module):
+        """Common attributes read by the encoder registry."""
+
+        name = ""
+        dim = 0
+        has_text = False
+        image_size = IMAGE_SIZE
+        mean = MEAN
+        std = STD
+
+        def forward(self, x):
+            return self.encode_image(x)
+
+    def conv_bn(cin, cout, k=3, stride=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout),
+                             nn.ReLU(inplace=True))
+
+    class TextTower(nn.Module):
+        def __init__(self, dim: int, width: int = 64, layers: int = 2, heads: int = 4):
+            super().__init__()
+            self.tok = nn.Embedding(len(vocab.TOKENS), width, padding_idx=0)
+            self.pos = nn.Parameter(torch.zeros(vocab.MAX_LEN, width))
+            nn.init.normal_(self.pos, std=0.02)
+            layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True,
+                                               norm_first=True)
+            self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            self.ln = nn.LayerNorm(width)
+            self.proj = nn.Linear(width, dim)
+
+        def forward(self, ids):
+            pad = ids == 0
+            h = self.tok(ids) + self.pos[: ids.shape[1]]
+            h = self.blocks(h, src_key_padding_mask=pad)
+            return self.proj(self.ln(h[:, 0]))  # the <cls> token
+
+    class WorldCLIP(WorldModel):
+        name, dim, has_text = "clip", WORLD_MODELS["clip"]["dim"], True
+
+        def __init__(self):
+            super().__init__()
+            self.visual = nn.Sequential(
+                conv_bn(3, 32), nn.MaxPool2d(2),          # 16x16
+                conv_bn(32, 64), nn.MaxPool2d(2),         # 8x8
+                conv_bn(64, 128),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, self.dim),
+            )
+            self.text = TextTower(self.dim)
+            self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1/0.07)
+
+        def encode_image(self, x):
+            return F.normalize(self.visual(x), dim=-1)
+
+        def encode_token_ids(self, ids):
+            return F.normalize(self.text(ids), dim=-1)
+
+        def encode_text(self, texts):
+            """Embed texts (list of str) with the text tower; unknown words raise UnknownChoice."""
+            if isinstance(texts, str):
+                texts = [texts]
+            ids = torch.from_numpy(vocab.tokenize(list(texts)))
+            return self.encode_token_ids(ids.to(self.logit_scale.device))
+
+    class ResBlock(nn.Module):
+        def __init__(self, ch):
+            super().__init__()
+            self.c1 = nn.Conv2d(ch, ch, 3, 1, 1, bias=False)
+            self.b1 = nn.BatchNorm2d(ch)
+            self.c2 = nn.Conv2d(ch, ch, 3, 1, 1, bias=False)
+            self.b2 = nn.BatchNorm2d(ch)
+
+        def forward(self, x):
+            y = F.relu(self.b1(self.c1(x)))
+            return F.relu(x + self.b2(self.c2(y)))
+
+    class PairNet(WorldModel):
+        name, dim = "pairnet", WORLD_MODELS["pairnet"]["dim"]
+
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(
+                conv_bn(3, 32, k=5, stride=2),            # 16x16
+                ResBlock(32),
+                conv_bn(32, 64, stride=2),                # 8x8
+                ResBlock(64),
+                nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                nn.Linear(64, self.dim), nn.ReLU(inplace=True),
+            )
+            self.head = nn.Linear(self.dim, N_PAIRS)
+
+        def encode_image(self, x):
+            return self.body(x)
+
+        def logits(self, x):
+            return self.head(self.body(x))
+
+    class AutoEncoder(WorldModel):
+        name, dim = "autoenc", WORLD_MODELS["autoenc"]["dim"]
+
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Sequential(
+                nn.Conv2d(3, 32, 4, 2, 1), nn.ReLU(inplace=True),     # 16x16
+                nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(inplace=True),    # 8x8
+                nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(inplace=True),    # 4x4
+                nn.Flatten(), nn.Linear(64 * 16, self.dim),
+            )
+            self.dec_in = nn.Linear(self.dim, 64 * 16)
+            self.dec = nn.Sequential(
+                nn.ReLU(inplace=True), nn.Unflatten(1, (64, 4, 4)),
+                nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(inplace=True),   # 8x8
+                nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(inplace=True),   # 16x16
+                nn.ConvTranspose2d(32, 3, 4, 2, 1),                           # 32x32
+            )
+
+        def encode_image(self, x):
+            return self.enc(x)
+
+        def reconstruct(self, x):
+            return self.dec(self.dec_in(self.enc(x)))
+
+    return SimpleNamespace(torch=torch, WorldCLIP=WorldCLIP, PairNet=PairNet, AutoEncoder=AutoEncoder)
+
+
+def _check_name(name: str) -> None:
+    if name not in WORLD_MODELS:
+        raise UnknownChoice("world model", name, WORLD_MODELS)
+
+
+def build_world_model(name: str, seed: int = 0):
+    """A randomly initialised world model (deterministic for a given seed), in train mode."""
+    _check_name(name)
+    nets = _nets()
+    cls = {"clip": nets.WorldCLIP, "pairnet": nets.PairNet, "autoenc": nets.AutoEncoder}[name]
+    with nets.torch.random.fork_rng(devices=[]):
+        nets.torch.manual_seed(seed)
+        return cls()
+
+
+def weights_path(name: str) -> Path:
+    """Path of the shipped weights of a world model."""
+    _check_name(name)
+    return WEIGHTS_DIR / f"{name}.safetensors"
+
+
+def load_world_model(name: str, weights: str | None = None):
+    """Build a world model in eval mode.
+
+    Args:
+        name: one of WORLD_MODELS ("clip", "pairnet", "autoenc").
+        weights: None for the shipped weights, "random" for a random init, or a path to a
+            safetensors file saved by ``t2c world train``.
+
+    Returns:
+        A torch module with ``dim``, ``image_size``, ``mean``, ``std``, ``has_text``, ``encode_image``
+        (and ``encode_text`` for clip).
+
+    Raises:
+        UnknownChoice: unknown model name.
+        NotFound: the weights file does not exist.
+        EncoderError: the file does not fit the architecture.
+    """
+    model = build_world_model(name)
+    if weights != "random":
+        path = Path(weights) if weights else weights_path(name)
+        if not path.exists():
+            raise NotFound(f"weights file {str(path)!r} does not exist",
+                           "run `t2c world train` to rebuild the shipped weights, or pass weights=random")
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - unreadable file: the user's to fix
+            raise EncoderError(f"cannot read weights {str(path)!r}: {e}", "pass a safetensors file") from None
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise EncoderError(f"weights {str(path)!r} do not fit world:{name}: {str(e).splitlines()[0]}",
+                               f"pass weights saved for world:{name} by `t2c world train`") from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def save_world_model(model, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Save a model's state dict as safetensors (atomically), with JSON-able metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"model": model.name, **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path

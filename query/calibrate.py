@@ -38,7 +38,8 @@ EM_POINTS = 50_000  # points the mixture is fitted on (evenly spaced order stati
 MIN_SEPARATION = 2.0  # Ashman's D needed to accept the two-component fit
 WEAK_SEPARATION = 0.9  # below MIN_SEPARATION but above this (and both weights >= 5%): Otsu split ...
 BIC_MARGIN = 10.0  # ... when two components beat one by this much BIC (a plain normal sample does not)
-TAIL_K = 4.0  # robust sigmas above the median for the one-population fallback
+TAIL_K = 4.0  # robust sigmas above the median for the one-population fallback (audits: "clearly present")
+SEARCH_TAIL_K = 1.0  # ... and for searches, which should not come back empty for an inseparable concept
 _SORTED_KEEP = 4096  # order statistics kept to estimate prevalence at any threshold
 
 
@@ -77,10 +78,19 @@ class Calibration:
             return float(self.prevalence)
         return float(len(s) - np.searchsorted(s, threshold, side="left")) / len(s)
 
-    def with_threshold(self, threshold: float) -> "Calibration":
-        """A copy with an overriding threshold (method "override")."""
-        return Calibration(float(threshold), "override", self.prevalence_at(threshold), self.scale, self.n,
+    def with_threshold(self, threshold: float, method: str = "override") -> "Calibration":
+        """A copy with another threshold (method "override" by default)."""
+        return Calibration(float(threshold), method, self.prevalence_at(threshold), self.scale, self.n,
                            dict(self.params, calibrated=round(float(self.threshold), 6)), self.sorted_sample)
+
+    def for_search(self) -> "Calibration":
+        """The threshold a search uses: for one population ("tail": present everywhere, absent everywhere,
+        or two groups the scores cannot separate) the upper-tail rule would return almost nothing, so a
+        search uses median + SEARCH_TAIL_K robust sigmas (the reference recipe's mean + 1·std, made robust)."""
+        if self.method != "tail" or "median" not in self.params:
+            return self
+        t = self.params["median"] + SEARCH_TAIL_K * self.params["robust_sigma"]
+        return self.with_threshold(t, "tail_search")
 
 
 def reference_threshold(scores, k: float = 1.0) -> float:

@@ -98,12 +98,10 @@ def _calibration_warnings(leaves, cals) -> list[str]:
     out = []
     for leaf, positive in leaves:
         c = cals[id(leaf)]
-        if positive and c.method == "tail" and leaf.threshold is None:
-            p = c.params.get("rejected_fit", {})
-            hint = f"{leaf.text}@{round(float(np.mean(p['means'])), 2)}" if p.get("means") else f"{leaf.text}@0.3"
-            msg = (f"'{leaf.text}': this collection's scores show no separate 'present' group, so only clear "
-                   f"outliers pass (threshold {c.threshold:.3f}); set one yourself, e.g. {hint}, or use an "
-                   f"encoder that separates this concept")
+        if positive and c.method == "tail_search" and leaf.threshold is None:
+            msg = (f"'{leaf.text}': this collection's scores show no separate 'present' group, so its threshold "
+                   f"({c.threshold:.3f}, median + 1 robust sigma) is a guess; set one yourself with "
+                   f"'{leaf.text}@0.NN', or use an encoder that separates this concept")
             if msg not in out:
                 out.append(msg)
     return out
@@ -227,7 +225,7 @@ class Engine:
         out = {}
         for c in leaves:
             base = cal[c.text]
-            out[id(c)] = base.with_threshold(c.threshold) if c.threshold is not None else base
+            out[id(c)] = base.with_threshold(c.threshold) if c.threshold is not None else base.for_search()
         return out
 
     # -- filters --

@@ -336,7 +336,10 @@ def test_uncalibratable_positive_concept_warns():
 
     leaf = qa.Concept("circle")
     one_pop = calibrate(np.random.default_rng(0).normal(0.3, 0.05, 3000))
-    assert one_pop.method == "tail"
+    assert one_pop.method == "tail" and one_pop.prevalence < 0.01
+    search = one_pop.for_search()
+    assert search.method == "tail_search" and 0.1 < search.prevalence < 0.25  # ~ mean + 1 sigma
+    one_pop = search
     warnings = _calibration_warnings([(leaf, True)], {id(leaf): one_pop})
     assert len(warnings) == 1 and "circle@" in warnings[0]
     assert _calibration_warnings([(leaf, False)], {id(leaf): one_pop}) == []

@@ -67,7 +67,7 @@ def run_store(name: str, store: Path, labels_by_id, concepts, queries2, queries3
     ids = np.asarray(snap.ids)
     truth_rows = labels_by_id(ids)
     t0 = time.perf_counter()
-    cals = thresholds_for(snap, concepts, bank=eng.bank)
+    cals = {c: cal.for_search() for c, cal in thresholds_for(snap, concepts, bank=eng.bank).items()}  # as searches
     V = eng.bank.vectors(concepts)
     S = concept_scores(snap, V)
     ref_thr = {c: reference_threshold(S[:, j]) for j, c in enumerate(concepts)}

@@ -350,7 +350,9 @@ def drift_from_scores(sa: np.ndarray, sb: np.ndarray, concepts: Sequence[str], *
     for j, c in enumerate(concepts):
         a, b = np.asarray(sa[:, j], np.float64), np.asarray(sb[:, j], np.float64)
         pooled = np.concatenate([a, b])
-        cal = calibrate(pooled)
+        # one threshold for both; a concept whose scores form one population is compared above
+        # median + 1 robust sigma (the strict audit tail would count ~0 on both sides and hide any shift)
+        cal = calibrate(pooled).for_search()
         thr = float(cal.threshold)
         ka, kb = int((a >= thr).sum()), int((b >= thr).sum())
         z, p = two_proportion_z(ka, na, kb, nb)

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from data.errors import AlignerError, InvalidInput, StoreError
-from data.store import (Changes, StoreWriter, atomic_save_npz, atomic_write_bytes, load_npz, new_feature_shard_name,
-                        utcnow)
+from data.store import Changes, StoreWriter, atomic_save_npz, atomic_write_bytes, new_feature_shard_name, utcnow
 
 PART_SIZE = 256
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -303,8 +302,7 @@ def index_folder(root, store, encoder_spec: str, *, aligner=None, fit_aligner: i
     Example:
         >>> index_folder("photos/", "photos.t2c", "world:pairnet", fit_aligner=500)  # doctest: +SKIP
     """
-    from indexer.encoders import make_encoder, parse_spec
-    from indexer.index_build import DEFAULT_BUDGET, build_index
+    from indexer.encoders import parse_spec
 
     t0 = time.perf_counter()
     root = Path(root).expanduser()
@@ -321,33 +319,15 @@ def index_folder(root, store, encoder_spec: str, *, aligner=None, fit_aligner: i
     spec = parse_spec(encoder_spec)
     workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else int(workers)
     with StoreWriter(store) as writer:
-        cur = writer.current
-        if cur is not None and cur.manifest["encoder"] != spec.identity:
-            raise StoreError(f"store {str(store)!r} was built with encoder {cur.manifest['encoder']!r}, "
-                             f"not {spec.identity!r}", "use a new --store for another encoder")
+        _check_encoder(writer, store, spec)
         plan = plan_run(writer, root, follow_symlinks=follow_symlinks)
-        report = IndexReport(store=str(store), unchanged=plan.unchanged)
-        if not plan.todo and not plan.removed_ids and not plan.cleared_error_paths and cur is not None \
-                and not _new_skips(writer, plan):
-            _clear_staging(writer)
-            report.seconds = time.perf_counter() - t0
-            report.snapshot = cur.name
-            return report
-        encoder = make_encoder(spec, batch_size=batch_size, device=device, threads=threads)
-        al = resolve_aligner(writer, encoder, aligner_path=aligner, fit_n=fit_aligner, clip=clip,
-                             sample_paths=[t["path"] for t in plan.todo], workers=workers, progress=progress,
-                             max_pixels=max_pixels, device=device, threads=threads)
-        if al.W.shape[0] != encoder.dim:
-            raise AlignerError(f"aligner expects {al.W.shape[0]}-d features, encoder gives {encoder.dim}")
-        if cur is not None and cur.manifest.get("aligner", {}).get("digest") not in (None, al.digest):
-            raise StoreError("this store was projected with another aligner",
-                             "use `t2c realign STORE --aligner FILE` to change it, then index")
-        settings = {"encoder": encoder.spec, "aligner": al.digest, "max_pixels": max_pixels, "part": int(part_size)}
-        run_id = _run_id(settings, plan)
-        done = _prepare_staging(writer, run_id, settings)
-        report.resumed_parts = len(done)
+        run = _start_run(writer, spec, plan, t0, aligner=aligner, fit_aligner=fit_aligner, clip=clip,
+                         fit_workers=workers, progress=progress, max_pixels=max_pixels, batch_size=batch_size,
+                         device=device, threads=threads, part_size=part_size)
+        if isinstance(run, IndexReport):
+            return run
+        encoder, parts, done = run.encoder, run.parts, run.done
         cfg = dict(encoder.preprocess_config(), max_pixels=max_pixels)
-        parts = [plan.todo[i : i + part_size] for i in range(0, len(plan.todo), part_size)]
         bar = _bar(len(plan.todo), "index", progress)
         bar.update(sum(len(parts[i]) for i in done if i < len(parts)))
         decoder = Decoder(cfg, workers)
@@ -365,34 +345,94 @@ def index_folder(root, store, encoder_spec: str, *, aligner=None, fit_aligner: i
             bar.close()
             decoder.close()
         enc_seconds = time.perf_counter() - t_enc
-        changes = _collect(writer, run_id, parts, plan, settings)
-        n_dim = al.W.shape[1]
-        manifest_fields = {
-            "encoder": encoder.spec, "clip": al.meta.get("clip", encoder.spec), "dim": n_dim,
-            "feature_dim": encoder.dim,
-            "aligner": {"digest": al.digest, "r2_heldout": al.r2_heldout, "identity": al.is_identity,
-                        "file": None if al.is_identity else _store_aligner(writer, al),
-                        "n_images": al.meta.get("n_images")},
-            "roots": sorted(set((cur.manifest.get("roots", []) if cur else []) + [str(root)])),
-        }
-        budget = memory_budget or DEFAULT_BUDGET
-        snap = writer.commit(changes, manifest_fields=manifest_fields,
-                             vectors_for=lambda ids, feats: al.apply(feats),
-                             build_index=lambda v, i: build_index(v, i, memory_budget=budget),
-                             next_id=plan.next_id,
-                             extra_files=[manifest_fields["aligner"]["file"]] if not al.is_identity else [])
+        return _finish_run(writer, run, plan, str(root), memory_budget, processed, enc_seconds, t0)
+
+
+@dataclass
+class _Run:
+    """A run that has work to do: its report so far, encoder, aligner, settings and parts."""
+
+    report: IndexReport
+    encoder: object
+    aligner: object
+    settings: dict
+    run_id: str
+    parts: list
+    done: set
+
+
+def _check_encoder(writer: StoreWriter, store, spec) -> None:
+    """A store holds one encoder's features: refuse another."""
+    cur = writer.current
+    if cur is not None and cur.manifest["encoder"] != spec.identity:
+        raise StoreError(f"store {str(store)!r} was built with encoder {cur.manifest['encoder']!r}, "
+                         f"not {spec.identity!r}", "use a new --store for another encoder")
+
+
+def _start_run(writer: StoreWriter, spec, plan: Plan, t0: float, *, aligner, fit_aligner, clip, fit_workers,
+               progress, max_pixels, batch_size, device, threads, part_size):
+    """Common start of a run (local or Ray): nothing to do → the final IndexReport; else a :class:`_Run`."""
+    from indexer.encoders import make_encoder
+
+    cur = writer.current
+    report = IndexReport(store=str(writer.root), unchanged=plan.unchanged)
+    if not plan.todo and not plan.removed_ids and not plan.cleared_error_paths and cur is not None \
+            and not _new_skips(writer, plan):
         _clear_staging(writer)
-        report.added = changes.run["added"]
-        report.updated = changes.run["updated"]
-        report.removed = len(plan.removed_ids)
-        report.errors = len(changes.errors)
-        for e in changes.errors:
-            report.error_reasons[e["reason"]] = report.error_reasons.get(e["reason"], 0) + 1
-        report.aligner_r2 = None if al.is_identity else al.r2_heldout
-        report.snapshot = snap.name
         report.seconds = time.perf_counter() - t0
-        report.images_per_second = processed / enc_seconds if enc_seconds > 0 and processed else 0.0
+        report.snapshot = cur.name
         return report
+    encoder = make_encoder(spec, batch_size=batch_size, device=device, threads=threads)
+    al = resolve_aligner(writer, encoder, aligner_path=aligner, fit_n=fit_aligner, clip=clip,
+                         sample_paths=[t["path"] for t in plan.todo], workers=fit_workers, progress=progress,
+                         max_pixels=max_pixels, device=device, threads=threads)
+    if al.W.shape[0] != encoder.dim:
+        raise AlignerError(f"aligner expects {al.W.shape[0]}-d features, encoder gives {encoder.dim}")
+    if cur is not None and cur.manifest.get("aligner", {}).get("digest") not in (None, al.digest):
+        raise StoreError("this store was projected with another aligner",
+                         "use `t2c realign STORE --aligner FILE` to change it, then index")
+    settings = {"encoder": encoder.spec, "aligner": al.digest, "max_pixels": max_pixels, "part": int(part_size)}
+    run_id = _run_id(settings, plan)
+    done = _prepare_staging(writer, run_id, settings)
+    report.resumed_parts = len(done)
+    parts = [plan.todo[i : i + part_size] for i in range(0, len(plan.todo), part_size)]
+    return _Run(report, encoder, al, settings, run_id, parts, done)
+
+
+def _finish_run(writer: StoreWriter, run: _Run, plan: Plan, root_label: str, memory_budget, processed: int,
+                enc_seconds: float, t0: float, engine: str | None = None) -> IndexReport:
+    """Common end of a run: collect the staged parts, commit a snapshot, fill in the report."""
+    from indexer.index_build import DEFAULT_BUDGET, build_index
+
+    cur, al, encoder, report = writer.current, run.aligner, run.encoder, run.report
+    changes = _collect(writer, run.run_id, run.parts, plan, run.settings)
+    if engine:
+        changes.run["settings"] = dict(run.settings, engine=engine)
+    fields = {
+        "encoder": encoder.spec, "clip": al.meta.get("clip", encoder.spec), "dim": int(al.W.shape[1]),
+        "feature_dim": encoder.dim,
+        "aligner": {"digest": al.digest, "r2_heldout": al.r2_heldout, "identity": al.is_identity,
+                    "file": None if al.is_identity else _store_aligner(writer, al),
+                    "n_images": al.meta.get("n_images")},
+        "roots": sorted(set((cur.manifest.get("roots", []) if cur else []) + [root_label])),
+    }
+    budget = memory_budget or DEFAULT_BUDGET
+    snap = writer.commit(changes, manifest_fields=fields, vectors_for=lambda ids, feats: al.apply(feats),
+                         build_index=lambda v, i: build_index(v, i, memory_budget=budget),
+                         next_id=plan.next_id,
+                         extra_files=[fields["aligner"]["file"]] if not al.is_identity else [])
+    _clear_staging(writer)
+    report.added = changes.run["added"]
+    report.updated = changes.run["updated"]
+    report.removed = len(plan.removed_ids)
+    report.errors = len(changes.errors)
+    for e in changes.errors:
+        report.error_reasons[e["reason"]] = report.error_reasons.get(e["reason"], 0) + 1
+    report.aligner_r2 = None if al.is_identity else al.r2_heldout
+    report.snapshot = snap.name
+    report.seconds = time.perf_counter() - t0
+    report.images_per_second = processed / enc_seconds if enc_seconds > 0 and processed else 0.0
+    return report
 
 
 def _new_skips(writer: StoreWriter, plan: Plan) -> bool:

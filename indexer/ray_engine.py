@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import AlignerError, InvalidInput, NotFound, StoreError
+from data.errors import InvalidInput, NotFound, StoreError
 from data.store import StoreWriter, atomic_save_npz, atomic_write_bytes
-from indexer.pipeline import (DEFAULT_MAX_PIXELS, PART_SIZE, IndexReport, Plan, _bar, _clear_staging, _collect,
-                              _new_skips, _prepare_staging, _run_id, _store_aligner, plan_run, resolve_aligner)
+from indexer.pipeline import (DEFAULT_MAX_PIXELS, PART_SIZE, IndexReport, Plan, _bar, _check_encoder, _finish_run,
+                              _start_run, plan_run)
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -281,8 +281,7 @@ def index_folder_ray(source, store, encoder_spec: str, *, address: str | None = 
     Example:
         >>> index_folder_ray("photos/", "photos.t2c", "world:pairnet", num_cpus=8, encoder_actors=2)  # doctest: +SKIP
     """
-    from indexer.encoders import make_encoder, parse_spec
-    from indexer.index_build import DEFAULT_BUDGET, build_index
+    from indexer.encoders import parse_spec
 
     t0 = time.perf_counter()
     src = _check_source(source)
@@ -293,32 +292,14 @@ def index_folder_ray(source, store, encoder_spec: str, *, address: str | None = 
         raise InvalidInput("part_size and encoder_actors must be at least 1")
     spec = parse_spec(encoder_spec)
     with StoreWriter(store) as writer:
-        cur = writer.current
-        if cur is not None and cur.manifest["encoder"] != spec.identity:
-            raise StoreError(f"store {str(store)!r} was built with encoder {cur.manifest['encoder']!r}, "
-                             f"not {spec.identity!r}", "use a new --store for another encoder")
+        _check_encoder(writer, store, spec)
         plan, root_label = _resolve_source(src, column, base, follow_symlinks, writer)
-        report = IndexReport(store=str(store), unchanged=plan.unchanged)
-        if not plan.todo and not plan.removed_ids and not plan.cleared_error_paths and cur is not None \
-                and not _new_skips(writer, plan):
-            _clear_staging(writer)
-            report.seconds = time.perf_counter() - t0
-            report.snapshot = cur.name
-            return report
-        encoder = make_encoder(spec, batch_size=batch_size, device=device, threads=threads)
-        al = resolve_aligner(writer, encoder, aligner_path=aligner, fit_n=fit_aligner, clip=clip,
-                             sample_paths=[t["path"] for t in plan.todo], workers=fit_workers, progress=progress,
-                             max_pixels=max_pixels, device=device, threads=threads)
-        if al.W.shape[0] != encoder.dim:
-            raise AlignerError(f"aligner expects {al.W.shape[0]}-d features, encoder gives {encoder.dim}")
-        if cur is not None and cur.manifest.get("aligner", {}).get("digest") not in (None, al.digest):
-            raise StoreError("this store was projected with another aligner",
-                             "use `t2c realign STORE --aligner FILE` to change it, then index")
-        settings = {"encoder": encoder.spec, "aligner": al.digest, "max_pixels": max_pixels, "part": int(part_size)}
-        run_id = _run_id(settings, plan)
-        done = _prepare_staging(writer, run_id, settings)
-        report.resumed_parts = len(done)
-        parts = [plan.todo[i : i + part_size] for i in range(0, len(plan.todo), part_size)]
+        run = _start_run(writer, spec, plan, t0, aligner=aligner, fit_aligner=fit_aligner, clip=clip,
+                         fit_workers=fit_workers, progress=progress, max_pixels=max_pixels, batch_size=batch_size,
+                         device=device, threads=threads, part_size=int(part_size))
+        if isinstance(run, IndexReport):
+            return run
+        encoder, parts, done = run.encoder, run.parts, run.done
         pending = [i for i in range(len(parts)) if i not in done]
         cfg = dict(encoder.preprocess_config(), max_pixels=max_pixels)
         bar = _bar(len(plan.todo), "index (ray)", progress)
@@ -343,30 +324,4 @@ def index_folder_ray(source, store, encoder_spec: str, *, address: str | None = 
                         ray.shutdown()
         finally:
             bar.close()
-        changes = _collect(writer, run_id, parts, plan, settings)
-        changes.run["settings"] = dict(settings, engine="ray")
-        fields = {
-            "encoder": encoder.spec, "clip": al.meta.get("clip", encoder.spec), "dim": al.W.shape[1],
-            "feature_dim": encoder.dim,
-            "aligner": {"digest": al.digest, "r2_heldout": al.r2_heldout, "identity": al.is_identity,
-                        "file": None if al.is_identity else _store_aligner(writer, al),
-                        "n_images": al.meta.get("n_images")},
-            "roots": sorted(set((cur.manifest.get("roots", []) if cur else []) + [root_label])),
-        }
-        budget = memory_budget or DEFAULT_BUDGET
-        snap = writer.commit(changes, manifest_fields=fields, vectors_for=lambda ids, feats: al.apply(feats),
-                             build_index=lambda v, i: build_index(v, i, memory_budget=budget),
-                             next_id=plan.next_id,
-                             extra_files=[fields["aligner"]["file"]] if not al.is_identity else [])
-        _clear_staging(writer)
-        report.added = changes.run["added"]
-        report.updated = changes.run["updated"]
-        report.removed = len(plan.removed_ids)
-        report.errors = len(changes.errors)
-        for e in changes.errors:
-            report.error_reasons[e["reason"]] = report.error_reasons.get(e["reason"], 0) + 1
-        report.aligner_r2 = None if al.is_identity else al.r2_heldout
-        report.snapshot = snap.name
-        report.seconds = time.perf_counter() - t0
-        report.images_per_second = processed / enc_seconds if enc_seconds > 0 and processed else 0.0
-        return report
+        return _finish_run(writer, run, plan, root_label, memory_budget, processed, enc_seconds, t0, engine="ray")

@@ -57,9 +57,19 @@ class _Split:
 
 
 def _holdout_mask(keys, holdout: float, seed: int) -> np.ndarray:
-    """Deterministic train/held-out assignment from row keys (independent of streaming order)."""
-    out = np.empty(len(keys), bool)
+    """Deterministic train/held-out assignment from row keys (independent of streaming order).
+
+    Integer keys (row numbers, ids) are hashed with a vectorised splitmix64; other keys (paths) with blake2b.
+    """
     cut = int(holdout * 2**32)
+    if isinstance(keys, range) or (len(keys) and all(isinstance(k, (int, np.integer)) for k in keys)):
+        z = np.asarray(keys, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)
+        with np.errstate(over="ignore"):
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+        return (z >> np.uint64(32)) < np.uint64(cut)
+    out = np.empty(len(keys), bool)
     for i, k in enumerate(keys):
         h = hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=4).digest()
         out[i] = int.from_bytes(h, "little") < cut
@@ -86,7 +96,7 @@ class RidgeAccumulator:
         if keys is None:
             keys = range(self._rows, self._rows + len(x))
         self._rows += len(x)
-        m = _holdout_mask(list(keys), self.holdout, self.seed)
+        m = _holdout_mask(keys if isinstance(keys, range) else list(keys), self.holdout, self.seed)
         self.train.add(x[~m], y[~m])
         self.held.add(x[m], y[m])
 
@@ -160,7 +170,7 @@ def fit_aligner(x: np.ndarray, y: np.ndarray, *, holdout: float = 0.2, seed: int
     if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
         raise InvalidInput(f"features {x.shape} and targets {y.shape} must be 2-D with equal rows")
     acc = RidgeAccumulator(x.shape[1], y.shape[1], holdout=holdout, seed=seed)
-    step = 4096
+    step = 65536
     for i in range(0, len(x), step):
         acc.add(x[i : i + step], y[i : i + step], None if keys is None else keys[i : i + step])
     return acc.fit(alphas, **meta)

@@ -116,6 +116,7 @@ def _bic_gain(x: np.ndarray, p: dict) -> float:
 
 
 def _otsu(x: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold: the cut maximising the between-class variance of a 1-D sample."""
     hist, edges = np.histogram(x, bins=bins)
     centers = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist).astype(np.float64)
@@ -241,33 +242,6 @@ def calibrate(scores) -> Calibration:
         tail_params = {}
     thr = med + TAIL_K * mad_sigma
     return done(thr, "tail", mad_sigma, dict(tail_params, median=round(med, 6), robust_sigma=round(mad_sigma, 6)))
-
-
-def _bic_gain(x: np.ndarray, p: dict) -> float:
-    """BIC(one Gaussian) - BIC(the two-component fit ``p``) on sample ``x``: > 0 favours two components."""
-    x = _order_stats(x, EM_POINTS)
-    n = len(x)
-    mu, sd = float(x.mean()), max(float(x.std()), 1e-12)
-    ll1 = float(np.sum(-0.5 * ((x - mu) / sd) ** 2 - np.log(sd * np.sqrt(2 * np.pi))))
-    dens = np.zeros(n)
-    for w, m, s in zip(p["weights"], p["means"], p["stds"]):
-        s = max(float(s), 1e-12)
-        dens += w * np.exp(-0.5 * ((x - m) / s) ** 2) / (s * np.sqrt(2 * np.pi))
-    ll2 = float(np.sum(np.log(np.maximum(dens, 1e-300))))
-    return (2 * np.log(n) - 2 * ll1) - (5 * np.log(n) - 2 * ll2)
-
-
-def _otsu(x: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold: the cut maximising the between-class variance of a 1-D sample."""
-    h, edges = np.histogram(x, bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w = np.cumsum(h).astype(np.float64)
-    m = np.cumsum(h * centres)
-    wt, mt = w[-1], m[-1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (mt * w / wt - m) ** 2 / (w * (wt - w))
-    between[~np.isfinite(between)] = -1
-    return float(edges[int(np.argmax(between)) + 1])
 
 
 # ----------------------------------------------------------------------------------------- store scores

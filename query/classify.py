@@ -22,9 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -88,20 +86,16 @@ def annotation_path(store_root, name: str) -> Path:
 
 
 def _write_parquet_atomic(path: Path, table) -> None:
+    """Write a parquet file atomically (buffer, then the store's atomic write)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from data.store import atomic_write_bytes
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    atomic_write_bytes(path, buf.getvalue().to_pybytes())
 
 
 def read_predictions(store_root, name: str):

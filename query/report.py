@@ -12,10 +12,7 @@ Python API:
 from __future__ import annotations
 
 import base64
-import html as _html
 import io
-import os
-import tempfile
 from pathlib import Path
 
 __all__ = ["audit_html", "drift_html", "write_html", "thumbnail_uri"]
@@ -149,17 +146,9 @@ def drift_html(report, snapshot_a, snapshot_b, thumbs: bool = True) -> str:
 
 def write_html(path, html: str) -> Path:
     """Write an HTML file atomically."""
+    from data.store import atomic_write_bytes
+
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(html)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, html.encode("utf-8"))
     return path

@@ -125,12 +125,20 @@ def plan_run(writer: StoreWriter, root: Path, *, follow_symlinks: bool = False) 
     """Compare the folder with the catalog: new, changed and removed files, with stable ids."""
     from data.sources import walk_folder
 
-    walk = walk_folder(root, follow_symlinks=follow_symlinks)
+    return plan_walk(writer, walk_folder(root, follow_symlinks=follow_symlinks),
+                     remove_under=str(root).rstrip(os.sep) + os.sep)
+
+
+def plan_walk(writer: StoreWriter, walk, *, remove_under: str | None = None) -> Plan:
+    """Plan a run over a walk (folder or path list): new and changed files get work items with stable ids.
+
+    With ``remove_under`` (a folder prefix), catalogued files under it that the walk no longer lists are
+    removed and their stale error rows cleared; without it (path lists) nothing is removed.
+    """
     known = writer.known_files()
     known_err = writer.known_errors()
-    prefix = str(root).rstrip(os.sep) + os.sep
     next_id = writer.next_id()
-    todo, seen, cleared, unchanged = [], set(), [], 0
+    todo, seen, unchanged = [], set(), 0
     for f in walk.files:
         seen.add(f.path)
         k = known.get(f.path)
@@ -148,9 +156,11 @@ def plan_run(writer: StoreWriter, root: Path, *, follow_symlinks: bool = False) 
             todo.append({"id": next_id, "path": f.path, "relpath": f.relpath, "size": f.size,
                          "mtime_ns": f.mtime_ns, "kind": "new"})
             next_id += 1
-    removed = [k["id"] for p, k in known.items() if p.startswith(prefix) and p not in seen]
-    skipped_paths = {p for p, _ in walk.skipped}
-    cleared = [p for p in known_err if p.startswith(prefix) and p not in seen and p not in skipped_paths]
+    removed, cleared = [], []
+    if remove_under is not None:
+        removed = [k["id"] for p, k in known.items() if p.startswith(remove_under) and p not in seen]
+        skipped_paths = {p for p, _ in walk.skipped}
+        cleared = [p for p in known_err if p.startswith(remove_under) and p not in seen and p not in skipped_paths]
     return Plan(todo, removed, cleared, list(walk.skipped), unchanged, next_id)
 
 

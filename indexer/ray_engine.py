@@ -29,7 +29,7 @@ import numpy as np
 from data.errors import InvalidInput, NotFound, StoreError
 from data.store import StoreWriter, atomic_save_npz, atomic_write_bytes
 from indexer.pipeline import (DEFAULT_MAX_PIXELS, PART_SIZE, IndexReport, Plan, _bar, _check_encoder, _finish_run,
-                              _start_run, plan_run)
+                              _start_run, plan_run, plan_walk)
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -124,27 +124,7 @@ def plan_paths(writer: StoreWriter, walk) -> Plan:
     A list never removes images (a file missing from one list may come from another list or folder);
     listed paths that do not exist are recorded as errors.
     """
-    known = writer.known_files()
-    known_err = writer.known_errors()
-    next_id = writer.next_id()
-    todo, unchanged = [], 0
-    for f in walk.files:
-        k = known.get(f.path)
-        if k is not None and k["size"] == f.size and k["mtime_ns"] == f.mtime_ns:
-            unchanged += 1
-            continue
-        e = known_err.get(f.path)
-        if e is not None and e["size"] == f.size and e["mtime_ns"] == f.mtime_ns:
-            unchanged += 1
-            continue
-        if k is not None:
-            todo.append({"id": k["id"], "path": f.path, "relpath": f.relpath, "size": f.size,
-                         "mtime_ns": f.mtime_ns, "kind": "changed"})
-        else:
-            todo.append({"id": next_id, "path": f.path, "relpath": f.relpath, "size": f.size,
-                         "mtime_ns": f.mtime_ns, "kind": "new"})
-            next_id += 1
-    return Plan(todo, [], [], list(walk.skipped), unchanged, next_id)
+    return plan_walk(writer, walk)
 
 
 def _resolve_source(source, column: str, base, follow_symlinks: bool, writer: StoreWriter):

@@ -53,3 +53,24 @@ def test_flat_index_is_exact_and_keyed_by_ids():
 def test_mismatched_shapes():
     with pytest.raises(InvalidInput):
         build_index(np.zeros((3, 4), np.float32), np.arange(2))
+
+
+def test_hnsw_coarse_quantizer_for_many_lists(monkeypatch):
+    import faiss
+
+    import indexer.index_build as ib
+
+    assert "_HNSW32" in choose_index_type(50_000_000, 512, memory_budget=64 * 50_000_000)["factory"]
+    monkeypatch.setattr(ib, "HNSW_COARSE_MIN", 64)  # so that a small test set gets the large-set layout
+    v = _clustered()
+    ids = np.arange(len(v), dtype=np.int64) + 7
+    index, info = build_index(v, ids, exact_max=1000, memory_budget=20000 * 8)
+    assert info["factory"].startswith("IVF") and "_HNSW32,PQ" in info["factory"]
+    assert info["recall_at_10"] >= 0.95
+    again = faiss.deserialize_index(faiss.serialize_index(index))
+    set_search_params(again, info)
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(again).quantizer), faiss.IndexHNSWFlat)
+    _, got = again.search(v[:3], 1)
+    assert list(got[:, 0]) == list(ids[:3])
+    lims, _, found = again.range_search(v[:2], 0.9)
+    assert ids[0] in found[lims[0]:lims[1]]

@@ -157,31 +157,35 @@ def _logpdf(x, m, s):
     return -0.5 * ((x - m) / s) ** 2 - np.log(s)
 
 
-def _em_binned(counts, centers, w1, m, s, iters=60, fix_components=False, floor=1e-6):
-    """EM of a 2-Gaussian mixture on histogram counts; returns (w1, means, stds)."""
+def _em_binned(counts, centers, w, m, s, present_from=1, iters=60, fix_components=False, floor=1e-6):
+    """EM of a Gaussian mixture on histogram counts.
+
+    Components ``present_from`` and up form the "present" group. With ``fix_components`` only the weights
+    move (means and stds stay). Returns (present weight, weights, means, stds).
+    """
+    w = np.maximum(np.array(w, np.float64), 1e-12)
+    w /= w.sum()
     m = np.array(m, np.float64)
     s = np.array(s, np.float64)
     n = counts.sum()
     for _ in range(iters):
-        l0 = math.log(max(1 - w1, 1e-300)) + _logpdf(centers, m[0], s[0])
-        l1 = math.log(max(w1, 1e-300)) + _logpdf(centers, m[1], s[1])
-        mx = np.maximum(l0, l1)
-        r1 = np.exp(l1 - mx) / (np.exp(l0 - mx) + np.exp(l1 - mx))
-        n1 = float((counts * r1).sum())
-        new_w1 = n1 / n
+        lp = np.log(np.maximum(w, 1e-300))[:, None] + _logpdf(centers[None], m[:, None], s[:, None])
+        mx = lp.max(0)
+        r = np.exp(lp - mx)
+        r /= r.sum(0)
+        nk = (counts[None] * r).sum(1)
+        new_w = nk / n
         if not fix_components:
-            n0 = n - n1
-            if n1 < 1e-9 or n0 < 1e-9:
-                return new_w1, m, s
-            m = np.array([(counts * (1 - r1) * centers).sum() / n0, (counts * r1 * centers).sum() / n1])
-            v0 = (counts * (1 - r1) * (centers - m[0]) ** 2).sum() / n0
-            v1 = (counts * r1 * (centers - m[1]) ** 2).sum() / n1
-            s = np.maximum(np.sqrt([v0, v1]), floor)
-        if abs(new_w1 - w1) < 1e-7:
-            w1 = new_w1
+            if np.any(nk < 1e-9):
+                return float(new_w[present_from:].sum()), new_w, m, s
+            m = (counts[None] * r * centers[None]).sum(1) / nk
+            v = (counts[None] * r * (centers[None] - m[:, None]) ** 2).sum(1) / nk
+            s = np.maximum(np.sqrt(v), floor)
+        done = np.abs(new_w - w).max() < 1e-7
+        w = new_w
+        if done:
             break
-        w1 = new_w1
-    return w1, m, s
+    return float(w[present_from:].sum()), w, m, s
 
 
 def estimate_prevalence(scores, calibration=None, *, method: str = "mixture", n_boot: int = N_BOOT,
@@ -215,16 +219,16 @@ def estimate_prevalence(scores, calibration=None, *, method: str = "mixture", n_
     lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
     if method == "mixture" and cal.method == "gmm" and "weights" in cal.params:
         p = cal.params
-        w1, m, s = float(p["weights"][1]), p["means"], p["stds"]
+        j = int(p.get("present_from", 1))
         lo, hi = float(x.min()), float(x.max())
         counts, centers = _hist(x, lo, hi)
-        w1, m, s = _em_binned(counts, centers, w1, m, s, iters=200)
+        w1, w, m, s = _em_binned(counts, centers, p["weights"], p["means"], p["stds"], j, iters=200)
         rng = np.random.default_rng(seed)
         probs = counts / counts.sum()
         boots = np.empty(n_boot)
         for b in range(n_boot):
             cb = rng.multinomial(n, probs).astype(np.float64)
-            boots[b] = _em_binned(cb, centers, w1, m, s, iters=40)[0]
+            boots[b] = _em_binned(cb, centers, w, m, s, j, iters=40)[0]
         out.update(prevalence=float(w1), ci_low=float(np.quantile(boots, lo_q)),
                    ci_high=float(np.quantile(boots, hi_q)), method="mixture",
                    components={"means": [float(v) for v in m], "stds": [float(v) for v in s]})
@@ -362,10 +366,11 @@ def drift_from_scores(sa: np.ndarray, sb: np.ndarray, concepts: Sequence[str], *
             lo, hi = float(pooled.min()), float(pooled.max())
             ca, centers = _hist(a, lo, hi)
             cb, _ = _hist(b, lo, hi)
-            w, m, s = _em_binned(ca + cb, centers, float(cal.params["weights"][1]), cal.params["means"],
-                                 cal.params["stds"], iters=200)
-            pa = _em_binned(ca, centers, w, m, s, iters=200, fix_components=True)[0]
-            pb = _em_binned(cb, centers, w, m, s, iters=200, fix_components=True)[0]
+            j = int(cal.params.get("present_from", 1))
+            _, w, m, s = _em_binned(ca + cb, centers, cal.params["weights"], cal.params["means"],
+                                    cal.params["stds"], j, iters=200)
+            pa = _em_binned(ca, centers, w, m, s, j, iters=200, fix_components=True)[0]
+            pb = _em_binned(cb, centers, w, m, s, j, iters=200, fix_components=True)[0]
             method = "mixture"
         sd = math.sqrt((a.var(ddof=1) * (na - 1) + b.var(ddof=1) * (nb - 1)) / max(na + nb - 2, 1)) if na > 1 and nb > 1 else 0.0
         d = float((b.mean() - a.mean()) / sd) if sd > 0 else 0.0

@@ -1,15 +1,21 @@
 """Per-concept "present" thresholds calibrated on the collection's own score distribution.
 
-Method (``calibrate``): a concept's cosine scores over a collection are a mixture of a large "absent" bulk
-and a smaller "present" component. We fit a two-component 1-D Gaussian mixture by EM with a deterministic
-start (the Otsu split of a 256-bin histogram) and put the threshold where the two posteriors cross
-(between the two means). The fit is accepted when both components carry weight (at least
-``max(5/n, 0.001)``) and are separated (Ashman's D = |m1 - m2| / sqrt((s1² + s2²) / 2) >= ``MIN_SEPARATION``).
-When the fit overlaps (separation >= ``WEAK_SEPARATION``, both weights >= 5%, and two components beat
-one Gaussian by ``BIC_MARGIN``) the two groups are still split, at Otsu's threshold (method "otsu", a weak-confidence flag). Otherwise the distribution is treated
-as one population (the concept is absent everywhere, or present everywhere — the two cannot be told apart from scores alone) and a robust upper-tail rule applies:
-``median + TAIL_K · 1.4826 · MAD``, so only clear outliers count as present. Constant scores give a
-threshold just above the constant (nothing present).
+Method (``calibrate``): a concept's cosine scores over a collection are a mixture of groups. A plain concept
+("red") has a large "absent" bulk and a smaller "present" group; a compositional one ("red circle") has more:
+images with neither word, with only the colour, with only the shape, and with the red circle itself. We fit
+1-D Gaussian mixtures of 1 to ``MAX_COMPONENTS`` components by EM (deterministic starts: the Otsu split for
+two, equal-mass quantiles refined by 1-D k-means for more), keep the number of components that BIC prefers
+(each extra component must gain ``BIC_MARGIN``), and take the *top* group as "present": walking down from the
+highest-mean component, the first gap between neighbours separated by Ashman's
+D = |m1 - m2| / sqrt((s1² + s2²) / 2) >= ``MIN_SEPARATION`` (and leaving at least ``max(5/n, 0.001)`` of the
+weight on each side) is where the threshold goes, at the score where the two neighbours' posteriors cross.
+Partial matches ("red" things that are not circles) thus stay below the threshold of "red circle".
+When no gap is separated but the two-component fit is two-sided (separation >= ``WEAK_SEPARATION``, both
+weights >= 5%, and two components beat one Gaussian by ``BIC_MARGIN``) the two groups are still split, at
+Otsu's threshold (method "otsu", a weak-confidence flag). Otherwise the distribution is treated as one
+population (the concept is absent everywhere, or present everywhere — the two cannot be told apart from scores
+alone) and a robust upper-tail rule applies: ``median + TAIL_K · 1.4826 · MAD``, so only clear outliers count
+as present. Constant scores give a threshold just above the constant (nothing present).
 
 The reference recipe of the paper's code, ``mean + k·std`` with a hand-set k, is ``reference_threshold``.
 
@@ -31,13 +37,14 @@ import numpy as np
 from data.errors import InvalidInput
 
 __all__ = ["Calibration", "calibrate", "reference_threshold", "concept_scores", "thresholds_for",
-           "sample_rows", "clear_cache", "CALIBRATION_SAMPLE", "MIN_SEPARATION", "TAIL_K"]
+           "sample_rows", "clear_cache", "fit_gmm", "CALIBRATION_SAMPLE", "MIN_SEPARATION", "TAIL_K"]
 
 CALIBRATION_SAMPLE = 200_000  # rows scored for calibration (evenly strided beyond this)
-EM_POINTS = 50_000  # points the mixture is fitted on (evenly spaced order statistics beyond this)
+EM_POINTS = 8_000  # points the mixtures are fitted on (evenly spaced order statistics beyond this)
+MAX_COMPONENTS = 4  # mixtures of up to this many components are compared by BIC
 MIN_SEPARATION = 2.0  # Ashman's D needed to accept the two-component fit
 WEAK_SEPARATION = 0.9  # below MIN_SEPARATION but above this (and both weights >= 5%): Otsu split ...
-BIC_MARGIN = 10.0  # ... when two components beat one by this much BIC (a plain normal sample does not)
+BIC_MARGIN = 10.0  # BIC gain each extra component must bring (a plain normal sample does not reach it)
 TAIL_K = 4.0  # robust sigmas above the median for the one-population fallback (audits: "clearly present")
 SEARCH_TAIL_K = 1.0  # ... and for searches, which should not come back empty for an inseparable concept
 _SORTED_KEEP = 4096  # order statistics kept to estimate prevalence at any threshold
@@ -49,12 +56,15 @@ class Calibration:
 
     Attributes:
         threshold: cosine score above which (>=) the concept counts as present.
-        method: "gmm" (two-component mixture, posteriors cross), "otsu" (overlapping groups, Otsu split),
+        method: "gmm" (mixture; posteriors of the top group and its lower neighbour cross), "otsu" (overlapping
+            groups, Otsu split),
             "tail" (one population, robust upper tail),
             "constant" (all scores equal) or "override" (given by the query).
         prevalence: fraction of the calibration scores at or above the threshold.
         scale: spread of the "absent" scores (mixture std, or robust sigma); margins divide by it.
-        n: number of scores used. params: the mixture fit (weights, means, stds, separation) when fitted.
+        n: number of scores used. params: the mixture fit when fitted: per-component ``weights``, ``means``,
+            ``stds`` (by increasing mean), ``present_from`` (index of the lowest "present" component),
+            ``separation`` (Ashman's D at the threshold's gap) and ``components``.
     """
 
     threshold: float
@@ -70,6 +80,18 @@ class Calibration:
         return {"threshold": round(float(self.threshold), 6), "method": self.method,
                 "prevalence": round(float(self.prevalence), 6), "scale": round(float(self.scale), 6),
                 "n": int(self.n), "params": self.params}
+
+    def groups(self) -> tuple[float, float, float] | None:
+        """(present weight, absent mean, present mean) of a mixture fit, or None without one."""
+        p = self.params
+        if "weights" not in p or "means" not in p:
+            return None
+        j = int(p.get("present_from", 1))
+        w, m = np.asarray(p["weights"], float), np.asarray(p["means"], float)
+        wp, wa = float(w[j:].sum()), float(w[:j].sum())
+        if wp <= 0 or wa <= 0:
+            return None
+        return wp, float(w[:j] @ m[:j] / wa), float(w[j:] @ m[j:] / wp)
 
     def prevalence_at(self, threshold: float) -> float:
         """Estimated fraction of the collection scoring >= ``threshold``."""
@@ -168,20 +190,99 @@ def fit_gmm2(x: np.ndarray, iters: int = 500, tol: float = 1e-9) -> dict:
     return {"weights": w.tolist(), "means": m.tolist(), "stds": s.tolist(), "separation": sep, "loglik": ll}
 
 
-def _crossing(p: dict) -> float:
-    """Score between the two means where the posterior of the upper component reaches 0.5."""
+def _em(x: np.ndarray, w, m, s, iters: int = 500, tol: float = 1e-9) -> dict:
+    """EM of a 1-D Gaussian mixture from a start (w, m, s); components ordered by mean."""
+    w, m, s = (np.array(v, np.float64) for v in (w, m, s))
+    floor = max((float(x.std()) or 1.0) * 1e-3, 1e-6)
+    s = np.maximum(s, floor)
+    w = np.maximum(w, 1e-6)
+    w /= w.sum()
+    prev, ll = -np.inf, -np.inf
+    for _ in range(iters):
+        lp = np.log(w)[:, None] + _norm_logpdf(x[None], m[:, None], s[:, None])
+        mx = lp.max(0)
+        lse = mx + np.log(np.exp(lp - mx).sum(0))
+        ll = float(lse.mean())
+        r = np.exp(lp - lse)
+        nk = r.sum(1)
+        if np.any(nk < 1e-9):
+            break
+        w = nk / len(x)
+        m = (r @ x) / nk
+        s = np.maximum(np.sqrt(np.maximum((r * (x[None] - m[:, None]) ** 2).sum(1) / nk, 0)), floor)
+        if ll - prev < tol:
+            break
+        prev = ll
+    o = np.argsort(m)
+    w, m, s = w[o], m[o], s[o]
+    seps = [float(abs(m[j + 1] - m[j]) / np.sqrt((s[j] ** 2 + s[j + 1] ** 2) / 2)) for j in range(len(m) - 1)]
+    return {"weights": w.tolist(), "means": m.tolist(), "stds": s.tolist(), "separation": min(seps), "loglik": ll}
+
+
+def fit_gmm(x: np.ndarray, k: int, iters: int = 500, tol: float = 1e-9, previous: dict | None = None) -> dict:
+    """k-component 1-D Gaussian mixture by EM; components ordered by mean.
+
+    k = 2 starts from the Otsu split (:func:`fit_gmm2`). Larger k keeps the better of two deterministic
+    starts: equal-mass quantile groups refined by 1-D k-means, and ``previous`` (the k-1 fit) with its
+    widest component split in two.
+    """
+    if k == 2:
+        return fit_gmm2(x, iters, tol)
+    x = np.asarray(x, np.float64)
+    n = len(x)
+    xs = np.sort(x)
+    m = np.array([xs[min(n - 1, int((j + 0.5) * n / k))] for j in range(k)])
+    for _ in range(25):
+        a = np.abs(x[:, None] - m[None]).argmin(1)
+        m = np.array([x[a == j].mean() if np.any(a == j) else m[j] for j in range(k)])
+    cnt = np.bincount(a, minlength=k)
+    sd = np.array([x[a == j].std() if cnt[j] > 1 else x.std() for j in range(k)])
+    starts = [(cnt / n, m, sd)]
+    if previous is not None and len(previous["weights"]) == k - 1:
+        w0, m0, s0 = (np.array(previous[key], np.float64) for key in ("weights", "means", "stds"))
+        i = int(np.argmax(w0 * s0**2))
+        starts.append((np.r_[np.delete(w0, i), w0[i] / 2, w0[i] / 2],
+                       np.r_[np.delete(m0, i), m0[i] - s0[i], m0[i] + s0[i]],
+                       np.r_[np.delete(s0, i), s0[i] / 2, s0[i] / 2]))
+    # over-specified mixtures converge slowly; BIC only needs the log-likelihood to ~1e-7 per point
+    its, tl = min(iters, 200), max(tol, 1e-7)
+    return max((_em(x, *st, iters=its, tol=tl) for st in starts), key=lambda f: f["loglik"])
+
+
+def _bic(x: np.ndarray, p: dict | None) -> float:
+    """BIC of a mixture fit ``p`` (None: one Gaussian) on sample ``x``."""
+    n = len(x)
+    if p is None:
+        sd = max(float(x.std()), 1e-12)
+        return 2 * np.log(n) - 2 * float(np.sum(_norm_logpdf(x, float(x.mean()), sd)))
+    k = len(p["weights"])
+    return (3 * k - 1) * np.log(n) - 2 * p["loglik"] * n
+
+
+def _crossing(p: dict, lo: int = 0, hi: int = 1) -> float:
+    """Score between means ``lo`` and ``hi`` where the posterior of component ``hi`` over ``lo`` reaches 0.5."""
     w, m, s = p["weights"], p["means"], p["stds"]
-    grid = np.linspace(m[0], m[1], 4097)
-    d = (np.log(w[1]) + _norm_logpdf(grid, m[1], s[1])) - (np.log(w[0]) + _norm_logpdf(grid, m[0], s[0]))
+    grid = np.linspace(m[lo], m[hi], 4097)
+    d = (np.log(w[hi]) + _norm_logpdf(grid, m[hi], s[hi])) - (np.log(w[lo]) + _norm_logpdf(grid, m[lo], s[lo]))
     idx = np.nonzero(d >= 0)[0]
     if not len(idx):
-        return float(m[1])
+        return float(m[hi])
     i = int(idx[0])
     if i == 0:
         return float(grid[0])
     # linear interpolation of the log-odds zero crossing
     a, b = d[i - 1], d[i]
     return float(grid[i - 1] + (grid[i] - grid[i - 1]) * (-a) / (b - a))
+
+
+def _top_split(p: dict, min_w: float) -> tuple[int, float] | None:
+    """(lowest present component, separation) walking down from the top to the first separated gap."""
+    w, m, s = p["weights"], p["means"], p["stds"]
+    for j in range(len(w) - 1, 0, -1):
+        d = float(abs(m[j] - m[j - 1]) / np.sqrt((s[j] ** 2 + s[j - 1] ** 2) / 2))
+        if d >= MIN_SEPARATION and sum(w[j:]) >= min_w and sum(w[:j]) >= min_w:
+            return j, d
+    return None
 
 
 def _order_stats(x_sorted: np.ndarray, k: int) -> np.ndarray:
@@ -224,12 +325,26 @@ def calibrate(scores) -> Calibration:
     if mad_sigma <= 0:
         mad_sigma = float(x.std()) or 1e-6
     if n >= 8:
-        p = fit_gmm2(_order_stats(x, EM_POINTS))
+        xs = _order_stats(x, EM_POINTS)
         min_w = max(5.0 / n, 1e-3)
-        if min(p["weights"]) >= min_w and p["separation"] >= MIN_SEPARATION:
-            thr = _crossing(p)
-            p = {k: ([round(v, 6) for v in val] if isinstance(val, list) else round(val, 6)) for k, val in p.items()}
-            return done(thr, "gmm", max(p["stds"][0], 1e-6), p)
+        fits: dict[int, dict] = {}
+        for k in range(2, min(MAX_COMPONENTS, max(2, len(xs) // 10)) + 1):
+            fits[k] = fit_gmm(xs, k, previous=fits.get(k - 1))
+        best, best_bic = None, _bic(xs, None)
+        for k, f in fits.items():  # each extra component must pay for itself
+            b = _bic(xs, f)
+            if b < best_bic - BIC_MARGIN:
+                best, best_bic = k, b
+        for k in ([best] if best else []) + ([2] if best != 2 else []):
+            split = _top_split(fits[k], min_w)
+            if split is not None:
+                j, sep = split
+                thr = _crossing(fits[k], j - 1, j)
+                prm = {key: ([round(v, 6) for v in val] if isinstance(val, list) else round(val, 6))
+                       for key, val in fits[k].items()}
+                prm.update(present_from=j, separation=round(sep, 6), components=k)
+                return done(thr, "gmm", max(fits[k]["stds"][j - 1], 1e-6), prm)
+        p = fits[2]
         rounded = {k: ([round(v, 6) for v in val] if isinstance(val, list) else round(val, 6)) for k, val in p.items()}
         if min(p["weights"]) >= 0.05 and p["separation"] >= WEAK_SEPARATION and _bic_gain(x, p) > BIC_MARGIN:
             # overlapping but two-sided: the split that best separates the two groups (Otsu), flagged weak

@@ -345,20 +345,20 @@ class Engine:
         baseline (median centroid score; 3 robust sigmas of it are discounted as noise). Estimated positives
         per list = size·f; lists are probed in order of centroid score (as FAISS does); 25% margin.
         """
-        means = cal.params.get("means") if cal.params else None
-        if not means or len(means) != 2 or means[1] <= means[0]:
+        groups = cal.groups()
+        if groups is None or groups[2] <= groups[1]:
             return base
-        import faiss
-
-        _, sizes = self._ivf_layout()
-        ivf = faiss.extract_index_ivf(self.snapshot.index)
-        # every centroid's score, in probe order (FAISS's own quantizer; no multi-threaded BLAS for a mat-vec)
-        cs, order = ivf.quantizer.search(np.ascontiguousarray(vec[None], np.float32), ivf.nlist)
-        cs, order = cs[0], order[0]
+        present_mean = groups[2]
+        cents, sizes = self._ivf_layout()
+        # every centroid's score, in probe order (the centroids are cached; an HNSW coarse quantizer cannot
+        # list all of its lists in order, so the scores are computed directly)
+        cs = cents @ np.asarray(vec, np.float32)
+        order = np.argsort(-cs, kind="stable")
+        cs = cs[order]
         # most lists hold no positive: their centroid scores give the baseline and its noise
         med = float(np.median(cs))
         noise = 1.4826 * float(np.median(np.abs(cs - med)))
-        f = np.clip((cs - med - 3 * noise) / max(means[1] - med, 1e-6), 0.0, 1.0)
+        f = np.clip((cs - med - 3 * noise) / max(present_mean - med, 1e-6), 0.0, 1.0)
         cum = np.cumsum(sizes[order] * f)
         if cum[-1] <= 0:
             return base

@@ -103,3 +103,29 @@ def test_concept_scores_blockwise():
 def test_never_crashes(xs):
     c = calibrate(xs)
     assert np.isfinite(c.threshold) and 0 <= c.prevalence <= 1 and c.method in ("gmm", "otsu", "tail", "constant")
+
+
+def test_compositional_concept_takes_the_top_group():
+    # "red circle": images with neither word, only the shape, only the colour, and the pair itself
+    rng = np.random.default_rng(7)
+    groups = [(0.13, 0.04, 11000), (0.28, 0.035, 4200), (0.38, 0.035, 3300), (0.52, 0.035, 1500)]
+    s = np.concatenate([rng.normal(m, sd, n) for m, sd, n in groups])
+    truth = np.r_[np.zeros(18500, bool), np.ones(1500, bool)]
+    c = calibrate(s)
+    assert c.method == "gmm" and c.params["components"] >= 3
+    assert 0.43 < c.threshold < 0.47  # between "colour only" and the pair, not above the absent bulk
+    assert c.params["present_from"] == c.params["components"] - 1
+    pred = s >= c.threshold
+    assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.9
+    wp, m_abs, m_pres = c.groups()
+    assert wp == pytest.approx(0.075, abs=0.01) and m_pres == pytest.approx(0.52, abs=0.01) and m_abs < 0.3
+
+
+def test_plain_concept_keeps_two_groups_under_skew():
+    # a skewed absent bulk may take two components; the present group is still the whole upper mode
+    rng = np.random.default_rng(8)
+    absent = np.r_[rng.normal(0.10, 0.03, 12000), rng.normal(0.16, 0.03, 5000)]
+    s = np.r_[absent, rng.normal(0.45, 0.04, 3000)]
+    c = calibrate(s)
+    assert c.method == "gmm" and 0.25 < c.threshold < 0.38
+    assert c.prevalence == pytest.approx(0.15, abs=0.01)

@@ -39,6 +39,7 @@ from data.errors import InvalidInput, NotFound, StoreError
 FORMAT_VERSION = 1
 KEEP_SNAPSHOTS = 3
 QUICK_VERIFY_BYTES = 256 << 20
+COPY_CHUNK = 262_144  # rows of previous vectors copied at a time when committing
 
 IMAGE_COLUMNS = {
     "id": "BIGINT",
@@ -436,10 +437,13 @@ class StoreWriter:
             shards = list(prev.manifest.get("feature_shards", [])) if prev else []
             shards += list(changes.feature_shards)
             shards = self._compact_shard_list(shards, set(map(int, ids)))
-            vectors, dim = self._project(shards, ids, vectors_for, manifest_fields, changes.feature_shards, reproject)
+            dim = self._project(shards, ids, vectors_for, manifest_fields, changes.feature_shards, reproject,
+                                tmpdir / "vectors.npy")
             np.save(tmpdir / "ids.npy", ids)
-            np.save(tmpdir / "vectors.npy", vectors)
+            # memory-mapped: the aligned vectors of a large store never need to fit in RAM at once
+            vectors = np.load(tmpdir / "vectors.npy", mmap_mode="r" if len(ids) else None, allow_pickle=False)
             index, index_info = build_index(vectors, ids)
+            del vectors
             import faiss
 
             faiss.write_index(index, str(tmpdir / "index.faiss"))
@@ -550,29 +554,36 @@ class StoreWriter:
         used = {si for i, si in latest.items() if i in live}
         return [rel for si, rel in enumerate(shards) if si in used]
 
-    def _project(self, shards, ids, vectors_for, manifest_fields, new_shards, reproject):
-        """Aligned vectors for ``ids`` in order: previous vectors reused, new shards projected.
+    def _project(self, shards, ids, vectors_for, manifest_fields, new_shards, reproject, out_path: Path) -> int:
+        """Write the aligned vectors for ``ids`` (in order) to ``out_path`` (.npy); returns their dimension.
 
-        When the projection changed (``reproject``, e.g. a new aligner) every shard is
-        projected again from raw features; later shards win over earlier ones for the same id.
+        Previous vectors are reused and new shards projected; when the projection changed (``reproject``,
+        e.g. a new aligner) every shard is projected again from raw features; later shards win over earlier
+        ones for the same id. The output is written through a memory map, chunk by chunk, so peak memory is
+        one shard or chunk, not the whole store.
         """
         dim = int(manifest_fields["dim"])
-        out = np.zeros((len(ids), dim), np.float32)
+        if not len(ids):
+            np.save(out_path, np.zeros((0, dim), np.float32))
+            return dim
+        out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(len(ids), dim))
         filled = np.zeros(len(ids), bool)
         prev = self.current
         todo = shards
-        if prev is not None and not reproject and len(ids):
+        if prev is not None and not reproject:
             old_ids = prev.ids
-            pos = np.searchsorted(ids, old_ids)
-            ok = (pos < len(ids))
-            ok[ok] = ids[pos[ok]] == old_ids[ok]
-            if ok.any():
-                out[pos[ok]] = prev.vectors[np.nonzero(ok)[0]]
-                filled[pos[ok]] = True
+            for s in range(0, len(old_ids), COPY_CHUNK):
+                chunk = np.asarray(old_ids[s : s + COPY_CHUNK])
+                pos = np.searchsorted(ids, chunk)
+                ok = pos < len(ids)
+                ok[ok] = ids[pos[ok]] == chunk[ok]
+                if ok.any():
+                    out[pos[ok]] = prev.vectors[s + np.nonzero(ok)[0]]
+                    filled[pos[ok]] = True
             todo = [s for s in shards if s in set(new_shards)]
         for rel in todo:  # oldest first: later shards overwrite
             z = load_npz(self.root / rel)
-            if not len(ids) or not len(z["ids"]):
+            if not len(z["ids"]):
                 continue
             pos = np.searchsorted(ids, z["ids"])
             ok = pos < len(ids)
@@ -580,11 +591,13 @@ class StoreWriter:
             if ok.any():
                 out[pos[ok]] = vectors_for(z["ids"][ok], z["feats"][ok])
                 filled[pos[ok]] = True
+        out.flush()
+        del out
         if not filled.all():
             missing = ids[~filled][:5].tolist()
             raise StoreError(f"no features for ids {missing}: the feature shards are incomplete",
                              "re-run `t2c index` (it resumes) or re-index into a new store")
-        return out, dim
+        return dim
 
     def _gc(self) -> None:
         """Keep the newest KEEP_SNAPSHOTS snapshots; drop unreferenced feature shards and temp folders."""

@@ -70,7 +70,10 @@ def test_bad_files_are_recorded_and_skipped(tmp_path):
     assert WALK_ONLY <= set(cases)
 
 
-def test_incremental_add_change_remove(tmp_path):
+def test_incremental_add_change_remove(tmp_path, monkeypatch):
+    import data.store
+
+    monkeypatch.setattr(data.store, "COPY_CHUNK", 5)  # previous vectors are carried over in several chunks
     imgs = tmp_path / "imgs"
     make_images(imgs, 12)
     run(imgs, tmp_path / "st")
@@ -96,6 +99,13 @@ def test_incremental_add_change_remove(tmp_path):
     row = after.rows_of([ids_after[str(changed)]])[0]
     old_row = before.rows_of([ids_before[str(changed)]])[0]
     assert not np.allclose(after.vectors[row], before.vectors[old_row])
+    # every vector equals a fresh index of the final folder (carried-over rows landed in the right places)
+    run(imgs, tmp_path / "fresh")
+    fresh = open_store(tmp_path / "fresh")
+    by_path = {r[0]: r[1] for r in fresh.catalog().execute("SELECT path, id FROM images").fetchall()}
+    for p, i in ids_after.items():
+        np.testing.assert_allclose(after.vectors[after.rows_of([i])[0]], fresh.vectors[fresh.rows_of([by_path[p]])[0]],
+                                   rtol=1e-5, atol=1e-6)
     # nothing to do: no new snapshot
     rep = run(imgs, tmp_path / "st")
     assert rep.added == rep.updated == rep.removed == 0 and rep.snapshot == after.name

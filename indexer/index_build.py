@@ -122,32 +122,49 @@ def search_reranked(index, vectors: np.ndarray, ids: np.ndarray, q: np.ndarray, 
     return out
 
 
+MAX_RERANK = 1600  # deepest exact re-ranking of PQ candidates that tuning tries
+PLATEAU = 0.005  # a doubling of nprobe that gains less recall than this is a plateau
+
+
 def tune_nprobe(index, vectors: np.ndarray, ids: np.ndarray, *, target_recall: float = 0.95, seed: int = 0,
                 n_eval: int = 200, k: int = 10, rerank: int | None = None) -> dict:
     """Raise nprobe until recall@k vs exact search on sampled queries reaches the target.
 
     For product-quantised indices, the top ``rerank`` (default 10·k) approximate candidates are re-scored
-    exactly from the stored vectors: PQ codes alone rarely reach high recall on 512-d vectors.
+    exactly from the stored vectors: PQ codes alone rarely reach high recall on 512-d vectors. When doubling
+    nprobe stops paying (a plateau: the codes, not the probed lists, limit recall) the re-ranking depth is
+    doubled instead, up to ``MAX_RERANK``. If the target is never reached, the smallest setting within
+    ``PLATEAU`` of the best recall seen is kept, rather than probing every list for nothing.
     """
     import faiss
 
     rng = np.random.default_rng(seed + 1)
-    q = vectors[rng.choice(len(vectors), min(n_eval, len(vectors)), replace=False)]
+    q = vectors[np.sort(rng.choice(len(vectors), min(n_eval, len(vectors)), replace=False))]
     q = q + rng.normal(scale=0.05, size=q.shape).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     truth = ids[exact_topk(vectors, q, k)]
     ivf = faiss.extract_index_ivf(index)
     quantised = not isinstance(ivf, faiss.IndexIVFFlat)
     rerank = (rerank or 10 * k) if quantised else None
-    nprobe, recall = 1, 0.0
+    nprobe, prev, tried = 1, None, []
     while True:
         ivf.nprobe = nprobe
         got = search_reranked(index, vectors, ids, q, k, rerank) if rerank else index.search(q, k)[1]
         recall = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(got, truth)]))
+        tried.append((nprobe, rerank, recall))
         if recall >= target_recall or nprobe >= ivf.nlist:
             break
+        if rerank and prev is not None and recall - prev < PLATEAU and rerank < MAX_RERANK:
+            rerank, prev = min(MAX_RERANK, rerank * 2), None  # same nprobe, deeper re-ranking
+            continue
+        prev = recall
         nprobe = min(ivf.nlist, nprobe * 2)
-    return {"nprobe": nprobe, "recall_at_10": round(recall, 4), "recall_queries": len(q), "rerank": rerank}
+    if recall < target_recall:
+        best = max(r for _, _, r in tried)
+        nprobe, rerank, recall = next(t for t in tried if t[2] >= best - PLATEAU)
+    ivf.nprobe = nprobe
+    return {"nprobe": nprobe, "recall_at_10": round(recall, 4), "recall_queries": len(q), "rerank": rerank,
+            "target_reached": recall >= target_recall}
 
 
 def set_search_params(index, info: dict) -> None:

@@ -3,7 +3,7 @@
 Two decoders, chosen by the CLIP space of the vector:
 
 - ``world:clip`` stores use the concept world's GRU caption decoder (``data.world.decoder``; weights ship in
-  ``data/world/weights/decoder.safetensors``, rebuilt by ``t2c describe train``).
+  ``data/world/weights/decoder.safetensors``, rebuilt by ``t2c describe-train``).
 - Any other CLIP uses a ClipCap-style prefix decoder: an MLP maps the CLIP vector to ``prefix_len`` token
   embeddings of a GPT-2-class language model (``transformers``), then greedy decoding. Its weights come from
   a local safetensors file (``--decoder FILE`` or ``$T2C_CAPTION_DECODER``) written by
@@ -187,7 +187,7 @@ def _read_safetensors(path: Path, framework: str):
 
     if not path.is_file():
         raise NotFound(f"caption decoder {str(path)!r} does not exist",
-                       "pass --decoder FILE (a ClipCap file or a world decoder), or run `t2c describe train`")
+                       "pass --decoder FILE (a ClipCap file or a world decoder), or run `t2c describe-train`")
     try:
         with safe_open(str(path), framework=framework) as fh:
             return fh.metadata() or {}, {k: fh.get_tensor(k) for k in fh.keys()}
@@ -215,7 +215,7 @@ def load_caption_decoder(path) -> tuple[str, object]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise NotFound(f"caption decoder {str(path)!r} does not exist",
-                       "run `t2c describe train` (world) or pass --decoder FILE")
+                       "run `t2c describe-train` (world) or pass --decoder FILE")
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     with _LOCK:

@@ -74,3 +74,21 @@ def test_hnsw_coarse_quantizer_for_many_lists(monkeypatch):
     assert list(got[:, 0]) == list(ids[:3])
     lims, _, found = again.range_search(v[:2], 0.9)
     assert ids[0] in found[lims[0]:lims[1]]
+
+
+def test_unreachable_recall_keeps_the_cheapest_setting_on_the_plateau():
+    import faiss
+
+    from indexer.index_build import PLATEAU, tune_nprobe
+
+    v = _clustered()
+    ids = np.arange(len(v), dtype=np.int64)
+    index = faiss.index_factory(v.shape[1], "IVF256,PQ4np", faiss.METRIC_INNER_PRODUCT)
+    index.train(v)
+    index.add_with_ids(v, ids)
+    info = tune_nprobe(index, v, ids, target_recall=1.01)  # unreachable: tuning must stop somewhere sensible
+    assert info["target_reached"] is False
+    assert info["rerank"] > 100  # a plateau deepened the exact re-ranking before probing more lists
+    assert info["nprobe"] < 256  # ... and the full scan was not kept for no gain
+    best = tune_nprobe(index, v, ids, target_recall=1.01, rerank=1600)
+    assert info["recall_at_10"] >= best["recall_at_10"] - 2 * PLATEAU

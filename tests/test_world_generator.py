@@ -202,3 +202,21 @@ def test_captions_are_true_of_their_scene(seed, idx):
         cap = vocab.sample_caption(sc.background, sc.object_labels(), rng)
         vocab.tokenize([cap])  # every training caption is in the vocabulary
         assert concept_truth(row, cap)[0], cap
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), idx=st.integers(0, 10_000))
+def test_binding_negatives_are_false_of_their_scene(seed, idx):
+    sc = sample_scene(scene_rng(seed, idx))
+    row = [{"background": sc.background, "objects": sc.object_labels()}]
+    rng = np.random.default_rng([seed, idx, 1])
+    pairs = {(o["color"], o["shape"]) for o in sc.object_labels()}
+    for _ in range(5):
+        neg = vocab.binding_negative(sc.object_labels(), rng)
+        vocab.tokenize([neg])
+        assert not concept_truth(row, neg)[0], neg
+        spec = vocab.parse_concept(neg)["objects"][0]
+        colors, shapes = {c for c, _ in pairs}, {s for _, s in pairs}
+        if len(colors) > 1 and len(shapes) > 1 and any(
+                (c, s) not in pairs for c in colors for s in shapes):  # a swap exists: it uses the scene's words
+            assert spec["color"] in colors and spec["shape"] in shapes, neg

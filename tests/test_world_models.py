@@ -133,6 +133,22 @@ def test_short_training_lowers_the_loss(name):
 def test_training_is_deterministic():
     scenes, pixels = sample_dataset(64, 98)
     runs = [train_model("clip", scenes, pixels, steps=3, batch=16, seed=4, log=None,
-                        multi_positive=mp)[1] for mp in (False, False, True)]
-    assert runs[0] == runs[1]
-    assert runs[0] != runs[2]
+                        multi_positive=mp, hard_negatives=hn)[1]
+            for mp, hn in ((False, False), (False, False), (True, False), (True, True), (True, True), (False, True))]
+    assert runs[0] == runs[1] and runs[3] == runs[4]
+    assert len({tuple(r) for r in runs}) == 4  # each loss variant trains differently
+
+
+def test_train_all_writes_weights_and_keeps_other_models_entries(tmp_path):
+    import json
+
+    from data.world.train import TrainConfig, train_all
+
+    cfg = TrainConfig(n=96, batch=32, steps={"clip": 2, "pairnet": 2, "autoenc": 2}, eval_n=20)
+    train_all(tmp_path, config=cfg, models=("autoenc",), threads=1, log=None)
+    rep = train_all(tmp_path, config=cfg, models=("pairnet",), threads=1, log=None)
+    assert set(rep["models"]) == {"autoenc", "pairnet"}  # retraining one model keeps the other's entry
+    on_disk = json.loads((tmp_path / "world_models.json").read_text())
+    assert on_disk["models"]["pairnet"]["steps"] == 2 and 0 <= on_disk["models"]["pairnet"]["pair_accuracy"] <= 1
+    for name in ("autoenc", "pairnet"):
+        load_world_model(name, str(tmp_path / f"{name}.safetensors"))  # loads strictly into the architecture

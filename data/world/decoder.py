@@ -8,7 +8,7 @@ embeddings during training (and the vectors re-normalised), so that vectors pred
 another encoder — close to, but not exactly, CLIP image embeddings — decode as well. Greedy decoding.
 
 torch is imported only when a decoder is built. Weights ship as ``weights/decoder.safetensors`` (about
-0.4 MB) and are reproduced by ``t2c describe train`` (``train_decoder``), deterministically per seed and
+0.4 MB) and are reproduced by ``t2c describe-train`` (``train_decoder``), deterministically per seed and
 thread count.
 """
 from __future__ import annotations
@@ -160,14 +160,14 @@ def load_decoder(path: str | os.PathLike | None = None):
     """Load a world decoder in eval mode (default: the shipped weights).
 
     Raises:
-        NotFound: no such file (``t2c describe train`` rebuilds the shipped one). EncoderError: not a decoder.
+        NotFound: no such file (``t2c describe-train`` rebuilds the shipped one). EncoderError: not a decoder.
     """
     from safetensors import safe_open
 
     path = Path(path) if path else weights_path()
     if not path.is_file():
         raise NotFound(f"caption decoder {str(path)!r} does not exist",
-                       "run `t2c describe train` to build the world decoder")
+                       "run `t2c describe-train` to build the world decoder")
     try:
         with safe_open(str(path), framework="pt") as fh:
             md = fh.metadata() or {}
@@ -178,7 +178,7 @@ def load_decoder(path: str | os.PathLike | None = None):
         raise EncoderError(f"{str(path)!r} is not a world caption decoder (format {md.get('format')!r})")
     if json.loads(md.get("tokens", "[]")) != list(TOKENS):
         raise EncoderError(f"caption decoder {str(path)!r} was trained with another vocabulary",
-                           "retrain it with `t2c describe train`")
+                           "retrain it with `t2c describe-train`")
     model = build_decoder(int(md["dim"]), int(md["hidden"]), int(md["emb"]))
     model.load_state_dict(sd, strict=True)
     model.eval()

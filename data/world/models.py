@@ -1,7 +1,8 @@
 """Concept-world models: a small CLIP (image + text towers) and two encoders trained without text.
 
-- ``clip``: 3-block CNN image tower + 2-layer transformer text tower over the world vocabulary, trained
-  contrastively on generated captions. Both towers return L2-normalised 64-d embeddings.
+- ``clip``: 4-block CNN image tower (global max pooling) + 2-layer transformer text tower over the world
+  vocabulary, trained contrastively on generated captions (multi-positive, with binding hard negatives).
+  Both towers return L2-normalised 64-d embeddings.
 - ``pairnet``: a residual CNN (strided 5x5 stem, residual blocks, global max pooling) trained as a
   multi-label classifier of the colour-shape pairs present; features are its 128-d penultimate layer.
   It never sees size or background labels, nor any text.
@@ -91,10 +92,12 @@ def _nets() -> SimpleNamespace:
         def __init__(self):
             super().__init__()
             self.visual = nn.Sequential(
-                conv_bn(3, 32), nn.MaxPool2d(2),          # 16x16
-                conv_bn(32, 64), nn.MaxPool2d(2),         # 8x8
-                conv_bn(64, 128),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, self.dim),
+                conv_bn(3, 48), nn.MaxPool2d(2),          # 16x16
+                conv_bn(48, 96), nn.MaxPool2d(2),         # 8x8
+                conv_bn(96, 192), conv_bn(192, 192),
+                # max, not average, pooling: "is there a red circle anywhere" survives the pooling of a
+                # cluttered scene (average pooling blends the objects' features together)
+                nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(192, self.dim),
             )
             self.text = TextTower(self.dim)
             self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1/0.07)

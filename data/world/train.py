@@ -43,7 +43,8 @@ class TrainConfig:
     batch: int = 256
     steps: dict = field(default_factory=lambda: {"clip": 1100, "pairnet": 1000, "autoenc": 300})
     lr: dict = field(default_factory=lambda: {"clip": 2e-3, "pairnet": 4e-3, "autoenc": 2e-3})
-    clip_multi_positive: bool = False  # plain CLIP InfoNCE (True: every true caption in the batch is a positive)
+    clip_multi_positive: bool = True   # every true caption in the batch is a positive (False: plain InfoNCE)
+    clip_hard_negatives: bool = True   # one binding-negative caption per image (colours swapped between objects)
     weight_decay: float = 0.01
     warmup: float = 0.05         # fraction of steps
     eval_n: int = 1000           # held-out single-object images for the zero-shot check
@@ -160,7 +161,8 @@ def _batches(n: int, batch: int, steps: int, seed: int):
 
 def train_model(name: str, scenes: Sequence[Scene], pixels: np.ndarray, *, steps: int, batch: int = 256,
                 lr: float = 2e-3, weight_decay: float = 0.01, warmup: float = 0.05, seed: int = 0,
-                multi_positive: bool = False, log: Callable[[str], None] | None = print, log_every: int = 50):
+                multi_positive: bool = False, hard_negatives: bool = False,
+                log: Callable[[str], None] | None = print, log_every: int = 50):
     """Train one world model from a random init on in-memory data.
 
     Args:
@@ -170,6 +172,8 @@ def train_model(name: str, scenes: Sequence[Scene], pixels: np.ndarray, *, steps
         seed: init, batch order, flips and caption sampling.
         multi_positive: clip only; every image in the batch that a caption truly describes is a positive
             (soft targets) instead of only the image the caption was drawn for.
+        hard_negatives: clip only; each image also meets one false caption built from its own words
+            (:func:`data.world.vocab.binding_negative`, as in NegCLIP), so that colour must be bound to shape.
         log: a callable taking a progress line, or None.
 
     Returns:
@@ -188,12 +192,13 @@ def train_model(name: str, scenes: Sequence[Scene], pixels: np.ndarray, *, steps
     torch.use_deterministic_algorithms(True)
     try:
         return _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, multi_positive,
-                      log, log_every)
+                      hard_negatives, log, log_every)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, multi_positive, log, log_every):
+def _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, multi_positive, hard_negatives,
+           log, log_every):
     """The training loop behind :func:`train_model` (deterministic algorithms already switched on)."""
     import torch
     import torch.nn.functional as F
@@ -208,7 +213,7 @@ def _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, m
     cap_rng = np.random.default_rng([seed, 23])
     targets = torch.from_numpy(pair_targets(scenes)) if name == "pairnet" else None
     labels = [sc.object_labels() for sc in scenes] if name == "clip" else None
-    if name == "clip" and multi_positive:
+    if name == "clip" and (multi_positive or hard_negatives):
         scene_pat, scene_bg = _scene_patterns(scenes)
     history: list[float] = []
     t0 = time.time()
@@ -220,19 +225,29 @@ def _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, m
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x).contiguous(memory_format=torch.channels_last)
         if name == "clip":
             caps = [vocab.sample_caption(scenes[i].background, labels[i], cap_rng) for i in idx]
-            ids = torch.from_numpy(vocab.tokenize(caps))
+            negs = [vocab.binding_negative(labels[i], cap_rng) for i in idx] if hard_negatives else []
+            ids = torch.from_numpy(vocab.tokenize(caps + negs))
             ids = ids[:, : int((ids != 0).sum(1).max())]
             img = model.encode_image(x)
             txt = model.encode_token_ids(ids)
+            # image -> text over the captions and the hard negatives; text -> image over the captions only
             logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
-            if multi_positive:
-                pos = caption_matches(caps, scene_pat[idx], scene_bg[idx]) | np.eye(len(idx), dtype=bool)
+            b = len(idx)
+            if multi_positive or hard_negatives:
+                if multi_positive:
+                    pos = caption_matches(caps + negs, scene_pat[idx], scene_bg[idx]).T  # (B images, texts)
+                else:  # a hard negative can still be true of another image in the batch
+                    pos = np.zeros((b, len(caps) + len(negs)), bool)
+                    if negs:
+                        pos[:, b:] = caption_matches(negs, scene_pat[idx], scene_bg[idx]).T
+                pos[:, :b] |= np.eye(b, dtype=bool)
                 pos = torch.from_numpy(pos.astype(np.float32))
-                t2i = -(pos / pos.sum(1, keepdim=True) * F.log_softmax(logits.T, 1)).sum(1).mean()
-                i2t = -(pos.T / pos.sum(0).unsqueeze(1) * F.log_softmax(logits, 1)).sum(1).mean()
+                i2t = -(pos / pos.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
+                pt = pos[:, :b].T  # (captions, images)
+                t2i = -(pt / pt.sum(1, keepdim=True) * F.log_softmax(logits[:, :b].T, 1)).sum(1).mean()
                 loss = 0.5 * (t2i + i2t)
             else:
-                tgt = torch.arange(len(idx))
+                tgt = torch.arange(b)
                 loss = 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.T, tgt))
         elif name == "pairnet":
             loss = F.binary_cross_entropy_with_logits(model.logits(x), targets[torch.from_numpy(idx)])
@@ -368,7 +383,8 @@ def train_all(out_dir: str | Path | None = None, *, config: TrainConfig | None =
         t0 = time.time()
         model, hist = train_model(name, scenes, pixels, steps=int(cfg.steps[name]), batch=cfg.batch,
                                   lr=float(cfg.lr[name]), weight_decay=cfg.weight_decay, warmup=cfg.warmup,
-                                  seed=cfg.seed, multi_positive=cfg.clip_multi_positive, log=log)
+                                  seed=cfg.seed, multi_positive=cfg.clip_multi_positive,
+                                  hard_negatives=cfg.clip_hard_negatives, log=log)
         secs = time.time() - t0
         info = {"seconds": round(secs, 1), "steps": int(cfg.steps[name]),
                 "first_loss": round(float(np.mean(hist[:10])), 4), "final_loss": round(float(np.mean(hist[-20:])), 4)}
@@ -387,6 +403,12 @@ def train_all(out_dir: str | Path | None = None, *, config: TrainConfig | None =
         report["models"][name] = info
     report["total_seconds"] = round(time.time() - t_all, 1)
     meta_path = out / "world_models.json"
+    try:  # models not retrained this time keep their entries (e.g. `t2c world train --model clip`)
+        previous = json.loads(meta_path.read_text())
+        for name, info in previous.get("models", {}).items():
+            report["models"].setdefault(name, info)
+    except (OSError, ValueError, AttributeError):
+        pass
     tmp = meta_path.with_name(meta_path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(meta_path)

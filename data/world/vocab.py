@@ -150,6 +150,28 @@ def sample_caption(background: str, objects: Sequence[dict], rng: np.random.Gene
     return text
 
 
+def binding_negative(objects: Sequence[dict], rng: np.random.Generator) -> str:
+    """A false caption that reuses the scene's own words (a hard negative for contrastive training).
+
+    With two objects of different colours and shapes, their colours are swapped ("a red circle and a blue
+    square" -> "a blue circle"), which only a model that binds colour to shape can tell apart; otherwise one
+    object's colour or shape is replaced by one absent from the scene. Never true of the scene.
+    """
+    prefix = _PREFIXES[rng.integers(len(_PREFIXES))]
+    present = {(o["color"], o["shape"]) for o in objects}
+    swaps = [(a["color"], b["shape"]) for a in objects for b in objects
+             if (a["color"], b["shape"]) not in present]
+    if swaps:
+        color, shape = swaps[rng.integers(len(swaps))]
+        return prefix + object_phrase(color, shape, None)
+    o = objects[rng.integers(len(objects))]
+    if rng.random() < 0.5:
+        colors = [c for c in COLORS if (c, o["shape"]) not in present]
+        return prefix + object_phrase(colors[rng.integers(len(colors))], o["shape"], None)
+    shapes = [s for s in SHAPES if (o["color"], s) not in present]
+    return prefix + object_phrase(o["color"], shapes[rng.integers(len(shapes))], None)
+
+
 # --- concepts (ground truth) -------------------------------------------------------------------------
 def parse_concept(concept: str) -> dict:
     """Parse a concept string into ``{"objects": [{color, shape, size}...], "background": str | None}``.

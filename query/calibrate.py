@@ -162,32 +162,7 @@ def fit_gmm2(x: np.ndarray, iters: int = 500, tol: float = 1e-9) -> dict:
     lo, hi = x[x < t0], x[x >= t0]
     if len(lo) < 2 or len(hi) < 2:
         lo, hi = x[: len(x) // 2], x[len(x) // 2 :]
-    spread = float(x.std()) or 1.0
-    floor = max(spread * 1e-3, 1e-6)
-    w = np.array([len(lo), len(hi)], np.float64) / len(x)
-    m = np.array([lo.mean(), hi.mean()])
-    s = np.maximum(np.array([lo.std(), hi.std()]), floor)
-    prev = -np.inf
-    ll = prev
-    for _ in range(iters):
-        lp = np.stack([np.log(w[j]) + _norm_logpdf(x, m[j], s[j]) for j in range(2)])
-        mx = lp.max(0)
-        lse = mx + np.log(np.exp(lp[0] - mx) + np.exp(lp[1] - mx))
-        ll = float(lse.mean())
-        r = np.exp(lp - lse)
-        nk = r.sum(1)
-        if np.any(nk < 1e-9):
-            break
-        w = nk / len(x)
-        m = (r @ x) / nk
-        s = np.maximum(np.sqrt(np.maximum((r * (x[None] - m[:, None]) ** 2).sum(1) / nk, 0)), floor)
-        if ll - prev < tol:
-            break
-        prev = ll
-    order = np.argsort(m)
-    w, m, s = w[order], m[order], s[order]
-    sep = float(abs(m[1] - m[0]) / np.sqrt((s[0] ** 2 + s[1] ** 2) / 2))
-    return {"weights": w.tolist(), "means": m.tolist(), "stds": s.tolist(), "separation": sep, "loglik": ll}
+    return _em(x, [len(lo) / len(x), len(hi) / len(x)], [lo.mean(), hi.mean()], [lo.std(), hi.std()], iters, tol)
 
 
 def _em(x: np.ndarray, w, m, s, iters: int = 500, tol: float = 1e-9) -> dict:

@@ -214,7 +214,7 @@ def fit_aligner_on_folder(encoder, clip_spec: str, paths: list[str], *, max_pixe
         bar.close()
         dec_e.close()
         dec_c.close()
-    return acc.fit(encoder=encoder.spec, clip=clip.spec, n_images=acc.train.n + acc.held.n)
+    return acc.fit(encoder=encoder.spec, clip=clip.spec, n_images=acc.all.n)
 
 
 def _bar(total: int, desc: str, enabled: bool):

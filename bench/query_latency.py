@@ -104,11 +104,12 @@ def main(argv=None) -> dict:
                     help="largest store given an exact (flat) index; production default 200000")
     ap.add_argument("--store", type=Path, default=None, help="store dir (reused if it exists; default: temporary)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="FAISS threads (set OMP_NUM_THREADS to match for BLAS)")
     args = ap.parse_args(argv)
 
     import faiss
 
-    faiss.omp_set_num_threads(2)
+    faiss.omp_set_num_threads(args.threads)
     from data.store import open_store
     from query.calibrate import thresholds_for
     from query.concepts import ConceptBank
@@ -184,7 +185,7 @@ def main(argv=None) -> dict:
         "targets": {"p50_le_50ms": p50 <= 50, "recall_ge_0.95": float(np.mean(recalls)) >= 0.95,
                     "speedup_ge_10": e50 / p50 >= 10},
         "setup_seconds": {"generate": round(gen_s, 1), "build_store": None if build_s is None else round(build_s, 1)},
-        "machine": {"cpus": os.cpu_count(), "threads": 2, "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
                     "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
                     "note": "shared 2-core machine; other jobs may have been running"},
         "example_queries": queries[:4],

@@ -345,3 +345,20 @@ def test_uncalibratable_positive_concept_warns():
     assert _calibration_warnings([(leaf, False)], {id(leaf): one_pop}) == []
     overridden = qa.Concept("circle", threshold=0.4)
     assert _calibration_warnings([(overridden, True)], {id(overridden): one_pop}) == []
+
+
+def test_reference_answer_with_hnsw_coarse_quantizer(tmp_path, monkeypatch):
+    """Large stores get an HNSW coarse quantizer; range candidates and probe planning must work through it."""
+    import indexer.index_build as ib
+
+    monkeypatch.setattr(ib, "HNSW_COARSE_MIN", 16)  # the large-store layout on a small store
+    v, dirs, _ = synth(6000, d=32, seed=3)
+    snap = write_store(tmp_path / "st", v, exact_max=1000)
+    assert "_HNSW32" in snap.manifest["index"]["factory"]
+    eng = Engine(snap, make_bank(dirs), exact_rows=0)
+    for query in ("dog AND beach AND NOT people", "sunset AND dog AND NOT car"):
+        res = eng.search(query, k=10_000)
+        assert res.plan["strategy"] == "index_candidates"
+        ref = set(eng.reference_answer(query).tolist())
+        got = set(res.all_ids.tolist())
+        assert got <= ref and len(got) >= 0.95 * len(ref)

@@ -238,8 +238,7 @@ def _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, m
                     pos = caption_matches(caps + negs, scene_pat[idx], scene_bg[idx]).T  # (B images, texts)
                 else:  # a hard negative can still be true of another image in the batch
                     pos = np.zeros((b, len(caps) + len(negs)), bool)
-                    if negs:
-                        pos[:, b:] = caption_matches(negs, scene_pat[idx], scene_bg[idx]).T
+                    pos[:, b:] = caption_matches(negs, scene_pat[idx], scene_bg[idx]).T
                 pos[:, :b] |= np.eye(b, dtype=bool)
                 pos = torch.from_numpy(pos.astype(np.float32))
                 i2t = -(pos / pos.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()

@@ -126,6 +126,7 @@ class ConceptBank:
         self._encoder = encoder
         self._mem: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
+        self._encoder_lock = threading.Lock()  # one build, even when a warm-up thread and a query race
         ident = _model_identity(self.clip_spec) + "\x00" + "\x01".join(self.templates)
         self.key = hashlib.blake2b(ident.encode(), digest_size=12).hexdigest()
 
@@ -134,9 +135,11 @@ class ConceptBank:
     def encoder(self):
         """The text encoder (built on first use; this is where torch gets imported)."""
         if self._encoder is None:
-            from indexer.encoders import make_encoder
+            with self._encoder_lock:
+                if self._encoder is None:
+                    from indexer.encoders import make_encoder
 
-            self._encoder = make_encoder(self.clip_spec)
+                    self._encoder = make_encoder(self.clip_spec)
         return self._encoder
 
     # -- cache --

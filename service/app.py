@@ -6,6 +6,7 @@ Every error a client can cause is a 4xx JSON body ``{error, message, hint}``; on
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -126,6 +127,14 @@ def _bug(request: Request, exc: Exception) -> JSONResponse:
 
 
 # ------------------------------------------------------------------------------------------ factory
+def _warm_text_encoder(holder) -> None:
+    """Build the live engine's text encoder (errors are left for the first query to report)."""
+    try:
+        holder.get().engine.bank.encoder
+    except Exception:  # noqa: BLE001 - warm-up only; the query path raises the typed error
+        pass
+
+
 def create_app(store_path, *, api_key: str | None = None, settings: Settings | None = None,
                holder: EngineHolder | None = None) -> FastAPI:
     """Build the service app over one store.
@@ -157,6 +166,10 @@ def create_app(store_path, *, api_key: str | None = None, settings: Settings | N
         if h._live is None:
             h.load()
         app.state.holder = h
+        if settings.warm_up:
+            # import torch and build the CLIP text tower in the background, so that the first query does not
+            # pay for it (seconds on a cold disk); a store without a text tower reports that on its first query
+            threading.Thread(target=_warm_text_encoder, args=(h,), name="t2c-warm-up", daemon=True).start()
         from service.routers.images import ThumbCache
 
         app.state.thumbs = ThumbCache(settings.thumb_cache_items)

@@ -42,6 +42,7 @@ class Settings:
     thumb_max_bytes: int | None = 256 << 20
     reload_interval: float = 1.0         # seconds between checks of the store's CURRENT
     verify_store: bool = True            # check manifest checksums when (re)opening
+    warm_up: bool = True                 # build the CLIP text tower in the background at start-up
     extra: dict = field(default_factory=dict)
 
 

@@ -391,3 +391,28 @@ def test_serves_through_reindex_and_sees_new_snapshot(tmp_path):
         assert res["total"] == 10 and {h["id"] for h in res["hits"]} >= {6, 7, 8, 9}
         assert c.get("/api/images/9").json()["relpath"] == "c009.png"
         assert c.app.state.holder.reloads >= 1
+
+
+def test_warm_up_builds_the_text_encoder_once_and_swallows_errors(monkeypatch):
+    import threading
+    from types import SimpleNamespace
+
+    import indexer.encoders
+    from query.concepts import ConceptBank
+    from service.app import _warm_text_encoder
+
+    built = []
+    monkeypatch.setattr(indexer.encoders, "make_encoder", lambda spec: built.append(spec) or object())
+    bank = ConceptBank("world:clip", templates=["{}"])
+    holder = SimpleNamespace(get=lambda: SimpleNamespace(engine=SimpleNamespace(bank=bank)))
+    threads = [threading.Thread(target=_warm_text_encoder, args=(holder,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert built == ["world:clip"] and bank.encoder is not None  # one build, however many callers race
+
+    def broken():
+        raise RuntimeError("no live snapshot")
+
+    _warm_text_encoder(SimpleNamespace(get=broken))  # warm-up never raises; the first query reports errors

@@ -123,20 +123,6 @@ def reference_threshold(scores, k: float = 1.0) -> float:
     return float(x.mean() + k * x.std())
 
 
-def _bic_gain(x: np.ndarray, p: dict) -> float:
-    """BIC(one Gaussian) - BIC(the two-component fit ``p``) on sample ``x``: > 0 favours two components."""
-    x = _order_stats(x, EM_POINTS)
-    n = len(x)
-    mu, sd = float(x.mean()), max(float(x.std()), 1e-12)
-    ll1 = float(np.sum(-0.5 * ((x - mu) / sd) ** 2 - np.log(sd * np.sqrt(2 * np.pi))))
-    dens = np.zeros(n)
-    for w, m, s in zip(p["weights"], p["means"], p["stds"]):
-        s = max(float(s), 1e-12)
-        dens += w * np.exp(-0.5 * ((x - m) / s) ** 2) / (s * np.sqrt(2 * np.pi))
-    ll2 = float(np.sum(np.log(np.maximum(dens, 1e-300))))
-    return (2 * np.log(n) - 2 * ll1) - (5 * np.log(n) - 2 * ll2)
-
-
 def _otsu(x: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold: the cut maximising the between-class variance of a 1-D sample."""
     hist, edges = np.histogram(x, bins=bins)
@@ -250,6 +236,11 @@ def _crossing(p: dict, lo: int = 0, hi: int = 1) -> float:
     return float(grid[i - 1] + (grid[i] - grid[i - 1]) * (-a) / (b - a))
 
 
+def _rounded(p: dict) -> dict:
+    """A mixture fit with its numbers rounded to 6 digits (stored in manifests and shown by --explain)."""
+    return {k: ([round(v, 6) for v in val] if isinstance(val, list) else round(val, 6)) for k, val in p.items()}
+
+
 def _top_split(p: dict, min_w: float) -> tuple[int, float] | None:
     """(lowest present component, separation) walking down from the top to the first separated gap."""
     w, m, s = p["weights"], p["means"], p["stds"]
@@ -315,13 +306,12 @@ def calibrate(scores) -> Calibration:
             if split is not None:
                 j, sep = split
                 thr = _crossing(fits[k], j - 1, j)
-                prm = {key: ([round(v, 6) for v in val] if isinstance(val, list) else round(val, 6))
-                       for key, val in fits[k].items()}
-                prm.update(present_from=j, separation=round(sep, 6), components=k)
+                prm = dict(_rounded(fits[k]), present_from=j, separation=round(sep, 6), components=k)
                 return done(thr, "gmm", max(fits[k]["stds"][j - 1], 1e-6), prm)
         p = fits[2]
-        rounded = {k: ([round(v, 6) for v in val] if isinstance(val, list) else round(val, 6)) for k, val in p.items()}
-        if min(p["weights"]) >= 0.05 and p["separation"] >= WEAK_SEPARATION and _bic_gain(x, p) > BIC_MARGIN:
+        rounded = _rounded(p)
+        two_sided = _bic(xs, None) - _bic(xs, p) > BIC_MARGIN
+        if min(p["weights"]) >= 0.05 and p["separation"] >= WEAK_SEPARATION and two_sided:
             # overlapping but two-sided: the split that best separates the two groups (Otsu), flagged weak
             thr = _otsu(x)
             low = x[x < thr]

@@ -85,6 +85,10 @@ class Encoder:
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     resize_mode: str = "shorter"  # "shorter": resize shorter side then centre crop; "squash": resize to square
+    # CLIP models trained with a pairwise sigmoid loss (SigLIP, world:clip) say "this text is true of this image"
+    # with probability sigmoid(scale * cosine + bias); the cosine where that is 50% (-bias / scale) is their own
+    # "present" score. None for softmax-trained CLIPs, which have no such cut.
+    present_score: float | None = None
 
     def __init__(self, batch_size: int = 64, device: str | None = None, threads: int | None = None):
         import torch
@@ -153,7 +157,10 @@ class Encoder:
 
     def describe(self) -> dict:
         """Summary for listings and manifests."""
-        return {"spec": self.spec, "dim": self.dim, "has_text": self.has_text, "image_size": self.image_size}
+        out = {"spec": self.spec, "dim": self.dim, "has_text": self.has_text, "image_size": self.image_size}
+        if self.present_score is not None:
+            out["present_score"] = round(float(self.present_score), 6)
+        return out
 
 
 class ModuleEncoder(Encoder):
@@ -386,6 +393,9 @@ def _open_clip(spec: EncoderSpec, kw: dict) -> Encoder:
 
     enc._text_fn = text_fn
     enc.has_text = True
+    bias = getattr(model, "logit_bias", None)  # SigLIP-style models: logits = exp(logit_scale) * cos + bias
+    if bias is not None:
+        enc.present_score = float(-bias.detach().float() / model.logit_scale.detach().float().exp())
     return enc
 
 
@@ -399,8 +409,11 @@ def _world(spec: EncoderSpec, kw: dict) -> Encoder:
     w = spec.weights
     model = wm.load_world_model(spec.name, None if w in (None, "", "pretrained") else w)
     text_fn = model.encode_text if model.has_text else None
-    return ModuleEncoder("", _ImageTower(model, "encode_image"), dim=model.dim, image_size=model.image_size,
-                         mean=model.mean, std=model.std, text_fn=text_fn, resize_mode="squash", **kw)
+    enc = ModuleEncoder("", _ImageTower(model, "encode_image"), dim=model.dim, image_size=model.image_size,
+                        mean=model.mean, std=model.std, text_fn=text_fn, resize_mode="squash", **kw)
+    if model.has_text:
+        enc.present_score = model.present_score()
+    return enc
 
 
 def _ImageTower(model, method: str):  # noqa: N802 - a module factory (torch import deferred)

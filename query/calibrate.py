@@ -37,7 +37,7 @@ import numpy as np
 from data.errors import InvalidInput
 
 __all__ = ["Calibration", "calibrate", "reference_threshold", "concept_scores", "thresholds_for",
-           "sample_rows", "clear_cache", "fit_gmm", "CALIBRATION_SAMPLE", "MIN_SEPARATION", "TAIL_K"]
+           "sample_rows", "clear_cache", "fit_gmm", "present_score_of", "CALIBRATION_SAMPLE", "MIN_SEPARATION", "TAIL_K"]
 
 CALIBRATION_SAMPLE = 200_000  # rows scored for calibration (evenly strided beyond this)
 EM_POINTS = 8_000  # points the mixtures are fitted on (evenly spaced order statistics beyond this)
@@ -57,14 +57,15 @@ class Calibration:
     Attributes:
         threshold: cosine score above which (>=) the concept counts as present.
         method: "gmm" (mixture; posteriors of the top group and its lower neighbour cross), "otsu" (overlapping
-            groups, Otsu split),
+            groups, Otsu split), "prior" (no separated groups; the CLIP model's own present score),
             "tail" (one population, robust upper tail),
             "constant" (all scores equal) or "override" (given by the query).
         prevalence: fraction of the calibration scores at or above the threshold.
         scale: spread of the "absent" scores (mixture std, or robust sigma); margins divide by it.
         n: number of scores used. params: the mixture fit when fitted: per-component ``weights``, ``means``,
             ``stds`` (by increasing mean), ``present_from`` (index of the lowest "present" component),
-            ``separation`` (Ashman's D at the threshold's gap) and ``components``.
+            ``separation`` (Ashman's D at the threshold's gap), ``components`` and, when the model has one,
+            ``prior`` (its present score, which chose the gap).
     """
 
     threshold: float
@@ -183,9 +184,9 @@ def _em(x: np.ndarray, w, m, s, iters: int = 500, tol: float = 1e-9) -> dict:
 def fit_gmm(x: np.ndarray, k: int, iters: int = 500, tol: float = 1e-9, previous: dict | None = None) -> dict:
     """k-component 1-D Gaussian mixture by EM; components ordered by mean.
 
-    k = 2 starts from the Otsu split (:func:`fit_gmm2`). Larger k keeps the better of two deterministic
-    starts: equal-mass quantile groups refined by 1-D k-means, and ``previous`` (the k-1 fit) with its
-    widest component split in two.
+    k = 2 starts from the Otsu split (:func:`fit_gmm2`). Larger k keeps the best of deterministic starts:
+    equal-mass quantile groups refined by 1-D k-means, and ``previous`` (the k-1 fit) with each one of its
+    components split in two.
     """
     if k == 2:
         return fit_gmm2(x, iters, tol)
@@ -201,10 +202,10 @@ def fit_gmm(x: np.ndarray, k: int, iters: int = 500, tol: float = 1e-9, previous
     starts = [(cnt / n, m, sd)]
     if previous is not None and len(previous["weights"]) == k - 1:
         w0, m0, s0 = (np.array(previous[key], np.float64) for key in ("weights", "means", "stds"))
-        i = int(np.argmax(w0 * s0**2))
-        starts.append((np.r_[np.delete(w0, i), w0[i] / 2, w0[i] / 2],
-                       np.r_[np.delete(m0, i), m0[i] - s0[i], m0[i] + s0[i]],
-                       np.r_[np.delete(s0, i), s0[i] / 2, s0[i] / 2]))
+        for i in range(k - 1):  # each component of the previous fit split in two
+            starts.append((np.r_[np.delete(w0, i), w0[i] / 2, w0[i] / 2],
+                           np.r_[np.delete(m0, i), m0[i] - s0[i], m0[i] + s0[i]],
+                           np.r_[np.delete(s0, i), s0[i] / 2, s0[i] / 2]))
     # over-specified mixtures converge slowly; BIC only needs the log-likelihood to ~1e-7 per point
     its, tl = min(iters, 200), max(tol, 1e-7)
     return max((_em(x, *st, iters=its, tol=tl) for st in starts), key=lambda f: f["loglik"])
@@ -241,14 +242,23 @@ def _rounded(p: dict) -> dict:
     return {k: ([round(v, 6) for v in val] if isinstance(val, list) else round(val, 6)) for k, val in p.items()}
 
 
-def _top_split(p: dict, min_w: float) -> tuple[int, float] | None:
-    """(lowest present component, separation) walking down from the top to the first separated gap."""
+def _top_split(p: dict, min_w: float, prior: float | None = None) -> tuple[int, float] | None:
+    """(lowest present component, separation) of the gap that splits present from absent, or None.
+
+    Without a prior: walking down from the top, the first separated gap. With the model's own present score
+    (``prior``): of the separated gaps whose two neighbouring means bracket it, the one whose posterior
+    crossing lies nearest to it (None if no gap brackets it).
+    """
     w, m, s = p["weights"], p["means"], p["stds"]
+    gaps = []
     for j in range(len(w) - 1, 0, -1):
         d = float(abs(m[j] - m[j - 1]) / np.sqrt((s[j] ** 2 + s[j - 1] ** 2) / 2))
         if d >= MIN_SEPARATION and sum(w[j:]) >= min_w and sum(w[:j]) >= min_w:
-            return j, d
-    return None
+            gaps.append((j, d))
+    if not gaps or prior is None:
+        return gaps[0] if gaps else None
+    gaps = [g for g in gaps if m[g[0] - 1] <= prior <= m[g[0]]]
+    return min(gaps, key=lambda g: abs(_crossing(p, g[0] - 1, g[0]) - prior)) if gaps else None
 
 
 def _order_stats(x_sorted: np.ndarray, k: int) -> np.ndarray:
@@ -257,13 +267,18 @@ def _order_stats(x_sorted: np.ndarray, k: int) -> np.ndarray:
     return x_sorted[np.linspace(0, len(x_sorted) - 1, k).round().astype(np.int64)]
 
 
-def calibrate(scores) -> Calibration:
+def calibrate(scores, prior: float | None = None) -> Calibration:
     """Calibrate one concept's threshold from its scores over a collection.
 
     Args:
         scores: 1-D cosine scores (any length >= 1; NaNs are ignored).
+        prior: the CLIP model's own "present" score when it has one (a pairwise-sigmoid head, as in SigLIP:
+            the cosine at which it says 50%; ``Encoder.present_score``). It picks which separated gap of the
+            collection's mixture is the present/absent split, and is the threshold when the collection's scores
+            show no separated groups. None: the top separated group is "present".
     Returns:
-        A :class:`Calibration` (threshold, method "gmm" / "tail" / "constant", prevalence, scale, fit params).
+        A :class:`Calibration` (threshold, method "gmm" / "otsu" / "prior" / "tail" / "constant", prevalence,
+        scale, fit params).
     Raises:
         InvalidInput: no finite scores.
     Example:
@@ -302,14 +317,18 @@ def calibrate(scores) -> Calibration:
             if b < best_bic - BIC_MARGIN:
                 best, best_bic = k, b
         for k in ([best] if best else []) + ([2] if best != 2 else []):
-            split = _top_split(fits[k], min_w)
+            split = _top_split(fits[k], min_w, prior)
             if split is not None:
                 j, sep = split
                 thr = _crossing(fits[k], j - 1, j)
                 prm = dict(_rounded(fits[k]), present_from=j, separation=round(sep, 6), components=k)
+                if prior is not None:
+                    prm["prior"] = round(float(prior), 6)
                 return done(thr, "gmm", max(fits[k]["stds"][j - 1], 1e-6), prm)
         p = fits[2]
         rounded = _rounded(p)
+        if prior is not None:  # no separated groups: the model's own cut
+            return done(float(prior), "prior", mad_sigma, {"prior": round(float(prior), 6), "rejected_fit": rounded})
         two_sided = _bic(xs, None) - _bic(xs, p) > BIC_MARGIN
         if min(p["weights"]) >= 0.05 and p["separation"] >= WEAK_SEPARATION and two_sided:
             # overlapping but two-sided: the split that best separates the two groups (Otsu), flagged weak
@@ -319,6 +338,8 @@ def calibrate(scores) -> Calibration:
                         {"weak_fit": rounded})
         tail_params = {"rejected_fit": rounded}
     else:
+        if prior is not None:
+            return done(float(prior), "prior", mad_sigma, {"prior": round(float(prior), 6)})
         tail_params = {}
     thr = med + TAIL_K * mad_sigma
     return done(thr, "tail", mad_sigma, dict(tail_params, median=round(med, 6), robust_sigma=round(mad_sigma, 6)))
@@ -403,11 +424,18 @@ def thresholds_for(snapshot, texts: Iterable[str], bank=None) -> dict[str, Calib
             raise InvalidInput("the store holds no images to calibrate on")
         rows = sample_rows(V.shape[0])
         sc = concept_scores(snapshot, np.stack([v for _, _, v in todo]), rows=rows)
+        prior = present_score_of(bank)
         with _CACHE_LOCK:
             for j, (t, key, _) in enumerate(todo):
-                c = _CACHE.get(key) or calibrate(sc[:, j])
+                c = _CACHE.get(key) or calibrate(sc[:, j], prior)
                 _CACHE[key] = out[t] = c
     return out
+
+
+def present_score_of(bank) -> float | None:
+    """The CLIP model's own present score behind a ConceptBank (None: it has none, e.g. softmax-trained)."""
+    v = getattr(bank, "present_score", None)
+    return None if v is None or not np.isfinite(v) else float(v)
 
 
 def clear_cache() -> None:

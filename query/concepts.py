@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from data.errors import InvalidInput
+from data.errors import EncoderError, InvalidInput
 
 __all__ = ["DEFAULT_TEMPLATES", "WORLD_TEMPLATES", "templates_for", "ConceptBank", "concept_bank_for",
            "clear_banks"]
@@ -228,6 +228,17 @@ class ConceptBank:
     def vector(self, text: str) -> np.ndarray:
         """(d,) float32 unit vector of one concept."""
         return self.vectors([text])[0]
+
+    @property
+    def present_score(self) -> float | None:
+        """The CLIP model's own "present" cosine score (``Encoder.present_score``); None when the model has none,
+        or when its text tower cannot be built here (vectors supplied with :meth:`put`)."""
+        try:
+            enc = self.encoder
+        except (EncoderError, InvalidInput):
+            return None
+        v = getattr(enc, "present_score", None)
+        return None if v is None else float(v)
 
     @property
     def dim(self) -> int:

@@ -129,3 +129,45 @@ def test_plain_concept_keeps_two_groups_under_skew():
     c = calibrate(s)
     assert c.method == "gmm" and 0.25 < c.threshold < 0.38
     assert c.prevalence == pytest.approx(0.15, abs=0.01)
+
+
+def _mixture(parts, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.normal(m, s, n) for n, m, s in parts])
+
+
+def test_prior_keeps_a_counting_group_inside_present():
+    # a sigmoid-trained CLIP scores two red objects above one red object: "present" is both upper groups
+    x = _mixture([(7600, -0.14, 0.03), (2200, 0.27, 0.05), (200, 0.45, 0.035)])
+    top_only = calibrate(x)
+    assert top_only.threshold > 0.33  # without a prior the top separated group is "present"
+    cal = calibrate(x, prior=0.11)
+    assert cal.method == "gmm" and -0.05 < cal.threshold < 0.15, cal
+    assert cal.params["prior"] == 0.11 and abs(cal.prevalence - 0.24) < 0.01
+
+
+def test_prior_keeps_partial_matches_below_a_compositional_concept():
+    # "red circle": neither word / one word / both words on different objects / the red circle itself
+    x = _mixture([(5500, -0.40, 0.04), (3700, -0.16, 0.04), (400, 0.0, 0.025), (400, 0.16, 0.025)])
+    cal = calibrate(x, prior=0.09)
+    assert cal.method == "gmm" and 0.05 < cal.threshold < 0.12, cal
+    assert abs(cal.prevalence - 0.04) < 0.01
+
+
+def test_prior_is_the_threshold_when_the_collection_shows_no_groups():
+    x = np.random.default_rng(3).normal(-0.2, 0.05, 5000)  # the concept is absent everywhere
+    cal = calibrate(x, prior=0.1)
+    assert cal.method == "prior" and cal.threshold == 0.1 and cal.prevalence == 0.0
+    assert calibrate(x[:5], prior=0.1).method == "prior"  # too few scores for a fit
+    assert cal.for_search().threshold == 0.1  # searches keep it (no tail rule)
+
+
+def test_world_clip_exposes_its_present_score():
+    from indexer.encoders import make_encoder
+    from query.concepts import ConceptBank
+
+    enc = make_encoder("world:clip")
+    assert enc.present_score is not None and -1 < enc.present_score < 1
+    assert enc.describe()["present_score"] == round(enc.present_score, 6)
+    assert ConceptBank("world:clip", encoder=enc).present_score == enc.present_score
+    assert make_encoder("world:pairnet").present_score is None  # no text tower, no cut

@@ -14,6 +14,7 @@ from PIL import Image
 from data.errors import InvalidInput, NotFound, UnknownChoice
 from data.world import vocab
 from data.world.generator import (
+    binding_twin,
     concept_truth,
     generate,
     parse_weights,
@@ -220,3 +221,19 @@ def test_binding_negatives_are_false_of_their_scene(seed, idx):
         if len(colors) > 1 and len(shapes) > 1 and any(
                 (c, s) not in pairs for c in colors for s in shapes):  # a swap exists: it uses the scene's words
             assert spec["color"] in colors and spec["shape"] in shapes, neg
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), idx=st.integers(0, 10_000))
+def test_binding_twins_rebind_colours_and_keep_the_layout(seed, idx):
+    sc = sample_scene(scene_rng(seed, idx))
+    tw = binding_twin(sc, np.random.default_rng([seed, idx, 2]))
+    pairs = lambda s: {(o.color, o.shape) for o in s.objects}  # noqa: E731
+    assert pairs(tw) != pairs(sc)  # some colour-shape pair of the scene is gone
+    assert (tw.background, tw.seed) == (sc.background, sc.seed)
+    assert [(o.shape, o.size, o.x, o.y, o.r) for o in tw.objects] == [(o.shape, o.size, o.x, o.y, o.r) for o in sc.objects]
+    colors = sorted(o.color for o in sc.objects)
+    if len(set(colors)) > 1 and len({o.shape for o in sc.objects}) > 1:  # a permutation re-binds: same bag of words
+        assert sorted(o.color for o in tw.objects) == colors
+    else:  # nothing to permute: exactly one object recoloured
+        assert sum(a.color != b.color for a, b in zip(sc.objects, tw.objects)) == 1

@@ -133,10 +133,29 @@ def test_short_training_lowers_the_loss(name):
 def test_training_is_deterministic():
     scenes, pixels = sample_dataset(64, 98)
     runs = [train_model("clip", scenes, pixels, steps=3, batch=16, seed=4, log=None,
-                        multi_positive=mp, hard_negatives=hn)[1]
-            for mp, hn in ((False, False), (False, False), (True, False), (True, True), (True, True), (False, True))]
-    assert runs[0] == runs[1] and runs[3] == runs[4]
-    assert len({tuple(r) for r in runs}) == 4  # each loss variant trains differently
+                        multi_positive=mp, hard_negatives=hn, twins=tw)[1]
+            for mp, hn, tw in ((False, False, False), (False, False, False), (True, False, False),
+                               (True, True, False), (True, True, False), (False, True, False),
+                               (True, True, True), (True, True, True))]
+    assert runs[0] == runs[1] and runs[3] == runs[4] and runs[6] == runs[7]
+    assert len({tuple(r) for r in runs}) == 5  # each loss variant trains differently
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "both"])
+def test_sigmoid_losses_train_and_differ_from_softmax(loss):
+    scenes, pixels = sample_dataset(192, 99)
+    kw = dict(steps=12, batch=32, lr=3e-3, seed=1, log=None, multi_positive=True, hard_negatives=True, twins=True)
+    hist = train_model("clip", scenes, pixels, loss=loss, **kw)[1]
+    assert np.mean(hist[-3:]) < np.mean(hist[:3]) and all(np.isfinite(hist)), hist
+    assert hist != train_model("clip", scenes, pixels, loss="softmax", **kw)[1]
+
+
+def test_unknown_clip_loss_is_a_clear_error():
+    from data.errors import UnknownChoice
+
+    scenes, pixels = sample_dataset(32, 99)
+    with pytest.raises(UnknownChoice, match="softmax"):
+        train_model("clip", scenes, pixels, steps=1, batch=16, loss="hinge", log=None)
 
 
 def test_train_all_writes_weights_and_keeps_other_models_entries(tmp_path):

@@ -13,6 +13,8 @@ Python API:
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -149,6 +151,30 @@ def sample_scene(rng: np.random.Generator, weights=None, n_objects: int | None =
     centres = _place([a[3] for a in attrs], rng)
     objects = tuple(WorldObject(c, s, z, x, y, r) for (c, s, z, r), (x, y) in zip(attrs, centres))
     return Scene(background, objects, int(rng.integers(2**31 - 1)))
+
+
+def binding_twin(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The same scene (layout, sizes, background, render seed) with colours re-bound to other shapes.
+
+    The twin has the same bag of colours and shapes whenever it can ("a red circle and a blue square" ->
+    "a blue circle and a red square"), so only a model that binds colour to shape can tell the two apart;
+    a scene whose pairs no permutation changes (one object, one colour, one shape) gets one object recoloured.
+    The twin's set of colour-shape pairs always differs from the scene's.
+    """
+    objs = scene.objects
+    pairs = {(o.color, o.shape) for o in objs}
+    colors = [o.color for o in objs]
+    perms = [p for p in itertools.permutations(range(len(objs)))
+             if {(colors[i], o.shape) for i, o in zip(p, objs)} != pairs]
+    if perms:
+        p = perms[rng.integers(len(perms))]
+        new = [dataclasses.replace(o, color=colors[i]) for i, o in zip(p, objs)]
+    else:
+        k = int(rng.integers(len(objs)))
+        others = [c for c in vocab.COLORS if c != objs[k].color]
+        new = list(objs)
+        new[k] = dataclasses.replace(objs[k], color=others[rng.integers(len(others))])
+    return Scene(scene.background, tuple(new), scene.seed)
 
 
 def _place(radii: list[float], rng: np.random.Generator, tries: int = 60) -> list[tuple[float, float]]:

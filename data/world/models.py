@@ -1,8 +1,9 @@
 """Concept-world models: a small CLIP (image + text towers) and two encoders trained without text.
 
 - ``clip``: 4-block CNN image tower (global max pooling) + 2-layer transformer text tower over the world
-  vocabulary, trained contrastively on generated captions (multi-positive, with binding hard negatives).
-  Both towers return L2-normalised 64-d embeddings.
+  vocabulary, trained on generated captions with a contrastive (InfoNCE, multi-positive) plus a pairwise
+  sigmoid (SigLIP) loss, binding hard-negative captions and binding-twin images. Both towers return
+  L2-normalised 128-d embeddings; the sigmoid head's bias gives the model's own "present" score.
 - ``pairnet``: a residual CNN (strided 5x5 stem, residual blocks, global max pooling) trained as a
   multi-label classifier of the colour-shape pairs present; features are its 128-d penultimate layer.
   It never sees size or background labels, nor any text.
@@ -30,7 +31,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 N_PAIRS = len(vocab.COLORS) * len(vocab.SHAPES)
 
 WORLD_MODELS: dict[str, dict] = {
-    "clip": {"dim": 64, "has_text": True,
+    "clip": {"dim": 128, "has_text": True,
              "description": "world CLIP: CNN image tower + transformer text tower, contrastive on captions"},
     "pairnet": {"dim": 128, "has_text": False,
                 "description": "residual CNN, supervised multi-label colour-shape pairs (no text, no size)"},
@@ -101,12 +102,19 @@ def _nets() -> SimpleNamespace:
             )
             self.text = TextTower(self.dim)
             self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1/0.07)
+            # pairwise sigmoid loss (SigLIP): its own temperature and bias (training only)
+            self.sig_scale = nn.Parameter(torch.tensor(2.3026))  # log(10)
+            self.sig_bias = nn.Parameter(torch.tensor(-2.0))
 
         def encode_image(self, x):
             return F.normalize(self.visual(x), dim=-1)
 
         def encode_token_ids(self, ids):
             return F.normalize(self.text(ids), dim=-1)
+
+        def present_score(self) -> float:
+            """The cosine at which the sigmoid head says "true" with probability 1/2 (-bias / scale)."""
+            return float(-self.sig_bias.detach() / self.sig_scale.detach().exp().clamp(max=100))
 
         def encode_text(self, texts):
             """Embed texts (list of str) with the text tower; unknown words raise UnknownChoice."""

@@ -45,10 +45,15 @@ class TrainConfig:
     lr: dict = field(default_factory=lambda: {"clip": 2e-3, "pairnet": 4e-3, "autoenc": 2e-3})
     clip_multi_positive: bool = True   # every true caption in the batch is a positive (False: plain InfoNCE)
     clip_hard_negatives: bool = True   # one binding-negative caption per image (colours swapped between objects)
+    clip_twins: bool = True            # half of each batch: the other half with colours moved to other shapes
+    clip_loss: str = "both"            # "softmax" (InfoNCE), "sigmoid" (SigLIP pairwise) or "both"
     weight_decay: float = 0.01
     warmup: float = 0.05         # fraction of steps
     eval_n: int = 1000           # held-out single-object images for the zero-shot check
     eval_seed: int = 7_000_001
+
+
+CLIP_LOSSES = ("softmax", "sigmoid", "both")
 
 
 # --- data -------------------------------------------------------------------------------------------------
@@ -140,6 +145,18 @@ def render_training_set(n: int, seed: int, size: int = 64, workers: int = 1) -> 
 
 
 # --- one generic loop ---------------------------------------------------------------------------------------
+def render_twins(scenes: Sequence[Scene], seed: int, size: int = 64) -> tuple[list[Scene], np.ndarray]:
+    """Binding twins of ``scenes`` (:func:`data.world.generator.binding_twin`) and their pixels."""
+    from data.world.generator import binding_twin, render, squash
+
+    rng = np.random.default_rng([seed, 29])
+    twin_scenes = [binding_twin(sc, rng) for sc in scenes]
+    pixels = np.empty((len(scenes), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    for k, sc in enumerate(twin_scenes):
+        pixels[k] = squash(render(sc, size), IMAGE_SIZE)
+    return twin_scenes, pixels
+
+
 def _lr_at(step: int, steps: int, base: float, warmup: float) -> float:
     w = max(1, int(warmup * steps))
     if step < w:
@@ -161,8 +178,8 @@ def _batches(n: int, batch: int, steps: int, seed: int):
 
 def train_model(name: str, scenes: Sequence[Scene], pixels: np.ndarray, *, steps: int, batch: int = 256,
                 lr: float = 2e-3, weight_decay: float = 0.01, warmup: float = 0.05, seed: int = 0,
-                multi_positive: bool = False, hard_negatives: bool = False,
-                log: Callable[[str], None] | None = print, log_every: int = 50):
+                multi_positive: bool = False, hard_negatives: bool = False, twins: bool = False,
+                loss: str = "softmax", log: Callable[[str], None] | None = print, log_every: int = 50):
     """Train one world model from a random init on in-memory data.
 
     Args:
@@ -174,6 +191,13 @@ def train_model(name: str, scenes: Sequence[Scene], pixels: np.ndarray, *, steps
             (soft targets) instead of only the image the caption was drawn for.
         hard_negatives: clip only; each image also meets one false caption built from its own words
             (:func:`data.world.vocab.binding_negative`, as in NegCLIP), so that colour must be bound to shape.
+        twins: clip only; half of every batch is the other half's binding twins
+            (:func:`data.world.generator.binding_twin`: the same scene with colours moved to other shapes),
+            so a caption that binds a colour to a shape meets, as a negative, an image with the same bag of
+            colours and shapes. Twins are rendered here (64 px, squashed like the training set).
+        loss: clip only; "softmax" (symmetric InfoNCE), "sigmoid" (SigLIP: every image-caption pair is a
+            binary decision "this caption is true of this image", so true and false pairs are pushed to
+            opposite sides of one score) or "both" (their sum).
         log: a callable taking a progress line, or None.
 
     Returns:
@@ -186,24 +210,32 @@ def train_model(name: str, scenes: Sequence[Scene], pixels: np.ndarray, *, steps
         from data.errors import UnknownChoice
 
         raise UnknownChoice("world model", name, WORLD_MODELS)
+    if loss not in CLIP_LOSSES:
+        from data.errors import UnknownChoice
+
+        raise UnknownChoice("loss function", loss, CLIP_LOSSES)
     if steps < 1 or batch < 2 or len(scenes) < batch:
         raise InvalidInput(f"need steps >= 1 and at least batch={batch} images, got steps={steps}, n={len(scenes)}")
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         return _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, multi_positive,
-                      hard_negatives, log, log_every)
+                      hard_negatives, twins and name == "clip", loss, log, log_every)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
 def _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, multi_positive, hard_negatives,
-           log, log_every):
+           twins, loss_kind, log, log_every):
     """The training loop behind :func:`train_model` (deterministic algorithms already switched on)."""
     import torch
     import torch.nn.functional as F
 
     model = build_world_model(name, seed=seed).to(memory_format=torch.channels_last).train()
+    n_scenes = len(scenes)
+    if twins:
+        twin_scenes, twin_pixels = render_twins(scenes, seed)
+        scenes, pixels = list(scenes) + twin_scenes, np.concatenate([pixels, twin_pixels])
     x_all = to_tensor(pixels)
     decay = [p for n_, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n_]
     no_decay = [p for n_, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n_)]
@@ -213,11 +245,14 @@ def _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, m
     cap_rng = np.random.default_rng([seed, 23])
     targets = torch.from_numpy(pair_targets(scenes)) if name == "pairnet" else None
     labels = [sc.object_labels() for sc in scenes] if name == "clip" else None
-    if name == "clip" and (multi_positive or hard_negatives):
+    if name == "clip" and (multi_positive or hard_negatives or loss_kind != "softmax"):
         scene_pat, scene_bg = _scene_patterns(scenes)
     history: list[float] = []
     t0 = time.time()
-    for step, idx in enumerate(_batches(len(scenes), batch, steps, seed)):
+    batches = _batches(n_scenes, batch // 2, steps, seed) if twins else _batches(n_scenes, batch, steps, seed)
+    for step, idx in enumerate(batches):
+        if twins:  # originals, then their twins
+            idx = np.concatenate([idx, idx + n_scenes])
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr, warmup)
         x = x_all[torch.from_numpy(idx)]
@@ -231,9 +266,18 @@ def _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, m
             img = model.encode_image(x)
             txt = model.encode_token_ids(ids)
             # image -> text over the captions and the hard negatives; text -> image over the captions only
-            logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
+            cos = img @ txt.T
+            logits = model.logit_scale.exp().clamp(max=100) * cos
             b = len(idx)
-            if multi_positive or hard_negatives:
+            if loss_kind != "softmax":  # every (image, text) pair is a yes/no decision against one bias
+                truth = caption_matches(caps + negs, scene_pat[idx], scene_bg[idx]).T
+                truth[:, :b] |= np.eye(b, dtype=bool)
+                z = model.sig_scale.exp().clamp(max=100) * cos + model.sig_bias
+                sig = F.binary_cross_entropy_with_logits(z, torch.from_numpy(truth.astype(np.float32)),
+                                                         reduction="sum") / b
+            if loss_kind == "sigmoid":
+                loss = sig
+            elif multi_positive or hard_negatives:
                 if multi_positive:
                     pos = caption_matches(caps + negs, scene_pat[idx], scene_bg[idx]).T  # (B images, texts)
                 else:  # a hard negative can still be true of another image in the batch
@@ -248,6 +292,8 @@ def _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, m
             else:
                 tgt = torch.arange(b)
                 loss = 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.T, tgt))
+            if loss_kind == "both":
+                loss = loss + sig
         elif name == "pairnet":
             loss = F.binary_cross_entropy_with_logits(model.logits(x), targets[torch.from_numpy(idx)])
         else:
@@ -383,7 +429,7 @@ def train_all(out_dir: str | Path | None = None, *, config: TrainConfig | None =
         model, hist = train_model(name, scenes, pixels, steps=int(cfg.steps[name]), batch=cfg.batch,
                                   lr=float(cfg.lr[name]), weight_decay=cfg.weight_decay, warmup=cfg.warmup,
                                   seed=cfg.seed, multi_positive=cfg.clip_multi_positive,
-                                  hard_negatives=cfg.clip_hard_negatives, log=log)
+                                  hard_negatives=cfg.clip_hard_negatives, twins=cfg.clip_twins, loss=cfg.clip_loss, log=log)
         secs = time.time() - t0
         info = {"seconds": round(secs, 1), "steps": int(cfg.steps[name]),
                 "first_loss": round(float(np.mean(hist[:10])), 4), "final_loss": round(float(np.mean(hist[-20:])), 4)}

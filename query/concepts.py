@@ -113,7 +113,7 @@ class ConceptBank:
     Example:
         >>> bank = ConceptBank("world:clip")  # doctest: +SKIP
         >>> bank.vector("red circle").shape  # doctest: +SKIP
-        (64,)
+        (128,)
     """
 
     def __init__(self, clip_spec: str, templates: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None,

@@ -1,4 +1,4 @@
-"""The concept world's caption decoder: world:clip image embedding (64-d) -> canonical caption.
+"""The concept world's caption decoder: world:clip image embedding (128-d) -> canonical caption.
 
 A one-layer GRU language model over the world vocabulary, conditioned on the CLIP-space vector twice: the
 vector sets the initial hidden state and is fed beside every input token. It is trained (teacher forcing,

@@ -94,7 +94,7 @@ class SearchResult:
 
 
 def _calibration_warnings(leaves, cals) -> list[str]:
-    """One note per positive concept whose threshold came from the one-population fallback."""
+    """One note per positive concept whose threshold came from a fallback (one population, or the model's cut)."""
     out = []
     for leaf, positive in leaves:
         c = cals[id(leaf)]
@@ -102,8 +102,14 @@ def _calibration_warnings(leaves, cals) -> list[str]:
             msg = (f"'{leaf.text}': this collection's scores show no separate 'present' group, so its threshold "
                    f"({c.threshold:.3f}, median + 1 robust sigma) is a guess; set one yourself with "
                    f"'{leaf.text}@0.NN', or use an encoder that separates this concept")
-            if msg not in out:
-                out.append(msg)
+        elif positive and c.method == "prior" and leaf.threshold is None:
+            msg = (f"'{leaf.text}': this collection's scores show no separate 'present' group; its threshold "
+                   f"({c.threshold:.3f}) is the CLIP model's own cut, not fitted to this collection; set one "
+                   f"yourself with '{leaf.text}@0.NN' if the answers look off")
+        else:
+            continue
+        if msg not in out:
+            out.append(msg)
     return out
 
 

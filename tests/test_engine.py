@@ -345,6 +345,10 @@ def test_uncalibratable_positive_concept_warns():
     assert _calibration_warnings([(leaf, False)], {id(leaf): one_pop}) == []
     overridden = qa.Concept("circle", threshold=0.4)
     assert _calibration_warnings([(overridden, True)], {id(overridden): one_pop}) == []
+    by_prior = calibrate(np.random.default_rng(0).normal(0.3, 0.05, 3000), prior=0.45)
+    assert by_prior.method == "prior"
+    warnings = _calibration_warnings([(leaf, True)], {id(leaf): by_prior})
+    assert len(warnings) == 1 and "own cut" in warnings[0] and "0.450" in warnings[0]
 
 
 def test_reference_answer_with_hnsw_coarse_quantizer(tmp_path, monkeypatch):

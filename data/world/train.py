@@ -3,8 +3,10 @@
 One in-memory training set (rendered at 64 px, squashed to 32 px exactly like the encoder registry does)
 feeds all three models:
 
-- clip: symmetric InfoNCE between image and caption embeddings; captions are resampled every step
-  from the caption grammar (attributes and objects dropped at random, template prefixes added).
+- clip: symmetric InfoNCE between image and caption embeddings (every true caption in the batch a positive)
+  plus a pairwise sigmoid loss (SigLIP); captions are resampled every step from the caption grammar
+  (attributes and objects dropped at random, template prefixes added), each image also meets one binding
+  hard-negative caption, and half of each batch is the other half's binding twins.
 - pairnet: binary cross-entropy over the 48 colour-shape pairs present (no text, no size, no background).
 - autoenc: mean squared reconstruction error (no labels at all).
 
@@ -269,9 +271,11 @@ def _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, m
             cos = img @ txt.T
             logits = model.logit_scale.exp().clamp(max=100) * cos
             b = len(idx)
-            if loss_kind != "softmax":  # every (image, text) pair is a yes/no decision against one bias
+            truth = None  # (B images, texts): the caption is true of the image
+            if multi_positive or loss_kind != "softmax":
                 truth = caption_matches(caps + negs, scene_pat[idx], scene_bg[idx]).T
                 truth[:, :b] |= np.eye(b, dtype=bool)
+            if loss_kind != "softmax":  # every (image, text) pair is a yes/no decision against one bias
                 z = model.sig_scale.exp().clamp(max=100) * cos + model.sig_bias
                 sig = F.binary_cross_entropy_with_logits(z, torch.from_numpy(truth.astype(np.float32)),
                                                          reduction="sum") / b
@@ -279,7 +283,7 @@ def _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, m
                 loss = sig
             elif multi_positive or hard_negatives:
                 if multi_positive:
-                    pos = caption_matches(caps + negs, scene_pat[idx], scene_bg[idx]).T  # (B images, texts)
+                    pos = truth.copy()
                 else:  # a hard negative can still be true of another image in the batch
                     pos = np.zeros((b, len(caps) + len(negs)), bool)
                     pos[:, b:] = caption_matches(negs, scene_pat[idx], scene_bg[idx]).T

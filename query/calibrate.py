@@ -17,6 +17,12 @@ population (the concept is absent everywhere, or present everywhere — the two 
 alone) and a robust upper-tail rule applies: ``median + TAIL_K · 1.4826 · MAD``, so only clear outliers count
 as present. Constant scores give a threshold just above the constant (nothing present).
 
+A CLIP model trained with a pairwise sigmoid loss (SigLIP, world:clip) has its own cut: the cosine where it
+says "true" with probability 1/2 (``prior``). When given, it chooses among the separated gaps (the one whose
+neighbours' means bracket the cut, crossing nearest to it) instead of the top-group rule, because such a model
+also scores *within* "present" in steps (two red objects above one); with no such gap, the cut itself is the
+threshold (method "prior").
+
 The reference recipe of the paper's code, ``mean + k·std`` with a hand-set k, is ``reference_threshold``.
 
 ``thresholds_for(snapshot, texts)`` computes scores over a deterministic sample of the store's vectors
@@ -292,6 +298,8 @@ def calibrate(scores, prior: float | None = None) -> Calibration:
     n = len(x)
     if n == 0:
         raise InvalidInput("no finite scores to calibrate on")
+    if prior is not None and not np.isfinite(prior):
+        raise InvalidInput(f"the present-score prior must be a finite number, got {prior!r}", "pass None for no prior")
     keep = _order_stats(x, _SORTED_KEEP)
 
     def done(thr, method, scale, params=None):

@@ -171,3 +171,8 @@ def test_world_clip_exposes_its_present_score():
     assert enc.describe()["present_score"] == round(enc.present_score, 6)
     assert ConceptBank("world:clip", encoder=enc).present_score == enc.present_score
     assert make_encoder("world:pairnet").present_score is None  # no text tower, no cut
+
+
+def test_a_non_finite_prior_is_a_clear_error():
+    with pytest.raises(InvalidInput, match="finite"):
+        calibrate(np.arange(100.0), prior=float("nan"))

@@ -100,6 +100,9 @@ def _model_identity(clip_spec: str) -> str:
     return ident
 
 
+_UNSET = object()
+
+
 class ConceptBank:
     """Concept text -> unit vector in the CLIP space of ``clip_spec`` (prompt ensemble, cached).
 
@@ -125,6 +128,7 @@ class ConceptBank:
         self.cache_dir = Path(cache_dir).expanduser() / "concepts" if cache_dir else None
         self._encoder = encoder
         self._mem: dict[str, np.ndarray] = {}
+        self._present = _UNSET
         self._lock = threading.Lock()
         self._encoder_lock = threading.Lock()  # one build, even when a warm-up thread and a query race
         ident = _model_identity(self.clip_spec) + "\x00" + "\x01".join(self.templates)
@@ -150,7 +154,13 @@ class ConceptBank:
         return self.cache_dir / self.key / f"{h}.npy"
 
     def _disk_get(self, text: str) -> np.ndarray | None:
-        p = self._disk_path(text)
+        return self._load(self._disk_path(text))
+
+    def _disk_put(self, text: str, v: np.ndarray) -> None:
+        self._save(self._disk_path(text), v)
+
+    @staticmethod
+    def _load(p: Path | None) -> np.ndarray | None:
         if p is None or not p.is_file():
             return None
         try:
@@ -159,8 +169,8 @@ class ConceptBank:
             return None
         return v.astype(np.float32) if v.ndim == 1 else None
 
-    def _disk_put(self, text: str, v: np.ndarray) -> None:
-        p = self._disk_path(text)
+    @staticmethod
+    def _save(p: Path | None, v: np.ndarray) -> None:
         if p is None:
             return
         try:
@@ -231,14 +241,25 @@ class ConceptBank:
 
     @property
     def present_score(self) -> float | None:
-        """The CLIP model's own "present" cosine score (``Encoder.present_score``); None when the model has none,
-        or when its text tower cannot be built here (vectors supplied with :meth:`put`)."""
-        try:
-            enc = self.encoder
-        except (EncoderError, InvalidInput):
-            return None
-        v = getattr(enc, "present_score", None)
-        return None if v is None else float(v)
+        """The CLIP model's own "present" cosine score (``Encoder.present_score``, as float32); None when the model
+        has none, or when its text tower cannot be built here (vectors supplied with :meth:`put`). Kept in the
+        disk cache beside the vectors, so cached concepts calibrate without building the text tower."""
+        if self._present is not _UNSET:
+            return self._present
+        p = self.cache_dir / self.key / "present_score.npy" if self.cache_dir else None
+        v = self._load(p)
+        if v is not None and v.shape == (1,):
+            val = None if np.isnan(v[0]) else float(v[0])
+        else:
+            try:
+                enc = self.encoder
+            except (EncoderError, InvalidInput):
+                return None
+            raw = getattr(enc, "present_score", None)
+            val = None if raw is None else float(np.float32(raw))
+            self._save(p, np.array([np.nan if val is None else val], np.float32))
+        self._present = val
+        return val
 
     @property
     def dim(self) -> int:

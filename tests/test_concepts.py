@@ -99,3 +99,20 @@ def test_query_imports_without_torch():
     code = ("import sys, query, query.concepts, query.calibrate, query.engine, query.parse; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_present_score_is_cached_on_disk_beside_the_vectors(tmp_path):
+    b1 = ConceptBank("world:clip", cache_dir=tmp_path)
+    cut = b1.present_score
+    assert cut is not None and cut == float(np.float32(b1.encoder.present_score))
+
+    class NoTower:  # a second process with everything cached must not need the text tower
+        dim = 128
+
+        @property
+        def present_score(self):
+            raise AssertionError("built the text tower")
+
+    assert ConceptBank("world:clip", cache_dir=tmp_path, encoder=NoTower()).present_score == cut
+    assert ConceptBank(TINY, cache_dir=tmp_path).present_score is None  # a softmax CLIP has no cut
+    assert ConceptBank("nosuch:model").present_score is None  # cannot be built here: no prior

@@ -102,7 +102,7 @@ def _nets() -> SimpleNamespace:
             )
             self.text = TextTower(self.dim)
             self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1/0.07)
-            # pairwise sigmoid loss (SigLIP): its own temperature and bias (training only)
+            # pairwise sigmoid loss (SigLIP): its own temperature and bias; -bias/scale is the present_score
             self.sig_scale = nn.Parameter(torch.tensor(2.3026))  # log(10)
             self.sig_bias = nn.Parameter(torch.tensor(-2.0))
 

@@ -169,5 +169,6 @@ def test_train_all_writes_weights_and_keeps_other_models_entries(tmp_path):
     assert set(rep["models"]) == {"autoenc", "pairnet"}  # retraining one model keeps the other's entry
     on_disk = json.loads((tmp_path / "world_models.json").read_text())
     assert on_disk["models"]["pairnet"]["steps"] == 2 and 0 <= on_disk["models"]["pairnet"]["pair_accuracy"] <= 1
+    assert on_disk["models"]["pairnet"]["threads"] == 1  # each model records the thread count it was trained on
     for name in ("autoenc", "pairnet"):
         load_world_model(name, str(tmp_path / f"{name}.safetensors"))  # loads strictly into the architecture

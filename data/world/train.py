@@ -435,7 +435,7 @@ def train_all(out_dir: str | Path | None = None, *, config: TrainConfig | None =
                                   seed=cfg.seed, multi_positive=cfg.clip_multi_positive,
                                   hard_negatives=cfg.clip_hard_negatives, twins=cfg.clip_twins, loss=cfg.clip_loss, log=log)
         secs = time.time() - t0
-        info = {"seconds": round(secs, 1), "steps": int(cfg.steps[name]),
+        info = {"seconds": round(secs, 1), "steps": int(cfg.steps[name]), "threads": torch.get_num_threads(),
                 "first_loss": round(float(np.mean(hist[:10])), 4), "final_loss": round(float(np.mean(hist[-20:])), 4)}
         if name == "clip":
             info["zero_shot"] = {k: round(v, 4) for k, v in clip_zero_shot(model, cfg.eval_n, cfg.eval_seed).items()}

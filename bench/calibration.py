@@ -61,7 +61,6 @@ def make_queries(concepts: list[str], n: int, n_terms: int, rng, truth_of, min_p
 
 def run_store(name: str, store: Path, labels_by_id, concepts, queries2, queries3, truth_tree) -> dict:
     """Per-concept and per-query F1 on one store, ours vs reference."""
-    from query import ast as qa
     from query.calibrate import concept_scores, reference_threshold, thresholds_for
     from query.engine import Engine, evaluate_tree
     from data.world.generator import concept_truth
@@ -74,39 +73,34 @@ def run_store(name: str, store: Path, labels_by_id, concepts, queries2, queries3
     cals = {c: cal.for_search() for c, cal in thresholds_for(snap, concepts, bank=eng.bank).items()}  # as searches
     V = eng.bank.vectors(concepts)
     S = concept_scores(snap, V)
-    ref_thr = {c: reference_threshold(S[:, j]) for j, c in enumerate(concepts)}
-    best_thr = {}  # the ceiling: per-concept thresholds chosen with the labels
-    for j, c in enumerate(concepts):
-        t, x = concept_truth(truth_rows, c), S[:, j]
-        best_thr[c] = max(np.quantile(x, np.linspace(0.3, 0.999, 400)), key=lambda q: f1(x >= q, t))
     col = {c: j for j, c in enumerate(concepts)}
-    single = {"ours": {}, "reference": {}, "label_chosen": {}}
+    truths = {c: concept_truth(truth_rows, c) for c in concepts}
+    best_thr = {}  # the ceiling: per-concept thresholds chosen with the labels
     for c in concepts:
-        truth = concept_truth(truth_rows, c)
-        single["ours"][c] = f1(S[:, col[c]] >= cals[c].threshold, truth)
-        single["reference"][c] = f1(S[:, col[c]] >= ref_thr[c], truth)
-        single["label_chosen"][c] = f1(S[:, col[c]] >= best_thr[c], truth)
+        x = S[:, col[c]]
+        best_thr[c] = max(np.quantile(x, np.linspace(0.3, 0.999, 400)), key=lambda q: f1(x >= q, truths[c]))
+    thresholds = {"ours": {c: cals[c].threshold for c in concepts},
+                  "reference": {c: reference_threshold(S[:, col[c]]) for c in concepts},
+                  "label_chosen": best_thr}
+    single = {m: {c: f1(S[:, col[c]] >= thr[c], truths[c]) for c in concepts} for m, thr in thresholds.items()}
+
+    def by_thresholds(node, thr):
+        return evaluate_tree(node, lambda c: S[:, col[c.text]] >= thr[c.text], lambda f: np.ones(len(ids), bool),
+                             len(ids))
 
     def query_f1(qs):
-        ours, ref, best, agree = [], [], [], 0
+        scores, agree = {m: [] for m in thresholds}, 0
         for q in qs:
             truth = truth_tree(q, truth_rows)
             res = eng.search(q, k=10_000)
             pred = np.isin(ids, res.all_ids)
             node = eng.parse_query(q)
-            pred_direct = evaluate_tree(node, lambda c: S[:, col[c.text]] >= cals[c.text].threshold,
-                                        lambda f: np.ones(len(ids), bool), len(ids))
-            agree += int(np.array_equal(pred, pred_direct))
-            pred_ref = evaluate_tree(node, lambda c: S[:, col[c.text]] >= ref_thr[c.text],
-                                     lambda f: np.ones(len(ids), bool), len(ids))
-            pred_best = evaluate_tree(node, lambda c: S[:, col[c.text]] >= best_thr[c.text],
-                                      lambda f: np.ones(len(ids), bool), len(ids))
-            ours.append(f1(pred, truth))
-            ref.append(f1(pred_ref, truth))
-            best.append(f1(pred_best, truth))
-        return {"ours": round(float(np.mean(ours)), 4), "reference": round(float(np.mean(ref)), 4),
-                "label_chosen": round(float(np.mean(best)), 4),
-                "ours_min": round(float(np.min(ours)), 4), "n": len(qs), "engine_equals_direct": agree}
+            agree += int(np.array_equal(pred, by_thresholds(node, thresholds["ours"])))
+            scores["ours"].append(f1(pred, truth))  # the engine's own answer
+            for m in ("reference", "label_chosen"):
+                scores[m].append(f1(by_thresholds(node, thresholds[m]), truth))
+        return {**{m: round(float(np.mean(v)), 4) for m, v in scores.items()},
+                "ours_min": round(float(np.min(scores["ours"])), 4), "n": len(qs), "engine_equals_direct": agree}
 
     groups = {"colors": [], "shapes": [], "pairs": []}
     from data.world import vocab

@@ -416,11 +416,9 @@ def drift(snapshot_a, snapshot_b, concepts, top: int = 4, *, alpha: float = 0.05
 
         bank = concept_bank_for(snapshot_a)
     vecs = concept_vectors(snapshot_a, concepts, bank)
-    from query.calibrate import concept_scores
+    from query.calibrate import concept_scores, present_score_of
 
     sa, sb = concept_scores(snapshot_a, vecs), concept_scores(snapshot_b, vecs)
-    from query.calibrate import present_score_of
-
     rows = drift_from_scores(sa, sb, concepts, alpha=alpha, correction=correction, prior=present_score_of(bank))
     for j, r in enumerate(rows):
         r["examples_a"] = _top_ids(snapshot_a, sa[:, j], top)

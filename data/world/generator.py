@@ -171,7 +171,7 @@ def binding_twin(scene: Scene, rng: np.random.Generator) -> Scene:
         new = [dataclasses.replace(o, color=colors[i]) for i, o in zip(p, objs)]
     else:
         k = int(rng.integers(len(objs)))
-        others = [c for c in vocab.COLORS if c != objs[k].color]
+        others = [c for c in vocab.COLORS if (c, objs[k].shape) not in pairs]  # a new pair, never a duplicate's
         new = list(objs)
         new[k] = dataclasses.replace(objs[k], color=others[rng.integers(len(others))])
     return Scene(scene.background, tuple(new), scene.seed)

@@ -1,8 +1,7 @@
 """Calibration benchmark on the concept world: F1 of calibrated thresholds vs the reference mean + 1·std.
 
 Generates a held-out collection of multi-object world images (seed not used in training), indexes it with
-world:clip and with an aligned non-CLIP world encoder (ridge aligner fitted on the folder's own images,
-``index_folder(..., fit_aligner=N)``), and measures, against exact ground truth from
+world:clip and with aligned non-CLIP world encoders, and measures, against exact ground truth from
 ``data.world.generator.concept_truth``:
 
   * single-concept presence: each colour, each shape, and colour-shape pairs ("red circle");
@@ -14,8 +13,13 @@ per concept), in the same run; and, as a ceiling, thresholds chosen per concept 
 (``label_chosen``: the best-F1 quantile of each concept's scores), which no rule without labels can beat by
 much. Prints JSON.
 
+The aligned encoders are world:pairnet with its pooled output (the paper's recipe) and with
+``features=stages`` (the pooled output plus each stage's pooled feature maps). Their ridge aligners are
+fitted, as in the paper, on a separate set of world images (``--fit-set N``, another seed; no labels are
+used), or with ``--fit-set 0`` on N images of the collection itself (``--fit-aligner N``).
+
 Usage:
-    .venv/bin/python bench/calibration.py                      # n = 2000, world:clip and world:pairnet
+    .venv/bin/python bench/calibration.py                      # n = 2000; world:clip and two aligned pairnets
     .venv/bin/python bench/calibration.py --n 300 --clip 'world:clip?weights=random'   # smoke test
 """
 from __future__ import annotations
@@ -130,8 +134,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=424242, help="collection seed (training uses 0 and 7000001)")
     ap.add_argument("--clip", default="world:clip")
-    ap.add_argument("--encoder", default="world:pairnet", help="non-CLIP encoder aligned into --clip")
-    ap.add_argument("--fit-aligner", type=int, default=1000, help="images the aligner is fitted on")
+    ap.add_argument("--encoders", default="world:pairnet,world:pairnet?features=stages",
+                    help="non-CLIP encoders aligned into --clip (comma-separated)")
+    ap.add_argument("--fit-set", type=int, default=6000,
+                    help="fit each aligner on this many separate world images (0: on the collection itself)")
+    ap.add_argument("--fit-aligner", type=int, default=1000,
+                    help="with --fit-set 0: images of the collection the aligner is fitted on")
     ap.add_argument("--pairs", type=int, default=16, help="colour-shape pair concepts (evenly chosen)")
     ap.add_argument("--queries", type=int, default=40, help="queries per size (2 and 3 constraints)")
     ap.add_argument("--work", type=Path, default=None, help="work dir (kept); default temporary")
@@ -175,13 +183,31 @@ def main(argv=None) -> dict:
     q2 = make_queries(concepts, args.queries, 2, rng, lambda q: truth_tree(q, all_rows), min_pos=10)
     q3 = make_queries(concepts, args.queries, 3, rng, lambda q: truth_tree(q, all_rows), min_pos=10)
 
-    stores = {"clip": (args.clip, None, None), "aligned": (args.encoder, args.fit_aligner, args.clip)}
+    stores = {"clip": args.clip}
+    for k, enc in enumerate(e for e in args.encoders.split(",") if e.strip()):
+        stores["aligned" if k == 0 else f"aligned{k + 1}"] = enc.strip()
+    fit_paths = []
+    if args.fit_set:
+        fit_dir = work / "fit-set"
+        if not (fit_dir / "labels.parquet").exists():
+            generate(fit_dir, args.fit_set, args.seed + 1)
+        fit_paths = sorted(str(p) for p in (fit_dir / "images").rglob("*.png"))
     results = []
-    for name, (enc, fit, clip) in stores.items():
+    for name, enc in stores.items():
         store = work / f"store-{name}"
         t1 = time.perf_counter()
         if not (store / "CURRENT").exists():
-            index_folder(world / "images", store, enc, fit_aligner=fit, clip=clip, workers=0, batch_size=128)
+            kw = {}
+            if name != "clip" and fit_paths:
+                from indexer.encoders import make_encoder
+                from indexer.pipeline import fit_aligner_on_folder
+
+                al = fit_aligner_on_folder(make_encoder(enc), args.clip, fit_paths, workers=0, progress=False)
+                kw["aligner"] = str(al.save(work / f"aligner-{name}.safetensors"))
+            elif name != "clip":
+                kw["fit_aligner"] = args.fit_aligner
+            index_folder(world / "images", store, enc, clip=None if name == "clip" else args.clip, workers=0,
+                         batch_size=128, **kw)
         index_s = time.perf_counter() - t1
         from data.store import open_store
 
@@ -194,7 +220,9 @@ def main(argv=None) -> dict:
         r = run_store(name, store, labels_by_id, concepts, q2, q3, truth_tree)
         r["index_seconds"] = round(index_s, 1)
         results.append(r)
-    out = {"n": args.n, "seed": args.seed, "concepts": {"colors": len(colors), "shapes": len(shapes),
+    out = {"n": args.n, "seed": args.seed, "aligner_fit": (f"{args.fit_set} separate world images (seed {args.seed + 1})"
+                                                             if args.fit_set else f"{args.fit_aligner} collection images"),
+           "concepts": {"colors": len(colors), "shapes": len(shapes),
                                                           "pairs": len(pairs)},
            "reference_recipe": "mean + 1*std per concept",
            "calibration": "1-4 component GMM by BIC; gap by the model's cut (if any) or the top group; posteriors cross",

@@ -126,7 +126,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-align", type=int, default=5000)
     ap.add_argument("--n-single", type=int, default=2000)
     ap.add_argument("--n-multi", type=int, default=3000)
-    ap.add_argument("--encoders", default="pairnet,autoenc")
+    ap.add_argument("--encoders", default="pairnet,pairnet?features=stages,autoenc",
+                    help="world models aligned into world:clip, with spec options (e.g. pairnet?features=stages)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tie", type=float, default=0.005, help="accuracy difference counted as a match")
     ap.add_argument("--weights-dir", default=None,
@@ -140,9 +141,11 @@ def main(argv=None) -> dict:
     from indexer.encoders import make_encoder
 
     def spec(name: str) -> str:
-        if not args.weights_dir:
-            return f"world:{name}"
-        return f"world:{name}?weights={Path(args.weights_dir) / (name + '.safetensors')}"
+        base, _, opts = name.partition("?")
+        q = [o for o in opts.split("&") if o]
+        if args.weights_dir:
+            q.append(f"weights={Path(args.weights_dir) / (base + '.safetensors')}")
+        return f"world:{base}" + ("?" + "&".join(q) if q else "")
 
     t0 = time.time()
     clip = make_encoder(spec("clip"))
@@ -171,7 +174,7 @@ def main(argv=None) -> dict:
         feats = {k: enc.encode_images(v[1]) for k, v in sets.items()}
         t1 = time.time()
         al = fit_aligner(feats["align"], clip_emb["align"], holdout=0.2, seed=0,
-                         encoder=f"world:{name}", clip="world:clip")
+                         encoder=enc.spec, clip="world:clip")
         fit_s = time.time() - t1
         r = score(name, al.apply(feats["single"]), al.apply(feats["multi"]), round(al.r2_heldout, 4))
         r["align_seconds"] = round(fit_s, 3)

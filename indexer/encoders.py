@@ -4,7 +4,8 @@ Spec grammar: ``SOURCE:NAME[?key=value&key=value]``, for example ``timm:resnet50
 ``open_clip:ViT-B-32/openai``, ``torchvision:resnet50``, ``world:clip``,
 ``python:my_pkg.module:factory``. ``weights=random`` builds a randomly initialised model (tests, speed
 benchmarks); ``weights=PATH`` loads a local checkpoint file (offline use). Other options:
-``device=cpu|cuda``, ``batch_size=N``, ``threads=N``, ``image_size=N`` (python source).
+``device=cpu|cuda``, ``batch_size=N``, ``threads=N``, ``image_size=N`` (python source), and
+``features=final|stages`` (non-CLIP timm and world encoders; see :data:`FEATURE_MODES`).
 
 Heavy imports (torch, timm, open_clip, torchvision) are deferred until an encoder is made.
 """
@@ -51,6 +52,15 @@ class EncoderSpec:
 
 RUNTIME_OPTIONS = {"device", "batch_size", "threads"}
 
+MAX_STAGES = 4  # ``features=stages`` pools at most the last 4 stages (a ViT lists every block)
+#: what an image encoder returns (the ``features=`` option); part of the spec's identity
+FEATURE_MODES = {
+    "final": "the model's pooled output (its penultimate layer; the paper's recipe); the default",
+    "stages": "the pooled output plus the average and the maximum over space of each of the last "
+              f"{MAX_STAGES} stages' feature maps: what the last layer discards (size, position, texture) "
+              "becomes visible to the linear aligner (non-CLIP timm and world encoders)",
+}
+
 
 def parse_spec(spec: str) -> EncoderSpec:
     """Parse ``SOURCE:NAME[?k=v&...]`` into an EncoderSpec; raise InvalidInput on malformed specs."""
@@ -89,6 +99,8 @@ class Encoder:
     # with probability sigmoid(scale * cosine + bias); the cosine where that is 50% (-bias / scale) is their own
     # "present" score. None for softmax-trained CLIPs, which have no such cut.
     present_score: float | None = None
+    # (submodule name, channels or None) of the stages ``features=stages`` pools, set by sources that know them
+    stages: list[tuple[str, int | None]] | None = None
 
     def __init__(self, batch_size: int = 64, device: str | None = None, threads: int | None = None):
         import torch
@@ -243,6 +255,9 @@ def make_encoder(spec: str | EncoderSpec, **overrides) -> Encoder:
         (8, 512)
     """
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    features = parsed.options.get("features", "final")
+    if features not in FEATURE_MODES:
+        raise UnknownChoice("`features` value", features, FEATURE_MODES)
     w = parsed.weights
     if w not in (None, "", "random", "pretrained") and not os.path.exists(w):
         raise NotFound(f"weights file {w!r} does not exist", "pass an existing checkpoint path, or weights=random")
@@ -264,8 +279,76 @@ def make_encoder(spec: str | EncoderSpec, **overrides) -> Encoder:
             enc = _SOURCES[parsed.source](parsed, kw)
     else:
         enc = _SOURCES[parsed.source](parsed, kw)
+    if features == "stages":
+        _pool_stages(enc, parsed)
     enc.spec = parsed.identity
     return enc
+
+
+def _pool_stages(enc: Encoder, spec: EncoderSpec) -> None:
+    """Switch a built encoder to ``features=stages`` (its module returns the pooled output and pooled stages)."""
+    if enc.has_text:
+        raise EncoderError(
+            f"features=stages does not apply to {spec.source}:{spec.name}: it has a text tower, and its image "
+            "embedding must stay in the space its text embeddings live in",
+            "use features=stages on the non-CLIP encoder you align into this CLIP",
+        )
+    stages = getattr(enc, "stages", None)
+    if not isinstance(enc, ModuleEncoder) or not stages:
+        raise EncoderError(
+            f"features=stages is not available for {spec.source}:{spec.name} (no stage list)",
+            "use a timm or world encoder, or leave features= out (the pooled output)",
+        )
+    enc.module = _StagePooled(enc.module, stages[-MAX_STAGES:]).eval()
+    enc.dim = enc._probe_dim()
+
+
+def _pooled(out, channels: int | None):
+    """Average and maximum over the spatial (or token) axes of one stage's output: (N, 2C)."""
+    import torch
+
+    if isinstance(out, (tuple, list)):  # some blocks return (features, extras)
+        out = out[0]
+    if out.ndim == 2:
+        return torch.cat([out, out], 1)
+    if out.ndim == 3:  # (N, tokens, C)
+        axes = (1,)
+    elif channels is not None and out.shape[1] != channels and out.shape[-1] == channels:  # NHWC (e.g. swin)
+        axes = (1, 2)
+    else:  # NCHW
+        axes = tuple(range(2, out.ndim))
+    return torch.cat([out.mean(axes), out.amax(axes)], 1).flatten(1)
+
+
+def _StagePooled(module, stages: list[tuple[str, int | None]]):  # noqa: N802 - a module factory
+    """Wrap ``module``: forward returns ``[module(x), pooled stage 1, ..., pooled stage k]`` (N, dim)."""
+    import torch
+
+    class StagePooled(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+            self.stage_names = [name for name, _ in stages]
+            self._got: dict = {}
+            for name, channels in stages:
+                m.get_submodule(name).register_forward_hook(self._keep(name, channels))
+
+        def _keep(self, name, channels):
+            def hook(_module, _inputs, out):  # pool at once: later in-place ops cannot change it
+                self._got[name] = _pooled(out, channels)
+
+            return hook
+
+        def forward(self, x):
+            self._got = {}
+            y = self.m(x)
+            missing = [n for n in self.stage_names if n not in self._got]
+            if missing:
+                raise EncoderError(f"stages {missing} did not run in the forward pass", "use features=final")
+            parts, self._got = [y.flatten(1), *(self._got[n] for n in self.stage_names)], {}
+            return torch.cat(parts, 1)
+
+    return StagePooled(module)
 
 
 def _load_state_dict(path: str) -> dict:
@@ -325,8 +408,12 @@ def _timm(spec: EncoderSpec, kw: dict) -> Encoder:
         _load_into(model, w, spec)
     cfg = model.pretrained_cfg or {}
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    return ModuleEncoder("", model, dim=model.num_features, image_size=size,
-                         mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD), **kw)
+    enc = ModuleEncoder("", model, dim=model.num_features, image_size=size,
+                        mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD), **kw)
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list):  # timm's stage list: [{"module": "layer1", "num_chs": 256, ...}, ...]
+        enc.stages = [(d["module"], d.get("num_chs")) for d in info if isinstance(d, dict) and d.get("module")]
+    return enc
 
 
 @register_source("torchvision", "torchvision classification models: torchvision:resnet50")
@@ -413,6 +500,7 @@ def _world(spec: EncoderSpec, kw: dict) -> Encoder:
                         mean=model.mean, std=model.std, text_fn=text_fn, resize_mode="squash", **kw)
     if model.has_text:
         enc.present_score = model.present_score()
+    enc.stages = [(f"m.{name}", None) for name in model.stages]  # under the _ImageTower wrapper
     return enc
 
 
@@ -447,7 +535,8 @@ def _python(spec: EncoderSpec, kw: dict) -> Encoder:
     factory = getattr(mod, attr, None)
     if not callable(factory):
         raise NotFound(f"module {modname!r} has no callable {attr!r}")
-    extra = {k: v for k, v in spec.options.items() if k not in RUNTIME_OPTIONS | {"weights", "image_size"}}
+    extra = {k: v for k, v in spec.options.items()
+             if k not in RUNTIME_OPTIONS | {"weights", "image_size", "features"}}
     obj = factory(**extra)
     if isinstance(obj, Encoder):
         return obj

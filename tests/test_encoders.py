@@ -141,3 +141,53 @@ def test_open_clip_tiny_config_random_weights(tmp_path):
     np.testing.assert_allclose(t1, want, rtol=1e-4, atol=1e-5)
     with pytest.raises(UnknownChoice):
         make_encoder("open_clip:ViT-B-32/not-a-tag")
+
+
+def test_stage_features_timm_checkpoint_against_forward_intermediates(tmp_path):
+    """features=stages: the pooled output, then mean and max over space of the last 4 stages (timm's own list)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    ref = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
+    ckpt = tmp_path / "r.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(ckpt))
+    enc = make_encoder(f"timm:test_resnet?weights={ckpt}&features=stages")
+    assert "features=stages" in enc.spec and not enc.has_text
+    x = _batch(enc, n=2)
+    with torch.no_grad():
+        pooled = ref(torch.from_numpy(x)).numpy()
+        maps = ref.forward_intermediates(torch.from_numpy(x), intermediates_only=True)[-E.MAX_STAGES:]
+    want = np.concatenate([pooled] + [np.concatenate([m.mean((2, 3)).numpy(), m.amax((2, 3)).numpy()], 1)
+                                      for m in maps], 1)
+    assert enc.dim == want.shape[1] == ref.num_features + 2 * sum(m.shape[1] for m in maps)
+    np.testing.assert_allclose(enc.encode_images(x), want, rtol=1e-4, atol=1e-5)
+    # the default mode is the pooled output alone
+    np.testing.assert_allclose(make_encoder(f"timm:test_resnet?weights={ckpt}").encode_images(x), pooled,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_stage_features_world_model_extend_the_pooled_output():
+    plain = make_encoder("world:pairnet")
+    staged = make_encoder("world:pairnet?features=stages")
+    assert staged.spec == "world:pairnet?features=stages" and staged.dim == 128 + 2 * (32 + 32 + 64 + 64)
+    x = _batch(plain, n=4)
+    a, b = plain.encode_images(x), staged.encode_images(x)
+    np.testing.assert_allclose(b[:, :128], a, rtol=1e-5, atol=1e-6)
+    # each stage block is [mean over space, max over space]: the max is never below the mean
+    off = 128
+    for ch in (32, 32, 64, 64):
+        assert (b[:, off + ch : off + 2 * ch] >= b[:, off : off + ch] - 1e-5).all()
+        off += 2 * ch
+    assert make_encoder("world:autoenc?features=stages").dim == 64 + 2 * (32 + 64 + 64)
+
+
+@pytest.mark.parametrize("spec, error, words", [
+    ("world:clip?features=stages", EncoderError, "text tower"),
+    ("torchvision:resnet18?weights=random&features=stages", EncoderError, "not available"),
+    ("world:pairnet?features=layers", UnknownChoice, "stages"),
+])
+def test_stage_features_errors_name_the_problem(spec, error, words):
+    with pytest.raises(error) as ei:
+        make_encoder(spec)
+    assert words in str(ei.value) + (getattr(ei.value, "hint", "") or "")

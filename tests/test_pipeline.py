@@ -238,3 +238,19 @@ def test_crash_during_commit_resumes(tmp_path, monkeypatch):
     assert rep.resumed_parts == 3
     assert _store_state(tmp_path / "st")[0] == _store_state(tmp_path / "ref")[0]
     assert not [p for p in (tmp_path / "st" / "snapshots").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_stage_features_index_and_keep_their_own_aligner(tmp_path):
+    """A features=stages encoder is its own encoder: its store records the spec, and another's aligner is refused."""
+    from data.world.generator import generate
+
+    generate(tmp_path / "w", 60, seed=5)
+    staged = "world:pairnet?features=stages"
+    rep = run(tmp_path / "w" / "images", tmp_path / "st", encoder=staged, fit_aligner=60, clip="world:clip")
+    snap = open_store(tmp_path / "st")
+    assert snap.encoder == staged and snap.manifest["feature_dim"] == 512 and snap.dim == 128
+    assert rep.aligner_r2 is not None and snap.manifest["clip"] == "world:clip"
+    run(tmp_path / "w" / "images", tmp_path / "plain", encoder="world:pairnet", fit_aligner=60, clip="world:clip")
+    plain_aligner = next((tmp_path / "plain" / "aligners").glob("*.safetensors"))
+    with pytest.raises(AlignerError):
+        run(tmp_path / "w" / "images", tmp_path / "st2", encoder=staged, aligner=str(plain_aligner))

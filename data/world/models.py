@@ -58,6 +58,7 @@ def _nets() -> SimpleNamespace:
         name = ""
         dim = 0
         has_text = False
+        stages: tuple[str, ...] = ()  # submodules whose outputs ``features=stages`` pools (non-CLIP models)
         image_size = IMAGE_SIZE
         mean = MEAN
         std = STD
@@ -137,6 +138,7 @@ def _nets() -> SimpleNamespace:
 
     class PairNet(WorldModel):
         name, dim = "pairnet", WORLD_MODELS["pairnet"]["dim"]
+        stages = ("body.0", "body.1", "body.2", "body.3")
 
         def __init__(self):
             super().__init__()
@@ -158,6 +160,7 @@ def _nets() -> SimpleNamespace:
 
     class AutoEncoder(WorldModel):
         name, dim = "autoenc", WORLD_MODELS["autoenc"]["dim"]
+        stages = ("enc.1", "enc.3", "enc.5")
 
         def __init__(self):
             super().__init__()

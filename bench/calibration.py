@@ -15,8 +15,9 @@ much. Prints JSON.
 
 The aligned encoders are world:pairnet with its pooled output (the paper's recipe) and with
 ``features=stages`` (the pooled output plus each stage's pooled feature maps). Their ridge aligners are
-fitted, as in the paper, on a separate set of world images (``--fit-set N``, another seed; no labels are
-used), or with ``--fit-set 0`` on N images of the collection itself (``--fit-aligner N``).
+fitted, as in the paper (which fits on ImageNet's training set), on a separate set of world images as large
+as the world models' training set (``--fit-set 20000``, another seed; no labels are used), or with
+``--fit-set 0`` on N images of the collection itself (``--fit-aligner N``).
 
 Usage:
     .venv/bin/python bench/calibration.py                      # n = 2000; world:clip and two aligned pairnets
@@ -136,7 +137,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--clip", default="world:clip")
     ap.add_argument("--encoders", default="world:pairnet,world:pairnet?features=stages",
                     help="non-CLIP encoders aligned into --clip (comma-separated)")
-    ap.add_argument("--fit-set", type=int, default=6000,
+    ap.add_argument("--fit-set", type=int, default=20000,
                     help="fit each aligner on this many separate world images (0: on the collection itself)")
     ap.add_argument("--fit-aligner", type=int, default=1000,
                     help="with --fit-set 0: images of the collection the aligner is fitted on")

@@ -387,7 +387,7 @@ def _load_into(module, path: str, spec: EncoderSpec) -> None:
     module.load_state_dict(usable, strict=False)
 
 
-@register_source("timm", "timm image models: timm:resnet50.a1_in1k (hub name) ")
+@register_source("timm", "timm image models: timm:resnet50.a1_in1k (hub name); ?features=stages adds pooled stage maps")
 def _timm(spec: EncoderSpec, kw: dict) -> Encoder:
     """timm image models, pooled features (num_classes=0)."""
     import timm

@@ -221,10 +221,10 @@ def main(argv=None) -> dict:
         r = run_store(name, store, labels_by_id, concepts, q2, q3, truth_tree)
         r["index_seconds"] = round(index_s, 1)
         results.append(r)
-    out = {"n": args.n, "seed": args.seed, "aligner_fit": (f"{args.fit_set} separate world images (seed {args.seed + 1})"
-                                                             if args.fit_set else f"{args.fit_aligner} collection images"),
-           "concepts": {"colors": len(colors), "shapes": len(shapes),
-                                                          "pairs": len(pairs)},
+    fit_how = (f"{args.fit_set} separate world images (seed {args.seed + 1})" if args.fit_set
+               else f"{args.fit_aligner} collection images")
+    out = {"n": args.n, "seed": args.seed, "aligner_fit": fit_how,
+           "concepts": {"colors": len(colors), "shapes": len(shapes), "pairs": len(pairs)},
            "reference_recipe": "mean + 1*std per concept",
            "calibration": "1-4 component GMM by BIC; gap by the model's cut (if any) or the top group; posteriors cross",
            "generate_seconds": round(gen_s, 1), "results": results,

@@ -46,7 +46,8 @@ class EncoderSpec:
     @property
     def identity(self) -> str:
         """The spec without run-time options (device, batch size, threads): what defines the features."""
-        keep = {k: v for k, v in self.options.items() if k not in RUNTIME_OPTIONS}
+        keep = {k: v for k, v in self.options.items()
+                if k not in RUNTIME_OPTIONS and (k, v) != ("features", "final")}  # final is the default
         return str(EncoderSpec(self.source, self.name, keep))
 
 

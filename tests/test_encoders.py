@@ -50,14 +50,19 @@ def _batch(enc, n=3, seed=0):
     return rng.normal(size=(n, 3, enc.image_size, enc.image_size)).astype(np.float32)
 
 
-def test_timm_random_and_local_checkpoint_path_give_same_model(tmp_path):
+def _timm_checkpoint(path, seed=0):
+    """A random-init timm test_resnet and a safetensors checkpoint of it at ``path``."""
     import timm
     from safetensors.torch import save_file
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     ref = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
-    ckpt = tmp_path / "test_resnet.safetensors"
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(ckpt))
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    return ref, path
+
+
+def test_timm_random_and_local_checkpoint_path_give_same_model(tmp_path):
+    ref, ckpt = _timm_checkpoint(tmp_path / "test_resnet.safetensors")
     enc = make_encoder(f"timm:test_resnet?weights={ckpt}&device=cpu")
     assert enc.dim == ref.num_features and not enc.has_text
     x = _batch(enc)
@@ -145,13 +150,7 @@ def test_open_clip_tiny_config_random_weights(tmp_path):
 
 def test_stage_features_timm_checkpoint_against_forward_intermediates(tmp_path):
     """features=stages: the pooled output, then mean and max over space of the last 4 stages (timm's own list)."""
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(1)
-    ref = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
-    ckpt = tmp_path / "r.safetensors"
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(ckpt))
+    ref, ckpt = _timm_checkpoint(tmp_path / "r.safetensors", seed=1)
     enc = make_encoder(f"timm:test_resnet?weights={ckpt}&features=stages")
     assert "features=stages" in enc.spec and not enc.has_text
     x = _batch(enc, n=2)
@@ -180,6 +179,8 @@ def test_stage_features_world_model_extend_the_pooled_output():
         assert (b[:, off + ch : off + 2 * ch] >= b[:, off : off + ch] - 1e-5).all()
         off += 2 * ch
     assert make_encoder("world:autoenc?features=stages").dim == 64 + 2 * (32 + 64 + 64)
+    # features=final is the default, so it names the same encoder (and fits the same aligners)
+    assert make_encoder("world:pairnet?features=final").spec == "world:pairnet"
 
 
 @pytest.mark.parametrize("spec, error, words", [

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -17,7 +18,13 @@ DEMO_QUERIES = [
     "circle AND n_objects=1",
     "red AND circle",
 ]
-DEMO_ENCODERS = ("world:clip", "world:pairnet")
+#: world CLIP, pairnet's pooled output (the paper's recipe; blind to backgrounds), and pairnet with its stages
+DEMO_ENCODERS = ("world:clip", "world:pairnet", "world:pairnet?features=stages")
+
+
+def store_name(spec: str) -> str:
+    """A shell-safe store folder name for an encoder spec: ``store-world-pairnet-features-stages``."""
+    return "store-" + re.sub(r"[^A-Za-z0-9._]+", "-", spec).strip("-")
 
 
 def truth_of(node, labels, catalog_rows: dict) -> np.ndarray:
@@ -67,7 +74,7 @@ def run_demo(out: Path, *, n: int = 1500, seed: int = 7, encoders=DEMO_ENCODERS,
     row_of = {r: i for i, r in enumerate(rel)}
     engines = {}
     for enc in encoders:
-        store = out / f"store-{enc.replace(':', '-')}"
+        store = out / store_name(enc)
         how = "CLIP itself, no aligner" if enc == "world:clip" else "no text tower: aligner fitted into world:clip"
         echo(f"2/4 indexing with {enc} ({how}) ...")
         rep = index_folder(coll / "images", store, enc, fit_aligner=fit, clip="world:clip", user_columns=user)
@@ -78,6 +85,7 @@ def run_demo(out: Path, *, n: int = 1500, seed: int = 7, encoders=DEMO_ENCODERS,
         engines[enc] = (engine, r2)
     echo("3/4 queries, scored against the generator's exact labels (P = precision, R = recall):")
     results = []
+    width = max(len(e) for e in encoders)
     for q in queries:
         node = parse(q)
         echo(f"  {q!r}")
@@ -100,7 +108,7 @@ def run_demo(out: Path, *, n: int = 1500, seed: int = 7, encoders=DEMO_ENCODERS,
             row["by_encoder"][enc] = {"matches": res.total, "precision": round(prec, 3), "recall": round(recall, 3),
                                       "f1": round(f1, 3), "precision_at_k": round(p_at_k, 3),
                                       "ms": round(res.took_ms, 1)}
-            echo(f"      {enc:<14} {res.total:4d} matches (truth {len(true_ids)}): P {prec:.2f}  R {recall:.2f}  "
+            echo(f"      {enc:<{width}} {res.total:4d} matches (truth {len(true_ids)}): P {prec:.2f}  R {recall:.2f}  "
                  f"F1 {f1:.2f}  P@{k} {p_at_k:.2f}  {res.took_ms:.0f} ms")
             for w in res.warnings:
                 echo(f"        note: {w}")
@@ -110,7 +118,7 @@ def run_demo(out: Path, *, n: int = 1500, seed: int = 7, encoders=DEMO_ENCODERS,
                     echo(f"        {h.score:+.2f}  {Path(h.path).name}: {cap}")
         results.append(row)
     total = time.perf_counter() - t0
-    first = out / f"store-{encoders[-1].replace(':', '-')}"
+    first = out / store_name(encoders[-1])
     echo(f"4/4 done in {total:.0f} s. Try: t2c query {first} \"blue AND NOT yellow\" --explain")
     echo(f"    or look at it in a browser: t2c serve {first}")
     return {"seconds": round(total, 1), "aligner_r2": {e: r for e, (_, r) in engines.items()}, "queries": results}

@@ -1,5 +1,6 @@
 """The `t2c` CLI edge: typed errors become a message and exit code 2; commands work end to end."""
 import json
+import re
 import subprocess
 import sys
 
@@ -66,3 +67,12 @@ def test_main_translates_errors_in_process(capsys):
         main(["info", "/nonexistent/store"])
     assert ei.value.code == 2
     assert "hint:" in capsys.readouterr().err
+
+
+def test_demo_store_names_are_shell_safe():
+    from service.cli_demo import DEMO_ENCODERS, store_name
+
+    assert store_name("world:clip") == "store-world-clip"
+    assert store_name("world:pairnet?features=stages") == "store-world-pairnet-features-stages"
+    names = [store_name(e) for e in DEMO_ENCODERS]
+    assert len(set(names)) == len(names) and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)

@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-align", type=int, default=5000)
     ap.add_argument("--n-single", type=int, default=2000)
     ap.add_argument("--n-multi", type=int, default=3000)
-    ap.add_argument("--encoders", default="pairnet,pairnet?features=stages,autoenc",
+    ap.add_argument("--encoders", default="pairnet,pairnet?features=stages,pairnet?features=stages+probs,autoenc",
                     help="world models aligned into world:clip, with spec options (e.g. pairnet?features=stages)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tie", type=float, default=0.005, help="accuracy difference counted as a match")

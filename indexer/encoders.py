@@ -5,7 +5,7 @@ Spec grammar: ``SOURCE:NAME[?key=value&key=value]``, for example ``timm:resnet50
 ``python:my_pkg.module:factory``. ``weights=random`` builds a randomly initialised model (tests, speed
 benchmarks); ``weights=PATH`` loads a local checkpoint file (offline use). Other options:
 ``device=cpu|cuda``, ``batch_size=N``, ``threads=N``, ``image_size=N`` (python source), and
-``features=final|stages`` (non-CLIP timm and world encoders; see :data:`FEATURE_MODES`).
+``features=final|stages|probs|stages+probs`` (non-CLIP timm and world encoders; see :data:`FEATURE_MODES`).
 
 Heavy imports (torch, timm, open_clip, torchvision) are deferred until an encoder is made.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import parse_qsl
@@ -54,13 +55,34 @@ class EncoderSpec:
 RUNTIME_OPTIONS = {"device", "batch_size", "threads"}
 
 MAX_STAGES = 4  # ``features=stages`` pools at most the last 4 stages (a ViT lists every block)
-#: what an image encoder returns (the ``features=`` option); part of the spec's identity
+#: what an image encoder returns (the ``features=`` option: parts joined by "+"); part of the spec's identity
 FEATURE_MODES = {
-    "final": "the model's pooled output (its penultimate layer; the paper's recipe); the default",
-    "stages": "the pooled output plus the average and the maximum over space of each of the last "
+    "final": "the model's pooled output (its penultimate layer; the paper's recipe); the default, always included",
+    "stages": "adds the average and the maximum over space of each of the last "
               f"{MAX_STAGES} stages' feature maps: what the last layer discards (size, position, texture) "
               "becomes visible to the linear aligner (non-CLIP timm and world encoders)",
+    "probs": "adds the model's own class probabilities (its classifier head: softmax for timm's classifiers, "
+             "sigmoid for a multi-label head such as world:pairnet's): a non-linear read-out of the pooled "
+             "output, so the linear aligner can use what the classes say (encoders with a classifier head)",
 }
+FEATURE_ORDER = ("stages", "probs")  # canonical order of the parts after the pooled output
+
+
+def feature_parts(value: str) -> tuple[str, ...]:
+    """The parts a ``features=`` value adds to the pooled output, in canonical order (``()`` for final).
+
+    Parts are joined by "+" (``stages+probs``; a URL-decoded "+" is a space, and "," is accepted too, so
+    spec lists separated by commas elsewhere should use "+").
+
+    Raises:
+        UnknownChoice: a part is not one of :data:`FEATURE_MODES`.
+    """
+    parts = re.split(r"[\s,+]+", str(value).strip())
+    parts = [p for p in parts if p]
+    for p in parts:
+        if p not in FEATURE_MODES:
+            raise UnknownChoice("`features` value", p, FEATURE_MODES)
+    return tuple(p for p in FEATURE_ORDER if p in parts)
 
 
 def parse_spec(spec: str) -> EncoderSpec:
@@ -79,6 +101,8 @@ def parse_spec(spec: str) -> EncoderSpec:
     if not name:
         raise InvalidInput(f"encoder spec {spec!r} names no model", "put the model name after the colon")
     options = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+    if "features" in options:  # one spelling per feature set: "probs+stages" and "stages+probs" are one encoder
+        options["features"] = "+".join(feature_parts(options["features"])) or "final"
     return EncoderSpec(source, name, options)
 
 
@@ -102,6 +126,8 @@ class Encoder:
     present_score: float | None = None
     # (submodule name, channels or None) of the stages ``features=stages`` pools, set by sources that know them
     stages: list[tuple[str, int | None]] | None = None
+    # (module mapping the pooled output to class logits, "softmax" | "sigmoid"), for ``features=probs``
+    classifier: tuple | None = None
 
     def __init__(self, batch_size: int = 64, device: str | None = None, threads: int | None = None):
         import torch
@@ -256,9 +282,7 @@ def make_encoder(spec: str | EncoderSpec, **overrides) -> Encoder:
         (8, 512)
     """
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
-    features = parsed.options.get("features", "final")
-    if features not in FEATURE_MODES:
-        raise UnknownChoice("`features` value", features, FEATURE_MODES)
+    features = feature_parts(parsed.options.get("features", "final"))
     w = parsed.weights
     if w not in (None, "", "random", "pretrained") and not os.path.exists(w):
         raise NotFound(f"weights file {w!r} does not exist", "pass an existing checkpoint path, or weights=random")
@@ -280,27 +304,34 @@ def make_encoder(spec: str | EncoderSpec, **overrides) -> Encoder:
             enc = _SOURCES[parsed.source](parsed, kw)
     else:
         enc = _SOURCES[parsed.source](parsed, kw)
-    if features == "stages":
-        _pool_stages(enc, parsed)
+    if features:
+        _extend_features(enc, parsed, features)
     enc.spec = parsed.identity
     return enc
 
 
-def _pool_stages(enc: Encoder, spec: EncoderSpec) -> None:
-    """Switch a built encoder to ``features=stages`` (its module returns the pooled output and pooled stages)."""
+def _extend_features(enc: Encoder, spec: EncoderSpec, parts: tuple[str, ...]) -> None:
+    """Switch a built encoder to return its pooled output followed by ``parts`` (pooled stages, class probs)."""
+    label = f"features={'+'.join(parts)}"
     if enc.has_text:
         raise EncoderError(
-            f"features=stages does not apply to {spec.source}:{spec.name}: it has a text tower, and its image "
+            f"{label} does not apply to {spec.source}:{spec.name}: it has a text tower, and its image "
             "embedding must stay in the space its text embeddings live in",
-            "use features=stages on the non-CLIP encoder you align into this CLIP",
+            f"use {label} on the non-CLIP encoder you align into this CLIP",
         )
-    stages = getattr(enc, "stages", None)
-    if not isinstance(enc, ModuleEncoder) or not stages:
+    stages = getattr(enc, "stages", None) if "stages" in parts else None
+    if "stages" in parts and (not isinstance(enc, ModuleEncoder) or not stages):
         raise EncoderError(
             f"features=stages is not available for {spec.source}:{spec.name} (no stage list)",
-            "use a timm or world encoder, or leave features= out (the pooled output)",
+            "use a timm or world encoder, or leave stages out of features= (the pooled output)",
         )
-    enc.module = _StagePooled(enc.module, stages[-MAX_STAGES:]).eval()
+    classifier = getattr(enc, "classifier", None) if "probs" in parts else None
+    if "probs" in parts and (not isinstance(enc, ModuleEncoder) or classifier is None):
+        raise EncoderError(
+            f"features=probs is not available for {spec.source}:{spec.name} (no classifier head)",
+            "use a timm classifier or world:pairnet, or leave probs out of features=",
+        )
+    enc.module = _FeatureParts(enc.module, (stages or [])[-MAX_STAGES:], classifier).to(enc.device).eval()
     enc.dim = enc._probe_dim()
 
 
@@ -321,14 +352,22 @@ def _pooled(out, channels: int | None):
     return torch.cat([out.mean(axes), out.amax(axes)], 1).flatten(1)
 
 
-def _StagePooled(module, stages: list[tuple[str, int | None]]):  # noqa: N802 - a module factory
-    """Wrap ``module``: forward returns ``[module(x), pooled stage 1, ..., pooled stage k]`` (N, dim)."""
+def _FeatureParts(module, stages: list[tuple[str, int | None]], classifier: tuple | None):  # noqa: N802
+    """Wrap ``module``: forward returns ``[y, pooled stage 1, ..., pooled stage k, probs(y)]`` (N, dim), y = module(x).
+
+    ``classifier`` is (head module, "softmax" | "sigmoid") or None (no probabilities).
+    """
     import torch
 
-    class StagePooled(torch.nn.Module):
+    head, activation = classifier if classifier is not None else (None, None)
+    if activation not in (None, "softmax", "sigmoid"):
+        raise EncoderError(f"unknown classifier activation {activation!r}", "use softmax or sigmoid")
+
+    class FeatureParts(torch.nn.Module):
         def __init__(self, m):
             super().__init__()
             self.m = m
+            self.head = head
             self.stage_names = [name for name, _ in stages]
             self._got: dict = {}
             for name, channels in stages:
@@ -346,10 +385,14 @@ def _StagePooled(module, stages: list[tuple[str, int | None]]):  # noqa: N802 - 
             missing = [n for n in self.stage_names if n not in self._got]
             if missing:
                 raise EncoderError(f"stages {missing} did not run in the forward pass", "use features=final")
-            parts, self._got = [y.flatten(1), *(self._got[n] for n in self.stage_names)], {}
+            y = y.flatten(1)
+            parts, self._got = [y, *(self._got[n] for n in self.stage_names)], {}
+            if self.head is not None:
+                logits = self.head(y).float()
+                parts.append(logits.softmax(1) if activation == "softmax" else logits.sigmoid())
             return torch.cat(parts, 1)
 
-    return StagePooled(module)
+    return FeatureParts(module)
 
 
 def _load_state_dict(path: str) -> dict:
@@ -373,8 +416,8 @@ def _load_state_dict(path: str) -> dict:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def _load_into(module, path: str, spec: EncoderSpec) -> None:
-    """Load a local checkpoint into ``module``; classifier-head keys may be absent or extra."""
+def _load_into(module, path: str, spec: EncoderSpec) -> set[str]:
+    """Load a local checkpoint into ``module``; classifier-head keys may be absent or extra. Returns the keys loaded."""
     sd = _load_state_dict(path)
     own = module.state_dict()
     usable = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
@@ -386,11 +429,13 @@ def _load_into(module, path: str, spec: EncoderSpec) -> None:
             "check that the checkpoint was saved from the same architecture",
         )
     module.load_state_dict(usable, strict=False)
+    return set(usable)
 
 
-@register_source("timm", "timm image models: timm:resnet50.a1_in1k (hub name); ?features=stages adds pooled stage maps")
+@register_source("timm", "timm image models: timm:resnet50.a1_in1k (hub name); "
+                         "?features=stages+probs adds pooled stage maps and class probabilities")
 def _timm(spec: EncoderSpec, kw: dict) -> Encoder:
-    """timm image models, pooled features (num_classes=0)."""
+    """timm image models, pooled features (num_classes=0; with ``features=probs`` the head is kept beside)."""
     import timm
 
     base = spec.name.split(".")[0]
@@ -398,15 +443,17 @@ def _timm(spec: EncoderSpec, kw: dict) -> Encoder:
         close = timm.list_models(f"*{base.split('_')[0]}*")[:20] or timm.list_models()[:20]
         raise UnknownChoice("timm model", spec.name, close)
     w = spec.weights
-    try:
-        model = timm.create_model(spec.name, pretrained=w in (None, "", "pretrained"), num_classes=0)
+    probs = "probs" in feature_parts(spec.options.get("features", "final"))
+    try:  # the classifier head is built only when its probabilities are asked for
+        model = timm.create_model(spec.name, pretrained=w in (None, "", "pretrained"),
+                                  **({} if probs else {"num_classes": 0}))
     except Exception as e:  # noqa: BLE001 - hub/network failures become a clear error
         raise EncoderError(
             f"cannot build timm model {spec.name!r}: {e}",
             "offline? pass ?weights=PATH to a local checkpoint, or ?weights=random for speed tests",
         )
-    if w not in (None, "", "random", "pretrained"):
-        _load_into(model, w, spec)
+    loaded = _load_into(model, w, spec) if w not in (None, "", "random", "pretrained") else None
+    classifier = _split_timm_head(model, spec, loaded) if probs else None
     cfg = model.pretrained_cfg or {}
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
     enc = ModuleEncoder("", model, dim=model.num_features, image_size=size,
@@ -414,7 +461,40 @@ def _timm(spec: EncoderSpec, kw: dict) -> Encoder:
     info = getattr(model, "feature_info", None)
     if isinstance(info, list):  # timm's stage list: [{"module": "layer1", "num_chs": 256, ...}, ...]
         enc.stages = [(d["module"], d.get("num_chs")) for d in info if isinstance(d, dict) and d.get("module")]
+    if classifier is not None:
+        enc.classifier = (classifier.to(enc.device).eval(), "softmax")
     return enc
+
+
+def _split_timm_head(model, spec: EncoderSpec, loaded: set[str] | None):
+    """Detach a timm model's classifier (the model then returns its pooled output, as with num_classes=0).
+
+    ``loaded``: the checkpoint keys loaded (None: hub or random weights); a checkpoint without the head's
+    weights would leave it random, so that is an error.
+    """
+    import torch
+
+    head = model.get_classifier()
+    params = {id(p) for p in head.parameters()} if isinstance(head, torch.nn.Module) else set()
+    if not params or getattr(model, "num_classes", 0) <= 0:
+        raise EncoderError(f"features=probs: timm model {spec.name!r} has no single classifier head",
+                           "leave probs out of features=")
+    names = {n for n, p in model.named_parameters() if id(p) in params}
+    if loaded is not None and not names <= loaded:  # the checkpoint's head may have another number of classes
+        sd = _load_state_dict(spec.weights)
+        rows = {tuple(sd[n].shape)[0] for n in names if n in sd and getattr(sd[n], "ndim", 0) >= 1}
+        if len(rows) == 1:
+            model.reset_classifier(rows.pop())
+            loaded = _load_into(model, spec.weights, spec)
+            head = model.get_classifier()
+            names = {n for n, p in model.named_parameters() if id(p) in {id(q) for q in head.parameters()}}
+    if loaded is not None and not names <= loaded:
+        raise EncoderError(
+            f"features=probs: checkpoint {spec.weights!r} has no weights for the classifier head of {spec.name!r}",
+            "pass a checkpoint saved with its head, or leave probs out of features=",
+        )
+    model.reset_classifier(0)  # the model now returns the pooled output; the detached head maps it to logits
+    return head
 
 
 @register_source("torchvision", "torchvision classification models: torchvision:resnet50")
@@ -502,6 +582,8 @@ def _world(spec: EncoderSpec, kw: dict) -> Encoder:
     if model.has_text:
         enc.present_score = model.present_score()
     enc.stages = [(f"m.{name}", None) for name in model.stages]  # under the _ImageTower wrapper
+    if model.head_activation:  # a classifier on the image embedding (pairnet: sigmoid over 48 colour-shape pairs)
+        enc.classifier = (model.head, model.head_activation)
     return enc
 
 

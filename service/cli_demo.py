@@ -18,8 +18,9 @@ DEMO_QUERIES = [
     "circle AND n_objects=1",
     "red AND circle",
 ]
-#: world CLIP, pairnet's pooled output (the paper's recipe; blind to backgrounds), and pairnet with its stages
-DEMO_ENCODERS = ("world:clip", "world:pairnet", "world:pairnet?features=stages")
+#: world CLIP, pairnet's pooled output (the paper's recipe; blind to backgrounds), and pairnet with its pooled
+#: stages and its own pair probabilities
+DEMO_ENCODERS = ("world:clip", "world:pairnet", "world:pairnet?features=stages+probs")
 
 
 def store_name(spec: str) -> str:

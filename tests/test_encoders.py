@@ -50,13 +50,13 @@ def _batch(enc, n=3, seed=0):
     return rng.normal(size=(n, 3, enc.image_size, enc.image_size)).astype(np.float32)
 
 
-def _timm_checkpoint(path, seed=0):
-    """A random-init timm test_resnet and a safetensors checkpoint of it at ``path``."""
+def _timm_checkpoint(path, seed=0, num_classes=0):
+    """A random-init timm test_resnet and a safetensors checkpoint of it at ``path`` (with a head if num_classes)."""
     import timm
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    ref = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
+    ref = timm.create_model("test_resnet", pretrained=False, num_classes=num_classes).eval()
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
     return ref, path
 
@@ -183,10 +183,61 @@ def test_stage_features_world_model_extend_the_pooled_output():
     assert make_encoder("world:pairnet?features=final").spec == "world:pairnet"
 
 
+def test_probs_features_timm_checkpoint_append_the_heads_softmax(tmp_path):
+    """features=probs: the pooled output, then the classifier head's softmax (the model's own logits)."""
+    ref, ckpt = _timm_checkpoint(tmp_path / "h.safetensors", seed=2, num_classes=7)
+    x = _batch(make_encoder(f"timm:test_resnet?weights={ckpt}"), n=3)
+    with torch.no_grad():
+        pooled = ref.forward_head(ref.forward_features(torch.from_numpy(x)), pre_logits=True).numpy()
+        probs = ref(torch.from_numpy(x)).softmax(1).numpy()
+    enc = make_encoder(f"timm:test_resnet?weights={ckpt}&features=probs")
+    assert "features=probs&" in enc.spec and enc.dim == ref.num_features + 7
+    got = enc.encode_images(x)
+    np.testing.assert_allclose(got, np.concatenate([pooled, probs], 1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[:, -7:].sum(1), 1.0, rtol=1e-5)
+    # with stages: pooled, stages, probs (in that order, whatever order the spec names them)
+    both = make_encoder(f"timm:test_resnet?weights={ckpt}&features=probs%2Bstages")
+    assert "features=stages+probs&" in both.spec
+    staged = make_encoder(f"timm:test_resnet?weights={ckpt}&features=stages").encode_images(x)
+    np.testing.assert_allclose(both.encode_images(x), np.concatenate([staged, probs], 1), rtol=1e-4, atol=1e-5)
+    # the plain encoder is unchanged by the head in the checkpoint
+    np.testing.assert_allclose(make_encoder(f"timm:test_resnet?weights={ckpt}").encode_images(x), pooled,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_probs_features_need_the_heads_weights(tmp_path):
+    _, headless = _timm_checkpoint(tmp_path / "nohead.safetensors", seed=3)  # saved with num_classes=0
+    with pytest.raises(EncoderError) as ei:
+        make_encoder(f"timm:test_resnet?weights={headless}&features=probs")
+    assert "classifier head" in str(ei.value)
+    make_encoder(f"timm:test_resnet?weights={headless}&features=stages")  # stages need no head
+
+
+def test_probs_features_world_pairnet_are_its_sigmoid_pair_probabilities():
+    from data.world.models import load_world_model
+
+    enc = make_encoder("world:pairnet?features=stages+probs")
+    assert enc.spec == "world:pairnet?features=stages+probs" and enc.dim == 512 + 48
+    x = _batch(enc, n=4)
+    got = enc.encode_images(x)
+    model = load_world_model("pairnet")
+    with torch.no_grad():
+        want = torch.sigmoid(model.logits(torch.from_numpy(x))).numpy()
+    np.testing.assert_allclose(got[:, -48:], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[:, :512], make_encoder("world:pairnet?features=stages").encode_images(x),
+                               rtol=1e-5, atol=1e-6)
+    # spellings of one feature set name one encoder
+    for spelling in ("probs,stages", "probs+stages", "stages%2Cprobs", "final+stages+probs"):
+        assert parse_spec(f"world:pairnet?features={spelling}").identity == enc.spec
+
+
 @pytest.mark.parametrize("spec, error, words", [
     ("world:clip?features=stages", EncoderError, "text tower"),
+    ("world:clip?features=probs", EncoderError, "text tower"),
     ("torchvision:resnet18?weights=random&features=stages", EncoderError, "not available"),
+    ("world:autoenc?features=probs", EncoderError, "no classifier head"),
     ("world:pairnet?features=layers", UnknownChoice, "stages"),
+    ("world:pairnet?features=stages+prob", UnknownChoice, "probs"),
 ])
 def test_stage_features_errors_name_the_problem(spec, error, words):
     with pytest.raises(error) as ei:

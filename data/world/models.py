@@ -59,6 +59,7 @@ def _nets() -> SimpleNamespace:
         dim = 0
         has_text = False
         stages: tuple[str, ...] = ()  # submodules whose outputs ``features=stages`` pools (non-CLIP models)
+        head_activation: str | None = None  # set when ``self.head`` maps the image embedding to class logits
         image_size = IMAGE_SIZE
         mean = MEAN
         std = STD
@@ -139,6 +140,7 @@ def _nets() -> SimpleNamespace:
     class PairNet(WorldModel):
         name, dim = "pairnet", WORLD_MODELS["pairnet"]["dim"]
         stages = ("body.0", "body.1", "body.2", "body.3")
+        head_activation = "sigmoid"  # trained with binary cross-entropy (multi-label)
 
         def __init__(self):
             super().__init__()

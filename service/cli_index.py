@@ -24,6 +24,11 @@ def encoders(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
         dim = "-" if r["dim"] is None else str(r["dim"])
         text = {True: "text", False: "image", None: "any"}[r["has_text"]]
         typer.echo(f"{r['spec']:<28} dim={dim:<6} {text:<6} {r['description']}")
+    from indexer.encoders import FEATURE_MODES
+
+    typer.echo("\noptions: ?weights=random|PATH&device=cpu|cuda&batch_size=N&threads=N&features=PART[+PART]")
+    for k, v in FEATURE_MODES.items():
+        typer.echo(f"  features={k:<8} {v}")
 
 
 def align(

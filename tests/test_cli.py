@@ -25,6 +25,8 @@ def test_encoders_json_lists_world_models_and_sources():
     assert "world:clip" in specs and "timm:NAME" in specs and "open_clip:NAME" in specs
     clip = next(r for r in rows if r["spec"] == "world:clip")
     assert clip["has_text"] is True and clip["dim"] > 0
+    code, out, _ = t2c("encoders")  # the text listing also names the feature options
+    assert code == 0 and "features=stages" in out and "features=probs" in out
 
 
 @pytest.mark.parametrize("args,needle", [

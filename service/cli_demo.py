@@ -119,9 +119,9 @@ def run_demo(out: Path, *, n: int = 1500, seed: int = 7, encoders=DEMO_ENCODERS,
                     echo(f"        {h.score:+.2f}  {Path(h.path).name}: {cap}")
         results.append(row)
     total = time.perf_counter() - t0
-    first = out / store_name(encoders[-1])
-    echo(f"4/4 done in {total:.0f} s. Try: t2c query {first} \"blue AND NOT yellow\" --explain")
-    echo(f"    or look at it in a browser: t2c serve {first}")
+    last = out / store_name(encoders[-1])
+    echo(f"4/4 done in {total:.0f} s. Try: t2c query {last} \"blue AND NOT yellow\" --explain")
+    echo(f"    or look at it in a browser: t2c serve {last}")
     return {"seconds": round(total, 1), "aligner_r2": {e: r for e, (_, r) in engines.items()}, "queries": results}
 
 

@@ -182,7 +182,11 @@ def default_clip_for(encoder_spec: str) -> str:
 
 def fit_aligner_on_folder(encoder, clip_spec: str, paths: list[str], *, max_pixels: int = DEFAULT_MAX_PIXELS,
                           workers: int = 1, progress: bool = False, **overrides):
-    """Fit an aligner from images alone: encode each image with the encoder and with CLIP, ridge-fit."""
+    """Fit an aligner from images alone: encode each image with the encoder and with CLIP, ridge-fit.
+
+    The train / held-out split is keyed by each path relative to the images' common folder, so the same images
+    give the same aligner wherever the folder lies.
+    """
     from indexer.aligner import RidgeAccumulator
     from indexer.encoders import make_encoder
 
@@ -192,6 +196,7 @@ def fit_aligner_on_folder(encoder, clip_spec: str, paths: list[str], *, max_pixe
     if not paths:
         raise InvalidInput("no readable images to fit the aligner on", "point at a folder with images")
     acc = RidgeAccumulator(encoder.dim, clip.dim)
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
     bar = _bar(len(paths), "fit aligner", progress)
     dec_e = Decoder(dict(encoder.preprocess_config(), max_pixels=max_pixels), workers)
     dec_c = Decoder(dict(clip.preprocess_config(), max_pixels=max_pixels), workers)
@@ -203,7 +208,7 @@ def fit_aligner_on_folder(encoder, clip_spec: str, paths: list[str], *, max_pixe
                 if re[0] == "ok" and rc[0] == "ok":
                     xe.append(re[1])
                     xc.append(rc[1])
-                    keys.append(p)
+                    keys.append(os.path.relpath(os.path.abspath(p), root))
             if keys:
                 fe = encoder.encode_images(np.stack(xe))
                 fc = clip.encode_images(np.stack(xc))

@@ -111,6 +111,23 @@ def test_incremental_add_change_remove(tmp_path, monkeypatch):
     assert rep.added == rep.updated == rep.removed == 0 and rep.snapshot == after.name
 
 
+def test_fitted_aligner_does_not_depend_on_where_the_folder_lies(tmp_path):
+    """The held-out split is keyed by paths relative to the folder: a moved copy fits the identical aligner."""
+    from indexer.encoders import make_encoder
+    from indexer.pipeline import fit_aligner_on_folder
+
+    make_images(tmp_path / "a" / "imgs", 40)
+    shutil.copytree(tmp_path / "a" / "imgs", tmp_path / "elsewhere" / "deeper" / "imgs")
+    fits = []
+    for base in (tmp_path / "a" / "imgs", tmp_path / "elsewhere" / "deeper" / "imgs"):
+        paths = sorted(str(p) for p in base.rglob("*.png"))
+        fits.append(fit_aligner_on_folder(make_encoder(CNN), CLIP, paths, workers=0))
+    a, b = fits
+    assert a.meta["n_heldout"] == b.meta["n_heldout"] and 0 < a.meta["n_heldout"] < 40
+    np.testing.assert_array_equal(a.W, b.W)
+    np.testing.assert_array_equal(a.b, b.b)
+
+
 def test_fit_aligner_for_encoder_without_text(tmp_path):
     make_images(tmp_path / "imgs", 60)
     with pytest.raises(AlignerError):

@@ -353,9 +353,9 @@ def _pooled(out, channels: int | None):
 
 
 def _FeatureParts(module, stages: list[tuple[str, int | None]], classifier: tuple | None):  # noqa: N802
-    """Wrap ``module``: forward returns ``[y, pooled stage 1, ..., pooled stage k, probs(y)]`` (N, dim), y = module(x).
+    """Wrap ``module``: forward returns ``[y, pooled stage 1, ..., pooled stage k, probs(y)]`` (N, dim).
 
-    ``classifier`` is (head module, "softmax" | "sigmoid") or None (no probabilities).
+    ``y = module(x)`` is the pooled output; ``classifier`` is (head module, "softmax" | "sigmoid") or None.
     """
     import torch
 
@@ -417,7 +417,7 @@ def _load_state_dict(path: str) -> dict:
 
 
 def _load_into(module, path: str, spec: EncoderSpec) -> set[str]:
-    """Load a local checkpoint into ``module``; classifier-head keys may be absent or extra. Returns the keys loaded."""
+    """Load a local checkpoint into ``module`` (classifier-head keys may be absent or extra); the keys loaded."""
     sd = _load_state_dict(path)
     own = module.state_dict()
     usable = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}

@@ -9,7 +9,8 @@ of words the world text tower was trained on (``data.world.vocab.PROMPT_TEMPLATE
 
 The text encoder (torch) is built lazily, only when a vector is not cached. Vectors are cached per
 (CLIP model, templates, text) in memory and, when ``cache_dir`` (or ``$T2C_CACHE_DIR``) names a writable
-directory, on disk as ``.npy`` files; stores are never written to (they may be read-only).
+directory, on disk as ``.npy`` files; stores are never written to (they may be read-only). The ``t2c`` CLI
+and service default ``$T2C_CACHE_DIR`` to :func:`user_cache_dir`, so a repeated query skips the text tower.
 """
 from __future__ import annotations
 
@@ -26,7 +27,13 @@ import numpy as np
 from data.errors import EncoderError, InvalidInput
 
 __all__ = ["DEFAULT_TEMPLATES", "WORLD_TEMPLATES", "templates_for", "ConceptBank", "concept_bank_for",
-           "clear_banks"]
+           "clear_banks", "user_cache_dir"]
+
+
+def user_cache_dir() -> Path:
+    """The per-user cache folder: ``$XDG_CACHE_HOME/t2c``, else ``~/.cache/t2c``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "t2c"
 
 #: Standard CLIP prompt ensemble (a subset of the open_clip ImageNet templates that suits open vocabularies).
 DEFAULT_TEMPLATES: tuple[str, ...] = (

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
@@ -42,6 +43,10 @@ def fail(err: T2CError) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `t2c` console script."""
+    if "T2C_CACHE_DIR" not in os.environ:  # concept vectors cached per user: repeated queries skip the text tower
+        from query.concepts import user_cache_dir
+
+        os.environ["T2C_CACHE_DIR"] = str(user_cache_dir())
     _register_all()
     try:
         app(args=argv, standalone_mode=True)

@@ -10,11 +10,30 @@ from service.cli import main
 from tests.test_pipeline import CLIP, CNN, REPO, make_images
 
 
-def t2c(*args):
+def t2c(*args, env=None):
     """Run the real console entry point in a subprocess; returns (code, stdout, stderr)."""
+    env = {"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin", "T2C_CACHE_DIR": "", **(env or {})}
     p = subprocess.run([sys.executable, "-m", "service.cli", *map(str, args)], cwd=REPO, capture_output=True,
-                       text=True, env={"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin"}, timeout=300)
+                       text=True, env=env, timeout=300)
     return p.returncode, p.stdout, p.stderr
+
+
+def test_cli_caches_concept_vectors_per_user_so_repeated_queries_skip_the_text_tower(tmp_path):
+    """Without T2C_CACHE_DIR the CLI caches under $XDG_CACHE_HOME/t2c; a cached query never imports torch."""
+    make_images(tmp_path / "imgs", 20)
+    code, _, err = t2c("index", tmp_path / "imgs", "--store", tmp_path / "st", "-e", CLIP, "--workers", 0)
+    assert code == 0, err
+    env = {"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    probe = ("import sys; from service.cli import main\n"
+             "try:\n    main(['query', sys.argv[1], 'red@-1', '-k', '3', '--json'])\n"
+             "except SystemExit as e:\n    assert not e.code, e.code\n"
+             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
+    runs = [subprocess.run([sys.executable, "-c", probe, str(tmp_path / "st")], cwd=REPO, capture_output=True,
+                           text=True, env=env, timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    assert "TORCH" in runs[0].stderr.split() and "NO-TORCH" in runs[1].stderr.split()
+    assert json.loads(runs[0].stdout) == json.loads(runs[1].stdout)
+    assert list((tmp_path / "xdg" / "t2c" / "concepts").rglob("*.npy"))
 
 
 def test_encoders_json_lists_world_models_and_sources():

@@ -28,11 +28,17 @@ The reference recipe of the paper's code, ``mean + k·std`` with a hand-set k, i
 ``thresholds_for(snapshot, texts)`` computes scores over a deterministic sample of the store's vectors
 (every row up to ``CALIBRATION_SAMPLE`` rows, else an evenly strided subset), calibrates each concept and
 caches the result per (snapshot, concept text, concept vector), so repeated queries agree exactly; the
-computation itself is deterministic, so another process reaches the same thresholds.
+computation itself is deterministic, so another process reaches the same thresholds. When ``$T2C_CACHE_DIR``
+names a folder (the CLI and the service default it to ``~/.cache/t2c``), calibrations are also kept there,
+keyed by the snapshot's content (its vectors' checksum), the concept vector, the prior and the settings above,
+so a new process skips the mixture fits.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,6 +396,68 @@ def sample_rows(n: int, limit: int = CALIBRATION_SAMPLE) -> np.ndarray | None:
 
 _CACHE: dict[tuple, Calibration] = {}
 _CACHE_LOCK = threading.Lock()
+_CODE_ID: list[str] = []
+
+
+def _code_id() -> str:
+    """Digest of this module's source: everything besides the scores that decides a calibration (cache key)."""
+    if not _CODE_ID:
+        try:
+            _CODE_ID.append(hashlib.blake2b(Path(__file__).read_bytes(), digest_size=8).hexdigest())
+        except OSError:
+            _CODE_ID.append("unknown")
+    return _CODE_ID[0]
+
+
+def _disk_key(snapshot, vec: np.ndarray, prior: float | None) -> str | None:
+    """On-disk cache key of one concept's calibration over a snapshot's content, or None (no content id)."""
+    manifest = getattr(snapshot, "manifest", None)
+    info = (manifest or {}).get("files", {}).get("vectors.npy") if isinstance(manifest, dict) else None
+    if not info or "digest" not in info:
+        return None
+    ident = json.dumps([info["digest"], info.get("size"), manifest.get("created"), getattr(snapshot, "name", ""),
+                        repr(prior), _code_id()])
+    h = hashlib.blake2b(ident.encode(), digest_size=16)
+    h.update(np.ascontiguousarray(vec, np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _disk_path(key: str | None) -> Path | None:
+    root = os.environ.get("T2C_CACHE_DIR") or None
+    return None if key is None or root is None else Path(root).expanduser() / "calibrations" / f"{key}.npz"
+
+
+def _disk_get(key: str | None) -> Calibration | None:
+    """A cached calibration, or None (absent, unreadable, or written by other code)."""
+    p = _disk_path(key)
+    if p is None or not p.is_file():
+        return None
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            keep = np.asarray(z["sorted"], np.float64)
+        return Calibration(float(meta["threshold"]), str(meta["method"]), float(meta["prevalence"]),
+                           float(meta["scale"]), int(meta["n"]), dict(meta["params"]), keep)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _disk_put(key: str | None, cal: Calibration) -> None:
+    """Keep a calibration on disk (atomic write); an unwritable cache folder is ignored."""
+    p = _disk_path(key)
+    if p is None:
+        return
+    meta = {"threshold": cal.threshold, "method": cal.method, "prevalence": cal.prevalence, "scale": cal.scale,
+            "n": cal.n, "params": cal.params}
+    keep = cal.sorted_sample if cal.sorted_sample is not None else np.zeros(0)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, meta=np.array(json.dumps(meta)), sorted=np.asarray(keep, np.float64))
+        os.replace(tmp, p)
+    except (OSError, TypeError, ValueError):
+        pass
 
 
 def _snap_key(snapshot) -> tuple:
@@ -427,16 +495,28 @@ def thresholds_for(snapshot, texts: Iterable[str], bank=None) -> dict[str, Calib
             else:
                 out[t] = c
     if todo:
-        V = snapshot.vectors
-        if V.shape[0] == 0:
-            raise InvalidInput("the store holds no images to calibrate on")
-        rows = sample_rows(V.shape[0])
-        sc = concept_scores(snapshot, np.stack([v for _, _, v in todo]), rows=rows)
         prior = present_score_of(bank)
-        with _CACHE_LOCK:
-            for j, (t, key, _) in enumerate(todo):
-                c = _CACHE.get(key) or calibrate(sc[:, j], prior)
-                _CACHE[key] = out[t] = c
+        disk = {key: _disk_key(snapshot, v, prior) for _, key, v in todo}
+        left = []
+        for t, key, v in todo:
+            c = _disk_get(disk[key])
+            if c is None:
+                left.append((t, key, v))
+            else:
+                with _CACHE_LOCK:
+                    _CACHE[key] = out[t] = _CACHE.get(key) or c
+        if left:
+            V = snapshot.vectors
+            if V.shape[0] == 0:
+                raise InvalidInput("the store holds no images to calibrate on")
+            rows = sample_rows(V.shape[0])
+            sc = concept_scores(snapshot, np.stack([v for _, _, v in left]), rows=rows)
+            for j, (t, key, _) in enumerate(left):
+                c = calibrate(sc[:, j], prior)
+                with _CACHE_LOCK:
+                    c = _CACHE.setdefault(key, c)
+                    out[t] = c
+                _disk_put(disk[key], c)
     return out
 
 

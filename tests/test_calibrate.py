@@ -176,3 +176,40 @@ def test_world_clip_exposes_its_present_score():
 def test_a_non_finite_prior_is_a_clear_error():
     with pytest.raises(InvalidInput, match="finite"):
         calibrate(np.arange(100.0), prior=float("nan"))
+
+
+def test_thresholds_are_kept_on_disk_per_snapshot_content(tmp_path, monkeypatch):
+    """With T2C_CACHE_DIR, a new process (here: a cleared memory cache) reuses calibrations without refitting."""
+    import query.calibrate as qc
+    from query.concepts import ConceptBank
+
+    rng = np.random.default_rng(3)
+    d = 16
+    concept = rng.normal(size=d).astype(np.float32)
+    concept /= np.linalg.norm(concept)
+    present = rng.random(3000) < 0.2
+    V = rng.normal(size=(3000, d)).astype(np.float32) * 0.3 + np.outer(present, concept * 2.0)
+    V /= np.linalg.norm(V, axis=1, keepdims=True)
+
+    class Snap:  # the parts of a Snapshot thresholds_for reads
+        def __init__(self, vectors, digest):
+            self.vectors, self.name, self.root = vectors, "s-000001", tmp_path / "store"
+            self.manifest = {"files": {"vectors.npy": {"digest": digest, "size": vectors.nbytes}}, "created": "t"}
+
+    bank = ConceptBank("tests:none", templates=["{}"], encoder=object())
+    bank.put("thing", concept)
+    monkeypatch.setenv("T2C_CACHE_DIR", str(tmp_path / "cache"))
+    qc.clear_cache()
+    first = qc.thresholds_for(Snap(V, "d1"), ["thing"], bank=bank)["thing"]
+    assert first.method == "gmm" and len(list((tmp_path / "cache" / "calibrations").glob("*.npz"))) == 1
+    qc.clear_cache()
+    monkeypatch.setattr(qc, "calibrate", lambda *a, **k: pytest.fail("recomputed a cached calibration"))
+    again = qc.thresholds_for(Snap(V, "d1"), ["thing"], bank=bank)["thing"]
+    assert again == first and again.threshold == first.threshold
+    np.testing.assert_array_equal(again.sorted_sample, first.sorted_sample)
+    assert again.prevalence_at(0.1) == first.prevalence_at(0.1)
+    # other content (another checksum) is calibrated afresh
+    qc.clear_cache()
+    with pytest.raises(pytest.fail.Exception):
+        qc.thresholds_for(Snap(V, "d2"), ["thing"], bank=bank)
+    qc.clear_cache()

@@ -61,9 +61,10 @@ FEATURE_MODES = {
     "stages": "adds the average and the maximum over space of each of the last "
               f"{MAX_STAGES} stages' feature maps: what the last layer discards (size, position, texture) "
               "becomes visible to the linear aligner (non-CLIP timm and world encoders)",
-    "probs": "adds the model's own class probabilities (its classifier head: softmax for timm's classifiers, "
-             "sigmoid for a multi-label head such as world:pairnet's): a non-linear read-out of the pooled "
-             "output, so the linear aligner can use what the classes say (encoders with a classifier head)",
+    "probs": "adds the model's own class probabilities (its classifier head: softmax for timm's and "
+             "torchvision's classifiers, sigmoid for a multi-label head such as world:pairnet's): a non-linear "
+             "read-out of the pooled output, so the linear aligner can use what the classes say (encoders with "
+             "a classifier head)",
 }
 FEATURE_ORDER = ("stages", "probs")  # canonical order of the parts after the pooled output
 
@@ -329,7 +330,7 @@ def _extend_features(enc: Encoder, spec: EncoderSpec, parts: tuple[str, ...]) ->
     if "probs" in parts and (not isinstance(enc, ModuleEncoder) or classifier is None):
         raise EncoderError(
             f"features=probs is not available for {spec.source}:{spec.name} (no classifier head)",
-            "use a timm classifier or world:pairnet, or leave probs out of features=",
+            "use a timm or torchvision classifier or world:pairnet, or leave probs out of features=",
         )
     enc.module = _FeatureParts(enc.module, (stages or [])[-MAX_STAGES:], classifier).to(enc.device).eval()
     enc.dim = enc._probe_dim()
@@ -499,7 +500,7 @@ def _split_timm_head(model, spec: EncoderSpec, loaded: set[str] | None):
 
 @register_source("torchvision", "torchvision classification models: torchvision:resnet50")
 def _torchvision(spec: EncoderSpec, kw: dict) -> Encoder:
-    """torchvision classification models with the classifier replaced by identity."""
+    """torchvision classification models with the classifier replaced by identity (kept for ``features=probs``)."""
     import torch
     import torchvision
 
@@ -513,13 +514,25 @@ def _torchvision(spec: EncoderSpec, kw: dict) -> Encoder:
     except Exception as e:  # noqa: BLE001
         raise EncoderError(f"cannot build torchvision model {spec.name!r}: {e}",
                            "offline? pass ?weights=PATH or ?weights=random")
-    if w not in (None, "", "random", "pretrained"):
-        _load_into(model, w, spec)
+    loaded = _load_into(model, w, spec) if w not in (None, "", "random", "pretrained") else None
+    head = None
     for attr in ("fc", "classifier", "heads", "head"):
         if hasattr(model, attr):
+            head = getattr(model, attr)
             setattr(model, attr, torch.nn.Identity())
             break
-    return ModuleEncoder("", model, image_size=224, **kw)
+    enc = ModuleEncoder("", model, image_size=224, **kw)
+    if head is not None and "probs" in feature_parts(spec.options.get("features", "final")):
+        names = [f"{attr}.{n}" for n, _ in head.named_parameters()]
+        missing = [n for n in names if loaded is not None and n not in loaded]
+        if missing:
+            raise EncoderError(
+                f"features=probs: checkpoint {w!r} has no weights (of this shape) for the classifier head of "
+                f"{spec.name!r} ({', '.join(missing[:3])})",
+                "pass a checkpoint saved with its 1000-class head, or leave probs out of features=",
+            )
+        enc.classifier = (head.to(enc.device).eval(), "softmax")
+    return enc
 
 
 @register_source("open_clip", "open_clip CLIP models: open_clip:ViT-B-32/openai (image + text)")

@@ -91,6 +91,29 @@ def test_torchvision_random_weights_builds_feature_extractor():
     assert enc.encode_images(_batch(enc, 3)).shape == (3, 512)
 
 
+def test_torchvision_probs_are_the_removed_heads_softmax(tmp_path):
+    import torchvision
+    from safetensors.torch import save_file
+
+    enc = make_encoder("torchvision:resnet18?weights=random&features=probs", batch_size=2)
+    assert enc.dim == 512 + 1000
+    x = _batch(enc, 2)
+    torch.manual_seed(0)  # weights=random seeds the build the same way
+    ref = torchvision.models.get_model("resnet18", weights=None).eval()
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).softmax(1).numpy()
+    got = enc.encode_images(x)
+    np.testing.assert_allclose(got[:, 512:], want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got[:, :512], make_encoder("torchvision:resnet18?weights=random").encode_images(x),
+                               rtol=1e-5, atol=1e-6)
+    headless = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items() if not k.startswith("fc.")}, str(headless))
+    with pytest.raises(EncoderError) as ei:
+        make_encoder(f"torchvision:resnet18?weights={headless}&features=probs")
+    assert "classifier head" in str(ei.value)
+    assert make_encoder(f"torchvision:resnet18?weights={headless}").dim == 512
+
+
 def test_encode_images_batches_and_validates_shape():
     enc = make_encoder("timm:test_vit?weights=random", batch_size=2)
     assert enc.encode_images(_batch(enc, 5)).shape == (5, enc.dim)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import AlignerError, InvalidInput, StoreError
+from data.errors import AlignerError, InvalidInput, StoreError, T2CError
 from data.store import Changes, StoreWriter, atomic_save_npz, atomic_write_bytes, new_feature_shard_name, utcnow
 
 PART_SIZE = 256
@@ -398,9 +398,13 @@ def _start_run(writer: StoreWriter, spec, plan: Plan, t0: float, *, aligner, fit
         report.snapshot = cur.name
         return report
     encoder = make_encoder(spec, batch_size=batch_size, device=device, threads=threads)
-    al = resolve_aligner(writer, encoder, aligner_path=aligner, fit_n=fit_aligner, clip=clip,
-                         sample_paths=[t["path"] for t in plan.todo], workers=fit_workers, progress=progress,
-                         max_pixels=max_pixels, device=device, threads=threads)
+    fitted = _fitted_aligner_file(writer, encoder, plan, fit_aligner, clip, max_pixels) \
+        if fit_aligner and not aligner and cur is None else None
+    al = _load_fitted(fitted, encoder)
+    if al is None:
+        al = resolve_aligner(writer, encoder, aligner_path=aligner, fit_n=fit_aligner, clip=clip,
+                             sample_paths=[t["path"] for t in plan.todo], workers=fit_workers, progress=progress,
+                             max_pixels=max_pixels, device=device, threads=threads)
     if al.W.shape[0] != encoder.dim:
         raise AlignerError(f"aligner expects {al.W.shape[0]}-d features, encoder gives {encoder.dim}")
     if cur is not None and cur.manifest.get("aligner", {}).get("digest") not in (None, al.digest):
@@ -409,6 +413,8 @@ def _start_run(writer: StoreWriter, spec, plan: Plan, t0: float, *, aligner, fit
     settings = {"encoder": encoder.spec, "aligner": al.digest, "max_pixels": max_pixels, "part": int(part_size)}
     run_id = _run_id(settings, plan)
     done = _prepare_staging(writer, run_id, settings)
+    if fitted is not None and not al.is_identity and not fitted.is_file():
+        al.save(fitted)  # a killed run's rerun reuses it instead of fitting again
     report.resumed_parts = len(done)
     parts = [plan.todo[i : i + part_size] for i in range(0, len(plan.todo), part_size)]
     return _Run(report, encoder, al, settings, run_id, parts, done)
@@ -448,6 +454,28 @@ def _finish_run(writer: StoreWriter, run: _Run, plan: Plan, root_label: str, mem
     report.seconds = time.perf_counter() - t0
     report.images_per_second = processed / enc_seconds if enc_seconds > 0 and processed else 0.0
     return report
+
+
+def _fitted_aligner_file(writer: StoreWriter, encoder, plan: Plan, fit_n: int, clip, max_pixels) -> Path:
+    """Where a run keeps the aligner it fitted (in staging, named by what the fit depends on)."""
+    what = [encoder.spec, clip, int(fit_n), max_pixels,
+            [(t["path"], t["size"], t["mtime_ns"]) for t in plan.todo]]
+    key = hashlib.blake2b(json.dumps(what, default=str).encode(), digest_size=12).hexdigest()
+    return writer.staging / f"fitted-aligner-{key}.safetensors"
+
+
+def _load_fitted(path: Path | None, encoder):
+    """The aligner a killed run fitted for the same work, or None."""
+    from indexer.aligner import Aligner
+
+    if path is None or not path.is_file():
+        return None
+    try:
+        al = Aligner.load(path)
+        al.check_pair(encoder.spec)
+    except T2CError:
+        return None
+    return al
 
 
 def _new_skips(writer: StoreWriter, plan: Plan) -> bool:

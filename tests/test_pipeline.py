@@ -257,6 +257,44 @@ def test_crash_during_commit_resumes(tmp_path, monkeypatch):
     assert not [p for p in (tmp_path / "st" / "snapshots").iterdir() if p.name.startswith(".tmp")]
 
 
+def test_crash_after_fitting_resumes_without_fitting_again(tmp_path, monkeypatch):
+    """--fit-aligner: the fitted aligner waits in staging, so a rerun after a crash keeps it and its parts."""
+    import indexer.index_build as ib
+    import indexer.pipeline as pl
+
+    imgs = tmp_path / "imgs"
+    make_images(imgs, 12)
+    kw = dict(encoder=CNN, fit_aligner=12, clip=CLIP, part_size=4)
+    run(imgs, tmp_path / "ref", **kw)
+    real = ib.build_index
+    monkeypatch.setattr(ib, "build_index", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
+    with pytest.raises(RuntimeError):
+        run(imgs, tmp_path / "st", **kw)
+    monkeypatch.setattr(ib, "build_index", real)
+    assert len(list((tmp_path / "st" / "staging").glob("fitted-aligner-*.safetensors"))) == 1
+
+    def no_refit(*a, **k):
+        raise AssertionError("the aligner was fitted again")
+
+    real_fit = pl.fit_aligner_on_folder
+    monkeypatch.setattr(pl, "fit_aligner_on_folder", no_refit)
+    rep = run(imgs, tmp_path / "st", **kw)
+    assert rep.resumed_parts == 3 and rep.added == 12
+    assert _store_state(tmp_path / "st")[0] == _store_state(tmp_path / "ref")[0]
+    assert open_store(tmp_path / "st").manifest["aligner"] == open_store(tmp_path / "ref").manifest["aligner"]
+    assert not list((tmp_path / "st" / "staging").glob("fitted-aligner-*"))  # cleared with the finished run
+    # a file changed between the crash and the rerun: the sample differs, so the aligner is fitted afresh
+    monkeypatch.setattr(ib, "build_index", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
+    monkeypatch.setattr(pl, "fit_aligner_on_folder", real_fit)
+    with pytest.raises(RuntimeError):
+        run(imgs, tmp_path / "st2", **kw)
+    monkeypatch.setattr(ib, "build_index", real)
+    monkeypatch.setattr(pl, "fit_aligner_on_folder", no_refit)
+    make_images(imgs, 1, seed=5)  # rewrites img0000.png
+    with pytest.raises(AssertionError, match="fitted again"):
+        run(imgs, tmp_path / "st2", **kw)
+
+
 def test_stage_features_index_and_keep_their_own_aligner(tmp_path):
     """A features=stages encoder is its own encoder: its store records the spec, and another's aligner is refused."""
     from data.world.generator import generate

@@ -377,6 +377,9 @@ class Engine:
         info = dict(self.snapshot.manifest.get("index", {}))
         q = np.ascontiguousarray(vec[None], np.float32)
         radius = float(cal.threshold) - 1e-5  # FAISS IP range keeps score > radius; a hair lower, rescoring decides
+        # quantised codes (IVF-PQ) score with an error: widen the radius by it (every candidate is rescored
+        # exactly), and count only the ones the codes put above the threshold when judging the probe depth
+        margin = float(info.get("score_error") or 0.0)
         if info.get("nprobe"):
             import faiss
 
@@ -385,8 +388,8 @@ class Engine:
             start, tries, last = nprobe, 0, -1
             while True:
                 # per-call parameters: the shared index is never mutated (safe for concurrent searches)
-                lims, D, I = index.range_search(q, radius, params=faiss.SearchParametersIVF(nprobe=nprobe))
-                found = int(lims[1])
+                lims, D, I = index.range_search(q, radius - margin, params=faiss.SearchParametersIVF(nprobe=nprobe))
+                found = int(lims[1]) if not margin else int((D[: lims[1]] > radius).sum())
                 tries += 1
                 # stop at the calibrated expectation, at the full index, or when doubling stops paying off
                 if (found >= 0.95 * expected or nprobe >= nlist or tries > MAX_RANGE_GROWTH
@@ -395,6 +398,8 @@ class Engine:
                 last = found
                 nprobe = min(2 * nprobe, nlist)
             plan = {"source": "faiss_range", "nprobe_start": int(start), "nprobe": int(nprobe), "tries": tries}
+            if margin:
+                plan["radius_margin"] = round(margin, 6)
             # the lists that search probed (the quantizer's top-nprobe, the same call FAISS makes)
             ivf = faiss.extract_index_ivf(index)
             _, probed_lists = ivf.quantizer.search(q, nprobe)

@@ -29,7 +29,7 @@ def synth(n, d=16, seed=0):
     return v.astype(np.float32), dirs, present
 
 
-def write_store(path, vectors, *, exact_max=200_000, seed=0):
+def write_store(path, vectors, *, exact_max=200_000, seed=0, memory_budget=None):
     """A real store (StoreWriter + build_index) over given vectors, with a catalog incl. a user column."""
     n, d = vectors.shape
     ids = np.arange(n, dtype=np.int64)
@@ -44,7 +44,8 @@ def write_store(path, vectors, *, exact_max=200_000, seed=0):
         w.commit(Changes(rows, [rel], [], [], [], {"run_id": "r1", "command": "test"}),
                  manifest_fields={"dim": d, "feature_dim": 1, "encoder": "synthetic", "clip": "synthetic"},
                  vectors_for=lambda _ids, feats: vectors[feats[:, 0]],
-                 build_index=lambda v, i: build_index(v, i, exact_max=exact_max))
+                 build_index=lambda v, i: build_index(v, i, exact_max=exact_max,
+                                                      **({"memory_budget": memory_budget} if memory_budget else {})))
     return open_store(path)
 
 
@@ -349,6 +350,21 @@ def test_uncalibratable_positive_concept_warns():
     assert by_prior.method == "prior"
     warnings = _calibration_warnings([(leaf, True)], {id(leaf): by_prior})
     assert len(warnings) == 1 and "own cut" in warnings[0] and "0.450" in warnings[0]
+
+
+def test_reference_answer_ivf_pq_widens_the_range_by_the_codes_error(tmp_path):
+    """IVF-PQ stores: range candidates come from a radius widened by the codes' error, then exact rescoring."""
+    v, dirs, _ = synth(8000, d=32, seed=5)
+    snap = write_store(tmp_path / "st", v, exact_max=1000, memory_budget=8 * len(v))
+    assert snap.manifest["index"]["type"] == "ivf_pq" and snap.manifest["index"]["score_error"] > 0
+    eng = Engine(snap, make_bank(dirs), exact_rows=0)
+    for query in ("dog AND beach AND NOT people", "sunset AND dog AND NOT car", "beach AND NOT tree"):
+        res = eng.search(query, k=10_000)
+        assert res.plan["strategy"] == "index_candidates"
+        assert res.plan["driver"]["radius_margin"] == pytest.approx(snap.manifest["index"]["score_error"])
+        ref = set(eng.reference_answer(query).tolist())
+        got = set(res.all_ids.tolist())
+        assert got <= ref and len(got) >= 0.93 * len(ref)
 
 
 def test_reference_answer_with_hnsw_coarse_quantizer(tmp_path, monkeypatch):

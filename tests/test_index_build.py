@@ -35,6 +35,7 @@ def test_approximate_indices_reach_target_recall(budget):
     kw = {"memory_budget": budget} if budget else {}
     index, info = build_index(v, ids, exact_max=1000, **kw)
     assert info["type"] == ("ivf_pq" if budget else "ivf_flat")
+    assert ("score_error" in info) == bool(budget)  # only quantised codes score with an error
     assert info["recall_at_10"] >= 0.95 and info["nprobe"] >= 1
     set_search_params(index, info)
     _, got = index.search(v[:5], 1)
@@ -92,3 +93,30 @@ def test_unreachable_recall_keeps_the_cheapest_setting_on_the_plateau():
     assert info["nprobe"] < 256  # ... and the full scan was not kept for no gain
     best = tune_nprobe(index, v, ids, target_recall=1.01, rerank=1600)
     assert info["recall_at_10"] >= best["recall_at_10"] - 2 * PLATEAU
+
+
+def test_pq_score_error_bounds_what_quantisation_loses_in_range_search():
+    """IVF-PQ records its inner-product error; a range search widened by it misses no exact match."""
+    import faiss
+
+    rng = np.random.default_rng(4)
+    v = rng.normal(size=(20000, 64)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    ids = np.arange(len(v), dtype=np.int64)
+    index, info = build_index(v, ids, exact_max=1000, memory_budget=16 * len(v))
+    assert info["type"] == "ivf_pq" and 0 < info["score_error"] < 0.5
+    q = v[:8] + rng.normal(scale=0.05, size=(8, 64)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    params = faiss.SearchParametersIVF(nprobe=faiss.extract_index_ivf(index).nlist)  # every list: codes only
+    lost = {0.0: 0, info["score_error"]: 0}
+    total = 0
+    for qi in q:
+        exact = v @ qi
+        t = float(np.quantile(exact, 0.99))
+        truth = set(np.nonzero(exact >= t)[0].tolist())
+        total += len(truth)
+        for margin in lost:
+            lims, _, found = index.range_search(qi[None], t - margin, params=params)
+            lost[margin] += len(truth - set(found[: lims[1]].tolist()))
+    assert lost[0.0] > 0.02 * total  # the codes alone drop true matches near the threshold
+    assert lost[info["score_error"]] <= 0.01 * total

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +45,7 @@ from typing import Iterable
 import numpy as np
 
 from data.errors import InvalidInput
+from data.store import atomic_save_npz, load_npz
 
 __all__ = ["Calibration", "calibrate", "reference_threshold", "concept_scores", "thresholds_for",
            "sample_rows", "clear_cache", "fit_gmm", "present_score_of", "CALIBRATION_SAMPLE", "MIN_SEPARATION", "TAIL_K"]
@@ -423,21 +422,23 @@ def _disk_key(snapshot, vec: np.ndarray, prior: float | None) -> str | None:
 
 
 def _disk_path(key: str | None) -> Path | None:
-    root = os.environ.get("T2C_CACHE_DIR") or None
-    return None if key is None or root is None else Path(root).expanduser() / "calibrations" / f"{key}.npz"
+    from query.concepts import cache_root
+
+    root = cache_root()
+    return None if key is None or root is None else root / "calibrations" / f"{key}.npz"
 
 
 def _disk_get(key: str | None) -> Calibration | None:
-    """A cached calibration, or None (absent, unreadable, or written by other code)."""
+    """A cached calibration, or None (absent, or unreadable)."""
     p = _disk_path(key)
     if p is None or not p.is_file():
         return None
     try:
-        with np.load(p, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            keep = np.asarray(z["sorted"], np.float64)
+        z = load_npz(p)
+        meta = json.loads(str(z["meta"]))
         return Calibration(float(meta["threshold"]), str(meta["method"]), float(meta["prevalence"]),
-                           float(meta["scale"]), int(meta["n"]), dict(meta["params"]), keep)
+                           float(meta["scale"]), int(meta["n"]), dict(meta["params"]),
+                           np.asarray(z["sorted"], np.float64))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -452,10 +453,7 @@ def _disk_put(key: str | None, cal: Calibration) -> None:
     keep = cal.sorted_sample if cal.sorted_sample is not None else np.zeros(0)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, meta=np.array(json.dumps(meta)), sorted=np.asarray(keep, np.float64))
-        os.replace(tmp, p)
+        atomic_save_npz(p, meta=np.array(json.dumps(meta)), sorted=np.asarray(keep, np.float64))
     except (OSError, TypeError, ValueError):
         pass
 

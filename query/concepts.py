@@ -27,13 +27,19 @@ import numpy as np
 from data.errors import EncoderError, InvalidInput
 
 __all__ = ["DEFAULT_TEMPLATES", "WORLD_TEMPLATES", "templates_for", "ConceptBank", "concept_bank_for",
-           "clear_banks", "user_cache_dir"]
+           "clear_banks", "user_cache_dir", "cache_root"]
 
 
 def user_cache_dir() -> Path:
     """The per-user cache folder: ``$XDG_CACHE_HOME/t2c``, else ``~/.cache/t2c``."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "t2c"
+
+
+def cache_root() -> Path | None:
+    """The on-disk cache folder named by ``$T2C_CACHE_DIR`` (None: unset or empty, no disk cache)."""
+    root = os.environ.get("T2C_CACHE_DIR") or None
+    return Path(root).expanduser() if root else None
 
 #: Standard CLIP prompt ensemble (a subset of the open_clip ImageNet templates that suits open vocabularies).
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -130,9 +136,8 @@ class ConceptBank:
                  *, encoder=None):
         self.clip_spec = str(clip_spec)
         self.templates = _check_templates(templates if templates is not None else templates_for(self.clip_spec))
-        if cache_dir is None:
-            cache_dir = os.environ.get("T2C_CACHE_DIR") or None
-        self.cache_dir = Path(cache_dir).expanduser() / "concepts" if cache_dir else None
+        root = Path(cache_dir).expanduser() if cache_dir else cache_root()
+        self.cache_dir = root / "concepts" if root else None
         self._encoder = encoder
         self._mem: dict[str, np.ndarray] = {}
         self._present = _UNSET

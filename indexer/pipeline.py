@@ -458,8 +458,8 @@ def _finish_run(writer: StoreWriter, run: _Run, plan: Plan, root_label: str, mem
 
 def _fitted_aligner_file(writer: StoreWriter, encoder, plan: Plan, fit_n: int, clip, max_pixels) -> Path:
     """Where a run keeps the aligner it fitted (in staging, named by what the fit depends on)."""
-    what = [encoder.spec, clip, int(fit_n), max_pixels,
-            [(t["path"], t["size"], t["mtime_ns"]) for t in plan.todo]]
+    sample = _spread(plan.todo, int(fit_n))  # the same items resolve_aligner fits on
+    what = [encoder.spec, clip, int(fit_n), max_pixels, [(t["path"], t["size"], t["mtime_ns"]) for t in sample]]
     key = hashlib.blake2b(json.dumps(what, default=str).encode(), digest_size=12).hexdigest()
     return writer.staging / f"fitted-aligner-{key}.safetensors"
 

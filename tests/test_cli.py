@@ -10,9 +10,9 @@ from service.cli import main
 from tests.test_pipeline import CLIP, CNN, REPO, make_images
 
 
-def t2c(*args, env=None):
-    """Run the real console entry point in a subprocess; returns (code, stdout, stderr)."""
-    env = {"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin", "T2C_CACHE_DIR": "", **(env or {})}
+def t2c(*args):
+    """Run the real console entry point in a subprocess (no disk cache); returns (code, stdout, stderr)."""
+    env = {"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin", "T2C_CACHE_DIR": ""}
     p = subprocess.run([sys.executable, "-m", "service.cli", *map(str, args)], cwd=REPO, capture_output=True,
                        text=True, env=env, timeout=300)
     return p.returncode, p.stdout, p.stderr

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -82,12 +83,15 @@ def world_features(n: int, seed: int):
     from indexer.encoders import make_encoder
 
     tmp = Path(tempfile.mkdtemp(prefix="t2c-align-"))
-    labels = generator.generate(tmp, n, seed)
-    import pyarrow.parquet as pq
+    try:  # the images are loaded into memory, then their folder goes
+        labels = generator.generate(tmp, n, seed)
+        import pyarrow.parquet as pq
 
-    paths = [str(tmp / p) for p in pq.read_table(labels).column("path").to_pylist()]
+        paths = [str(tmp / p) for p in pq.read_table(labels).column("path").to_pylist()]
+        imgs = [load_image(p) for p in paths]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     clip = make_encoder("world:clip")
-    imgs = [load_image(p) for p in paths]
     yc = clip.encode_images(np.stack([clip.preprocess(im) for im in imgs]))
     yc /= np.linalg.norm(yc, axis=1, keepdims=True)
     out = []

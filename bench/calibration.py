@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -151,15 +152,23 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(2)
+    work = args.work or Path(tempfile.mkdtemp(prefix="t2c-calib-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(args, work)
+    finally:
+        if args.work is None:  # a temporary work dir (tens of thousands of images) is not left behind
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, work: Path) -> dict:
+    """The benchmark proper, in ``work``."""
     from data.world import vocab
     from data.world.generator import concept_truth, generate
     from indexer.pipeline import index_folder
-    from query import ast as qa
     from query.engine import evaluate_tree
     from query.parse import parse
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="t2c-calib-"))
-    work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     world = work / "world"
     if not (world / "labels.parquet").exists():

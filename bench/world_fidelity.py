@@ -138,14 +138,14 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     from indexer.aligner import fit_aligner
-    from indexer.encoders import make_encoder
+    from indexer.encoders import EncoderSpec, make_encoder, parse_spec
 
     def spec(name: str) -> str:
-        base, _, opts = name.partition("?")
-        q = [o for o in opts.split("&") if o]
+        s = parse_spec(f"world:{name}")
         if args.weights_dir:
-            q.append(f"weights={Path(args.weights_dir) / (base + '.safetensors')}")
-        return f"world:{base}" + ("?" + "&".join(q) if q else "")
+            weights = Path(args.weights_dir) / f"{s.name}.safetensors"
+            s = EncoderSpec(s.source, s.name, {**s.options, "weights": str(weights)})
+        return str(s)
 
     t0 = time.time()
     clip = make_encoder(spec("clip"))

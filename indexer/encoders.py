@@ -417,9 +417,12 @@ def _load_state_dict(path: str) -> dict:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def _load_into(module, path: str, spec: EncoderSpec) -> set[str]:
-    """Load a local checkpoint into ``module`` (classifier-head keys may be absent or extra); the keys loaded."""
-    sd = _load_state_dict(path)
+def _load_into(module, path: str, spec: EncoderSpec, sd: dict | None = None) -> set[str]:
+    """Load a local checkpoint (``sd``: already read from ``path``) into ``module``; the keys loaded.
+
+    Classifier-head keys may be absent or extra.
+    """
+    sd = _load_state_dict(path) if sd is None else sd
     own = module.state_dict()
     usable = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     missing = [k for k in own if k not in usable]
@@ -475,20 +478,23 @@ def _split_timm_head(model, spec: EncoderSpec, loaded: set[str] | None):
     """
     import torch
 
+    def head_names(head) -> set[str]:  # the model's parameter names that belong to the head
+        params = {id(p) for p in head.parameters()} if isinstance(head, torch.nn.Module) else set()
+        return {n for n, p in model.named_parameters() if id(p) in params}
+
     head = model.get_classifier()
-    params = {id(p) for p in head.parameters()} if isinstance(head, torch.nn.Module) else set()
-    if not params or getattr(model, "num_classes", 0) <= 0:
+    names = head_names(head)
+    if not names or getattr(model, "num_classes", 0) <= 0:
         raise EncoderError(f"features=probs: timm model {spec.name!r} has no single classifier head",
                            "leave probs out of features=")
-    names = {n for n, p in model.named_parameters() if id(p) in params}
     if loaded is not None and not names <= loaded:  # the checkpoint's head may have another number of classes
         sd = _load_state_dict(spec.weights)
         rows = {tuple(sd[n].shape)[0] for n in names if n in sd and getattr(sd[n], "ndim", 0) >= 1}
         if len(rows) == 1:
             model.reset_classifier(rows.pop())
-            loaded = _load_into(model, spec.weights, spec)
+            loaded = _load_into(model, spec.weights, spec, sd=sd)
             head = model.get_classifier()
-            names = {n for n, p in model.named_parameters() if id(p) in {id(q) for q in head.parameters()}}
+            names = head_names(head)
     if loaded is not None and not names <= loaded:
         raise EncoderError(
             f"features=probs: checkpoint {spec.weights!r} has no weights for the classifier head of {spec.name!r}",

@@ -51,7 +51,7 @@ def sgd_reference(xtr, ytr, epochs=5, batch=100, lr=0.01, momentum=0.9, seed=0):
 
 def compare(name, x, y, seed=0, repeats=3) -> dict:
     """Fit both ways ``repeats`` times (after a warm-up) and report median times: a shared machine is noisy."""
-    from indexer.aligner import _holdout_mask, fit_aligner
+    from t2c.indexer.aligner import _holdout_mask, fit_aligner
 
     held = _holdout_mask(list(range(len(x))), 0.2, seed)
     # warm both up (library imports, first-call kernel set-up) so only the fitting is timed
@@ -76,11 +76,11 @@ def compare(name, x, y, seed=0, repeats=3) -> dict:
 
 def world_features(n: int, seed: int):
     """(name, X, Y) for each non-CLIP world encoder on n generated images."""
-    from data.errors import T2CError
-    from data.images import load_image
-    from data.world import generator
-    from data.world.models import WORLD_MODELS
-    from indexer.encoders import make_encoder
+    from t2c.data.errors import T2CError
+    from t2c.data.images import load_image
+    from t2c.data.world import generator
+    from t2c.data.world.models import WORLD_MODELS
+    from t2c.indexer.encoders import make_encoder
 
     tmp = Path(tempfile.mkdtemp(prefix="t2c-align-"))
     try:  # the images are loaded into memory, then their folder goes

@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data.world import vocab  # noqa: E402
-from data.world.generator import concept_truth, generate  # noqa: E402
+from t2c.data.world import vocab  # noqa: E402
+from t2c.data.world.generator import concept_truth, generate  # noqa: E402
 
 COLOURS = list(vocab.COLORS)
 SHAPES = list(vocab.SHAPES)
@@ -42,8 +42,8 @@ def world_store(work: Path, name: str, n: int, seed: int, encoder: str, weights=
     """Generate a collection and index it; returns (snapshot, labels table, relpath order)."""
     import pyarrow.parquet as pq
 
-    from data.store import open_store
-    from indexer.pipeline import index_folder
+    from t2c.data.store import open_store
+    from t2c.indexer.pipeline import index_folder
 
     folder = work / f"{name}_imgs"
     labels = generate(folder, n=n, seed=seed, weights=weights, n_objects=n_objects)
@@ -70,7 +70,7 @@ def truth_of(snapshot, table, concept: str) -> np.ndarray:
 
 
 def prevalence_bench(work: Path, encoder: str, n: int, seed: int = 1, n_objects: int | None = None) -> dict:
-    from query.audit import audit
+    from t2c.query.audit import audit
 
     snap, table = world_store(work, "prev", n, seed, encoder, n_objects=n_objects)
     concepts = COLOURS + SHAPES + SIZES + BACKGROUNDS
@@ -99,7 +99,7 @@ def prevalence_bench(work: Path, encoder: str, n: int, seed: int = 1, n_objects:
 
 
 def drift_bench(work: Path, encoder: str, pairs: int, pair_n: int) -> dict:
-    from query.audit import drift
+    from t2c.query.audit import drift
 
     concepts = COLOURS + SHAPES + SIZES + BACKGROUNDS
     results = []

@@ -2,12 +2,12 @@
 
 Generates a held-out collection of multi-object world images (seed not used in training), indexes it with
 world:clip and with aligned non-CLIP world encoders, and measures, against exact ground truth from
-``data.world.generator.concept_truth``:
+``t2c.data.world.generator.concept_truth``:
 
   * single-concept presence: each colour, each shape, and colour-shape pairs ("red circle");
   * 2- and 3-constraint AND / NOT queries over those concepts (run through ``Engine.search``),
 
-for our calibration (``query.calibrate.calibrate``: 1-4 component mixture by BIC, the present/absent gap
+for our calibration (``t2c.query.calibrate.calibrate``: 1-4 component mixture by BIC, the present/absent gap
 chosen by the CLIP model's own cut when it has one, posteriors cross) and the reference recipe (mean + 1·std
 per concept), in the same run; and, as a ceiling, thresholds chosen per concept *using the labels*
 (``label_chosen``: the best-F1 quantile of each concept's scores), which no rule without labels can beat by
@@ -68,9 +68,9 @@ def make_queries(concepts: list[str], n: int, n_terms: int, rng, truth_of, min_p
 
 def run_store(name: str, store: Path, labels_by_id, concepts, queries2, queries3, truth_tree) -> dict:
     """Per-concept and per-query F1 on one store, ours vs reference."""
-    from query.calibrate import concept_scores, reference_threshold, thresholds_for
-    from query.engine import Engine, evaluate_tree
-    from data.world.generator import concept_truth
+    from t2c.query.calibrate import concept_scores, reference_threshold, thresholds_for
+    from t2c.query.engine import Engine, evaluate_tree
+    from t2c.data.world.generator import concept_truth
 
     eng = Engine.for_store(store, verify=False)
     snap = eng.snapshot
@@ -110,7 +110,7 @@ def run_store(name: str, store: Path, labels_by_id, concepts, queries2, queries3
                 "ours_min": round(float(np.min(scores["ours"])), 4), "n": len(qs), "engine_equals_direct": agree}
 
     groups = {"colors": [], "shapes": [], "pairs": []}
-    from data.world import vocab
+    from t2c.data.world import vocab
 
     for c in concepts:
         key = "colors" if c in vocab.COLORS else "shapes" if c in vocab.SHAPES else "pairs"
@@ -163,11 +163,11 @@ def main(argv=None) -> dict:
 
 def _run(args, work: Path) -> dict:
     """The benchmark proper, in ``work``."""
-    from data.world import vocab
-    from data.world.generator import concept_truth, generate
-    from indexer.pipeline import index_folder
-    from query.engine import evaluate_tree
-    from query.parse import parse
+    from t2c.data.world import vocab
+    from t2c.data.world.generator import concept_truth, generate
+    from t2c.indexer.pipeline import index_folder
+    from t2c.query.engine import evaluate_tree
+    from t2c.query.parse import parse
 
     t0 = time.perf_counter()
     world = work / "world"
@@ -211,8 +211,8 @@ def _run(args, work: Path) -> dict:
         if not (store / "CURRENT").exists():
             kw = {}
             if name != "clip" and fit_paths:
-                from indexer.encoders import make_encoder
-                from indexer.pipeline import fit_aligner_on_folder
+                from t2c.indexer.encoders import make_encoder
+                from t2c.indexer.pipeline import fit_aligner_on_folder
 
                 al = fit_aligner_on_folder(make_encoder(enc), args.clip, fit_paths, workers=0, progress=False)
                 kw["aligner"] = str(al.save(work / f"aligner-{name}.safetensors"))
@@ -221,7 +221,7 @@ def _run(args, work: Path) -> dict:
             index_folder(world / "images", store, enc, clip=None if name == "clip" else args.clip, workers=0,
                          batch_size=128, **kw)
         index_s = time.perf_counter() - t1
-        from data.store import open_store
+        from t2c.data.store import open_store
 
         snap = open_store(store, verify=False)
         rel = {int(r[0]): r[1] for r in snap.catalog().execute("SELECT id, relpath FROM images").fetchall()}

@@ -1,7 +1,7 @@
 """Benchmark: images/s of the whole `t2c index` pipeline vs the encoder's forward pass alone (prints JSON).
 
 Generates a folder of JPEGs of mixed sizes (about 640x480), indexes it with
-``timm:resnet50?weights=random`` through ``indexer.pipeline.index_folder`` (walk, decode workers, encode,
+``timm:resnet50?weights=random`` through ``t2c.indexer.pipeline.index_folder`` (walk, decode workers, encode,
 align, store commit), then times the encoder alone on the same images already decoded and resized, in the
 same run. Target: pipeline >= 0.85 x encoder-only throughput.
 
@@ -56,9 +56,9 @@ def main() -> None:
 
     import torch
 
-    from data.images import load_image
-    from indexer.encoders import make_encoder
-    from indexer.pipeline import index_folder
+    from t2c.data.images import load_image
+    from t2c.indexer.encoders import make_encoder
+    from t2c.indexer.pipeline import index_folder
 
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="t2c-bench-"))
@@ -110,7 +110,7 @@ def _identity_kw(enc) -> dict:
     """A non-CLIP encoder needs an aligner; the speed benchmark uses a random one of the right shape."""
     if enc.has_text:
         return {}
-    from indexer.aligner import Aligner
+    from t2c.indexer.aligner import Aligner
 
     rng = np.random.default_rng(0)
     al = Aligner(rng.normal(size=(enc.dim, 512)).astype(np.float32) / np.sqrt(enc.dim), np.zeros(512, np.float32),

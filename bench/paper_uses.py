@@ -29,8 +29,8 @@ from bench.audit_drift import BACKGROUNDS, COLOURS, SHAPES, SIZES, world_store  
 
 
 def describe_accuracy(snap, decoder_path=None) -> dict:
-    from data.world import decoder as wd
-    from data.world import vocab
+    from t2c.data.world import decoder as wd
+    from t2c.data.world import vocab
 
     model = wd.load_decoder(decoder_path)
     rows = dict(snap.catalog().execute("SELECT id, pair FROM images").fetchall())
@@ -63,8 +63,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from query.cbm import train_cbm
-    from query.classify import classify
+    from t2c.query.cbm import train_cbm
+    from t2c.query.classify import classify
 
     t0 = time.time()
     work = Path(tempfile.mkdtemp(prefix="t2c-bench-uses-"))

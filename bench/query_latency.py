@@ -70,8 +70,8 @@ def synth_vectors(n: int, d: int, n_concepts: int, n_topics: int, seed: int):
 
 def build_store(path: Path, vectors: np.ndarray, *, exact_max: int, seed: int) -> float:
     """Write a real store over the vectors (catalog with width/height/path/user column)."""
-    from data.store import Changes, StoreWriter, atomic_save_npz, new_feature_shard_name
-    from indexer.index_build import build_index
+    from t2c.data.store import Changes, StoreWriter, atomic_save_npz, new_feature_shard_name
+    from t2c.indexer.index_build import build_index
 
     n, d = vectors.shape
     ids = np.arange(n, dtype=np.int64)
@@ -110,10 +110,10 @@ def main(argv=None) -> dict:
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    from data.store import open_store
-    from query.calibrate import thresholds_for
-    from query.concepts import ConceptBank
-    from query.engine import Engine
+    from t2c.data.store import open_store
+    from t2c.query.calibrate import thresholds_for
+    from t2c.query.concepts import ConceptBank
+    from t2c.query.engine import Engine
 
     tmp = None
     store = args.store

@@ -89,11 +89,11 @@ def no_polysemous() -> None:
 def throughput(n_images: int, encoder_spec: str, batch_size: int) -> dict:
     import torch
 
-    from data.sources import walk_folder
-    from indexer.aligner import Aligner
-    from indexer.encoders import make_encoder
-    from indexer.pipeline import index_folder
-    from indexer.ray_engine import decode_batch, index_folder_ray
+    from t2c.data.sources import walk_folder
+    from t2c.indexer.aligner import Aligner
+    from t2c.indexer.encoders import make_encoder
+    from t2c.indexer.pipeline import index_folder
+    from t2c.indexer.ray_engine import decode_batch, index_folder_ray
 
     out = {"images": n_images, "encoder": encoder_spec, "cores": os.cpu_count(), "batch_size": batch_size}
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,7 +135,7 @@ def throughput(n_images: int, encoder_spec: str, batch_size: int) -> dict:
                       "pipeline_images_per_s": round(rep.images_per_second, 1), "added": rep.added,
                       "settings": "ray.init(num_cpus=2): decode tasks + 1 encoder actor (torch 2 threads); "
                                   "wall includes Ray start-up"}
-        from data.store import open_store
+        from t2c.data.store import open_store
 
         a, b = open_store(tmp / "local"), open_store(tmp / "ray")
         out["stores_equal"] = bool(np.array_equal(np.asarray(a.ids), np.asarray(b.ids)) and
@@ -166,7 +166,7 @@ class Synth:
 def index_full(n: int, d: int, bpv: int, chunk: int = 250_000) -> dict:
     import faiss
 
-    from indexer.index_build import build_index
+    from t2c.indexer.index_build import build_index
 
     syn = Synth(d)
     t = time.perf_counter()
@@ -224,7 +224,7 @@ def index_on_disk(n: int, d: int, bpv: int, work: Path, chunk: int = 250_000) ->
     20 GB at 10M × 512, exceed RAM): the same path a store takes when its vectors are memory-mapped."""
     import faiss
 
-    from indexer.index_build import build_index
+    from t2c.indexer.index_build import build_index
 
     syn = Synth(d)
     work.mkdir(parents=True, exist_ok=True)

@@ -35,8 +35,8 @@ QUERIES = [
 
 def build_store(path: Path, n: int, seed: int = 0) -> dict:
     """A synthetic store of n images (random unit vectors) with a full catalog."""
-    from data.store import Changes, StoreWriter, atomic_save_npz, new_feature_shard_name, utcnow
-    from indexer.index_build import build_index
+    from t2c.data.store import Changes, StoreWriter, atomic_save_npz, new_feature_shard_name, utcnow
+    from t2c.indexer.index_build import build_index
 
     rng = np.random.default_rng(seed)
     feats = rng.normal(size=(n, DIM)).astype(np.float32)

@@ -30,9 +30,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.world import vocab  # noqa: E402
-from data.world.generator import concept_truth, parse_weights, render, sample_scene, scene_rng  # noqa: E402
-from data.world.train import (ATTRIBUTE_OF, attribute_concepts, concept_vectors,  # noqa: E402
+from t2c.data.world import vocab  # noqa: E402
+from t2c.data.world.generator import concept_truth, parse_weights, render, sample_scene, scene_rng  # noqa: E402
+from t2c.data.world.train import (ATTRIBUTE_OF, attribute_concepts, concept_vectors,  # noqa: E402
                               single_object_truth)
 
 GROUPS = {
@@ -137,8 +137,8 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from indexer.aligner import fit_aligner
-    from indexer.encoders import EncoderSpec, make_encoder, parse_spec
+    from t2c.indexer.aligner import fit_aligner
+    from t2c.indexer.encoders import EncoderSpec, make_encoder, parse_spec
 
     def spec(name: str) -> str:
         s = parse_spec(f"world:{name}")

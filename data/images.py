@@ -4,7 +4,7 @@ Supported formats: JPEG (and camera MPO), PNG, WebP, GIF (first frame), BMP, TIF
 formats PIL could open (EPS, PSD, ICO, ...) are refused as ``not_an_image``, so untrusted folders never
 reach the riskier plugins.
 
-Every failure raises ``data.errors.ImageDecodeError(reason, message)``; no raw PIL/OS exception escapes.
+Every failure raises ``t2c.data.errors.ImageDecodeError(reason, message)``; no raw PIL/OS exception escapes.
 Reason tags (``REASONS``):
 
 =====================  ======================================================================
@@ -50,7 +50,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from data.errors import ImageDecodeError, InvalidInput
+from t2c.data.errors import ImageDecodeError, InvalidInput
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's default MAX_IMAGE_PIXELS (~ 0.25 GiB of RGBA at 4 B/px / 3)
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG also yields camera MPO files

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Iterable, Iterator, NamedTuple
 
-from data.errors import InvalidInput, NotFound
+from t2c.data.errors import InvalidInput, NotFound
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
 SKIP_REASONS = frozenset(

@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from data.errors import InvalidInput, NotFound, StoreError
+from t2c.data.errors import InvalidInput, NotFound, StoreError
 
 FORMAT_VERSION = 1
 KEEP_SNAPSHOTS = 3

@@ -26,7 +26,7 @@ def main() -> None:
     import uvicorn
     from playwright.sync_api import sync_playwright
 
-    from service.app import create_app
+    from t2c.service.app import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

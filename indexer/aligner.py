@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import AlignerError, InvalidInput, NotFound
+from t2c.data.errors import AlignerError, InvalidInput, NotFound
 
 #: ridge strengths, relative to the mean feature variance (scale-free)
 DEFAULT_ALPHAS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)

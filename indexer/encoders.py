@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from data.errors import EncoderError, InvalidInput, NotFound, UnknownChoice
+from t2c.data.errors import EncoderError, InvalidInput, NotFound, UnknownChoice
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -145,7 +145,7 @@ class Encoder:
     # ---- preprocessing (runs in decode workers: numpy + PIL only) ----
     def preprocess(self, img) -> np.ndarray:
         """Resize/crop an RGB PIL image and normalise it into a CHW float32 array."""
-        from indexer.preprocess import preprocess_image
+        from t2c.indexer.preprocess import preprocess_image
 
         return preprocess_image(img, self.preprocess_config())
 
@@ -589,7 +589,7 @@ def _open_clip(spec: EncoderSpec, kw: dict) -> Encoder:
 @register_source("world", "concept-world models shipped with text2concept: world:clip (image + text), ...")
 def _world(spec: EncoderSpec, kw: dict) -> Encoder:
     """Concept-world models (offline default); weights ship inside the package."""
-    from data.world import models as wm
+    from t2c.data.world import models as wm
 
     if spec.name not in wm.WORLD_MODELS:
         raise UnknownChoice("world model", spec.name, wm.WORLD_MODELS)
@@ -644,7 +644,7 @@ def _python(spec: EncoderSpec, kw: dict) -> Encoder:
         return obj
     if not isinstance(obj, torch.nn.Module):
         raise EncoderError(f"factory {spec.name!r} returned {type(obj).__name__}",
-                           "return an indexer.encoders.Encoder or a torch.nn.Module")
+                           "return a t2c.indexer.encoders.Encoder or a torch.nn.Module")
     w = spec.weights
     if w not in (None, "", "random", "pretrained"):
         _load_into(obj, w, spec)
@@ -654,7 +654,7 @@ def _python(spec: EncoderSpec, kw: dict) -> Encoder:
 
 def list_encoders() -> list[dict]:
     """Concrete encoders worth listing (world models) plus one line per source, for ``t2c encoders``."""
-    from data.world import models as wm
+    from t2c.data.world import models as wm
 
     rows = []
     for name in sorted(wm.WORLD_MODELS):

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from data.errors import InvalidInput
+from t2c.data.errors import InvalidInput
 
 EXACT_MAX = 200_000
 DEFAULT_BUDGET = 4 << 30  # bytes for the index's vectors/codes

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import AlignerError, InvalidInput, StoreError, T2CError
-from data.store import Changes, StoreWriter, atomic_save_npz, atomic_write_bytes, new_feature_shard_name, utcnow
+from t2c.data.errors import AlignerError, InvalidInput, StoreError, T2CError
+from t2c.data.store import Changes, StoreWriter, atomic_save_npz, atomic_write_bytes, new_feature_shard_name, utcnow
 
 PART_SIZE = 256
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -64,15 +64,15 @@ def _init_worker(cfg: dict) -> None:
 
 
 def _preprocess(img):
-    from indexer.preprocess import preprocess_image
+    from t2c.indexer.preprocess import preprocess_image
 
     return preprocess_image(img, _CFG)
 
 
 def _decode(path: str):
     """Decode + preprocess one file; never raises (errors come back as a reason)."""
-    from data.errors import ImageDecodeError
-    from data.images import decode_for
+    from t2c.data.errors import ImageDecodeError
+    from t2c.data.images import decode_for
 
     try:
         arr, meta = decode_for(path, _preprocess, _CFG["max_pixels"], draft=int(_CFG["image_size"]),
@@ -123,7 +123,7 @@ class Plan:
 
 def plan_run(writer: StoreWriter, root: Path, *, follow_symlinks: bool = False) -> Plan:
     """Compare the folder with the catalog: new, changed and removed files, with stable ids."""
-    from data.sources import walk_folder
+    from t2c.data.sources import walk_folder
 
     return plan_walk(writer, walk_folder(root, follow_symlinks=follow_symlinks),
                      remove_under=str(root).rstrip(os.sep) + os.sep)
@@ -187,8 +187,8 @@ def fit_aligner_on_folder(encoder, clip_spec: str, paths: list[str], *, max_pixe
     The train / held-out split is keyed by each path relative to the images' common folder, so the same images
     give the same aligner wherever the folder lies.
     """
-    from indexer.aligner import RidgeAccumulator
-    from indexer.encoders import make_encoder
+    from t2c.indexer.aligner import RidgeAccumulator
+    from t2c.indexer.encoders import make_encoder
 
     clip = make_encoder(clip_spec, **overrides)
     if not clip.has_text:
@@ -241,7 +241,7 @@ def _store_aligner(writer: StoreWriter, aligner) -> str:
 def resolve_aligner(writer: StoreWriter, encoder, *, aligner_path=None, fit_n=None, clip=None, sample_paths=None,
                     workers=1, progress=False, max_pixels=DEFAULT_MAX_PIXELS, **overrides):
     """Decide the aligner of a run: given file, fitted now, the store's own, or identity for CLIP encoders."""
-    from indexer.aligner import Aligner
+    from t2c.indexer.aligner import Aligner
 
     cur = writer.current
     if aligner_path:
@@ -269,7 +269,7 @@ def resolve_aligner(writer: StoreWriter, encoder, *, aligner_path=None, fit_n=No
 
 def load_store_aligner(snap):
     """The aligner a snapshot's vectors were projected with."""
-    from indexer.aligner import Aligner
+    from t2c.indexer.aligner import Aligner
 
     info = snap.manifest.get("aligner", {})
     if info.get("identity"):
@@ -317,12 +317,12 @@ def index_folder(root, store, encoder_spec: str, *, aligner=None, fit_aligner: i
     Example:
         >>> index_folder("photos/", "photos.t2c", "world:pairnet", fit_aligner=500)  # doctest: +SKIP
     """
-    from indexer.encoders import parse_spec
+    from t2c.indexer.encoders import parse_spec
 
     t0 = time.perf_counter()
     root = Path(root).expanduser()
     if not root.exists():
-        from data.errors import NotFound
+        from t2c.data.errors import NotFound
 
         raise NotFound(f"folder {str(root)!r} does not exist", "check the path")
     if not root.is_dir():
@@ -387,7 +387,7 @@ def _check_encoder(writer: StoreWriter, store, spec) -> None:
 def _start_run(writer: StoreWriter, spec, plan: Plan, t0: float, *, aligner, fit_aligner, clip, fit_workers,
                progress, max_pixels, batch_size, device, threads, part_size):
     """Common start of a run (local or Ray): nothing to do → the final IndexReport; else a :class:`_Run`."""
-    from indexer.encoders import make_encoder
+    from t2c.indexer.encoders import make_encoder
 
     cur = writer.current
     report = IndexReport(store=str(writer.root), unchanged=plan.unchanged)
@@ -423,7 +423,7 @@ def _start_run(writer: StoreWriter, spec, plan: Plan, t0: float, *, aligner, fit
 def _finish_run(writer: StoreWriter, run: _Run, plan: Plan, root_label: str, memory_budget, processed: int,
                 enc_seconds: float, t0: float, engine: str | None = None) -> IndexReport:
     """Common end of a run: collect the staged parts, commit a snapshot, fill in the report."""
-    from indexer.index_build import DEFAULT_BUDGET, build_index
+    from t2c.indexer.index_build import DEFAULT_BUDGET, build_index
 
     cur, al, encoder, report = writer.current, run.aligner, run.encoder, run.report
     changes = _collect(writer, run.run_id, run.parts, plan, run.settings)
@@ -466,7 +466,7 @@ def _fitted_aligner_file(writer: StoreWriter, encoder, plan: Plan, fit_n: int, c
 
 def _load_fitted(path: Path | None, encoder):
     """The aligner a killed run fitted for the same work, or None."""
-    from indexer.aligner import Aligner
+    from t2c.indexer.aligner import Aligner
 
     if path is None or not path.is_file():
         return None
@@ -577,8 +577,8 @@ def realign_store(store, aligner_path, *, memory_budget: int | None = None):
     Raises:
         StoreError: store missing/locked; AlignerError: the aligner is for another encoder.
     """
-    from indexer.aligner import Aligner
-    from indexer.index_build import DEFAULT_BUDGET, build_index
+    from t2c.indexer.aligner import Aligner
+    from t2c.indexer.index_build import DEFAULT_BUDGET, build_index
 
     al = Aligner.load(aligner_path)
     with StoreWriter(store, create=False) as writer:

@@ -1,11 +1,11 @@
 """The Ray engine: the index pipeline (read → decode → encode → align → write) as Ray Data stages.
 
-The run is planned exactly like the local pipeline (``indexer.pipeline.plan_run``: same ids, same run id,
+The run is planned exactly like the local pipeline (``t2c.indexer.pipeline.plan_run``: same ids, same run id,
 same staging parts), so a store built here equals one built with ``index_folder``, and a run killed under
 either engine resumes under either. Stages:
 
 1. work items: one row per planned file (``idx`` = position in the plan, ``path``), in blocks;
-2. decode: ``map_batches`` CPU tasks (``data.images.decode_for`` + ``indexer.preprocess.preprocess_image``);
+2. decode: ``map_batches`` CPU tasks (``t2c.data.images.decode_for`` + ``t2c.indexer.preprocess.preprocess_image``);
    failures come back as rows with a reason, never as exceptions;
 3. encode: ``map_batches`` with a callable class holding the encoder (an actor pool, ``concurrency`` actors,
    CPUs or GPUs per actor);
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import InvalidInput, NotFound, StoreError
-from data.store import StoreWriter, atomic_save_npz, atomic_write_bytes
-from indexer.pipeline import (DEFAULT_MAX_PIXELS, PART_SIZE, IndexReport, Plan, _bar, _check_encoder, _finish_run,
+from t2c.data.errors import InvalidInput, NotFound, StoreError
+from t2c.data.store import StoreWriter, atomic_save_npz, atomic_write_bytes
+from t2c.indexer.pipeline import (DEFAULT_MAX_PIXELS, PART_SIZE, IndexReport, Plan, _bar, _check_encoder, _finish_run,
                               _start_run, plan_run, plan_walk)
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -70,9 +70,9 @@ def decode_batch(batch: dict, cfg: dict) -> dict:
     """Decode + preprocess a batch of paths; failures become rows with ``ok=False`` and a reason."""
     from functools import partial
 
-    from data.errors import ImageDecodeError
-    from data.images import decode_for
-    from indexer.preprocess import preprocess_image
+    from t2c.data.errors import ImageDecodeError
+    from t2c.data.images import decode_for
+    from t2c.indexer.preprocess import preprocess_image
 
     s = int(cfg["image_size"])
     prep = partial(preprocess_image, cfg=cfg)
@@ -101,7 +101,7 @@ class EncodeActor:
     """Callable class for ``map_batches``: holds one encoder, turns decoded arrays into raw features."""
 
     def __init__(self, spec: str, batch_size: int = 32, device: str | None = None, threads: int | None = None):
-        from indexer.encoders import make_encoder
+        from t2c.indexer.encoders import make_encoder
 
         self.encoder = make_encoder(spec, batch_size=batch_size, device=device, threads=threads)
 
@@ -119,7 +119,7 @@ class EncodeActor:
 # planning for parquet path lists
 # ------------------------------------------------------------------------------------------------
 def plan_paths(writer: StoreWriter, walk) -> Plan:
-    """Plan a run over an explicit list of files (``data.sources.stat_paths``): new and changed files only.
+    """Plan a run over an explicit list of files (``t2c.data.sources.stat_paths``): new and changed files only.
 
     A list never removes images (a file missing from one list may come from another list or folder);
     listed paths that do not exist are recorded as errors.
@@ -131,7 +131,7 @@ def _resolve_source(source, column: str, base, follow_symlinks: bool, writer: St
     """(plan, root label) for a folder or a parquet list of paths."""
     p = Path(source).expanduser()
     if p.is_file() and p.suffix.lower() in (".parquet", ".pq"):
-        from data.sources import read_path_list, stat_paths
+        from t2c.data.sources import read_path_list, stat_paths
 
         paths = read_path_list(p, column)
         walk = stat_paths(paths, base=base if base is not None else p.resolve().parent)
@@ -252,7 +252,7 @@ def index_folder_ray(source, store, encoder_spec: str, *, address: str | None = 
         runtime_env: Ray runtime env (default: PYTHONPATH with this project, for local clusters).
 
     Returns:
-        An :class:`indexer.pipeline.IndexReport`.
+        An :class:`t2c.indexer.pipeline.IndexReport`.
 
     Raises:
         NotFound / InvalidInput: bad source; StoreError: store locked, damaged or of another encoder;
@@ -261,7 +261,7 @@ def index_folder_ray(source, store, encoder_spec: str, *, address: str | None = 
     Example:
         >>> index_folder_ray("photos/", "photos.t2c", "world:pairnet", num_cpus=8, encoder_actors=2)  # doctest: +SKIP
     """
-    from indexer.encoders import parse_spec
+    from t2c.indexer.encoders import parse_spec
 
     t0 = time.perf_counter()
     src = _check_source(source)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Iterator, Union
 
-from data.errors import InvalidInput
+from t2c.data.errors import InvalidInput
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 KEYWORDS = frozenset({"AND", "OR", "NOT"})
@@ -201,8 +201,8 @@ def split(node: Node) -> tuple["Node | None", "Node | None"]:
     Returns ``(filter_part, rest)``; either may be None. A pure-filter tree gives ``(node, None)``; an And gives
     its concept-free children (joined by AND) and the others; any other tree (an Or or Not mixing filters
     with concepts, or a lone concept) gives ``(None, node)``. The filter part can be compiled with
-    ``query.sql.compile_filter`` and used as a WHERE prefilter; filters left inside ``rest`` must be evaluated
-    per id as boolean columns (``query.sql.compile_filter_expr``).
+    ``t2c.query.sql.compile_filter`` and used as a WHERE prefilter; filters left inside ``rest`` must be evaluated
+    per id as boolean columns (``t2c.query.sql.compile_filter_expr``).
 
     Example:
         ``split(parse("dog AND width>100 AND NOT (cat OR height<5)"))`` gives

@@ -3,7 +3,7 @@
 Prevalence estimator (``audit``). Counting images above a threshold is biased by the classifier's errors:
 false positives in the large "absent" bulk inflate rare concepts, missed positives deflate common ones.
 We use the calibration's two-component Gaussian mixture of the concept's cosine scores
-(``query.calibrate.calibrate``): the prevalence is the weight of the "present" (upper) component, i.e. the
+(``t2c.query.calibrate.calibrate``): the prevalence is the weight of the "present" (upper) component, i.e. the
 mean posterior probability of "present" over all images. When calibration rejects the two-component fit
 (one population), the estimate falls back to the count above the robust tail threshold. The confidence
 interval is a percentile bootstrap: images are resampled (multinomially, over a 512-bin histogram of the
@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data.errors import InvalidInput
+from t2c.data.errors import InvalidInput
 
 __all__ = ["AuditReport", "DriftReport", "audit", "drift", "estimate_prevalence", "parse_concept_list",
            "concept_vectors", "score_matrix", "benjamini_hochberg", "holm", "cohens_h", "wilson"]
@@ -69,7 +69,7 @@ def parse_concept_list(arg: str | Sequence[str]) -> list[str]:
 def concept_vectors(snapshot, concepts: Sequence[str], bank=None) -> np.ndarray:
     """(k, d) unit concept vectors from the store's CLIP text tower (prompt ensemble, cached)."""
     if bank is None:
-        from query.concepts import concept_bank_for
+        from t2c.query.concepts import concept_bank_for
 
         bank = concept_bank_for(snapshot)
     vecs = np.asarray(bank.vectors(list(concepts)), np.float32)
@@ -81,7 +81,7 @@ def concept_vectors(snapshot, concepts: Sequence[str], bank=None) -> np.ndarray:
 
 def score_matrix(snapshot, concepts: Sequence[str], bank=None) -> np.ndarray:
     """(n, k) cosine scores of every image against each concept."""
-    from query.calibrate import concept_scores
+    from t2c.query.calibrate import concept_scores
 
     return concept_scores(snapshot, concept_vectors(snapshot, concepts, bank))
 
@@ -194,14 +194,14 @@ def estimate_prevalence(scores, calibration=None, *, method: str = "mixture", n_
 
     Args:
         scores: 1-D cosine scores of every image.
-        calibration: a ``query.calibrate.Calibration`` (default: calibrate the scores).
+        calibration: a ``t2c.query.calibrate.Calibration`` (default: calibrate the scores).
         method: "mixture" (weight of the present component; bootstrap CI) or "count" (above threshold; Wilson).
         n_boot: bootstrap resamples. level: CI level. seed: bootstrap seed.
 
     Returns:
         dict(prevalence, ci_low, ci_high, count, threshold, method, n, calibration).
     """
-    from query.calibrate import calibrate
+    from t2c.query.calibrate import calibrate
 
     x = np.asarray(scores, np.float64).reshape(-1)
     x = x[np.isfinite(x)]
@@ -209,7 +209,7 @@ def estimate_prevalence(scores, calibration=None, *, method: str = "mixture", n_
     if n == 0:
         raise InvalidInput("no images to audit")
     if method not in ("mixture", "count"):
-        from data.errors import UnknownChoice
+        from t2c.data.errors import UnknownChoice
 
         raise UnknownChoice("prevalence method", method, ["mixture", "count"])
     cal = calibration if calibration is not None else calibrate(x)
@@ -279,7 +279,7 @@ def audit(snapshot, concepts, top: int = 8, *, method: str = "mixture", bank=Non
     """Estimate how often each concept occurs in a store, with confidence intervals and top examples.
 
     Args:
-        snapshot: an open Snapshot (``data.store.open_store``).
+        snapshot: an open Snapshot (``t2c.data.store.open_store``).
         concepts: concept texts (list) or a string accepted by :func:`parse_concept_list`.
         top: example image ids per concept (highest scores first).
         method: "mixture" (default, mixture-weight estimate) or "count" (count above the calibrated threshold).
@@ -295,13 +295,13 @@ def audit(snapshot, concepts, top: int = 8, *, method: str = "mixture", bank=Non
     Example:
         >>> audit(open_store("demo.t2c"), ["red", "circle"]).to_dict()["concepts"][0]["prevalence"]  # doctest: +SKIP
     """
-    from query.calibrate import calibrate, present_score_of
+    from t2c.query.calibrate import calibrate, present_score_of
 
     concepts = parse_concept_list(concepts)
     if snapshot.count == 0:
         raise InvalidInput("the store holds no images to audit", "index some images first")
     if bank is None:
-        from query.concepts import concept_bank_for
+        from t2c.query.concepts import concept_bank_for
 
         bank = concept_bank_for(snapshot)
     S = score_matrix(snapshot, concepts, bank)
@@ -348,11 +348,11 @@ def check_same_space(a, b) -> None:
 def drift_from_scores(sa: np.ndarray, sb: np.ndarray, concepts: Sequence[str], *, alpha: float = 0.05,
                       correction: str = "bh", prior: float | None = None) -> list[dict]:
     """Per-concept drift rows (unranked) from score matrices (n_a, k) and (n_b, k); ``prior``: the CLIP
-    model's own present score (see ``query.calibrate.calibrate``)."""
-    from query.calibrate import calibrate
+    model's own present score (see ``t2c.query.calibrate.calibrate``)."""
+    from t2c.query.calibrate import calibrate
 
     if correction not in ("bh", "holm"):
-        from data.errors import UnknownChoice
+        from t2c.data.errors import UnknownChoice
 
         raise UnknownChoice("correction", correction, ["bh", "holm"])
     rows = []
@@ -412,11 +412,11 @@ def drift(snapshot_a, snapshot_b, concepts, top: int = 4, *, alpha: float = 0.05
     if snapshot_a.count == 0 or snapshot_b.count == 0:
         raise InvalidInput("both stores must hold images to compare")
     if bank is None:
-        from query.concepts import concept_bank_for
+        from t2c.query.concepts import concept_bank_for
 
         bank = concept_bank_for(snapshot_a)
     vecs = concept_vectors(snapshot_a, concepts, bank)
-    from query.calibrate import concept_scores, present_score_of
+    from t2c.query.calibrate import concept_scores, present_score_of
 
     sa, sb = concept_scores(snapshot_a, vecs), concept_scores(snapshot_b, vecs)
     rows = drift_from_scores(sa, sb, concepts, alpha=alpha, correction=correction, prior=present_score_of(bank))

@@ -44,8 +44,8 @@ from typing import Iterable
 
 import numpy as np
 
-from data.errors import InvalidInput
-from data.store import atomic_save_npz, load_npz
+from t2c.data.errors import InvalidInput
+from t2c.data.store import atomic_save_npz, load_npz
 
 __all__ = ["Calibration", "calibrate", "reference_threshold", "concept_scores", "thresholds_for",
            "sample_rows", "clear_cache", "fit_gmm", "present_score_of", "CALIBRATION_SAMPLE", "MIN_SEPARATION", "TAIL_K"]
@@ -422,7 +422,7 @@ def _disk_key(snapshot, vec: np.ndarray, prior: float | None) -> str | None:
 
 
 def _disk_path(key: str | None) -> Path | None:
-    from query.concepts import cache_root
+    from t2c.query.concepts import cache_root
 
     root = cache_root()
     return None if key is None or root is None else root / "calibrations" / f"{key}.npz"
@@ -477,7 +477,7 @@ def thresholds_for(snapshot, texts: Iterable[str], bank=None) -> dict[str, Calib
     if not texts:
         return {}
     if bank is None:
-        from query.concepts import concept_bank_for
+        from t2c.query.concepts import concept_bank_for
 
         bank = concept_bank_for(snapshot)
     vecs = bank.vectors(texts)

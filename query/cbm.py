@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import InvalidInput, NotFound, UnknownChoice
+from t2c.data.errors import InvalidInput, NotFound, UnknownChoice
 
 __all__ = ["ConceptBottleneck", "fit_softmax", "train_cbm", "evaluate_cbm", "labels_of", "raw_features"]
 
@@ -209,7 +209,7 @@ def train_cbm(snapshot, concepts, labels_column: str, *, l1: float | None = None
 
     Args:
         snapshot: an open Snapshot whose catalog has ``labels_column`` (a user column).
-        concepts: concept texts or a string for ``query.audit.parse_concept_list``.
+        concepts: concept texts or a string for ``t2c.query.audit.parse_concept_list``.
         labels_column: catalog column with the class of each image (rows with null are skipped).
         l1: L1 strength on standardised scores (None: chosen on a validation split, sparsest within 0.5 pt).
         test_frac: held-out fraction for the reported accuracies. seed: split seed.
@@ -224,7 +224,7 @@ def train_cbm(snapshot, concepts, labels_column: str, *, l1: float | None = None
     Example:
         >>> model, rep = train_cbm(snap, "red,blue,circle,square", "shape")  # doctest: +SKIP
     """
-    from query.audit import parse_concept_list, score_matrix
+    from t2c.query.audit import parse_concept_list, score_matrix
 
     concepts = parse_concept_list(concepts)
     rows, labels = labels_of(snapshot, labels_column)
@@ -262,7 +262,7 @@ def train_cbm(snapshot, concepts, labels_column: str, *, l1: float | None = None
 
 def evaluate_cbm(snapshot, model: ConceptBottleneck, labels_column: str | None = None, bank=None) -> dict:
     """Accuracy of a saved concept bottleneck on a labelled store (its label column by default)."""
-    from query.audit import score_matrix
+    from t2c.query.audit import score_matrix
 
     column = labels_column or model.meta.get("labels_column")
     if not column:
@@ -275,7 +275,7 @@ def evaluate_cbm(snapshot, model: ConceptBottleneck, labels_column: str | None =
     pred = model.predict(S)
     known = [i for i, l in enumerate(labels) if l in set(model.classes)]
     acc = float(np.mean([pred[i] == labels[i] for i in known])) if known else None
-    from query.classify import confusion
+    from t2c.query.classify import confusion
 
     conf = confusion([labels[i] for i in known], [pred[i] for i in known], model.classes)
     return {"n": len(rows), "n_known_classes": len(known), "accuracy": acc, "classes": model.classes,

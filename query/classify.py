@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data.errors import InvalidInput, NotFound, UnknownChoice
+from t2c.data.errors import InvalidInput, NotFound, UnknownChoice
 
 __all__ = ["classify", "predict", "read_predictions", "annotation_path", "confusion"]
 
@@ -90,7 +90,7 @@ def _write_parquet_atomic(path: Path, table) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data.store import atomic_write_bytes
+    from t2c.data.store import atomic_write_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = pa.BufferOutputStream()
@@ -124,7 +124,7 @@ def classify(snapshot, labels, *, truth: str | None = None, name: str | None = N
 
     Args:
         snapshot: an open Snapshot.
-        labels: label texts (list) or a string for ``query.audit.parse_concept_list`` (file or "a,b,c").
+        labels: label texts (list) or a string for ``t2c.query.audit.parse_concept_list`` (file or "a,b,c").
         truth: optional catalog column holding the true label (compared case-insensitively).
         name: sidecar name (default: hash of the labels). write: write the sidecar parquet.
         bank: optional ConceptBank.
@@ -140,7 +140,7 @@ def classify(snapshot, labels, *, truth: str | None = None, name: str | None = N
     Example:
         >>> classify(open_store("demo.t2c"), "circle,square,star")["counts"]  # doctest: +SKIP
     """
-    from query.audit import parse_concept_list, score_matrix
+    from t2c.query.audit import parse_concept_list, score_matrix
 
     labels = parse_concept_list(labels)
     if len(labels) < 2:

@@ -5,7 +5,7 @@ concept text) is embedded and L2-normalised, the embeddings are averaged, the me
 
 Templates depend on the text tower: ``open_clip:``/other CLIPs get a standard photo ensemble
 (``DEFAULT_TEMPLATES``); ``world:`` CLIPs only know the concept world's vocabulary, so they get templates made
-of words the world text tower was trained on (``data.world.vocab.PROMPT_TEMPLATES``, filtered to known words).
+of words the world text tower was trained on (``t2c.data.world.vocab.PROMPT_TEMPLATES``, filtered to known words).
 
 The text encoder (torch) is built lazily, only when a vector is not cached. Vectors are cached per
 (CLIP model, templates, text) in memory and, when ``cache_dir`` (or ``$T2C_CACHE_DIR``) names a writable
@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from data.errors import EncoderError, InvalidInput
+from t2c.data.errors import EncoderError, InvalidInput
 
 __all__ = ["DEFAULT_TEMPLATES", "WORLD_TEMPLATES", "templates_for", "ConceptBank", "concept_bank_for",
            "clear_banks", "user_cache_dir", "cache_root"]
@@ -56,7 +56,7 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 
 def _world_templates() -> tuple[str, ...]:
     """Templates whose words the world text tower knows (filtered against data.world.vocab)."""
-    from data.world import vocab
+    from t2c.data.world import vocab
 
     known = set(vocab.known_words())
     cands = ("{}",) + tuple(vocab.PROMPT_TEMPLATES)
@@ -92,7 +92,7 @@ def _check_templates(templates: Sequence[str]) -> tuple[str, ...]:
 def _model_identity(clip_spec: str) -> str:
     """What defines the text tower: the spec identity plus size/mtime of a weights file it names or ships."""
     try:
-        from indexer.encoders import parse_spec
+        from t2c.indexer.encoders import parse_spec
 
         spec = parse_spec(clip_spec)
         ident = spec.identity
@@ -153,7 +153,7 @@ class ConceptBank:
         if self._encoder is None:
             with self._encoder_lock:
                 if self._encoder is None:
-                    from indexer.encoders import make_encoder
+                    from t2c.indexer.encoders import make_encoder
 
                     self._encoder = make_encoder(self.clip_spec)
         return self._encoder

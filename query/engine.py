@@ -2,9 +2,9 @@
 
 Plan for one query (``Engine.search``):
   1. Parse (string), validate (JSON form) and check every filter column against the catalog.
-  2. Pure-filter conjuncts of a top-level AND (``query.ast.split``) become a parameterised DuckDB WHERE
+  2. Pure-filter conjuncts of a top-level AND (``t2c.query.ast.split``) become a parameterised DuckDB WHERE
      prefilter -> the allowed rows. No allowed row: early exit.
-  3. Concept vectors come from the store's ConceptBank, thresholds from ``query.calibrate.thresholds_for``
+  3. Concept vectors come from the store's ConceptBank, thresholds from ``t2c.query.calibrate.thresholds_for``
      (cached per snapshot); a per-term ``@threshold`` in the query wins over calibration.
   4. Candidates: the *necessary* positive concepts (those that must pass for the tree to hold) that are
      selective (estimated prevalence < 25%), up to three, most selective first, each drive a FAISS range
@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import InvalidInput
-from query import ast as qa
-from query.calibrate import Calibration, concept_scores, thresholds_for
-from query.sql import compile_filter, compile_filter_expr
+from t2c.data.errors import InvalidInput
+from t2c.query import ast as qa
+from t2c.query.calibrate import Calibration, concept_scores, thresholds_for
+from t2c.query.sql import compile_filter, compile_filter_expr
 
 __all__ = ["Engine", "SearchResult", "Hit", "evaluate_tree", "MAX_K"]
 
@@ -168,7 +168,7 @@ class Engine:
     """Runs queries against one store snapshot.
 
     Args:
-        snapshot: an open :class:`data.store.Snapshot`.
+        snapshot: an open :class:`t2c.data.store.Snapshot`.
         bank: a ConceptBank (default: ``concept_bank_for(snapshot)``, built lazily: torch is imported only
             when a concept vector is not cached).
 
@@ -191,14 +191,14 @@ class Engine:
     @classmethod
     def for_store(cls, path, *, verify: bool = True, bank=None) -> "Engine":
         """Open a store's live snapshot and make an engine for it."""
-        from data.store import open_store
+        from t2c.data.store import open_store
 
         return cls(open_store(Path(path), verify=verify), bank=bank)
 
     @property
     def bank(self):
         if self._bank is None:
-            from query.concepts import concept_bank_for
+            from t2c.query.concepts import concept_bank_for
 
             self._bank = concept_bank_for(self.snapshot)
         return self._bank
@@ -214,7 +214,7 @@ class Engine:
     def parse_query(query):
         """A query tree from a string, a JSON dict, or a tree."""
         if isinstance(query, str):
-            from query.parse import parse
+            from t2c.query.parse import parse
 
             return parse(query)
         if isinstance(query, dict):

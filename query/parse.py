@@ -47,8 +47,8 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import date, datetime
 
-from data.errors import InvalidInput, QuerySyntaxError
-from query.ast import (IDENTIFIER, KEYWORDS, MAX_DEPTH, MAX_WEIGHT, And, Concept, Filter, Node, Not, Or)
+from t2c.data.errors import InvalidInput, QuerySyntaxError
+from t2c.query.ast import (IDENTIFIER, KEYWORDS, MAX_DEPTH, MAX_WEIGHT, And, Concept, Filter, Node, Not, Or)
 
 __all__ = ["parse", "format", "tokenize", "Token"]
 

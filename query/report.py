@@ -1,7 +1,7 @@
 """Self-contained HTML reports for audits and drift: inline SVG bars and base64 thumbnails, one file.
 
 Nothing is fetched when the file is opened (no scripts, fonts or images from elsewhere): bars are inline SVG,
-example images are PNG thumbnails embedded as ``data:`` URIs (decoded safely by ``data.images.load_image``;
+example images are PNG thumbnails embedded as ``data:`` URIs (decoded safely by ``t2c.data.images.load_image``;
 an unreadable file becomes a grey placeholder).
 
 Python API:
@@ -66,8 +66,8 @@ _DRIFT_TMPL = """<!doctype html>
 
 def thumbnail_uri(path, size: int = THUMB) -> str:
     """A PNG thumbnail of an image file as a ``data:`` URI (placeholder when unreadable)."""
-    from data.errors import T2CError
-    from data.images import load_image
+    from t2c.data.errors import T2CError
+    from t2c.data.images import load_image
 
     try:
         img = load_image(path)
@@ -146,7 +146,7 @@ def drift_html(report, snapshot_a, snapshot_b, thumbs: bool = True) -> str:
 
 def write_html(path, html: str) -> Path:
     """Write an HTML file atomically."""
-    from data.store import atomic_write_bytes
+    from t2c.data.store import atomic_write_bytes
 
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)

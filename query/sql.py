@@ -29,8 +29,8 @@ import re
 from datetime import date, datetime
 from typing import Mapping
 
-from data.errors import InvalidInput, UnknownChoice
-from query.ast import IDENTIFIER, And, Concept, Filter, Node, Not, Or, filters, split  # noqa: F401 (split re-exported)
+from t2c.data.errors import InvalidInput, UnknownChoice
+from t2c.query.ast import IDENTIFIER, And, Concept, Filter, Node, Not, Or, filters, split  # noqa: F401 (split re-exported)
 
 __all__ = ["compile_filter", "compile_filter_expr", "resolve_column", "column_kind", "validate_filters", "split",
            "quote_ident", "COLUMN_ALIASES"]

@@ -16,8 +16,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from data.errors import T2CError
-from service.deps import EngineHolder, Settings
+from t2c.data.errors import T2CError
+from t2c.service.deps import EngineHolder, Settings
 
 log = logging.getLogger("t2c.service")
 STATIC = Path(__file__).parent / "static"
@@ -142,7 +142,7 @@ def create_app(store_path, *, api_key: str | None = None, settings: Settings | N
     Args:
         store_path: the store directory (opened read-only in the app's lifespan).
         api_key: when set, every endpoint but ``/api/health`` (and the static page) requires it.
-        settings: limits and options (defaults: :class:`service.deps.Settings`); ``api_key`` overrides its key.
+        settings: limits and options (defaults: :class:`t2c.service.deps.Settings`); ``api_key`` overrides its key.
         holder: a prepared :class:`EngineHolder` (tests); default opens ``store_path``.
 
     Returns:
@@ -152,7 +152,7 @@ def create_app(store_path, *, api_key: str | None = None, settings: Settings | N
         >>> app = create_app("photos.t2c")  # doctest: +SKIP
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
     """
-    from service.routers import audit, health, images, search
+    from t2c.service.routers import audit, health, images, search
 
     settings = settings or Settings(store_path=Path(store_path))
     settings.store_path = Path(store_path)
@@ -170,7 +170,7 @@ def create_app(store_path, *, api_key: str | None = None, settings: Settings | N
             # import torch and build the CLIP text tower in the background, so that the first query does not
             # pay for it (seconds on a cold disk); a store without a text tower reports that on its first query
             threading.Thread(target=_warm_text_encoder, args=(h,), name="t2c-warm-up", daemon=True).start()
-        from service.routers.images import ThumbCache
+        from t2c.service.routers.images import ThumbCache
 
         app.state.thumbs = ThumbCache(settings.thumb_cache_items)
         yield

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from data.errors import T2CError
+from t2c.data.errors import T2CError
 
 app = typer.Typer(
     name="t2c",
@@ -19,12 +19,12 @@ app = typer.Typer(
 
 # Each module owns one area and exposes register(app). Listed here so the command set is explicit.
 COMMAND_MODULES = [
-    "service.cli_index",
-    "service.cli_world",
-    "service.cli_demo",
-    "service.cli_serve",
-    "service.cli_query",
-    "service.cli_audit",
+    "t2c.service.cli_index",
+    "t2c.service.cli_world",
+    "t2c.service.cli_demo",
+    "t2c.service.cli_serve",
+    "t2c.service.cli_query",
+    "t2c.service.cli_audit",
 ]
 
 
@@ -44,7 +44,7 @@ def fail(err: T2CError) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `t2c` console script."""
     if "T2C_CACHE_DIR" not in os.environ:  # concept vectors cached per user: repeated queries skip the text tower
-        from query.concepts import user_cache_dir
+        from t2c.query.concepts import user_cache_dir
 
         os.environ["T2C_CACHE_DIR"] = str(user_cache_dir())
     _register_all()

@@ -16,7 +16,7 @@ def _echo_json(obj) -> None:
 
 
 def _open(path: Path):
-    from data.store import open_store
+    from t2c.data.store import open_store
 
     return open_store(path)
 
@@ -33,15 +33,15 @@ def audit(
     correction: str = typer.Option("bh", "--correction", help="Drift: bh (Benjamini-Hochberg) or holm."),
 ) -> None:
     """How often each concept occurs (prevalence with 95% CI), or with --against, which concepts shifted."""
-    from query.audit import audit as run_audit
-    from query.audit import drift
+    from t2c.query.audit import audit as run_audit
+    from t2c.query.audit import drift
 
     snap = _open(store)
     if against is None:
         rep = run_audit(snap, concepts, top=top, method=method)
         d = rep.to_dict()
         if html:
-            from query.report import audit_html, write_html
+            from t2c.query.report import audit_html, write_html
 
             write_html(html, audit_html(rep, snap))
             d["html"] = str(html)
@@ -57,7 +57,7 @@ def audit(
         rep = drift(snap, other, concepts, top=min(top, 4), alpha=alpha, correction=correction)
         d = rep.to_dict()
         if html:
-            from query.report import drift_html, write_html
+            from t2c.query.report import drift_html, write_html
 
             write_html(html, drift_html(rep, snap, other))
             d["html"] = str(html)
@@ -81,7 +81,7 @@ def classify(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Zero-shot classify every image; predictions go to STORE/annotations/classify-<name>.parquet."""
-    from query.classify import classify as run
+    from t2c.query.classify import classify as run
 
     out = run(_open(store), labels, truth=truth, name=name)
     if as_json:
@@ -111,8 +111,8 @@ def cbm_train(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Train a sparse concept bottleneck; report held-out accuracy beside a linear probe on raw features."""
-    from data.errors import InvalidInput
-    from query.cbm import train_cbm
+    from t2c.data.errors import InvalidInput
+    from t2c.query.cbm import train_cbm
 
     if out.suffix != ".safetensors":
         raise InvalidInput(f"--out {str(out)!r} must end in .safetensors")
@@ -139,7 +139,7 @@ def cbm_eval(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Accuracy of a trained concept bottleneck on a labelled store, and each class's top concepts."""
-    from query.cbm import ConceptBottleneck, evaluate_cbm
+    from t2c.query.cbm import ConceptBottleneck, evaluate_cbm
 
     rep = evaluate_cbm(_open(store), ConceptBottleneck.load(model), labels_column)
     if as_json:
@@ -159,7 +159,7 @@ def describe_image(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Caption an image from its aligned vector (world:clip stores use the shipped world decoder)."""
-    from query.describe import describe
+    from t2c.query.describe import describe
 
     out = describe(_open(store), image_id, decoder, max_len=max_len)
     if as_json:
@@ -177,7 +177,7 @@ def describe_train(
     clip_weights: Optional[str] = typer.Option(None, "--clip-weights", help="world:clip weights (default shipped)."),
 ) -> None:
     """Train the world caption decoder on world:clip image embeddings of generated images (deterministic)."""
-    from data.world.decoder import DecoderConfig, train_decoder
+    from t2c.data.world.decoder import DecoderConfig, train_decoder
 
     cfg = DecoderConfig(n=n, steps=steps, seed=seed, clip_weights=clip_weights)
     _, rep = train_decoder(cfg, out=str(out) if out else "shipped", threads=threads,

@@ -30,8 +30,8 @@ def store_name(spec: str) -> str:
 
 def truth_of(node, labels, catalog_rows: dict) -> np.ndarray:
     """Evaluate a query tree on ground truth: concepts from the world labels, filters from catalog rows."""
-    from data.world.generator import concept_truth
-    from query import ast
+    from t2c.data.world.generator import concept_truth
+    from t2c.query import ast
 
     if isinstance(node, ast.Concept):
         return concept_truth(labels, node.text)
@@ -57,10 +57,10 @@ def run_demo(out: Path, *, n: int = 1500, seed: int = 7, encoders=DEMO_ENCODERS,
     world:clip from images alone), run multi-constraint queries and score them against exact labels."""
     import pyarrow.parquet as pq
 
-    from data.world.generator import generate
-    from indexer.pipeline import index_folder
-    from query.engine import Engine
-    from query.parse import parse
+    from t2c.data.world.generator import generate
+    from t2c.indexer.pipeline import index_folder
+    from t2c.query.engine import Engine
+    from t2c.query.parse import parse
 
     t0 = time.perf_counter()
     out = Path(out)

@@ -14,7 +14,7 @@ def _echo_json(obj) -> None:
 
 def encoders(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List registered encoder sources and the bundled world models (dims, text tower)."""
-    from indexer.encoders import list_encoders
+    from t2c.indexer.encoders import list_encoders
 
     rows = list_encoders()
     if as_json:
@@ -24,7 +24,7 @@ def encoders(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
         dim = "-" if r["dim"] is None else str(r["dim"])
         text = {True: "text", False: "image", None: "any"}[r["has_text"]]
         typer.echo(f"{r['spec']:<28} dim={dim:<6} {text:<6} {r['description']}")
-    from indexer.encoders import FEATURE_MODES
+    from t2c.indexer.encoders import FEATURE_MODES
 
     typer.echo("\noptions: ?weights=random|PATH&device=cpu|cuda&batch_size=N&threads=N&features=PART[+PART]")
     for k, v in FEATURE_MODES.items():
@@ -44,10 +44,10 @@ def align(
     """Fit a linear aligner from an encoder into CLIP image space (closed-form ridge, held-out R²)."""
     import numpy as np
 
-    from data.errors import InvalidInput
-    from data.sources import walk_folder
-    from indexer.encoders import make_encoder
-    from indexer.pipeline import _spread, default_clip_for, fit_aligner_on_folder
+    from t2c.data.errors import InvalidInput
+    from t2c.data.sources import walk_folder
+    from t2c.indexer.encoders import make_encoder
+    from t2c.indexer.pipeline import _spread, default_clip_for, fit_aligner_on_folder
 
     if out.suffix != ".safetensors":
         raise InvalidInput(f"--out {str(out)!r} must end in .safetensors")
@@ -95,18 +95,18 @@ def index(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Index a folder into a store: resumable after a kill, incremental on rerun."""
-    from data.errors import UnknownChoice
+    from t2c.data.errors import UnknownChoice
 
     common = dict(aligner=str(aligner) if aligner else None, fit_aligner=fit_aligner, clip=clip,
                   follow_symlinks=follow_symlinks, batch_size=batch_size, device=device, threads=threads,
                   max_pixels=max_pixels, memory_budget=memory_budget_mb << 20 if memory_budget_mb else None,
                   progress=not (quiet or as_json), part_size=part_size)
     if engine == "local":
-        from indexer.pipeline import index_folder
+        from t2c.indexer.pipeline import index_folder
 
         rep = index_folder(folder, store, encoder, workers=workers, **common)
     elif engine == "ray":
-        from indexer.ray_engine import index_folder_ray
+        from t2c.indexer.ray_engine import index_folder_ray
 
         rep = index_folder_ray(folder, store, encoder, address=address, column=column, encoder_actors=actors,
                                gpus_per_actor=gpus_per_actor, **common)
@@ -129,7 +129,7 @@ def realign(
     aligner: Path = typer.Option(..., "--aligner", help="New aligner file."),
 ) -> None:
     """Re-project a store's kept raw features with a new aligner, without re-encoding."""
-    from indexer.pipeline import realign_store
+    from t2c.indexer.pipeline import realign_store
 
     snap = realign_store(store, aligner)
     typer.echo(f"{store}: re-projected {snap.count} images into {snap.clip} (snapshot {snap.name})")
@@ -141,7 +141,7 @@ def info(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Show a store's manifest summary (and its errors)."""
-    from data.store import open_store
+    from t2c.data.store import open_store
 
     snap = open_store(store)
     m = snap.manifest

@@ -21,7 +21,7 @@ def query(
 
     Example: t2c query photos.t2c 'red circle AND NOT square' -k 5 --explain
     """
-    from query.engine import Engine
+    from t2c.query.engine import Engine
 
     eng = Engine.for_store(store, verify=not no_verify)
     res = eng.search(text, k=k, offset=offset, explain=explain)

@@ -10,7 +10,7 @@ import typer
 
 def resolve_api_key(env_var: str | None) -> str | None:
     """The API key from environment variable ``env_var``; an unset or empty variable is an error."""
-    from data.errors import InvalidInput
+    from t2c.data.errors import InvalidInput
 
     if env_var is None:
         return None
@@ -33,9 +33,9 @@ def serve(
     """Serve a store over HTTP: search, thumbnails, audit, and a web page at http://HOST:PORT/."""
     import uvicorn
 
-    from data.store import open_store
-    from service.app import create_app
-    from service.deps import Settings
+    from t2c.data.store import open_store
+    from t2c.service.app import create_app
+    from t2c.service.deps import Settings
 
     key = resolve_api_key(api_key_env)
     open_store(store, verify=False).close()  # fail fast, with a typed error, on a missing or empty store

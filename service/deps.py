@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from fastapi import Request
 
-from data.errors import InvalidInput, T2CError
+from t2c.data.errors import InvalidInput, T2CError
 
 log = logging.getLogger("t2c.service")
 
@@ -75,7 +75,7 @@ class Live:
 
 def default_engine_factory(snapshot):
     """Build the query engine over an open snapshot."""
-    from query.engine import Engine
+    from t2c.query.engine import Engine
 
     return Engine(snapshot)
 
@@ -97,7 +97,7 @@ class EngineHolder:
         self.reload_failures = 0
 
     def _open(self) -> Live:
-        from data.store import open_store
+        from t2c.data.store import open_store
 
         snap = (self._opener or open_store)(self.store_path, verify=self.verify)
         return Live(snap.name, snap, self.engine_factory(snap))
@@ -131,7 +131,7 @@ class EngineHolder:
         return self._live
 
     def _maybe_reload(self, live: Live) -> None:
-        from data.store import current_name
+        from t2c.data.store import current_name
 
         try:
             name = current_name(self.store_path)

@@ -2,7 +2,7 @@
 
 ``write_cases(dir)`` returns ``{name: Case(path, reason)}``: ``reason`` is None for files that must decode,
 otherwise the expected ``ImageDecodeError.reason`` (or, for the two symlink cases in ``WALK_ONLY``, the
-reason ``data.sources.walk_folder`` reports with its default ``follow_symlinks=False``; with
+reason ``t2c.data.sources.walk_folder`` reports with its default ``follow_symlinks=False``; with
 ``follow_symlinks=True`` they become ``FOLLOW_REASONS[name]``).
 
 ``CHECKS[name]`` gives, for decodable cases, the expected decoded ``(width, height)`` and probe pixels

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from data.errors import AlignerError, InvalidInput, NotFound
-from indexer.aligner import Aligner, RidgeAccumulator, _holdout_mask, fit_aligner
+from t2c.data.errors import AlignerError, InvalidInput, NotFound
+from t2c.indexer.aligner import Aligner, RidgeAccumulator, _holdout_mask, fit_aligner
 
 
 def _data(n=600, dx=12, dy=5, noise=0.1, seed=0):
@@ -102,7 +102,7 @@ def test_identity_aligner_only_normalises():
 def test_typed_errors_survive_pickling():
     import pickle
 
-    from data.errors import ImageDecodeError, UnknownChoice
+    from t2c.data.errors import ImageDecodeError, UnknownChoice
 
     for err in (ImageDecodeError("bomb", "too many pixels"), UnknownChoice("thing", "x", ["a", "b"]),
                 InvalidInput("bad", "fix it")):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.errors import InvalidInput, UnknownChoice
-from data.store import open_store
-from query.audit import (audit, benjamini_hochberg, check_same_space, cohens_h, drift, drift_from_scores,
+from t2c.data.errors import InvalidInput, UnknownChoice
+from t2c.data.store import open_store
+from t2c.query.audit import (audit, benjamini_hochberg, check_same_space, cohens_h, drift, drift_from_scores,
                          estimate_prevalence, holm, parse_concept_list, two_proportion_z, wilson)
 
 CLIP = "python:tests.tiny_encoders:tiny_clip"
@@ -18,7 +18,7 @@ CLIP = "python:tests.tiny_encoders:tiny_clip"
 
 def make_store(tmp_path, name="st", n=24, seed=0, clip=CLIP, classes=("warm", "cool")):
     """A tiny store of noisy warm/cool images, with a user column ``label`` holding the class."""
-    from indexer.pipeline import index_folder
+    from t2c.indexer.pipeline import index_folder
 
     rng = np.random.default_rng(seed)
     folder = tmp_path / f"{name}_imgs"
@@ -132,7 +132,7 @@ def test_parse_concept_list(tmp_path):
 
 # ------------------------------------------------------------------------------------------ stores
 def test_audit_on_a_store(store):
-    from query.concepts import concept_bank_for
+    from t2c.query.concepts import concept_bank_for
 
     rep = audit(store, "warm red,cool blue", top=3, n_boot=50)
     d = rep.to_dict()
@@ -165,7 +165,7 @@ def test_drift_between_stores_and_space_check(tmp_path, store):
 
 
 def test_html_report_is_self_contained(tmp_path, store):
-    from query.report import audit_html, drift_html, write_html
+    from t2c.query.report import audit_html, drift_html, write_html
 
     rep = audit(store, ["<b>warm</b>", "cool"], top=2, n_boot=20)
     html = audit_html(rep, store)
@@ -183,7 +183,7 @@ def test_cli_audit_and_drift(tmp_path, store):
     import typer
     from typer.testing import CliRunner
 
-    from service import cli_audit
+    from t2c.service import cli_audit
 
     app = typer.Typer()
     cli_audit.register(app)

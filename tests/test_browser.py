@@ -40,8 +40,8 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     import uvicorn
 
-    from indexer.pipeline import index_folder
-    from service.app import create_app
+    from t2c.indexer.pipeline import index_folder
+    from t2c.service.app import create_app
 
     root = tmp_path_factory.mktemp("browser")
     rng = np.random.default_rng(0)
@@ -65,8 +65,8 @@ def server(tmp_path_factory):
 
 
 def brute_force_top(store, text, k):
-    from data.store import open_store
-    from query.concepts import concept_bank_for
+    from t2c.data.store import open_store
+    from t2c.query.concepts import concept_bank_for
 
     snap = open_store(store)
     s = np.asarray(snap.vectors) @ concept_bank_for(snap).vector(text)

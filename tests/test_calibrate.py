@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.errors import InvalidInput
-from query.calibrate import calibrate, concept_scores, fit_gmm2, reference_threshold
+from t2c.data.errors import InvalidInput
+from t2c.query.calibrate import calibrate, concept_scores, fit_gmm2, reference_threshold
 
 
 @pytest.mark.parametrize("w", [0.02, 0.1, 0.3, 0.6])
@@ -33,7 +33,7 @@ def test_unequal_variances_crossing_is_where_posteriors_meet():
     c = calibrate(s)
     p = c.params
     t = c.threshold
-    from query.calibrate import _norm_logpdf
+    from t2c.query.calibrate import _norm_logpdf
 
     a = np.log(p["weights"][0]) + _norm_logpdf(t, p["means"][0], p["stds"][0])
     b = np.log(p["weights"][1]) + _norm_logpdf(t, p["means"][1], p["stds"][1])
@@ -163,8 +163,8 @@ def test_prior_is_the_threshold_when_the_collection_shows_no_groups():
 
 
 def test_world_clip_exposes_its_present_score():
-    from indexer.encoders import make_encoder
-    from query.concepts import ConceptBank
+    from t2c.indexer.encoders import make_encoder
+    from t2c.query.concepts import ConceptBank
 
     enc = make_encoder("world:clip")
     assert enc.present_score is not None and -1 < enc.present_score < 1
@@ -180,8 +180,8 @@ def test_a_non_finite_prior_is_a_clear_error():
 
 def test_thresholds_are_kept_on_disk_per_snapshot_content(tmp_path, monkeypatch):
     """With T2C_CACHE_DIR, a new process (here: a cleared memory cache) reuses calibrations without refitting."""
-    import query.calibrate as qc
-    from query.concepts import ConceptBank
+    import t2c.query.calibrate as qc
+    from t2c.query.concepts import ConceptBank
 
     rng = np.random.default_rng(3)
     d = 16

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from data.errors import InvalidInput, NotFound, UnknownChoice
-from query.cbm import ConceptBottleneck, evaluate_cbm, fit_softmax, train_cbm
+from t2c.data.errors import InvalidInput, NotFound, UnknownChoice
+from t2c.query.cbm import ConceptBottleneck, evaluate_cbm, fit_softmax, train_cbm
 from tests.test_audit import make_store
 
 
@@ -70,7 +70,7 @@ def test_cli_cbm(store, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from service import cli_audit
+    from t2c.service import cli_audit
 
     app = typer.Typer()
     cli_audit.register(app)

@@ -5,9 +5,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from data.errors import InvalidInput, NotFound, UnknownChoice
-from data.store import open_store
-from query.classify import annotation_path, classify, confusion, predict, read_predictions
+from t2c.data.errors import InvalidInput, NotFound, UnknownChoice
+from t2c.data.store import open_store
+from t2c.query.classify import annotation_path, classify, confusion, predict, read_predictions
 from tests.test_audit import make_store
 
 
@@ -69,7 +69,7 @@ def test_cli_classify(store):
     import typer
     from typer.testing import CliRunner
 
-    from service import cli_audit
+    from t2c.service import cli_audit
 
     app = typer.Typer()
     cli_audit.register(app)

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from service.cli import main
+from t2c.service.cli import main
 from tests.test_pipeline import CLIP, CNN, REPO, make_images
 
 
 def t2c(*args):
     """Run the real console entry point in a subprocess (no disk cache); returns (code, stdout, stderr)."""
     env = {"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin", "T2C_CACHE_DIR": ""}
-    p = subprocess.run([sys.executable, "-m", "service.cli", *map(str, args)], cwd=REPO, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "t2c.service.cli", *map(str, args)], cwd=REPO, capture_output=True,
                        text=True, env=env, timeout=300)
     return p.returncode, p.stdout, p.stderr
 
@@ -91,7 +91,7 @@ def test_main_translates_errors_in_process(capsys):
 
 
 def test_demo_store_names_are_shell_safe():
-    from service.cli_demo import DEMO_ENCODERS, store_name
+    from t2c.service.cli_demo import DEMO_ENCODERS, store_name
 
     assert store_name("world:clip") == "store-world-clip"
     assert store_name("world:pairnet?features=stages") == "store-world-pairnet-features-stages"

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from data.errors import InvalidInput
-from data.world import vocab
-from query.concepts import (DEFAULT_TEMPLATES, ConceptBank, clear_banks, concept_bank_for, templates_for)
+from t2c.data.errors import InvalidInput
+from t2c.data.world import vocab
+from t2c.query.concepts import (DEFAULT_TEMPLATES, ConceptBank, clear_banks, concept_bank_for, templates_for)
 
 TINY = "python:tests.tiny_encoders:tiny_clip"
 
@@ -24,7 +24,7 @@ def test_world_templates_use_known_words():
 
 
 def test_prompt_ensemble_matches_manual():
-    from indexer.encoders import make_encoder
+    from t2c.indexer.encoders import make_encoder
 
     bank = ConceptBank(TINY, templates=["a photo of a {}", "{}", "a {} thing"])
     v = bank.vector("red dog")

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from data.errors import EncoderError, InvalidInput, NotFound
-from data.world import decoder as wd
-from data.world.generator import sample_dataset
-from query.describe import (build_prefix_captioner, clipcap_train_step, describe, describe_vector,
+from t2c.data.errors import EncoderError, InvalidInput, NotFound
+from t2c.data.world import decoder as wd
+from t2c.data.world.generator import sample_dataset
+from t2c.query.describe import (build_prefix_captioner, clipcap_train_step, describe, describe_vector,
                             load_prefix_captioner, save_prefix_captioner)
 from tests.test_audit import make_store
 
@@ -98,7 +98,7 @@ def test_describe_store_image_and_cli(tmp_path, monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from service import cli_audit
+    from t2c.service import cli_audit
 
     app = typer.Typer()
     cli_audit.register(app)

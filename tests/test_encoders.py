@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import EncoderError, InvalidInput, NotFound, UnknownChoice
-from indexer import encoders as E
-from indexer.encoders import make_encoder, parse_spec
+from t2c.data.errors import EncoderError, InvalidInput, NotFound, UnknownChoice
+from t2c.indexer import encoders as E
+from t2c.indexer.encoders import make_encoder, parse_spec
 
 
 def test_parse_spec_options_and_identity():
@@ -237,7 +237,7 @@ def test_probs_features_need_the_heads_weights(tmp_path):
 
 
 def test_probs_features_world_pairnet_are_its_sigmoid_pair_probabilities():
-    from data.world.models import load_world_model
+    from t2c.data.world.models import load_world_model
 
     enc = make_encoder("world:pairnet?features=stages+probs")
     assert enc.spec == "world:pairnet?features=stages+probs" and enc.dim == 512 + 48

@@ -7,13 +7,13 @@ import fnmatch
 import numpy as np
 import pytest
 
-from data.errors import InvalidInput, QuerySyntaxError, UnknownChoice
-from data.store import Changes, StoreWriter, atomic_save_npz, new_feature_shard_name, open_store
-from indexer.index_build import build_index
-from query import ast as qa
-from query.calibrate import clear_cache
-from query.concepts import ConceptBank
-from query.engine import Engine, evaluate_tree
+from t2c.data.errors import InvalidInput, QuerySyntaxError, UnknownChoice
+from t2c.data.store import Changes, StoreWriter, atomic_save_npz, new_feature_shard_name, open_store
+from t2c.indexer.index_build import build_index
+from t2c.query import ast as qa
+from t2c.query.calibrate import clear_cache
+from t2c.query.concepts import ConceptBank
+from t2c.query.engine import Engine, evaluate_tree
 
 CONCEPTS = ["dog", "beach", "people", "sunset", "car", "tree"]
 PREV = [0.3, 0.2, 0.4, 0.1, 0.25, 0.5]
@@ -136,7 +136,7 @@ def test_reference_answer_ivf(ivf_store, query):
 
 
 def test_calibrated_thresholds_recover_truth(flat_store):
-    from query.calibrate import reference_threshold
+    from t2c.query.calibrate import reference_threshold
 
     snap, bank, present = flat_store
     eng = Engine(snap, bank)
@@ -271,7 +271,7 @@ def test_thresholds_stable(flat_store):
 def test_real_pipeline_store_with_tiny_clip(tmp_path):
     """End to end on a store built by index_folder with the tiny CLIP (its text tower embeds concepts)."""
     from tests.test_pipeline import make_images
-    from indexer.pipeline import index_folder
+    from t2c.indexer.pipeline import index_folder
 
     make_images(tmp_path / "imgs", 40)
     index_folder(tmp_path / "imgs", tmp_path / "st", "python:tests.tiny_encoders:tiny_clip", workers=0)
@@ -285,7 +285,7 @@ def test_real_pipeline_store_with_tiny_clip(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from service import cli_query
+    from t2c.service import cli_query
 
     app = typer.Typer()
     cli_query.register(app)
@@ -331,9 +331,9 @@ def test_ivf_explain_scores_are_exact(ivf_store):
 
 
 def test_uncalibratable_positive_concept_warns():
-    from query.engine import _calibration_warnings
-    from query.calibrate import calibrate
-    from query import ast as qa
+    from t2c.query.engine import _calibration_warnings
+    from t2c.query.calibrate import calibrate
+    from t2c.query import ast as qa
 
     leaf = qa.Concept("circle")
     one_pop = calibrate(np.random.default_rng(0).normal(0.3, 0.05, 3000))
@@ -369,7 +369,7 @@ def test_reference_answer_ivf_pq_widens_the_range_by_the_codes_error(tmp_path):
 
 def test_reference_answer_with_hnsw_coarse_quantizer(tmp_path, monkeypatch):
     """Large stores get an HNSW coarse quantizer; range candidates and probe planning must work through it."""
-    import indexer.index_build as ib
+    import t2c.indexer.index_build as ib
 
     monkeypatch.setattr(ib, "HNSW_COARSE_MIN", 16)  # the large-store layout on a small store
     v, dirs, _ = synth(6000, d=32, seed=3)

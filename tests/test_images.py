@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from data import images
-from data.errors import ImageDecodeError, InvalidInput
-from data.images import (
+from t2c.data import images
+from t2c.data.errors import ImageDecodeError, InvalidInput
+from t2c.data.images import (
     DEFAULT_MAX_PIXELS,
     REASONS,
     bytes_hash,

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from data.errors import InvalidInput
-from indexer.index_build import build_index, choose_index_type, exact_topk, set_search_params
+from t2c.data.errors import InvalidInput
+from t2c.indexer.index_build import build_index, choose_index_type, exact_topk, set_search_params
 
 
 def _clustered(n=20000, d=32, seed=0):
@@ -59,7 +59,7 @@ def test_mismatched_shapes():
 def test_hnsw_coarse_quantizer_for_many_lists(monkeypatch):
     import faiss
 
-    import indexer.index_build as ib
+    import t2c.indexer.index_build as ib
 
     assert "_HNSW32" in choose_index_type(50_000_000, 512, memory_budget=64 * 50_000_000)["factory"]
     monkeypatch.setattr(ib, "HNSW_COARSE_MIN", 64)  # so that a small test set gets the large-set layout
@@ -80,7 +80,7 @@ def test_hnsw_coarse_quantizer_for_many_lists(monkeypatch):
 def test_unreachable_recall_keeps_the_cheapest_setting_on_the_plateau():
     import faiss
 
-    from indexer.index_build import PLATEAU, tune_nprobe
+    from t2c.indexer.index_build import PLATEAU, tune_nprobe
 
     v = _clustered()
     ids = np.arange(len(v), dtype=np.int64)

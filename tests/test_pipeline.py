@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.errors import AlignerError, InvalidInput, StoreError
-from data.store import open_store
-from indexer.pipeline import index_folder, realign_store
+from t2c.data.errors import AlignerError, InvalidInput, StoreError
+from t2c.data.store import open_store
+from t2c.indexer.pipeline import index_folder, realign_store
 
 CLIP = "python:tests.tiny_encoders:tiny_clip"
 CNN = "python:tests.tiny_encoders:tiny_cnn?image_size=32"
@@ -71,9 +71,9 @@ def test_bad_files_are_recorded_and_skipped(tmp_path):
 
 
 def test_incremental_add_change_remove(tmp_path, monkeypatch):
-    import data.store
+    import t2c.data.store
 
-    monkeypatch.setattr(data.store, "COPY_CHUNK", 5)  # previous vectors are carried over in several chunks
+    monkeypatch.setattr(t2c.data.store, "COPY_CHUNK", 5)  # previous vectors are carried over in several chunks
     imgs = tmp_path / "imgs"
     make_images(imgs, 12)
     run(imgs, tmp_path / "st")
@@ -113,8 +113,8 @@ def test_incremental_add_change_remove(tmp_path, monkeypatch):
 
 def test_fitted_aligner_does_not_depend_on_where_the_folder_lies(tmp_path):
     """The held-out split is keyed by paths relative to the folder: a moved copy fits the identical aligner."""
-    from indexer.encoders import make_encoder
-    from indexer.pipeline import fit_aligner_on_folder
+    from t2c.indexer.encoders import make_encoder
+    from t2c.indexer.pipeline import fit_aligner_on_folder
 
     make_images(tmp_path / "a" / "imgs", 40)
     shutil.copytree(tmp_path / "a" / "imgs", tmp_path / "elsewhere" / "deeper" / "imgs")
@@ -138,7 +138,7 @@ def test_fit_aligner_for_encoder_without_text(tmp_path):
     assert snap.manifest["aligner"]["identity"] is False and rep.aligner_r2 is not None
     assert snap.manifest["clip"] == CLIP
     # realign with another aligner re-projects without re-encoding
-    from indexer.aligner import fit_aligner
+    from t2c.indexer.aligner import fit_aligner
 
     ids, feats = zip(*snap.features())
     feats = np.concatenate(feats)
@@ -179,7 +179,7 @@ def test_wrong_encoder_and_bad_paths(tmp_path):
 
 
 def test_second_writer_is_refused(tmp_path):
-    from data.store import StoreWriter
+    from t2c.data.store import StoreWriter
 
     make_images(tmp_path / "imgs", 3)
     with StoreWriter(tmp_path / "st"):
@@ -214,7 +214,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     make_images(imgs, 40)
     run(imgs, tmp_path / "ref", part_size=5)
     env = dict(os.environ, T2C_TEST_ENCODE_DELAY="0.4", PYTHONPATH=REPO)
-    cmd = [sys.executable, "-m", "service.cli", "index", str(imgs), "--store", str(tmp_path / "st"), "-e", CLIP,
+    cmd = [sys.executable, "-m", "t2c.service.cli", "index", str(imgs), "--store", str(tmp_path / "st"), "-e", CLIP,
            "--workers", "0", "--part-size", "5", "-q"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     staging = tmp_path / "st" / "staging"
@@ -236,7 +236,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
 
 
 def test_crash_during_commit_resumes(tmp_path, monkeypatch):
-    import indexer.index_build as ib
+    import t2c.indexer.index_build as ib
 
     imgs = tmp_path / "imgs"
     make_images(imgs, 12)
@@ -259,8 +259,8 @@ def test_crash_during_commit_resumes(tmp_path, monkeypatch):
 
 def test_crash_after_fitting_resumes_without_fitting_again(tmp_path, monkeypatch):
     """--fit-aligner: the fitted aligner waits in staging, so a rerun after a crash keeps it and its parts."""
-    import indexer.index_build as ib
-    import indexer.pipeline as pl
+    import t2c.indexer.index_build as ib
+    import t2c.indexer.pipeline as pl
 
     imgs = tmp_path / "imgs"
     make_images(imgs, 12)
@@ -297,7 +297,7 @@ def test_crash_after_fitting_resumes_without_fitting_again(tmp_path, monkeypatch
 
 def test_stage_features_index_and_keep_their_own_aligner(tmp_path):
     """A features=stages encoder is its own encoder: its store records the spec, and another's aligner is refused."""
-    from data.world.generator import generate
+    from t2c.data.world.generator import generate
 
     generate(tmp_path / "w", 60, seed=5)
     staged = "world:pairnet?features=stages"

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data.errors import InvalidInput, QuerySyntaxError
-from query.ast import (And, Concept, Filter, Not, Or, concepts, concepts_with_polarity, conj, disj, filters,
+from t2c.data.errors import InvalidInput, QuerySyntaxError
+from t2c.query.ast import (And, Concept, Filter, Not, Or, concepts, concepts_with_polarity, conj, disj, filters,
                        from_json, is_pure_filter, split, to_json, walk)
-from query.parse import format, parse, tokenize
+from t2c.query.parse import format, parse, tokenize
 
 C, F = Concept, Filter
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.errors import InvalidInput, UnknownChoice
-from query.ast import And, Concept, Filter, Not, Or, filters
-from query.parse import parse
-from query.sql import (column_kind, compile_filter, compile_filter_expr, quote_ident, resolve_column, split,
+from t2c.data.errors import InvalidInput, UnknownChoice
+from t2c.query.ast import And, Concept, Filter, Not, Or, filters
+from t2c.query.parse import parse
+from t2c.query.sql import (column_kind, compile_filter, compile_filter_expr, quote_ident, resolve_column, split,
                        validate_filters)
 
 ROWS = [

@@ -4,9 +4,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from data.store import open_store  # noqa: E402
-from indexer import ray_engine  # noqa: E402
-from indexer.pipeline import index_folder  # noqa: E402
+from t2c.data.store import open_store  # noqa: E402
+from t2c.indexer import ray_engine  # noqa: E402
+from t2c.indexer.pipeline import index_folder  # noqa: E402
 from tests.test_pipeline import make_images  # noqa: E402
 
 CLIP = "python:tests.tiny_encoders:tiny_clip"
@@ -99,7 +99,7 @@ def test_resume_skips_finished_parts(tmp_path, folder, monkeypatch):
 @pytest.mark.slow
 def test_local_run_resumed_by_ray(tmp_path, folder, monkeypatch):
     """Same plan, same run id, same staging format: a killed local run continues under Ray."""
-    from indexer import pipeline
+    from t2c.indexer import pipeline
 
     real = pipeline._process_part
     calls = []
@@ -143,7 +143,7 @@ def test_parquet_path_list(tmp_path, folder):
 
 
 def test_bad_source(tmp_path):
-    from data.errors import InvalidInput, NotFound
+    from t2c.data.errors import InvalidInput, NotFound
 
     with pytest.raises(NotFound):
         ray_engine.index_folder_ray(tmp_path / "nope", tmp_path / "st", CLIP)

@@ -11,11 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from data.errors import InvalidInput, StoreError
-from data.store import open_store
-from indexer.pipeline import index_folder
-from service.app import create_app
-from service.deps import Settings, get_live
+from t2c.data.errors import InvalidInput, StoreError
+from t2c.data.store import open_store
+from t2c.indexer.pipeline import index_folder
+from t2c.service.app import create_app
+from t2c.service.deps import Settings, get_live
 
 CLIP = "python:tests.tiny_encoders:tiny_clip"
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255),
@@ -49,7 +49,7 @@ def keyed(store):
 
 
 def brute_force_order(store, text):
-    from query.concepts import concept_bank_for
+    from t2c.query.concepts import concept_bank_for
 
     snap = open_store(store)
     v = concept_bank_for(snap).vector(text)
@@ -97,8 +97,8 @@ def test_search_get_matches_brute_force_and_engine(client, store):
 
 
 def test_search_post_tree_and_string(client, store):
-    from query.ast import to_json
-    from query.parse import parse
+    from t2c.query.ast import to_json
+    from t2c.query.parse import parse
 
     tree = to_json(parse("blue@-1 AND width>=48"))
     a = client.post("/api/search", json={"query": tree, "k": 3, "explain": True}).json()
@@ -254,7 +254,7 @@ def test_cli_serve_requires_nonempty_key_env(monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from service.cli_serve import register, resolve_api_key
+    from t2c.service.cli_serve import register, resolve_api_key
 
     monkeypatch.setenv("T2C_TEST_KEY", "")
     with pytest.raises(InvalidInput, match="T2C_TEST_KEY"):
@@ -275,7 +275,7 @@ def test_cli_serve_requires_nonempty_key_env(monkeypatch):
 
 
 def test_missing_store_fails_startup(tmp_path):
-    from data.errors import NotFound
+    from t2c.data.errors import NotFound
 
     with pytest.raises(NotFound):
         with TestClient(create_app(tmp_path / "none")):
@@ -315,7 +315,7 @@ def test_classify_and_describe(client, store):
     else:  # no query.describe in this build, or no caption decoder for the tiny test CLIP
         assert "describe" in assert_error(r, 501, "NotAvailable")["message"]
     try:
-        import query.describe  # noqa: F401
+        import t2c.query.describe  # noqa: F401
     except ModuleNotFoundError:
         pass
     else:
@@ -325,7 +325,7 @@ def test_classify_and_describe(client, store):
 def test_missing_feature_module_is_501(client, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "query.audit", None)
+    monkeypatch.setitem(sys.modules, "t2c.query.audit", None)
     body = assert_error(client.post("/api/audit", json={"concepts": ["red"]}), 501, "NotAvailable")
     assert "audit" in body["message"]
 
@@ -340,7 +340,7 @@ class _Boom:
 
 
 def test_typed_errors_and_true_bugs(store):
-    from service.deps import Live
+    from t2c.service.deps import Live
 
     app = create_app(store)
     with TestClient(app, raise_server_exceptions=False) as c:
@@ -397,12 +397,12 @@ def test_warm_up_builds_the_text_encoder_once_and_swallows_errors(monkeypatch):
     import threading
     from types import SimpleNamespace
 
-    import indexer.encoders
-    from query.concepts import ConceptBank
-    from service.app import _warm_text_encoder
+    import t2c.indexer.encoders
+    from t2c.query.concepts import ConceptBank
+    from t2c.service.app import _warm_text_encoder
 
     built = []
-    monkeypatch.setattr(indexer.encoders, "make_encoder", lambda spec: built.append(spec) or object())
+    monkeypatch.setattr(t2c.indexer.encoders, "make_encoder", lambda spec: built.append(spec) or object())
     bank = ConceptBank("world:clip", templates=["{}"])
     holder = SimpleNamespace(get=lambda: SimpleNamespace(engine=SimpleNamespace(bank=bank)))
     threads = [threading.Thread(target=_warm_text_encoder, args=(holder,)) for _ in range(4)]

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data import sources
-from data.errors import InvalidInput, NotFound
-from data.sources import (
+from t2c.data import sources
+from t2c.data.errors import InvalidInput, NotFound
+from t2c.data.sources import (
     IMAGE_EXTENSIONS,
     SKIP_REASONS,
     FileEntry,

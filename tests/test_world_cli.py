@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import typer
 from typer.testing import CliRunner
 
-from data.errors import T2CError
-from service.cli_world import register
+from t2c.data.errors import T2CError
+from t2c.service.cli_world import register
 
 
 def _app() -> typer.Typer:

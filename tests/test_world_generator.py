@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from data.errors import InvalidInput, NotFound, UnknownChoice
-from data.world import vocab
-from data.world.generator import (
+from t2c.data.errors import InvalidInput, NotFound, UnknownChoice
+from t2c.data.world import vocab
+from t2c.data.world.generator import (
     binding_twin,
     concept_truth,
     generate,
@@ -35,7 +35,7 @@ def test_vocabulary_sizes():
 
 
 def test_generator_does_not_import_torch():
-    code = "import sys, data.world, data.world.generator, data.world.vocab; print('torch' in sys.modules)"
+    code = "import sys, t2c.data.world, t2c.data.world.generator, t2c.data.world.vocab; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

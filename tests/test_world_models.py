@@ -6,11 +6,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from data.errors import EncoderError, NotFound, UnknownChoice  # noqa: E402
-from data.world import vocab  # noqa: E402
-from data.world.generator import render, sample_dataset, sample_scene, scene_rng  # noqa: E402
-from data.world.models import WEIGHTS_DIR, WORLD_MODELS, load_world_model, save_world_model, weights_path  # noqa: E402
-from data.world.train import (_encode, concept_vectors, train_model, zero_shot_accuracy,  # noqa: E402
+from t2c.data.errors import EncoderError, NotFound, UnknownChoice  # noqa: E402
+from t2c.data.world import vocab  # noqa: E402
+from t2c.data.world.generator import render, sample_dataset, sample_scene, scene_rng  # noqa: E402
+from t2c.data.world.models import WEIGHTS_DIR, WORLD_MODELS, load_world_model, save_world_model, weights_path  # noqa: E402
+from t2c.data.world.train import (_encode, concept_vectors, train_model, zero_shot_accuracy,  # noqa: E402
                               attribute_concepts)
 
 
@@ -94,7 +94,7 @@ def test_clip_zero_shot_on_held_out_images(single):
 
 
 def test_registry_encoders_match_direct_models():
-    from indexer.encoders import make_encoder
+    from t2c.indexer.encoders import make_encoder
 
     sc = sample_scene(scene_rng(9, 0))
     img = render(sc, 64)
@@ -151,7 +151,7 @@ def test_sigmoid_losses_train_and_differ_from_softmax(loss):
 
 
 def test_unknown_clip_loss_is_a_clear_error():
-    from data.errors import UnknownChoice
+    from t2c.data.errors import UnknownChoice
 
     scenes, pixels = sample_dataset(32, 99)
     with pytest.raises(UnknownChoice, match="softmax"):
@@ -161,7 +161,7 @@ def test_unknown_clip_loss_is_a_clear_error():
 def test_train_all_writes_weights_and_keeps_other_models_entries(tmp_path):
     import json
 
-    from data.world.train import TrainConfig, train_all
+    from t2c.data.world.train import TrainConfig, train_all
 
     cfg = TrainConfig(n=96, batch=32, steps={"clip": 2, "pairnet": 2, "autoenc": 2}, eval_n=20)
     train_all(tmp_path, config=cfg, models=("autoenc",), threads=1, log=None)

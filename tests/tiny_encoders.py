@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from indexer.encoders import CLIP_MEAN, CLIP_STD, Encoder
+from t2c.indexer.encoders import CLIP_MEAN, CLIP_STD, Encoder
 
 
 class TinyCNN(torch.nn.Module):

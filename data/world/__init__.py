@@ -1,11 +1,11 @@
 """The concept world: procedural images with exact labels, and small models trained on them.
 
-Importing this package (and ``data.world.generator`` / ``data.world.vocab``) never imports torch;
-``data.world.models`` does so only when a model is built.
+Importing this package (and ``t2c.data.world.generator`` / ``t2c.data.world.vocab``) never imports torch;
+``t2c.data.world.models`` does so only when a model is built.
 """
 from __future__ import annotations
 
-from data.world.generator import (
+from t2c.data.world.generator import (
     Scene,
     WorldObject,
     concept_truth,
@@ -16,7 +16,7 @@ from data.world.generator import (
     sample_scene,
     scene_rng,
 )
-from data.world.vocab import PROMPT_TEMPLATES, parse_concept
+from t2c.data.world.vocab import PROMPT_TEMPLATES, parse_concept
 
 __all__ = [
     "PROMPT_TEMPLATES", "Scene", "WorldObject", "concept_truth", "generate", "parse_concept",

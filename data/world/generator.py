@@ -25,8 +25,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.errors import InvalidInput, NotFound, UnknownChoice
-from data.world import vocab
+from t2c.data.errors import InvalidInput, NotFound, UnknownChoice
+from t2c.data.world import vocab
 
 SMALL_RADIUS = (0.11, 0.14)  # object radius as a fraction of the image side
 LARGE_RADIUS = (0.20, 0.24)
@@ -402,7 +402,7 @@ def _label_rows(labels) -> tuple[list[str], list[list[dict]]]:
 def concept_truth(labels, concept: str) -> np.ndarray:
     """Ground truth of a concept string for every row of a labels table: bool array (N,).
 
-    ``concept`` is parsed by :func:`data.world.vocab.parse_concept`: "red", "circle", "red circle",
+    ``concept`` is parsed by :func:`t2c.data.world.vocab.parse_concept`: "red", "circle", "red circle",
     "large square", "small object", "teal background", "striped", "red circle and blue square",
     "red circle on a teal background". An object constraint holds when one object has all its
     attributes; several object constraints must each hold; a background constraint must match.

@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-from data.errors import EncoderError, NotFound, UnknownChoice
-from data.world import vocab
+from t2c.data.errors import EncoderError, NotFound, UnknownChoice
+from t2c.data.world import vocab
 
 IMAGE_SIZE = 32
 MEAN = (0.5, 0.5, 0.5)

@@ -25,10 +25,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data.errors import InvalidInput
-from data.world import vocab
-from data.world.generator import Scene, sample_dataset
-from data.world.models import (IMAGE_SIZE, MEAN, N_PAIRS, STD, WEIGHTS_DIR, WORLD_MODELS, build_world_model,
+from t2c.data.errors import InvalidInput
+from t2c.data.world import vocab
+from t2c.data.world.generator import Scene, sample_dataset
+from t2c.data.world.models import (IMAGE_SIZE, MEAN, N_PAIRS, STD, WEIGHTS_DIR, WORLD_MODELS, build_world_model,
                                pair_index, save_world_model)
 
 ATTRIBUTE_OF = {"color": vocab.ATTRIBUTES["color"], "shape": vocab.SHAPES, "size": vocab.SIZES,
@@ -131,7 +131,7 @@ def _render_chunk(args) -> np.ndarray:
 
 def render_training_set(n: int, seed: int, size: int = 64, workers: int = 1) -> tuple[list[Scene], np.ndarray]:
     """The training set (scenes, uint8 pixels); rendering is split over ``workers`` processes (same result)."""
-    from data.world.generator import parse_weights, sample_scene, scene_rng
+    from t2c.data.world.generator import parse_weights, sample_scene, scene_rng
 
     probs = parse_weights(None)
     scenes = [sample_scene(scene_rng(seed, i), probs) for i in range(n)]
@@ -148,8 +148,8 @@ def render_training_set(n: int, seed: int, size: int = 64, workers: int = 1) -> 
 
 # --- one generic loop ---------------------------------------------------------------------------------------
 def render_twins(scenes: Sequence[Scene], seed: int, size: int = 64) -> tuple[list[Scene], np.ndarray]:
-    """Binding twins of ``scenes`` (:func:`data.world.generator.binding_twin`) and their pixels."""
-    from data.world.generator import binding_twin, render, squash
+    """Binding twins of ``scenes`` (:func:`t2c.data.world.generator.binding_twin`) and their pixels."""
+    from t2c.data.world.generator import binding_twin, render, squash
 
     rng = np.random.default_rng([seed, 29])
     twin_scenes = [binding_twin(sc, rng) for sc in scenes]
@@ -186,15 +186,15 @@ def train_model(name: str, scenes: Sequence[Scene], pixels: np.ndarray, *, steps
 
     Args:
         name: "clip", "pairnet" or "autoenc".
-        scenes, pixels: the training set from :func:`data.world.generator.sample_dataset`.
+        scenes, pixels: the training set from :func:`t2c.data.world.generator.sample_dataset`.
         steps, batch, lr, weight_decay, warmup: optimisation settings (AdamW, warmup + cosine).
         seed: init, batch order, flips and caption sampling.
         multi_positive: clip only; every image in the batch that a caption truly describes is a positive
             (soft targets) instead of only the image the caption was drawn for.
         hard_negatives: clip only; each image also meets one false caption built from its own words
-            (:func:`data.world.vocab.binding_negative`, as in NegCLIP), so that colour must be bound to shape.
+            (:func:`t2c.data.world.vocab.binding_negative`, as in NegCLIP), so that colour must be bound to shape.
         twins: clip only; half of every batch is the other half's binding twins
-            (:func:`data.world.generator.binding_twin`: the same scene with colours moved to other shapes),
+            (:func:`t2c.data.world.generator.binding_twin`: the same scene with colours moved to other shapes),
             so a caption that binds a colour to a shape meets, as a negative, an image with the same bag of
             colours and shapes. Twins are rendered here (64 px, squashed like the training set).
         loss: clip only; "softmax" (symmetric InfoNCE), "sigmoid" (SigLIP: every image-caption pair is a
@@ -209,11 +209,11 @@ def train_model(name: str, scenes: Sequence[Scene], pixels: np.ndarray, *, steps
     import torch.nn.functional as F
 
     if name not in WORLD_MODELS:
-        from data.errors import UnknownChoice
+        from t2c.data.errors import UnknownChoice
 
         raise UnknownChoice("world model", name, WORLD_MODELS)
     if loss not in CLIP_LOSSES:
-        from data.errors import UnknownChoice
+        from t2c.data.errors import UnknownChoice
 
         raise UnknownChoice("loss function", loss, CLIP_LOSSES)
     if steps < 1 or batch < 2 or len(scenes) < batch:
@@ -412,7 +412,7 @@ def train_all(out_dir: str | Path | None = None, *, config: TrainConfig | None =
     cfg = config or TrainConfig()
     for m in models:
         if m not in WORLD_MODELS:
-            from data.errors import UnknownChoice
+            from t2c.data.errors import UnknownChoice
 
             raise UnknownChoice("world model", m, WORLD_MODELS)
     out = Path(out_dir) if out_dir else WEIGHTS_DIR

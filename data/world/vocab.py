@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from data.errors import InvalidInput, UnknownChoice
+from t2c.data.errors import InvalidInput, UnknownChoice
 
 # --- attribute values (order is fixed: it defines class indices in the models) -----------------------
 COLORS: dict[str, tuple[int, int, int]] = {

@@ -12,8 +12,8 @@ from typing import Any, List
 from fastapi import APIRouter, Depends, Path as PathParam, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from data.errors import InvalidInput, NotFound
-from service.deps import Live, NotAvailable, PayloadTooLarge, Settings, get_live, get_settings, require_api_key
+from t2c.data.errors import InvalidInput, NotFound
+from t2c.service.deps import Live, NotAvailable, PayloadTooLarge, Settings, get_live, get_settings, require_api_key
 
 router = APIRouter(prefix="/api", tags=["audit"], dependencies=[Depends(require_api_key)])
 MAX_ID = 2**63 - 1
@@ -22,7 +22,7 @@ MAX_TOP = 64
 
 def feature(module: str, func: str):
     """``query.<module>.<func>``, or a 501 error when that module is not available."""
-    name = f"query.{module}"
+    name = f"t2c.query.{module}"
     try:
         mod = importlib.import_module(name)
     except ModuleNotFoundError as e:

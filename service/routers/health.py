@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from service.deps import Live, get_live, require_api_key
+from t2c.service.deps import Live, get_live, require_api_key
 
 router = APIRouter(prefix="/api", tags=["health"])
 

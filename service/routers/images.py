@@ -10,8 +10,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Path as PathParam, Query, Request, Response
 
-from data.errors import ImageDecodeError, NotFound, T2CError
-from service.deps import Live, Settings, get_live, get_settings, require_api_key
+from t2c.data.errors import ImageDecodeError, NotFound, T2CError
+from t2c.service.deps import Live, Settings, get_live, get_settings, require_api_key
 
 router = APIRouter(prefix="/api/images", tags=["images"], dependencies=[Depends(require_api_key)])
 MAX_ID = 2**63 - 1
@@ -117,7 +117,7 @@ def image_thumb(request: Request, image_id: int = PathParam(..., ge=0, le=MAX_ID
     """A JPEG thumbnail (longest side ``size``, at most the server's limit), cached in memory."""
     from PIL import Image
 
-    from data.images import load_image
+    from t2c.data.images import load_image
 
     side = min(size or settings.thumb_max_side, settings.thumb_max_side)
     real, row = safe_image_path(live, image_id)

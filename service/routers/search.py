@@ -6,8 +6,8 @@ from typing import Any, Union
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from data.errors import InvalidInput
-from service.deps import Live, PayloadTooLarge, Settings, get_live, get_settings, require_api_key
+from t2c.data.errors import InvalidInput
+from t2c.service.deps import Live, PayloadTooLarge, Settings, get_live, get_settings, require_api_key
 
 router = APIRouter(prefix="/api", tags=["search"], dependencies=[Depends(require_api_key)])
 
@@ -19,7 +19,7 @@ class InvalidParameter(InvalidInput):
 
 
 class SearchBody(BaseModel):
-    """POST /api/search body: a query (JSON tree as in ``query.ast.to_json``, or a query string) and paging."""
+    """POST /api/search body: a query (JSON tree as in ``t2c.query.ast.to_json``, or a query string) and paging."""
 
     model_config = ConfigDict(extra="forbid")
     query: Union[dict, str] = Field(..., description='JSON tree, e.g. {"type": "concept", "text": "red"}, or a query string')
@@ -39,7 +39,7 @@ def check_paging(settings: Settings, k: int, offset: int) -> None:
 
 def parse_text(settings: Settings, q: str):
     """Parse a query string under the server's limits (413 for too long, 400 for syntax/too many terms)."""
-    from query.parse import parse
+    from t2c.query.parse import parse
 
     if len(q) > settings.max_query_chars:
         raise PayloadTooLarge(f"query is too long: {len(q)} characters (at most {settings.max_query_chars})",
@@ -51,7 +51,7 @@ def parse_text(settings: Settings, q: str):
 
 def parse_tree(settings: Settings, tree: dict):
     """Validate a JSON query tree under the server's term limit."""
-    from query.ast import from_json
+    from t2c.query.ast import from_json
 
     return from_json(tree, max_terms=settings.max_terms)
 
@@ -82,7 +82,7 @@ def search_get(
 @router.post("/search")
 def search_post(body: SearchBody, settings: Settings = Depends(get_settings),
                 live: Live = Depends(get_live)) -> dict[str, Any]:
-    """Search with a JSON query tree (``query.ast.to_json`` form) or a query string."""
+    """Search with a JSON query tree (``t2c.query.ast.to_json`` form) or a query string."""
     check_paging(settings, body.k, body.offset)
     node = parse_text(settings, body.query) if isinstance(body.query, str) else parse_tree(settings, body.query)
     return run_search(live, node, body.k, body.offset, body.explain)

@@ -1,0 +1,5 @@
+"""``python -m t2c``: the ``t2c`` command line."""
+from t2c.service.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -33,44 +33,44 @@ def audit(
     correction: str = typer.Option("bh", "--correction", help="Drift: bh (Benjamini-Hochberg) or holm."),
 ) -> None:
     """How often each concept occurs (prevalence with 95% CI), or with --against, which concepts shifted."""
-    from t2c.query.audit import audit as run_audit
-    from t2c.query.audit import drift
+    import t2c
 
-    snap = _open(store)
-    if against is None:
-        rep = run_audit(snap, concepts, top=top, method=method)
-        d = rep.to_dict()
-        if html:
-            from t2c.query.report import audit_html, write_html
-
-            write_html(html, audit_html(rep, snap))
-            d["html"] = str(html)
-        if as_json:
-            _echo_json(d)
-            return
-        typer.echo(f"{d['n']} images · {snap.encoder} → {snap.clip} · method {d['method']}")
-        for c in d["concepts"]:
-            typer.echo(f"{c['concept']:<28} {c['prevalence']*100:6.1f}%  [{c['ci_low']*100:5.1f}, "
-                       f"{c['ci_high']*100:5.1f}]  count={c['count']:<6} examples={c['examples'][:4]}")
-    else:
-        other = _open(against)
-        rep = drift(snap, other, concepts, top=min(top, 4), alpha=alpha, correction=correction)
-        d = rep.to_dict()
-        if html:
-            from t2c.query.report import drift_html, write_html
-
-            write_html(html, drift_html(rep, snap, other))
-            d["html"] = str(html)
-        if as_json:
-            _echo_json(d)
-            return
-        typer.echo(f"A={store} ({d['n_a']})  B={against} ({d['n_b']})  {correction} α={alpha}")
-        for c in d["concepts"]:
-            mark = "*" if c["significant"] else " "
-            typer.echo(f"{c['rank']:>3}. {c['concept']:<26} {c['prevalence_a']*100:5.1f}% → {c['prevalence_b']*100:5.1f}%"
-                       f"  h={c['cohens_h']:+.2f}  p_adj={c['p_adj']:.2g} {mark}")
-    if html:
+    with t2c.open(store, refresh_interval=None) as st:
+        if against is None:
+            _print_audit(st.audit(concepts, top=top, method=method), html, as_json)
+        else:
+            with t2c.open(against, refresh_interval=None) as other:
+                rep = st.drift(other, concepts, top=min(top, 4), alpha=alpha, correction=correction)
+                if html:
+                    rep.write_html(html)
+            d = rep.to_dict()
+            if html:
+                d["html"] = str(html)
+            if as_json:
+                _echo_json(d)
+                return
+            typer.echo(f"A={store} ({d['n_a']})  B={against} ({d['n_b']})  {correction} α={alpha}")
+            for c in d["concepts"]:
+                mark = "*" if c["significant"] else " "
+                typer.echo(f"{c['rank']:>3}. {c['concept']:<26} {c['prevalence_a']*100:5.1f}% → "
+                           f"{c['prevalence_b']*100:5.1f}%  h={c['cohens_h']:+.2f}  p_adj={c['p_adj']:.2g} {mark}")
+    if html and not as_json:
         typer.echo(f"report: {html}", err=True)
+
+
+def _print_audit(rep, html: Optional[Path], as_json: bool) -> None:
+    """Print an audit (and write its HTML report)."""
+    d = rep.to_dict()
+    if html:
+        rep.write_html(html)
+        d["html"] = str(html)
+    if as_json:
+        _echo_json(d)
+        return
+    typer.echo(f"{d['n']} images · {d['encoder']} → {d['clip']} · method {d['method']}")
+    for c in d["concepts"]:
+        typer.echo(f"{c['concept']:<28} {c['prevalence']*100:6.1f}%  [{c['ci_low']*100:5.1f}, "
+                   f"{c['ci_high']*100:5.1f}]  count={c['count']:<6} examples={c['examples'][:4]}")
 
 
 def classify(
@@ -81,9 +81,10 @@ def classify(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Zero-shot classify every image; predictions go to STORE/annotations/classify-<name>.parquet."""
-    from t2c.query.classify import classify as run
+    import t2c
 
-    out = run(_open(store), labels, truth=truth, name=name)
+    with t2c.open(store, refresh_interval=None) as st:
+        out = st.classify(labels, truth=truth, name=name, write=True).to_dict()
     if as_json:
         _echo_json(out)
         return
@@ -111,7 +112,7 @@ def cbm_train(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Train a sparse concept bottleneck; report held-out accuracy beside a linear probe on raw features."""
-    from t2c.data.errors import InvalidInput
+    from t2c import InvalidInput
     from t2c.query.cbm import train_cbm
 
     if out.suffix != ".safetensors":
@@ -159,13 +160,14 @@ def describe_image(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Caption an image from its aligned vector (world:clip stores use the shipped world decoder)."""
-    from t2c.query.describe import describe
+    import t2c
 
-    out = describe(_open(store), image_id, decoder, max_len=max_len)
+    with t2c.open(store, refresh_interval=None) as st:
+        out = st.describe(image_id, decoder=decoder, max_len=max_len)
     if as_json:
-        _echo_json(out)
+        _echo_json(out.to_dict())
     else:
-        typer.echo(out["caption"])
+        typer.echo(out.caption)
 
 
 def describe_train(

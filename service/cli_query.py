@@ -21,18 +21,18 @@ def query(
 
     Example: t2c query photos.t2c 'red circle AND NOT square' -k 5 --explain
     """
-    from t2c.query.engine import Engine
+    import t2c
 
-    eng = Engine.for_store(store, verify=not no_verify)
-    res = eng.search(text, k=k, offset=offset, explain=explain)
+    with t2c.open(store, verify=not no_verify, refresh_interval=None) as st:
+        res = st.search(text, k=k, offset=offset, explain=explain)
     if as_json:
-        typer.echo(json.dumps([h.to_dict() for h in res.hits], indent=2, default=str))
+        typer.echo(json.dumps([h.to_dict() for h in res], indent=2, default=str))
         return
     shown = f"{offset + 1}-{offset + len(res.hits)}" if res.hits else "none"
     typer.echo(f"{res.total} matching images (showing {shown}) in {res.took_ms:.1f} ms")
     for w in res.warnings:
         typer.secho(f"note: {w}", fg=typer.colors.YELLOW, err=True)
-    for h in res.hits:
+    for h in res:
         typer.echo(f"{h.score:9.3f}  {h.id:>8}  {h.path}")
         for e in h.explanation or ():
             mark = "pass" if e["passed"] != e["negated"] else "FAIL"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from t2c._results import EncoderList
 from t2c.data.errors import InvalidInput, UnknownChoice
@@ -20,8 +20,8 @@ def index(source: str | os.PathLike[str], store: str | os.PathLike[str], *, enco
           progress: bool = False, engine: str = "local", follow_symlinks: bool = False, workers: int | None = None,
           batch_size: int = 32, device: str | None = None, threads: int | None = None,
           max_pixels: int = DEFAULT_MAX_PIXELS, memory_budget_mb: int | None = None, part_size: int = 256,
-          address: str | None = None, column: str = "path", actors: int = 1,
-          gpus_per_actor: float = 0.0) -> "IndexReport":
+          address: str | None = None, column: str = "path", actors: int = 1, gpus_per_actor: float = 0.0,
+          columns: dict[str, dict[str, Any]] | None = None) -> "IndexReport":
     """Index a folder of images into a store: create it, resume a killed run, or update it incrementally.
 
     Args:
@@ -36,6 +36,8 @@ def index(source: str | os.PathLike[str], store: str | os.PathLike[str], *, enco
             ``column``, ``actors``, ``gpus_per_actor``).
         follow_symlinks / workers / batch_size / device / threads / max_pixels / memory_budget_mb / part_size:
             as the ``t2c index`` options of the same names.
+        columns: extra catalog columns, ``{path relative to the folder: {column: value}}``; queries can filter
+            on them (``split="val"``) and :meth:`Store.table` returns them.
 
     Returns:
         An ``IndexReport``: added, updated, removed, unchanged, errors, seconds, images_per_second, aligner_r2,
@@ -53,7 +55,7 @@ def index(source: str | os.PathLike[str], store: str | os.PathLike[str], *, enco
     common = dict(aligner=str(aligner) if aligner else None, fit_aligner=fit_aligner, clip=clip,
                   follow_symlinks=follow_symlinks, batch_size=batch_size, device=device, threads=threads,
                   max_pixels=max_pixels, memory_budget=memory_budget_mb << 20 if memory_budget_mb else None,
-                  progress=progress, part_size=part_size)
+                  progress=progress, part_size=part_size, user_columns=columns)
     if engine == "local":
         from t2c.indexer.pipeline import index_folder
 

@@ -14,10 +14,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from t2c._results import AuditResult, ClassifyResult, Description, DriftResult, Image, SearchResult, StoreInfo
 from t2c.data.errors import Forbidden, InvalidInput, NotAvailable, NotFound, StoreError, T2CError
+
+if TYPE_CHECKING:  # pragma: no cover - type hints only
+    import pyarrow
 
 log = logging.getLogger("t2c")
 
@@ -346,6 +349,30 @@ class Store:
                          m.get("dim"), m.get("feature_dim"), m.get("encoder", ""), m.get("clip", ""), counts,
                          dict(m.get("index") or {}), dict(m.get("aligner") or {}), list(m.get("roots") or []),
                          columns, unreadable)
+
+    def table(self, columns: Sequence[str] | None = None) -> "pyarrow.Table":
+        """The catalog row of every image, in id order, as a ``pyarrow.Table`` (``.to_pandas()`` for a frame).
+
+        Args:
+            columns: the catalog columns to return (default: all; ``info().columns`` lists them, user columns
+                from ``t2c.index(columns=...)`` included).
+
+        Raises:
+            UnknownChoice: a column the catalog does not have.
+
+        Example:
+            >>> store.table(["id", "path", "width"]).to_pandas()  # doctest: +SKIP
+        """
+        from t2c.data.errors import UnknownChoice
+
+        snap = self._current().snapshot
+        known = snap.columns()
+        names = list(known) if columns is None else [str(c) for c in columns]
+        for c in names:
+            if c not in known:
+                raise UnknownChoice("catalog column", c, known)
+        cols = ", ".join('"' + c.replace('"', '""') + '"' for c in names)  # names checked against the schema
+        return snap.catalog().sql(f"SELECT {cols} FROM images ORDER BY id").to_arrow_table()
 
     def warm_up(self) -> None:
         """Load the CLIP text tower now, so that the first query does not pay for it (imports torch)."""

@@ -65,7 +65,7 @@ def test_import_is_light_and_public_names_are_complete():
     with pytest.raises(AttributeError):
         t2c.no_such_name  # noqa: B018
     for fn in (t2c.open, t2c.index, t2c.encoders, t2c.align, t2c.Store.search, t2c.Store.audit, t2c.Store.drift,
-               t2c.Store.classify, t2c.Store.describe, t2c.Store.image, t2c.Store.info):
+               t2c.Store.classify, t2c.Store.describe, t2c.Store.image, t2c.Store.info, t2c.Store.table):
         assert "Example" in (fn.__doc__ or ""), fn.__name__
 
 
@@ -275,3 +275,17 @@ def test_encoders_and_align(tmp_path):
         t2c.index(tmp_path / "imgs", tmp_path / "st", encoder=CNN, engine="spark")
     with pytest.raises(t2c.AlignerError):
         t2c.index(tmp_path / "imgs", tmp_path / "st2", encoder=CNN, workers=0)
+
+
+def test_table_returns_catalog_rows_and_user_columns(tmp_path):
+    make_solid(tmp_path / "imgs", COLOURS[:4])
+    split = {f"c{i:03d}.png": {"split": "val" if i % 2 else "train"} for i in range(4)}
+    t2c.index(tmp_path / "imgs", tmp_path / "st", encoder=CLIP, workers=0, columns=split)
+    with t2c.open(tmp_path / "st") as store:
+        t = store.table(["id", "relpath", "split"])
+        assert t.column_names == ["id", "relpath", "split"] and t.column("id").to_pylist() == [0, 1, 2, 3]
+        assert t.column("split").to_pylist() == ["train", "val", "train", "val"]
+        assert {"path", "width", "split"} <= set(store.table().column_names)
+        assert store.search('red@-1 AND split="val"', k=10).total == 2
+        with pytest.raises(t2c.UnknownChoice):
+            store.table(["id", "nope"])

@@ -103,27 +103,68 @@ class SearchResult(Rows[Hit]):
         >>> res.to_pandas().head()  # doctest: +SKIP
     """
 
-    def __init__(self, raw: Any, snapshot: str):
+    snapshot: str  #: the snapshot that answered
+
+    def __init__(self, raw: Any, snapshot: str) -> None:
         self._raw = raw
         self._rows = tuple(Hit(int(h.id), str(h.path), float(h.score),
                                None if h.explanation is None else tuple(h.explanation)) for h in raw.hits)
         self.snapshot = snapshot
 
-    hits = property(lambda self: list(self._rows), doc="The hits of this page, best first.")
-    total = property(lambda self: int(self._raw.total), doc="How many images match in all (every page).")
-    took_ms = property(lambda self: float(self._raw.took_ms), doc="Time the engine took, in milliseconds.")
-    k = property(lambda self: int(self._raw.k), doc="Page size asked for.")
-    offset = property(lambda self: int(self._raw.offset), doc="Index of this page's first hit.")
-    query = property(lambda self: dict(self._raw.query), doc="The parsed query, as a JSON tree.")
-    plan = property(lambda self: dict(self._raw.plan), doc="How the engine answered (candidates, thresholds).")
-    warnings = property(lambda self: list(self._raw.warnings), doc="Notes for the person asking.")
-    paths = property(lambda self: [h.path for h in self._rows], doc="File paths of the hits, best first.")
-    ids = property(lambda self: [h.id for h in self._rows], doc="Catalog ids of the hits, best first.")
+    @property
+    def hits(self) -> list[Hit]:
+        """The hits of this page, best first."""
+        return list(self._rows)
+
+    @property
+    def total(self) -> int:
+        """How many images match in all (every page)."""
+        return int(self._raw.total)
+
+    @property
+    def took_ms(self) -> float:
+        """Time the engine took, in milliseconds."""
+        return float(self._raw.took_ms)
+
+    @property
+    def k(self) -> int:
+        """Page size asked for."""
+        return int(self._raw.k)
+
+    @property
+    def offset(self) -> int:
+        """Index of this page's first hit."""
+        return int(self._raw.offset)
+
+    @property
+    def query(self) -> dict:
+        """The parsed query, as a JSON tree."""
+        return dict(self._raw.query)
+
+    @property
+    def plan(self) -> dict:
+        """How the engine answered (candidates, thresholds)."""
+        return dict(self._raw.plan)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Notes for the person asking."""
+        return list(self._raw.warnings)
+
+    @property
+    def paths(self) -> list[str]:
+        """File paths of the hits, best first."""
+        return [h.path for h in self._rows]
+
+    @property
+    def ids(self) -> list[int]:
+        """Catalog ids of the hits, best first."""
+        return [h.id for h in self._rows]
 
     def _records(self) -> list[dict]:
         return [h.to_dict() for h in self._rows]
 
-    def _schema(self):
+    def _schema(self) -> "pyarrow.Schema":
         return _schema(id="int", path="str", score="float")
 
     def to_dict(self) -> dict:
@@ -157,7 +198,8 @@ class AuditResult(Rows[Prevalence]):
         ...     print(p.concept, p.prevalence, p.ci_low, p.ci_high)
     """
 
-    def __init__(self, report: Any, paths_of: Callable[[Sequence[int]], list[str]], html: Callable[[Any], str]):
+    def __init__(self, report: Any, paths_of: Callable[[Sequence[int]], list[str]],
+                 html: Callable[[Any], str]) -> None:
         self._report = report
         self._paths_of = paths_of
         self._html = html
@@ -166,15 +208,22 @@ class AuditResult(Rows[Prevalence]):
                                       str(c.get("method", report.method)), tuple(int(i) for i in c["examples"]))
                            for c in report.concepts)
 
-    n = property(lambda self: int(self._report.n), doc="Images audited.")
-    snapshot = property(lambda self: str(self._report.snapshot), doc="Snapshot the audit read.")
+    @property
+    def n(self) -> int:
+        """Images audited."""
+        return int(self._report.n)
+
+    @property
+    def snapshot(self) -> str:
+        """Snapshot the audit read."""
+        return str(self._report.snapshot)
 
     @property
     def paths(self) -> dict[str, list[str]]:
         """Example image paths per concept (highest scores first)."""
         return {p.concept: self._paths_of(p.examples) for p in self._rows}
 
-    def _schema(self):
+    def _schema(self) -> "pyarrow.Schema":
         return _schema(concept="str", prevalence="float", ci_low="float", ci_high="float", count="int",
                        threshold="float", method="str", examples="ids")
 
@@ -211,7 +260,7 @@ class DriftResult(Rows[Shift]):
         >>> [s.concept for s in store.drift(other, ["red", "circle"]) if s.significant]  # doctest: +SKIP
     """
 
-    def __init__(self, report: Any, html: Callable[[Any], str]):
+    def __init__(self, report: Any, html: Callable[[Any], str]) -> None:
         self._report = report
         self._html = html
         self._rows = tuple(Shift(int(c["rank"]), c["concept"], float(c["prevalence_a"]), float(c["prevalence_b"]),
@@ -219,10 +268,17 @@ class DriftResult(Rows[Shift]):
                                  bool(c["significant"]), tuple(int(i) for i in c.get("examples_a", ())),
                                  tuple(int(i) for i in c.get("examples_b", ()))) for c in report.concepts)
 
-    n_a = property(lambda self: int(self._report.n_a), doc="Images in store A.")
-    n_b = property(lambda self: int(self._report.n_b), doc="Images in store B.")
+    @property
+    def n_a(self) -> int:
+        """Images in store A."""
+        return int(self._report.n_a)
 
-    def _schema(self):
+    @property
+    def n_b(self) -> int:
+        """Images in store B."""
+        return int(self._report.n_b)
+
+    def _schema(self) -> "pyarrow.Schema":
         return _schema(rank="int", concept="str", prevalence_a="float", prevalence_b="float", diff="float",
                        cohens_h="float", p="float", p_adj="float", significant="bool", examples_a="ids",
                        examples_b="ids")
@@ -263,20 +319,40 @@ class ClassifyResult(Rows[Prediction]):
         >>> res.counts, res.to_pandas().groupby("label").size()  # doctest: +SKIP
     """
 
-    def __init__(self, out: dict, paths: Sequence[str], snapshot: str):
+    snapshot: str  #: the snapshot that answered
+
+    def __init__(self, out: dict, paths: Sequence[str], snapshot: str) -> None:
         self._out = out
         self.snapshot = snapshot
         self._rows = tuple(Prediction(int(p["id"]), str(path), p["label"], float(p["score"]), float(p["confidence"]))
                            for p, path in zip(out["predictions"], paths))
 
-    labels = property(lambda self: list(self._out["labels"]), doc="The labels, in the order given.")
-    counts = property(lambda self: dict(self._out["counts"]), doc="Images per predicted label.")
-    accuracy = property(lambda self: self._out.get("accuracy"), doc="Accuracy against ``truth=`` (None without).")
-    annotations = property(lambda self: self._out.get("annotations"),
-                           doc="Path of the written predictions sidecar (``write=True``), else None.")
-    paths = property(lambda self: [p.path for p in self._rows], doc="File paths, aligned with the predictions.")
+    @property
+    def labels(self) -> list[str]:
+        """The labels, in the order given."""
+        return list(self._out["labels"])
 
-    def _schema(self):
+    @property
+    def counts(self) -> dict[str, int]:
+        """Images per predicted label."""
+        return dict(self._out["counts"])
+
+    @property
+    def accuracy(self) -> float | None:
+        """Accuracy against ``truth=`` (None without)."""
+        return self._out.get("accuracy")
+
+    @property
+    def annotations(self) -> str | None:
+        """Path of the written predictions sidecar (``write=True``), else None."""
+        return self._out.get("annotations")
+
+    @property
+    def paths(self) -> list[str]:
+        """File paths, aligned with the predictions."""
+        return [p.path for p in self._rows]
+
+    def _schema(self) -> "pyarrow.Schema":
         return _schema(id="int", path="str", label="str", score="float", confidence="float")
 
     def to_dict(self, limit: int | None = 20) -> dict:
@@ -404,12 +480,17 @@ class EncoderInfo:
 class EncoderList(Rows[EncoderInfo]):
     """The encoders :func:`t2c.encoders` lists, plus the ``features=`` options (``.options``)."""
 
-    def __init__(self, rows: Sequence[dict], options: dict[str, str]):
+    options: dict[str, str]  #: ``features=`` option values and what each adds
+
+    def __init__(self, rows: Sequence[dict], options: dict[str, str]) -> None:
         names = {f.name for f in fields(EncoderInfo)}
         self._rows = tuple(EncoderInfo(**{k: v for k, v in r.items() if k in names}) for r in rows)
         self.options = dict(options)
 
-    specs = property(lambda self: [e.spec for e in self._rows], doc="The listed spec strings.")
+    @property
+    def specs(self) -> list[str]:
+        """The listed spec strings."""
+        return [e.spec for e in self._rows]
 
-    def _schema(self):
+    def _schema(self) -> "pyarrow.Schema":
         return _schema(spec="str", source="str", dim="int", has_text="bool", description="str")

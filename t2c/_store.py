@@ -73,7 +73,8 @@ class Store:
     Close it (or use ``with``) to release the catalog connection.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True, refresh_interval: float | None = 1.0):
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True,
+                 refresh_interval: float | None = 1.0) -> None:
         self.path = Path(path)
         self.verify = bool(verify)
         self.refresh_interval = None if refresh_interval is None else float(refresh_interval)

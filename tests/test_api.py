@@ -289,3 +289,25 @@ def test_table_returns_catalog_rows_and_user_columns(tmp_path):
         assert store.search('red@-1 AND split="val"', k=10).total == 2
         with pytest.raises(t2c.UnknownChoice):
             store.table(["id", "nope"])
+
+
+def test_public_api_has_complete_type_hints():
+    import inspect
+
+    def check(fn, where):
+        sig = inspect.signature(fn)
+        missing = [n for n, p in sig.parameters.items() if n not in ("self", "cls")
+                   and p.annotation is inspect.Parameter.empty]
+        assert not missing and sig.return_annotation is not inspect.Signature.empty, (where, missing)
+
+    for name in ("open", "index", "encoders", "align"):
+        check(getattr(t2c, name), name)
+    for cls in (t2c.Store, t2c.SearchResult, t2c.AuditResult, t2c.DriftResult, t2c.ClassifyResult, t2c.EncoderList,
+                t2c.Image, t2c.Hit, t2c.StoreInfo, t2c.Description):
+        for name, member in inspect.getmembers(cls):
+            if name.startswith("_") and name not in ("__init__", "__iter__", "__len__", "__getitem__"):
+                continue
+            if isinstance(member, property):
+                check(member.fget, f"{cls.__name__}.{name}")
+            elif inspect.isfunction(member) and member.__qualname__.split(".")[0] in (cls.__name__, "Rows"):
+                check(member, f"{cls.__name__}.{name}")

@@ -311,3 +311,25 @@ def test_public_api_has_complete_type_hints():
                 check(member.fget, f"{cls.__name__}.{name}")
             elif inspect.isfunction(member) and member.__qualname__.split(".")[0] in (cls.__name__, "Rows"):
                 check(member, f"{cls.__name__}.{name}")
+
+
+def test_cli_and_service_import_no_private_names_and_the_api_imports_no_service():
+    import ast
+
+    def imports(path: Path):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                yield from ((a.name, None) for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                yield from ((node.module, a.name) for a in node.names)
+
+    bad = []
+    for path in sorted((Path(REPO) / "service").rglob("*.py")):
+        for module, name in imports(path):
+            parts = module.split(".") + ([name] if name else [])
+            if module != "__future__" and any(p.startswith("_") for p in parts):
+                bad.append(f"{path.name}: {module} {name or ''}")
+    assert not bad, bad
+    api = [f"{p.name}: {m}" for p in sorted((Path(REPO) / "t2c").glob("*.py")) for m, _ in imports(p)
+           if m.startswith("t2c.service") and p.name != "__main__.py"]
+    assert not api, api

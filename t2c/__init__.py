@@ -1,6 +1,6 @@
 """text2concept: search and audit image collections in words, with any vision encoder.
 
-The public Python API is what this module exports (``t2c.__all__``)::
+The public Python API is :func:`open` plus what this module exports (``t2c.__all__``)::
 
     import t2c
 
@@ -24,7 +24,7 @@ from t2c.data.errors import (AlignerError, EncoderError, Forbidden, ImageDecodeE
 if TYPE_CHECKING:  # pragma: no cover - the lazily imported names, for type checkers
     from t2c._indexing import align, encoders, index
     from t2c._results import (AuditResult, ClassifyResult, Description, DriftResult, EncoderInfo, EncoderList,
-                              Hit, Image, Prediction, Prevalence, SearchResult, Shift, StoreInfo)
+                              Hit, ImageRecord, Prediction, Prevalence, SearchResult, Shift, StoreInfo)
     from t2c._store import Store, open
     from t2c.indexer.aligner import Aligner
     from t2c.indexer.pipeline import IndexReport
@@ -38,15 +38,17 @@ _LAZY = {
     "SearchResult": "t2c._results", "Hit": "t2c._results", "AuditResult": "t2c._results",
     "Prevalence": "t2c._results", "DriftResult": "t2c._results", "Shift": "t2c._results",
     "ClassifyResult": "t2c._results", "Prediction": "t2c._results", "Description": "t2c._results",
-    "Image": "t2c._results", "StoreInfo": "t2c._results", "EncoderInfo": "t2c._results",
+    "ImageRecord": "t2c._results", "StoreInfo": "t2c._results", "EncoderInfo": "t2c._results",
     "EncoderList": "t2c._results",
     "Aligner": "t2c.indexer.aligner", "IndexReport": "t2c.indexer.pipeline",
 }
 
+# `open` is public but left out of __all__, so that `from t2c import *` never shadows the builtin open()
 __all__ = [
-    "__version__", "open", "index", "encoders", "align",
+    "__version__", "index", "encoders", "align",
     "Store", "SearchResult", "Hit", "AuditResult", "Prevalence", "DriftResult", "Shift", "ClassifyResult",
-    "Prediction", "Description", "Image", "StoreInfo", "EncoderInfo", "EncoderList", "Aligner", "IndexReport",
+    "Prediction", "Description", "ImageRecord", "StoreInfo", "EncoderInfo", "EncoderList", "Aligner",
+    "IndexReport",
     "T2CError", "InvalidInput", "NotFound", "UnknownChoice", "QuerySyntaxError", "StoreError", "EncoderError",
     "AlignerError", "ImageDecodeError", "Forbidden", "NotAvailable",
 ]
@@ -76,4 +78,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_LAZY))

@@ -109,7 +109,7 @@ def align(images: str | os.PathLike[str], *, encoder: str, clip: str | None = No
 
     Example:
         >>> import t2c
-        >>> al = t2c.align("photos/", encoder="world:pairnet", max_images=1000, out="pairnet.safetensors")  # doctest: +SKIP
+        >>> al = t2c.align("photos/", encoder="world:pairnet", out="pairnet.safetensors")  # doctest: +SKIP
         >>> round(al.r2_heldout, 2)  # doctest: +SKIP
         0.7
     """

@@ -260,8 +260,10 @@ class DriftResult(Rows[Shift]):
         >>> [s.concept for s in store.drift(other, ["red", "circle"]) if s.significant]  # doctest: +SKIP
     """
 
-    def __init__(self, report: Any, html: Callable[[Any], str]) -> None:
+    def __init__(self, report: Any, paths: dict[str, tuple[list[str], list[str]]],
+                 html: Callable[[Any], str]) -> None:
         self._report = report
+        self._paths = paths
         self._html = html
         self._rows = tuple(Shift(int(c["rank"]), c["concept"], float(c["prevalence_a"]), float(c["prevalence_b"]),
                                  float(c["diff"]), float(c["cohens_h"]), float(c["p"]), float(c["p_adj"]),
@@ -277,6 +279,11 @@ class DriftResult(Rows[Shift]):
     def n_b(self) -> int:
         """Images in store B."""
         return int(self._report.n_b)
+
+    @property
+    def paths(self) -> dict[str, tuple[list[str], list[str]]]:
+        """Example image paths per concept: (from store A, from store B), highest scores first."""
+        return {c: (list(a), list(b)) for c, (a, b) in self._paths.items()}
 
     def _schema(self) -> "pyarrow.Schema":
         return _schema(rank="int", concept="str", prevalence_a="float", prevalence_b="float", diff="float",
@@ -385,7 +392,7 @@ class Description:
 
 
 @dataclass(frozen=True)
-class Image:
+class ImageRecord:
     """One catalogued image: its id, file path and catalog row (size, dimensions, times, user columns).
 
     Example:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from t2c._results import AuditResult, ClassifyResult, Description, DriftResult, Image, SearchResult, StoreInfo
+from t2c._results import (AuditResult, ClassifyResult, Description, DriftResult, ImageRecord, SearchResult,
+                          StoreInfo)
 from t2c.data.errors import Forbidden, InvalidInput, NotAvailable, NotFound, StoreError, T2CError
 
 if TYPE_CHECKING:  # pragma: no cover - type hints only
@@ -251,11 +252,13 @@ class Store:
         try:
             rep = drift(va.snapshot, vb.snapshot, concepts, top=int(top), alpha=float(alpha), correction=correction,
                         bank=va.engine.bank)
+            paths = {c["concept"]: (_paths_of(va.snapshot, c["examples_a"]), _paths_of(vb.snapshot, c["examples_b"]))
+                     for c in rep.concepts}
         finally:
             if own:
                 vb.snapshot.close()
         sa, sb = va.snapshot, vb.snapshot
-        return DriftResult(rep, lambda r: drift_html(r, sa, sb))
+        return DriftResult(rep, paths, lambda r: drift_html(r, sa, sb))
 
     def classify(self, labels: Sequence[str] | str, *, truth: str | None = None, name: str | None = None,
                  write: bool = False) -> ClassifyResult:
@@ -310,7 +313,7 @@ class Store:
             raise NotAvailable(f"describe is not available for this store: {e.message}", e.hint) from None
         return Description(int(out["id"]), out.get("path"), out["caption"], out["decoder"], out["kind"], out["clip"])
 
-    def image(self, id: int) -> Image:
+    def image(self, id: int) -> ImageRecord:
         """One catalogued image: path and catalog row; ``.load()`` decodes it, ``.file()`` checks its path.
 
         Raises:
@@ -323,7 +326,7 @@ class Store:
         iid = _image_id(id)
         row = view.snapshot.image_rows([iid])[0]
         roots = tuple(view.snapshot.manifest.get("roots") or ())
-        return Image(iid, str(row.get("path") or ""), dict(row), roots)
+        return ImageRecord(iid, str(row.get("path") or ""), dict(row), roots)
 
     def info(self, *, errors: bool = False) -> StoreInfo:
         """A summary of the live snapshot: counts, encoder, CLIP, index, aligner, roots, catalog columns.

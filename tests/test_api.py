@@ -61,6 +61,9 @@ def test_import_is_light_and_public_names_are_complete():
     assert version == t2c.__version__ and missing.strip() == "[]"
     for name in t2c.__all__:
         assert getattr(t2c, name) is not None
+    namespace: dict = {}
+    exec("from t2c import *", namespace)  # noqa: S102 - a star import must not shadow the builtin open()
+    assert "open" not in namespace and "index" in namespace and callable(t2c.open)
     assert not [n for n in t2c.__all__ if n.startswith("_") and n != "__version__"]
     with pytest.raises(AttributeError):
         t2c.no_such_name  # noqa: B018
@@ -139,7 +142,8 @@ def test_audit_rows_arrow_and_paths(store):
         assert 0 <= p.ci_low <= p.prevalence <= p.ci_high <= 1 and len(p.examples) == 3
     assert res.n == len(COLOURS) and res.snapshot == store.snapshot
     t = res.to_arrow()
-    assert t.column("concept").to_pylist() == ["red", "blue"] and t.column("examples").to_pylist()[0] == list(rows[0].examples)
+    assert t.column("concept").to_pylist() == ["red", "blue"]
+    assert t.column("examples").to_pylist()[0] == list(rows[0].examples)
     assert [Path(p).name for p in res.paths["red"]] == [f"c{i:03d}.png" for i in rows[0].examples]
     assert res.to_dict()["concepts"][0]["prevalence"] == rows[0].prevalence
     with pytest.raises(t2c.InvalidInput):
@@ -155,6 +159,8 @@ def test_drift_with_a_store_or_a_path(store, built, tmp_path):
     assert [s.concept for s in res] == [s.concept for s in again]
     assert [s.rank for s in res] == [1, 2] and all(isinstance(s, t2c.Shift) for s in res)
     assert res.n_a == len(COLOURS) and res.n_b == 9 and res.to_arrow().num_rows == 2
+    in_a, in_b = res.paths["red"]
+    assert len(in_a) == len(in_b) == 2 and all(str(tmp_path / "b") in p for p in in_b)
     out = res.write_html(tmp_path / "drift.html")
     assert out.read_text().startswith("<!doctype html>")
     with pytest.raises(t2c.UnknownChoice):
@@ -175,7 +181,7 @@ def test_classify_every_image_without_writing(store, built):
 
 def test_image_info_describe(store, built):
     img = store.image(2)
-    assert isinstance(img, t2c.Image) and Path(img.path).name == "c002.png"
+    assert isinstance(img, t2c.ImageRecord) and Path(img.path).name == "c002.png"
     assert img.metadata["width"] == 40 and img.metadata["height"] == 34
     assert img.file() == os.path.realpath(img.path)
     pic = img.load(max_side=16)
@@ -303,7 +309,7 @@ def test_public_api_has_complete_type_hints():
     for name in ("open", "index", "encoders", "align"):
         check(getattr(t2c, name), name)
     for cls in (t2c.Store, t2c.SearchResult, t2c.AuditResult, t2c.DriftResult, t2c.ClassifyResult, t2c.EncoderList,
-                t2c.Image, t2c.Hit, t2c.StoreInfo, t2c.Description):
+                t2c.ImageRecord, t2c.Hit, t2c.StoreInfo, t2c.Description):
         for name, member in inspect.getmembers(cls):
             if name.startswith("_") and name not in ("__init__", "__iter__", "__len__", "__getitem__"):
                 continue

@@ -8,26 +8,17 @@ Collection B is drawn with red objects three times as likely and no teal backgro
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import t2c
+from _world import generate_world, run
 
 CONCEPTS = ["red", "blue", "circle", "square", "teal background", "striped background"]
 
 
-def generate_world(folder: Path, n: int, seed: int, weights: list[str]) -> None:
-    """Draw n concept-world images into folder/images, with sampling weights such as ``color.red=3``."""
-    extra = ["--weights", *weights] if weights else []
-    subprocess.run([sys.executable, "-m", "t2c", "world", "generate", str(folder), "--n", str(n), "--seed",
-                    str(seed), "--quiet", *extra], check=True, stdout=subprocess.DEVNULL)
-
-
 def main(work: Path) -> list[str]:
-    generate_world(work / "a", 400, seed=1, weights=[])
-    generate_world(work / "b", 400, seed=2, weights=["color.red=3", "background.teal=0"])
+    generate_world(work / "a", 400, 1)
+    generate_world(work / "b", 400, 2, "--weights", "color.red=3", "background.teal=0")
     for name in ("a", "b"):
         t2c.index(work / name / "images", work / f"{name}.t2c", encoder="world:clip")
 
@@ -43,8 +34,4 @@ def main(work: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        main(Path(sys.argv[1]))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            main(Path(tmp))
+    run(main)

@@ -2,28 +2,15 @@
 
 Run:  python examples/search_and_audit.py [WORK_DIR]      (about a minute on 2 CPU cores)
 
-The concept world is generated (``t2c world generate``), so every image's objects, colours and background are
+The concept world is generated (``t2c world generate``, see _world.py), so every image's objects, colours and background are
 known, and the answers can be scored exactly.
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-import pandas as pd
-
 import t2c
-
-
-def generate_world(folder: Path, n: int, seed: int) -> pd.DataFrame:
-    """Draw n concept-world images into folder/images; return their labels, keyed by absolute path."""
-    subprocess.run([sys.executable, "-m", "t2c", "world", "generate", str(folder), "--n", str(n), "--seed",
-                    str(seed), "--quiet"], check=True, stdout=subprocess.DEVNULL)
-    labels = pd.read_parquet(folder / "labels.parquet")
-    labels["path"] = [str((folder / p).resolve()) for p in labels["path"]]
-    return labels.set_index("path")
+from _world import generate_world, run
 
 
 def has(objects, color: str | None = None, shape: str | None = None) -> bool:
@@ -32,7 +19,7 @@ def has(objects, color: str | None = None, shape: str | None = None) -> bool:
 
 
 def main(work: Path) -> dict:
-    labels = generate_world(work / "world", n=400, seed=1)
+    labels = generate_world(work / "world", 400, 1).set_index("path")
     report = t2c.index(work / "world" / "images", work / "world.t2c", encoder="world:clip")
     print(f"indexed {report.added} images in {report.seconds:.1f} s")
 
@@ -63,8 +50,4 @@ def main(work: Path) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        main(Path(sys.argv[1]))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            main(Path(tmp))
+    run(main)

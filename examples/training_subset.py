@@ -11,26 +11,14 @@ concepts ("red", "circle") and the zero-shot shape labels come out clean.
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 import t2c
+from _world import generate_world, run
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross", "star"]
-
-
-def generate_world(folder: Path, n: int, seed: int, objects: int | None = None) -> pd.DataFrame:
-    """Draw n concept-world images into folder/images; return their labels with absolute paths."""
-    extra = ["--objects", str(objects)] if objects else []
-    subprocess.run([sys.executable, "-m", "t2c", "world", "generate", str(folder), "--n", str(n), "--seed",
-                    str(seed), "--quiet", *extra], check=True, stdout=subprocess.DEVNULL)
-    labels = pd.read_parquet(folder / "labels.parquet")
-    labels["path"] = [str((folder / p).resolve()) for p in labels["path"]]
-    return labels
 
 
 def red_circle_subset(store: t2c.Store) -> pd.DataFrame:
@@ -41,9 +29,9 @@ def red_circle_subset(store: t2c.Store) -> pd.DataFrame:
 
 
 def main(work: Path) -> dict:
-    labels = generate_world(work / "world", n=400, seed=3)
+    labels = generate_world(work / "world", 400, 3)
     t2c.index(work / "world" / "images", work / "world.t2c", encoder="world:clip")
-    single = generate_world(work / "single", n=300, seed=4, objects=1)
+    single = generate_world(work / "single", 300, 4, "--objects", "1")
     t2c.index(work / "single" / "images", work / "single.t2c", encoder="world:clip")
 
     with t2c.open(work / "world.t2c") as store:
@@ -67,8 +55,4 @@ def main(work: Path) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        main(Path(sys.argv[1]))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            main(Path(tmp))
+    run(main)

@@ -37,29 +37,16 @@ def audit(
 
     with t2c.open(store, refresh_interval=None) as st:
         if against is None:
-            _print_audit(st.audit(concepts, top=top, method=method), html, as_json)
-        else:
-            with t2c.open(against, refresh_interval=None) as other:
-                rep = st.drift(other, concepts, top=min(top, 4), alpha=alpha, correction=correction)
-                if html:
-                    rep.write_html(html)
-            d = rep.to_dict()
-            if html:
-                d["html"] = str(html)
-            if as_json:
-                _echo_json(d)
-                return
-            typer.echo(f"A={store} ({d['n_a']})  B={against} ({d['n_b']})  {correction} α={alpha}")
-            for c in d["concepts"]:
-                mark = "*" if c["significant"] else " "
-                typer.echo(f"{c['rank']:>3}. {c['concept']:<26} {c['prevalence_a']*100:5.1f}% → "
-                           f"{c['prevalence_b']*100:5.1f}%  h={c['cohens_h']:+.2f}  p_adj={c['p_adj']:.2g} {mark}")
-    if html and not as_json:
-        typer.echo(f"report: {html}", err=True)
+            _emit(st.audit(concepts, top=top, method=method), html, as_json, _audit_lines)
+            return
+        with t2c.open(against, refresh_interval=None) as other:
+            rep = st.drift(other, concepts, top=min(top, 4), alpha=alpha, correction=correction)
+            _emit(rep, html, as_json, lambda d: [f"A={store} ({d['n_a']})  B={against} ({d['n_b']})  "
+                                                 f"{correction} α={alpha}", *_drift_lines(d)])
 
 
-def _print_audit(rep, html: Optional[Path], as_json: bool) -> None:
-    """Print an audit (and write its HTML report)."""
+def _emit(rep, html: Optional[Path], as_json: bool, lines) -> None:
+    """Write a report's HTML (when asked), then print it as JSON or as ``lines(report dict)``."""
     d = rep.to_dict()
     if html:
         rep.write_html(html)
@@ -67,10 +54,21 @@ def _print_audit(rep, html: Optional[Path], as_json: bool) -> None:
     if as_json:
         _echo_json(d)
         return
-    typer.echo(f"{d['n']} images · {d['encoder']} → {d['clip']} · method {d['method']}")
-    for c in d["concepts"]:
-        typer.echo(f"{c['concept']:<28} {c['prevalence']*100:6.1f}%  [{c['ci_low']*100:5.1f}, "
-                   f"{c['ci_high']*100:5.1f}]  count={c['count']:<6} examples={c['examples'][:4]}")
+    for line in lines(d):
+        typer.echo(line)
+    if html:
+        typer.echo(f"report: {html}", err=True)
+
+
+def _audit_lines(d: dict) -> list[str]:
+    return [f"{d['n']} images · {d['encoder']} → {d['clip']} · method {d['method']}"] + [
+        f"{c['concept']:<28} {c['prevalence']*100:6.1f}%  [{c['ci_low']*100:5.1f}, {c['ci_high']*100:5.1f}]  "
+        f"count={c['count']:<6} examples={c['examples'][:4]}" for c in d["concepts"]]
+
+
+def _drift_lines(d: dict) -> list[str]:
+    return [f"{c['rank']:>3}. {c['concept']:<26} {c['prevalence_a']*100:5.1f}% → {c['prevalence_b']*100:5.1f}%  "
+            f"h={c['cohens_h']:+.2f}  p_adj={c['p_adj']:.2g} {'*' if c['significant'] else ' '}" for c in d["concepts"]]
 
 
 def classify(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted(p.name for p in (REPO / "examples").glob("*.py"))
+EXAMPLES = sorted(p.name for p in (REPO / "examples").glob("*.py") if not p.name.startswith("_"))
 
 
 def run_example(name: str, work: Path) -> str:

@@ -98,18 +98,19 @@ class Store:
             self._view.snapshot.close()
 
     def __repr__(self) -> str:
-        return f"t2c.Store({str(self.path)!r}, snapshot={self.snapshot!r}, count={self.count})"
+        state = "closed" if self._closed else f"count={self._view.snapshot.count}"
+        return f"t2c.Store({str(self.path)!r}, snapshot={self.snapshot!r}, {state})"
 
     # -- the live view --
     @property
     def snapshot(self) -> str:
-        """Name of the snapshot that answers now (it changes when `t2c index` commits a new one)."""
+        """Name of the snapshot the last call answered from (it moves on when `t2c index` commits a new one)."""
         return self._view.name
 
     @property
     def count(self) -> int:
         """Images in the live snapshot."""
-        return int(self._view.snapshot.count)
+        return int(self._current().snapshot.count)
 
     def refresh(self) -> bool:
         """Re-open the store now if ``CURRENT`` names a newer snapshot; True when it moved on.

@@ -219,6 +219,7 @@ def test_context_manager_closes_and_threads_share_a_store(built):
         assert not errors and len(answers) == 20 and all(a == expected for a in answers)
     with pytest.raises(t2c.StoreError, match="closed"):
         s.search("blue")
+    assert "closed" in repr(s)
     s.close()  # closing twice is fine
 
 

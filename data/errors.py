@@ -59,6 +59,11 @@ class AlignerError(T2CError):
     """An aligner file is invalid or does not match the encoder/CLIP pair."""
 
 
+class DamagedArtefact(T2CError):
+    """A saved artefact (aligner, model weights, caption decoder, concept bottleneck, checkpoint) cannot be
+    read: it is truncated or corrupt, or it is another kind of file than the one expected."""
+
+
 class StoreError(T2CError):
     """A store is missing, corrupt, locked, or does not match its manifest."""
 

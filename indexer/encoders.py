@@ -20,7 +20,8 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from t2c.data.errors import EncoderError, InvalidInput, NotFound, UnknownChoice
+from t2c.data.artefacts import read_artefact
+from t2c.data.errors import DamagedArtefact, EncoderError, InvalidInput, NotFound, UnknownChoice
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,6 +54,7 @@ class EncoderSpec:
 
 
 RUNTIME_OPTIONS = {"device", "batch_size", "threads"}
+CHECKPOINT_FIX = "pass a .safetensors or torch state-dict file, or weights=random"
 
 MAX_STAGES = 4  # ``features=stages`` pools at most the last 4 stages (a ViT lists every block)
 #: what an image encoder returns (the ``features=`` option: parts joined by "+"); part of the spec's identity
@@ -401,14 +403,13 @@ def _load_state_dict(path: str) -> dict:
     import torch
 
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
+        _, sd = read_artefact(path, "checkpoint", framework="pt", fix=CHECKPOINT_FIX)
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise EncoderError(f"cannot read checkpoint {path!r}: {e}", "pass a .safetensors or torch state-dict file")
+            raise DamagedArtefact(f"checkpoint file {path!r} is damaged or not a torch state dict "
+                                  f"({type(e).__name__}: {str(e)[:200]})", CHECKPOINT_FIX) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -30,7 +30,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -640,15 +640,3 @@ class StoreWriter:
 def new_feature_shard_name(run_id: str, seq: int) -> str:
     """Relative path for a raw-feature shard of a run."""
     return f"features/f-{run_id}-{seq:05d}.npz"
-
-
-def iter_batches(seq: Iterable, n: int):
-    """Yield lists of up to n items."""
-    buf = []
-    for x in seq:
-        buf.append(x)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf

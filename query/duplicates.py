@@ -4,14 +4,15 @@ Method (``find_duplicates``):
   1. **Candidates.** Every image's vector is range-searched in a FAISS index (the store's own, or an IVF index
      built for the audit when the store is large and flat) at a threshold calibrated from the collection:
      the similarity of each image to its nearest other image, over a deterministic sample, is calibrated like
-     a concept's scores (``t2c.query.calibrate.calibrate``). When that distribution shows a separated top
-     group (the duplicates), its threshold is used; otherwise the sample's median nearest-neighbour
-     similarity, so only images closer to each other than a typical image is to its nearest neighbour become
-     candidates. Each image keeps its ``MAX_NEIGHBOURS`` closest candidates.
+     a concept's scores (``t2c.query.calibrate.calibrate``): the separated top group (the duplicates) gives
+     the strict threshold (no group: the robust upper tail). With the pixel check, candidates are taken down
+     to the lower of that and the sample's median nearest-neighbour similarity, so that copies whose vectors
+     moved (crops, mirrors) still reach the check; without it (``verify=False``) the strict threshold decides.
+     Each image keeps its ``MAX_NEIGHBOURS`` closest candidates.
   2. **Verification** (when the image files can be read). An encoder that describes content places two
      *distinct* scenes with the same objects as close as a copy, so each candidate pair is checked on the
      pixels: small views of one image — crops keeping 80-100% of each side on a grid, each also mirrored —
-     are compared with the other image by normalised correlation per colour channel (invariant to light
+     are compared with the other image by normalised correlation (channel means removed: robust to light
      colour shifts, re-encoding and resizing); the pair is kept when the best view correlates at least
      ``MATCH_CORRELATION``. Identical content hashes are exact duplicates without a check.
   3. **Groups.** Connected components of the kept pairs; each group names its kind ("exact" when every
@@ -32,6 +33,7 @@ __all__ = ["find_duplicates", "duplicate_pairs", "calibrate_duplicates", "Duplic
 MAX_NEIGHBOURS = 8  # candidates kept per image (closest first)
 NN_SAMPLE = 20_000  # images whose nearest neighbour calibrates the candidate threshold
 MATCH_CORRELATION = 0.95  # best crop/mirror view's correlation that confirms a pair
+FLAT_LIMIT = 20_000  # up to this many vectors the range search is exact (flat); beyond, an IVF index
 VIEW = 16  # side of the compared views, in pixels
 _KEEPS = (1.0, 0.95, 0.9, 0.85, 0.8)
 _OFFSETS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -71,8 +73,15 @@ def _nn_similarity(index, V: np.ndarray, rows: np.ndarray, nprobe: int | None) -
     return np.where(self_first, D[:, 1], D[:, 0]).astype(np.float64)
 
 
-def calibrate_duplicates(index, V: np.ndarray, *, nprobe: int | None = None, sample: int = NN_SAMPLE):
-    """(threshold, method, params): the candidate threshold from the nearest-neighbour similarity distribution."""
+def calibrate_duplicates(index, V: np.ndarray, *, nprobe: int | None = None, sample: int = NN_SAMPLE,
+                         candidates: bool = True):
+    """(threshold, method, params) from the nearest-neighbour similarity distribution of a sample.
+
+    ``candidates=False`` (vectors alone decide): the separated top group's threshold ("nn_gmm"/"nn_otsu"),
+    or with none the robust upper tail ("nn_tail"). ``candidates=True`` (a pixel check follows): the lower
+    of that and the median nearest-neighbour similarity ("nn_median"), so that copies whose vectors moved
+    (crops, mirrors) still reach the check.
+    """
     from t2c.query.calibrate import calibrate
 
     n = len(V)
@@ -81,11 +90,11 @@ def calibrate_duplicates(index, V: np.ndarray, *, nprobe: int | None = None, sam
     nn = nn[np.isfinite(nn) & (nn > -1e30)]
     med = float(np.median(nn))
     cal = calibrate(nn)
-    params = {"nn_median": round(med, 6), "nn_sample": int(len(nn)), "calibration": cal.method}
-    if cal.method in ("gmm", "otsu") and cal.threshold < med:  # a separated top group reaching below the median
-        return float(cal.threshold), f"nn_{cal.method}", params
-    params["top_group_threshold"] = round(float(cal.threshold), 6)
-    return med, "nn_median", params
+    params = {"nn_median": round(med, 6), "nn_sample": int(len(nn)), "calibration": cal.method,
+              "strict_threshold": round(float(cal.threshold), 6)}
+    if candidates and med < cal.threshold:
+        return med, "nn_median", params
+    return float(cal.threshold), "nn_" + ("tail" if cal.method not in ("gmm", "otsu") else cal.method), params
 
 
 def _audit_index(V: np.ndarray, index=None):
@@ -93,10 +102,10 @@ def _audit_index(V: np.ndarray, index=None):
     import faiss
 
     n, d = V.shape
-    if index is not None and (n <= 50_000 or hasattr(faiss.try_extract_index_ivf(index) or 0, "nlist")):
+    if index is not None and (n <= FLAT_LIMIT or faiss.try_extract_index_ivf(index) is not None):
         ivf = faiss.try_extract_index_ivf(index)
         return index, (max(8, ivf.nlist // 128) if ivf is not None else None)
-    if n <= 50_000:
+    if n <= FLAT_LIMIT:
         idx = faiss.IndexFlatIP(d)
         idx.add(np.ascontiguousarray(V, np.float32))
         return idx, None
@@ -152,8 +161,8 @@ def duplicate_pairs(V: np.ndarray, threshold: float, *, index=None, nprobe: int 
 class PixelVerifier:
     """Pixel check of a candidate pair: best normalised correlation of one image's crop/mirror views with the other.
 
-    Views are ``VIEW`` x ``VIEW`` RGB thumbnails, each colour channel normalised to zero mean and unit norm
-    (so a light colour shift, re-encoding or resizing barely moves them). Images are decoded safely once and
+    Views are ``VIEW`` x ``VIEW`` RGB thumbnails, each colour channel shifted to zero mean, the whole view scaled
+    to unit norm (so a light colour shift, re-encoding or resizing barely moves them). Images are decoded safely once and
     their views cached; an unreadable image fails every check.
     """
 
@@ -165,9 +174,8 @@ class PixelVerifier:
     @staticmethod
     def _norm(x: np.ndarray) -> np.ndarray:
         x = x.reshape(x.shape[0], -1, 3).astype(np.float32)
-        x = x - x.mean(1, keepdims=True)
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
-        return x.reshape(x.shape[0], -1) / np.sqrt(3.0)
+        x = (x - x.mean(1, keepdims=True)).reshape(x.shape[0], -1)  # per-channel offset removed
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
 
     def views(self, i: int):
         """(full view (D,), all crop/mirror views (V, D)) of image id i, or None when unreadable."""
@@ -254,7 +262,7 @@ def find_duplicates(snapshot, *, threshold: float | None = None, verify: bool = 
         return DuplicateReport([], 1.0, "empty", n, 0, False, time.perf_counter() - t0)
     index, nprobe = _audit_index(V, snapshot.index)
     if threshold is None:
-        thr, method, params = calibrate_duplicates(index, V, nprobe=nprobe)
+        thr, method, params = calibrate_duplicates(index, V, nprobe=nprobe, candidates=verify)
     else:
         thr, method, params = float(threshold), "given", {}
     P, S = duplicate_pairs(V, thr, index=index, nprobe=nprobe)

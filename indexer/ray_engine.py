@@ -65,6 +65,19 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, runtime_
     return True
 
 
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None, runtime_env: dict | None = None):
+    """Ray connected for the duration (see :func:`ensure_ray`); shut down after if this call started it."""
+    started = ensure_ray(address, num_cpus, runtime_env)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
 # ------------------------------------------------------------------------------------------------
 # stages (module-level so Ray can ship them by reference)
 # ------------------------------------------------------------------------------------------------
@@ -275,10 +288,9 @@ def index_folder_ray(source, store, encoder_spec: str, *, address: str | None = 
         bar = progress_bar(len(plan.todo), "index (ray)", progress)
         bar.update(sum(len(parts[i]) for i in done if i < len(parts)))
         processed, enc_seconds = 0, 0.0
-        try:
+        with contextlib.closing(bar):
             if pending:
-                started = ensure_ray(address, num_cpus, runtime_env)
-                try:
+                with ray_session(address, num_cpus, runtime_env):
                     t_enc = time.perf_counter()
                     processed = _run_stages(
                         run.staging, plan, pending, int(part_size), encoder_spec, cfg, encoder.dim,
@@ -287,11 +299,4 @@ def index_folder_ray(source, store, encoder_spec: str, *, address: str | None = 
                         decode_batch_size=int(decode_batch_size), decode_cpus=decode_cpus,
                         user_columns=user_columns or {}, bar=bar, root=src if src.is_dir() else None)
                     enc_seconds = time.perf_counter() - t_enc
-                finally:
-                    if started:
-                        import ray
-
-                        ray.shutdown()
-        finally:
-            bar.close()
         return finish_run(writer, run, plan, root_label, memory_budget, processed, enc_seconds, t0, engine="ray")

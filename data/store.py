@@ -30,7 +30,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -40,6 +40,7 @@ FORMAT_VERSION = 1
 KEEP_SNAPSHOTS = 3
 QUICK_VERIFY_BYTES = 256 << 20
 COPY_CHUNK = 262_144  # rows of previous vectors copied at a time when committing
+SHARED_MODE = 0o644  # files others read (artefacts, shipped weights, generated worlds)
 
 IMAGE_COLUMNS = {
     "id": "BIGINT",
@@ -83,21 +84,38 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file atomically: temporary file, fsync, rename, fsync the folder."""
+def atomic_write_file(path: Path, write: Callable[[str], object], mode: int | None = None, *,
+                      sync: bool = True) -> Path:
+    """Write a file atomically: ``write(tmp)`` fills a uniquely named temporary file beside ``path``, then
+    fsync, rename over ``path``, fsync the folder. Two writers never share a temporary file, and a reader
+    sees the old file or the new one, never a part.
+
+    ``mode``: permissions (default: private, 0600; :data:`SHARED_MODE` for files others read). ``sync=False``
+    skips both fsyncs (many small files a rerun can remake, such as generated images).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(tmp)
+        if sync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, *, sync: bool = True) -> Path:
+    """Write bytes to a file atomically (see :func:`atomic_write_file`)."""
+    return atomic_write_file(path, lambda tmp: Path(tmp).write_bytes(data), mode, sync=sync)
 
 
 def atomic_save_npz(path: Path, **arrays) -> None:
@@ -622,15 +640,3 @@ class StoreWriter:
 def new_feature_shard_name(run_id: str, seq: int) -> str:
     """Relative path for a raw-feature shard of a run."""
     return f"features/f-{run_id}-{seq:05d}.npz"
-
-
-def iter_batches(seq: Iterable, n: int):
-    """Yield lists of up to n items."""
-    buf = []
-    for x in seq:
-        buf.append(x)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf

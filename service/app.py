@@ -171,7 +171,7 @@ def create_app(store_path, *, api_key: str | None = None, settings: Settings | N
     async def lifespan(app: FastAPI):
         h = holder or EngineHolder(settings.store_path, reload_interval=settings.reload_interval,
                                    verify=settings.verify_store)
-        if h._live is None:
+        if h.current is None:
             h.load()
         app.state.holder = h
         if settings.warm_up:

@@ -113,6 +113,11 @@ class EngineHolder:
         self._checked = time.monotonic()
         return live
 
+    @property
+    def current(self) -> Live | None:
+        """The Live view now held, without checking the store (None before :meth:`load`)."""
+        return self._live
+
     def get(self) -> Live:
         """The current Live view, re-opening first when CURRENT changed (checked at most once per interval)."""
         live = self._live

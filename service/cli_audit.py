@@ -23,7 +23,11 @@ def _open(path: Path):
 
 def audit(
     store: Path = typer.Argument(..., help="Store directory."),
-    concepts: str = typer.Option(..., "--concepts", "-c", help='Concepts: "a,b,c" or a file with one per line.'),
+    concepts: Optional[str] = typer.Option(None, "--concepts", "-c",
+                                           help='Concepts: "a,b,c" or a file with one per line.'),
+    duplicates: bool = typer.Option(False, "--duplicates", help="List groups of exact and near-duplicate images."),
+    vectors_only: bool = typer.Option(False, "--vectors-only",
+                                      help="Duplicates: decide by vectors alone (no pixel check; for huge stores)."),
     against: Optional[Path] = typer.Option(None, "--against", help="Compare with another store (drift)."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -32,10 +36,16 @@ def audit(
     alpha: float = typer.Option(0.05, "--alpha", min=0.0, max=1.0, help="Drift: significance after correction."),
     correction: str = typer.Option("bh", "--correction", help="Drift: bh (Benjamini-Hochberg) or holm."),
 ) -> None:
-    """How often each concept occurs (prevalence with 95% CI), or with --against, which concepts shifted."""
+    """How often each concept occurs (prevalence with 95% CI), with --against which concepts shifted, or with
+    --duplicates which images appear more than once."""
     import t2c
 
+    if not duplicates and not concepts:
+        raise t2c.InvalidInput("give --concepts (or --duplicates)", 'e.g. t2c audit STORE -c "red,circle"')
     with t2c.open(store, refresh_interval=None) as st:
+        if duplicates:
+            _emit(st.duplicates(verify=not vectors_only), html, as_json, _duplicates_lines)
+            return
         if against is None:
             _emit(st.audit(concepts, top=top, method=method), html, as_json, _audit_lines)
             return
@@ -69,6 +79,13 @@ def _audit_lines(d: dict) -> list[str]:
 def _drift_lines(d: dict) -> list[str]:
     return [f"{c['rank']:>3}. {c['concept']:<26} {c['prevalence_a']*100:5.1f}% → {c['prevalence_b']*100:5.1f}%  "
             f"h={c['cohens_h']:+.2f}  p_adj={c['p_adj']:.2g} {'*' if c['significant'] else ' '}" for c in d["concepts"]]
+
+
+def _duplicates_lines(d: dict) -> list[str]:
+    return [f"{d['n']} images · {d['n_groups']} groups of duplicates ({d['n_duplicates']} extra copies) · "
+            f"candidate threshold {d['threshold']:.4f} ({d['method']}) · {d['candidate_pairs']} candidate pairs"] + [
+        f"{j:>4}. {g['kind']:<5} ≥{g['min_similarity']:.3f}  " + "  ".join(g["paths"])
+        for j, g in enumerate(d["groups"], 1)]
 
 
 def classify(

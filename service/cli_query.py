@@ -9,8 +9,10 @@ import typer
 
 def query(
     store: Path = typer.Argument(..., help="Store directory (built by `t2c index`)."),
-    text: str = typer.Argument(..., metavar="QUERY",
+    text: str = typer.Argument(None, metavar="[QUERY]",
                                help='Query, e.g. \'red circle AND NOT (square OR triangle) AND width>=32\'.'),
+    image: Path = typer.Option(None, "--image", help="Example image file: shorthand for like:\"FILE\" (AND-ed "
+                               "with QUERY when both are given)."),
     k: int = typer.Option(20, "-k", "--k", min=1, max=10_000, help="Hits to show."),
     offset: int = typer.Option(0, "--offset", min=0, help="Hits to skip (pagination)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of hits (id, path, score[, explanation])."),
@@ -23,8 +25,11 @@ def query(
     """
     import t2c
 
+    if not text and image is None:
+        raise t2c.InvalidInput("give a QUERY, an --image FILE, or both", "e.g. t2c query STORE 'red circle'")
+    like = Path(image).expanduser().resolve() if image is not None else None
     with t2c.open(store, verify=not no_verify, refresh_interval=None) as st:
-        res = st.search(text, k=k, offset=offset, explain=explain)
+        res = st.search(text or None, like=like, k=k, offset=offset, explain=explain)
     if as_json:
         typer.echo(json.dumps([h.to_dict() for h in res], indent=2, default=str))
         return

@@ -27,6 +27,8 @@ class Settings:
     max_k: int = 200                     # most hits per page
     max_offset: int = 10_000             # deepest page start
     max_body_bytes: int = 256 << 10      # larger request bodies get 413
+    max_upload_bytes: int = 16 << 20     # largest image upload (multipart POST /api/search) before 413
+    max_upload_pixels: int = 40_000_000  # uploads declaring more pixels are refused (reason "bomb")
     max_concepts: int = 32               # audit concepts / classify labels per request
     max_label_chars: int = 200           # longest audit concept / classify label
     thumb_max_side: int = 256            # default (and largest) thumbnail side

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from t2c.data.errors import (AlignerError, EncoderError, Forbidden, ImageDecodeError, InvalidInput, NotAvailable,
-                             NotFound, QuerySyntaxError, StoreError, T2CError, UnknownChoice)
+from t2c.data.errors import (AlignerError, DamagedArtefact, DiskFull, EncoderError, Forbidden, ImageDecodeError,
+                             InvalidInput, NotAvailable, NotFound, QuerySyntaxError, SourceGone, StoreError,
+                             StoreNotWritable, T2CError, UnknownChoice)
 
 if TYPE_CHECKING:  # pragma: no cover - the lazily imported names, for type checkers
     from t2c._indexing import align, encoders, index
-    from t2c._results import (AuditResult, ClassifyResult, Description, DriftResult, EncoderInfo, EncoderList,
-                              Hit, ImageRecord, Prediction, Prevalence, SearchResult, Shift, StoreInfo)
+    from t2c._results import (AuditResult, ClassifyResult, Description, DriftResult, DuplicateGroup,
+                              DuplicatesResult, EncoderInfo, EncoderList, Hit, ImageRecord, Prediction, Prevalence,
+                              SearchResult, Shift, StoreInfo)
     from t2c._store import Store, open
     from t2c.indexer.aligner import Aligner
     from t2c.indexer.pipeline import IndexReport
@@ -39,7 +41,7 @@ _LAZY = {
     "Prevalence": "t2c._results", "DriftResult": "t2c._results", "Shift": "t2c._results",
     "ClassifyResult": "t2c._results", "Prediction": "t2c._results", "Description": "t2c._results",
     "ImageRecord": "t2c._results", "StoreInfo": "t2c._results", "EncoderInfo": "t2c._results",
-    "EncoderList": "t2c._results",
+    "EncoderList": "t2c._results", "DuplicatesResult": "t2c._results", "DuplicateGroup": "t2c._results",
     "Aligner": "t2c.indexer.aligner", "IndexReport": "t2c.indexer.pipeline",
 }
 
@@ -47,10 +49,11 @@ _LAZY = {
 __all__ = [
     "__version__", "index", "encoders", "align",
     "Store", "SearchResult", "Hit", "AuditResult", "Prevalence", "DriftResult", "Shift", "ClassifyResult",
-    "Prediction", "Description", "ImageRecord", "StoreInfo", "EncoderInfo", "EncoderList", "Aligner",
-    "IndexReport",
+    "Prediction", "Description", "ImageRecord", "StoreInfo", "EncoderInfo", "EncoderList", "DuplicatesResult",
+    "DuplicateGroup", "Aligner", "IndexReport",
     "T2CError", "InvalidInput", "NotFound", "UnknownChoice", "QuerySyntaxError", "StoreError", "EncoderError",
-    "AlignerError", "ImageDecodeError", "Forbidden", "NotAvailable",
+    "AlignerError", "ImageDecodeError", "Forbidden", "NotAvailable", "DamagedArtefact", "DiskFull",
+    "StoreNotWritable", "SourceGone",
 ]
 
 

@@ -104,12 +104,14 @@ class SearchResult(Rows[Hit]):
     """
 
     snapshot: str  #: the snapshot that answered
+    text: str  #: the query as text; searching it again pages through the same answer
 
-    def __init__(self, raw: Any, snapshot: str) -> None:
+    def __init__(self, raw: Any, snapshot: str, text: str) -> None:
         self._raw = raw
         self._rows = tuple(Hit(int(h.id), str(h.path), float(h.score),
                                None if h.explanation is None else tuple(h.explanation)) for h in raw.hits)
         self.snapshot = snapshot
+        self.text = text
 
     @property
     def hits(self) -> list[Hit]:
@@ -304,6 +306,61 @@ def _write_html(path: str | Path, html: str) -> Path:
 
     write_html(Path(path), html)
     return Path(path)
+
+
+# ------------------------------------------------------------------------------------------------ duplicates
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Images that are copies of one another: ``kind`` "exact" (same content) or "near" (resized, re-encoded...)."""
+
+    ids: tuple[int, ...]
+    paths: tuple[str, ...]
+    kind: str
+    min_similarity: float
+
+
+class DuplicatesResult(Rows[DuplicateGroup]):
+    """Groups of exact and near-duplicate images, with the candidate threshold used.
+
+    Example:
+        >>> dups = store.duplicates()  # doctest: +SKIP
+        >>> [p for group in dups.paths for p in group[1:]]  # every copy but the first of each group  # doctest: +SKIP
+    """
+
+    snapshot: str  #: the snapshot that was searched
+
+    def __init__(self, report: Any, store: str, snapshot: str) -> None:
+        self._report = report
+        self._store = store
+        self.snapshot = snapshot
+        self._rows = tuple(DuplicateGroup(tuple(int(i) for i in g["ids"]), tuple(str(p) for p in g["paths"]),
+                                          str(g["kind"]), float(g["min_similarity"])) for g in report.groups)
+
+    @property
+    def threshold(self) -> float:
+        """The candidate cosine threshold used."""
+        return float(self._report.threshold)
+
+    @property
+    def paths(self) -> list[list[str]]:
+        """The file paths of each group."""
+        return [list(g.paths) for g in self._rows]
+
+    def _schema(self) -> "pyarrow.Schema":
+        import pyarrow as pa
+
+        return pa.schema([("ids", pa.list_(pa.int64())), ("paths", pa.list_(pa.string())), ("kind", pa.string()),
+                          ("min_similarity", pa.float64())])
+
+    def to_dict(self) -> dict:
+        """JSON form: n, threshold, method, candidate_pairs, verified, groups, n_groups, n_duplicates, snapshot."""
+        return dict(self._report.to_dict(), store=self._store, snapshot=self.snapshot)
+
+    def write_html(self, path: str | Path) -> Path:
+        """Write a self-contained HTML report (each group's thumbnails side by side) to ``path``."""
+        from t2c.query.report import duplicates_html
+
+        return _write_html(path, duplicates_html(self.to_dict()))
 
 
 # ------------------------------------------------------------------------------------------------ classify

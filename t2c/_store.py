@@ -12,12 +12,12 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from t2c._results import (AuditResult, ClassifyResult, Description, DriftResult, ImageRecord, SearchResult,
-                          StoreInfo)
+from t2c._results import (AuditResult, ClassifyResult, Description, DriftResult, DuplicatesResult, ImageRecord,
+                          SearchResult, StoreInfo)
 from t2c.data.errors import Forbidden, InvalidInput, NotAvailable, NotFound, StoreError, T2CError
 
 if TYPE_CHECKING:  # pragma: no cover - type hints only
@@ -28,19 +28,22 @@ log = logging.getLogger("t2c")
 
 @dataclass(frozen=True)
 class _View:
-    """One consistent view: a snapshot and the engine built over it."""
+    """One consistent view: a snapshot, the engine built over it, and results kept for it (duplicates)."""
 
     name: str
     snapshot: Any
     engine: Any
+    kept: dict = field(default_factory=dict)
+    lock: Any = field(default_factory=threading.Lock)
 
 
-def _open_view(path: Path, verify: bool) -> _View:
+def _open_view(path: Path, verify: bool, example_files: bool = True) -> _View:
     from t2c.data.store import open_store
     from t2c.query.engine import Engine
+    from t2c.query.examples import ExampleBank
 
     snap = open_store(path, verify=verify)
-    return _View(snap.name, snap, Engine(snap))
+    return _View(snap.name, snap, Engine(snap, examples=ExampleBank(snap, allow_files=example_files)))
 
 
 def _inside(real: str, roots: Sequence[str]) -> bool:
@@ -74,14 +77,15 @@ class Store:
     Close it (or use ``with``) to release the catalog connection.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True,
-                 refresh_interval: float | None = 1.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True, refresh_interval: float | None = 1.0,
+                 example_files: bool = True) -> None:
         self.path = Path(path)
         self.verify = bool(verify)
         self.refresh_interval = None if refresh_interval is None else float(refresh_interval)
+        self.example_files = bool(example_files)
         self._lock = threading.Lock()
         self._closed = False
-        self._view: _View = _open_view(self.path, self.verify)
+        self._view: _View = self._open_view()
         self._checked = time.monotonic()
 
     # -- lifecycle --
@@ -123,6 +127,9 @@ class Store:
             self._checked = time.monotonic()
             return self._reload(self._view, strict=True)
 
+    def _open_view(self) -> _View:
+        return _open_view(self.path, self.verify, self.example_files)
+
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"store {str(self.path)!r} is closed", "open it again with t2c.open(...)")
@@ -156,7 +163,7 @@ class Store:
         if name is None or name == view.name:
             return False
         try:
-            new = _open_view(self.path, self.verify)
+            new = self._open_view()
         except (T2CError, OSError) as e:
             # e.g. a snapshot removed between reading CURRENT and opening it: retry at the next check
             if strict:
@@ -168,33 +175,76 @@ class Store:
         return True
 
     # -- queries --
-    def search(self, query: str | dict, *, k: int = 20, offset: int = 0, explain: bool = False,
-               max_terms: int = 32, max_length: int = 2000) -> SearchResult:
+    def search(self, query: str | dict | None = None, *, like: int | str | os.PathLike[str] | bytes | None = None,
+               k: int = 20, offset: int = 0, explain: bool = False, max_terms: int = 32, max_length: int = 2000,
+               max_pixels: int | None = None) -> SearchResult:
         """Find the images that satisfy a query, ranked by calibrated score.
 
         Args:
             query: a query string (``'red circle AND NOT square AND width>=512'``; see the README's
                 "Queries") or its JSON tree (``{"type": "concept", "text": "red"}``).
+            like: an example image, AND-ed with the query: a catalog id, an image file, or an image's bytes (an
+                upload). Same as the leaf ``like:ID`` / ``like:"FILE"`` in the query text.
             k: hits per page (1..10,000). offset: index of the page's first hit.
             explain: add each concept's score, threshold and pass/fail to every hit.
             max_terms / max_length: most concepts + filters, and longest query string, accepted.
+            max_pixels: largest example image accepted as bytes (default: the indexing limit).
 
         Returns:
             A :class:`SearchResult`: iterate it for :class:`Hit` objects; ``.total``, ``.paths``,
-            ``.to_pandas()``.
+            ``.to_pandas()``; ``.text`` is the query as text (an upload appears as ``like:"sha256:..."``).
 
         Raises:
             QuerySyntaxError: the query does not parse (``.position`` says where). InvalidInput: a bad tree,
-            an unknown filter column, bad paging. UnknownChoice: a word the text tower does not know.
+            an unknown filter column, bad paging, neither a query nor ``like``. UnknownChoice: a word the text
+            tower does not know. NotFound: an unknown example id. ImageDecodeError: an example image that
+            cannot be decoded (``.reason``).
 
         Example:
             >>> with t2c.open("photos.t2c") as store:  # doctest: +SKIP
             ...     for hit in store.search("red circle AND NOT square", k=5):
             ...         print(hit.score, hit.path)
+            ...     store.search("NOT red", like="cat.jpg").paths  # images like cat.jpg that are not red
         """
-        node = _parse(query, max_terms=max_terms, max_length=max_length)
+        from t2c.query.ast import Example, conj
+        from t2c.query.parse import format as to_text
+
+        node = None if query is None else _parse(query, max_terms=max_terms, max_length=max_length)
+        if node is None and like is None:
+            raise InvalidInput("give a query, an example image (like=), or both",
+                               'e.g. store.search("red circle") or store.search(like=3)')
         view = self._current()
-        return SearchResult(view.engine.search(node, k=k, offset=offset, explain=explain), view.name)
+        if like is not None:
+            node = conj([Example(_example_ref(view, like, max_pixels))] + ([node] if node is not None else []))
+        raw = view.engine.search(node, k=k, offset=offset, explain=explain)
+        return SearchResult(raw, view.name, to_text(node))
+
+    def duplicates(self, *, threshold: float | None = None, verify: bool = True) -> DuplicatesResult:
+        """Groups of exact and near-duplicate images (computed once per snapshot and kept).
+
+        Args:
+            threshold: the candidate cosine threshold (default: calibrated on the collection's nearest
+                neighbours). verify: check candidate pairs on the pixels (False: vectors alone, for huge stores).
+
+        Returns:
+            A :class:`DuplicatesResult` of :class:`DuplicateGroup` rows (ids, paths, kind, min_similarity).
+
+        Raises:
+            InvalidInput: a threshold outside [-1, 1].
+
+        Example:
+            >>> for group in store.duplicates():  # doctest: +SKIP
+            ...     print(group.kind, group.paths)
+        """
+        from t2c.query.duplicates import find_duplicates
+
+        view = self._current()
+        key = ("duplicates", threshold, bool(verify))
+        with view.lock:  # one computation per snapshot and settings; concurrent callers wait for it
+            rep = view.kept.get(key)
+            if rep is None:
+                rep = view.kept[key] = find_duplicates(view.snapshot, threshold=threshold, verify=verify)
+        return DuplicatesResult(rep, str(self.path), view.name)
 
     def audit(self, concepts: Sequence[str] | str, *, top: int = 8, method: str = "mixture") -> AuditResult:
         """How often each concept occurs in the collection, with a 95% confidence interval and example images.
@@ -402,6 +452,19 @@ def _paths_of(snapshot: Any, ids: Sequence[int]) -> list[str]:
     return [str(rows.get(i, "")) for i in ids]
 
 
+def _example_ref(view: _View, like: Any, max_pixels: int | None) -> int | str:
+    """The ``like:`` reference of an example: a catalog id, a file path, or an upload's ``sha256:`` name."""
+    if isinstance(like, bool):
+        raise InvalidInput("like= must be an image id, an image file or image bytes, not a bool")
+    if isinstance(like, int):
+        return like
+    if isinstance(like, (bytes, bytearray, memoryview)):
+        return view.engine.examples.add_upload(bytes(like), "<upload>", max_pixels=max_pixels)
+    if isinstance(like, (str, os.PathLike)):
+        return str(Path(like).expanduser())
+    raise InvalidInput(f"like= must be an image id, an image file or image bytes, got {type(like).__name__}")
+
+
 def _parse(query: Any, *, max_terms: int, max_length: int) -> Any:
     """A query tree from a string or its JSON form, under the given limits."""
     if isinstance(query, str):
@@ -416,7 +479,8 @@ def _parse(query: Any, *, max_terms: int, max_length: int) -> Any:
                        'e.g. store.search("red circle AND NOT square")')
 
 
-def open(store: str | os.PathLike[str], *, verify: bool = True, refresh_interval: float | None = 1.0) -> Store:
+def open(store: str | os.PathLike[str], *, verify: bool = True, refresh_interval: float | None = 1.0,
+         example_files: bool = True) -> Store:
     """Open a store (built by :func:`t2c.index` or ``t2c index``) for searching and auditing.
 
     Args:
@@ -424,6 +488,8 @@ def open(store: str | os.PathLike[str], *, verify: bool = True, refresh_interval
         verify: check every file against the manifest's checksums first (refuse a damaged store).
         refresh_interval: follow new snapshots that ``t2c index`` commits, checking at most this often
             (seconds); ``None`` keeps answering from the snapshot opened now.
+        example_files: whether queries may name image files as examples (``like:"cat.jpg"``); a server that
+            takes queries from others passes False (examples then come as ids or uploaded bytes).
 
     Returns:
         A :class:`Store`; use it as a context manager, or call ``.close()``.
@@ -437,4 +503,4 @@ def open(store: str | os.PathLike[str], *, verify: bool = True, refresh_interval
         ...     res = store.search("red circle AND NOT square", k=10)
         ...     print(res.total, res.paths[:3])
     """
-    return Store(store, verify=verify, refresh_interval=refresh_interval)
+    return Store(store, verify=verify, refresh_interval=refresh_interval, example_files=example_files)

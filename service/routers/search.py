@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 import t2c
 from t2c import InvalidInput
@@ -29,6 +30,21 @@ class SearchBody(BaseModel):
     explain: bool = Field(False, description="add per-constraint scores to each hit")
 
 
+async def json_body(request: Request, model):
+    """The request's JSON body validated by ``model``; malformed JSON or fields give 422 as FastAPI would."""
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
+
+    try:
+        raw = await request.json()
+    except ValueError as e:
+        raise RequestValidationError([{"loc": ("body",), "msg": f"invalid JSON ({e})", "type": "json_invalid"}])
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
+
+
 def check_paging(settings: Settings, k: int, offset: int) -> None:
     """Enforce the server's page-size and depth limits."""
     if k > settings.max_k:
@@ -47,15 +63,29 @@ def check_text(settings: Settings, q: str) -> None:
         raise InvalidInput("the query is empty", 'type a concept such as red circle, or a filter such as width>=512')
 
 
-def run_search(store: t2c.Store, settings: Settings, query: str | dict, k: int, offset: int,
-               explain: bool) -> dict:
-    """Check the request against the server's limits, search, and return the result as JSON."""
+def run_search(store: t2c.Store, settings: Settings, query: str | dict | None, k: int, offset: int,
+               explain: bool, like: int | bytes | None = None) -> t2c.SearchResult:
+    """Check the request against the server's limits, then search (``like``: an example image id or upload)."""
     check_paging(settings, k, offset)
     if isinstance(query, str):
         check_text(settings, query)
-    res = store.search(query, k=k, offset=offset, explain=explain, max_terms=settings.max_terms,
-                       max_length=settings.max_query_chars)
-    return res.to_dict()
+    return store.search(query, like=like, k=k, offset=offset, explain=explain, max_terms=settings.max_terms,
+                        max_length=settings.max_query_chars, max_pixels=settings.max_upload_pixels)
+
+
+async def json_body(request: Request, model):
+    """The request's JSON body validated by ``model``; malformed JSON or fields give 422 as FastAPI would."""
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
+
+    try:
+        raw = await request.json()
+    except ValueError as e:
+        raise RequestValidationError([{"loc": ("body",), "msg": f"invalid JSON ({e})", "type": "json_invalid"}])
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
 
 
 @router.get("/search")
@@ -68,11 +98,26 @@ def search_get(
     store: t2c.Store = Depends(get_store),
 ) -> dict[str, Any]:
     """Search with a query string; returns the SearchResult as JSON."""
-    return run_search(store, settings, q, k, offset, explain)
+    return run_search(store, settings, q, k, offset, explain).to_dict()
 
 
-@router.post("/search")
-def search_post(body: SearchBody, settings: Settings = Depends(get_settings),
-                store: t2c.Store = Depends(get_store)) -> dict[str, Any]:
-    """Search with a JSON query tree (``t2c.query.ast.to_json`` form) or a query string."""
-    return run_search(store, settings, body.query, body.k, body.offset, body.explain)
+_UPLOAD_FORM = {"type": "object", "properties": {
+    "image": {"type": "string", "format": "binary", "description": "example image (JPEG, PNG, WebP, GIF, BMP, TIFF)"},
+    "q": {"type": "string", "description": "optional query text, AND-ed with the image"},
+    "k": {"type": "integer"}, "offset": {"type": "integer"}, "explain": {"type": "boolean"}}, "required": ["image"]}
+
+
+@router.post("/search", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": SearchBody.model_json_schema(ref_template="#/components/schemas/{model}")},
+    "multipart/form-data": {"schema": _UPLOAD_FORM}}}})
+async def search_post(request: Request, settings: Settings = Depends(get_settings),
+                      store: t2c.Store = Depends(get_store)) -> dict[str, Any]:
+    """Search with a JSON query tree (``t2c.query.ast.to_json`` form) or a query string; or, as a multipart
+    form, with an uploaded example image (field ``image``) and optional query text ``q`` (see ``examples``)."""
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        from t2c.service.routers.examples import search_upload
+
+        return await search_upload(request, settings, store)
+    body = await json_body(request, SearchBody)
+    res = await run_in_threadpool(run_search, store, settings, body.query, body.k, body.offset, body.explain)
+    return res.to_dict()

@@ -68,7 +68,8 @@ def test_import_is_light_and_public_names_are_complete():
     with pytest.raises(AttributeError):
         t2c.no_such_name  # noqa: B018
     for fn in (t2c.open, t2c.index, t2c.encoders, t2c.align, t2c.Store.search, t2c.Store.audit, t2c.Store.drift,
-               t2c.Store.classify, t2c.Store.describe, t2c.Store.image, t2c.Store.info, t2c.Store.table):
+               t2c.Store.classify, t2c.Store.describe, t2c.Store.image, t2c.Store.info, t2c.Store.table,
+               t2c.Store.duplicates):
         assert "Example" in (fn.__doc__ or ""), fn.__name__
 
 
@@ -310,6 +311,7 @@ def test_public_api_has_complete_type_hints():
     for name in ("open", "index", "encoders", "align"):
         check(getattr(t2c, name), name)
     for cls in (t2c.Store, t2c.SearchResult, t2c.AuditResult, t2c.DriftResult, t2c.ClassifyResult, t2c.EncoderList,
+                t2c.DuplicatesResult, t2c.DuplicateGroup,
                 t2c.ImageRecord, t2c.Hit, t2c.StoreInfo, t2c.Description):
         for name, member in inspect.getmembers(cls):
             if name.startswith("_") and name not in ("__init__", "__iter__", "__len__", "__getitem__"):
@@ -340,3 +342,56 @@ def test_cli_and_service_import_no_private_names_and_the_api_imports_no_service(
     api = [f"{p.name}: {m}" for p in sorted((Path(REPO) / "t2c").glob("*.py")) for m, _ in imports(p)
            if m.startswith("t2c.service") and p.name != "__main__.py"]
     assert not api, api
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """30 distinct textured scenes (query by example needs more than flat colours to calibrate on)."""
+    from tests.test_examples import _scene
+
+    root = tmp_path_factory.mktemp("scenes")
+    rng = np.random.default_rng(0)
+    (root / "imgs").mkdir()
+    for i in range(30):
+        _scene(rng).save(root / "imgs" / f"s{i:03d}.png")
+    t2c.index(root / "imgs", root / "st", encoder=CLIP, workers=0)
+    return root
+
+
+def test_search_by_example_id_file_and_bytes(scenes):
+    with t2c.open(scenes / "st") as store:
+        third = store.image(3)
+        by_id = store.search(like=3, k=3)
+        assert by_id.ids[0] == 3 and by_id.text == "like:3"
+        by_file = store.search(like=third.path, k=3)
+        by_bytes = store.search(like=Path(third.path).read_bytes(), k=3)
+        assert by_file.ids == by_bytes.ids == by_id.ids
+        assert by_bytes.text.startswith('like:"sha256:')
+        assert store.search(by_bytes.text, k=3).ids == by_bytes.ids  # the text pages through the same answer
+        both = store.search("width>100", like=3, k=20)
+        assert both.text == "like:3 AND width>100" and both.total == 0
+        with pytest.raises(t2c.InvalidInput, match="like="):
+            store.search()
+        with pytest.raises(t2c.NotFound):
+            store.search(like=9999)
+        with pytest.raises(t2c.ImageDecodeError) as e:
+            store.search(like=b"not an image")
+        assert e.value.reason == "not_an_image"
+    with t2c.open(scenes / "st", example_files=False) as server_side:
+        with pytest.raises(t2c.InvalidInput, match="upload"):
+            server_side.search(like=third.path)
+        assert server_side.search(like=Path(third.path).read_bytes(), k=1).ids == [3]
+
+
+def test_duplicates_groups_copies_and_is_kept_per_snapshot(tmp_path):
+    make_solid(tmp_path / "imgs", COLOURS[:5])
+    (tmp_path / "imgs" / "copy.png").write_bytes((tmp_path / "imgs" / "c001.png").read_bytes())
+    t2c.index(tmp_path / "imgs", tmp_path / "st", encoder=CLIP, workers=0)
+    with t2c.open(tmp_path / "st") as store:
+        dups = store.duplicates()
+        assert isinstance(dups, t2c.DuplicatesResult) and all(isinstance(g, t2c.DuplicateGroup) for g in dups)
+        exact = [g for g in dups if g.kind == "exact"]
+        assert [sorted(Path(p).name for p in g.paths) for g in exact] == [["c001.png", "copy.png"]]
+        assert store.duplicates() is not dups and store.duplicates().to_dict() == dups.to_dict()
+        assert dups.to_arrow().column_names == ["ids", "paths", "kind", "min_similarity"]
+        assert dups.write_html(tmp_path / "d.html").read_text().startswith("<!doctype html>")

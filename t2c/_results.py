@@ -104,14 +104,20 @@ class SearchResult(Rows[Hit]):
     """
 
     snapshot: str  #: the snapshot that answered
-    text: str  #: the query as text; searching it again pages through the same answer
 
-    def __init__(self, raw: Any, snapshot: str, text: str) -> None:
+    def __init__(self, raw: Any, snapshot: str, node: Any) -> None:
         self._raw = raw
+        self._node = node
         self._rows = tuple(Hit(int(h.id), str(h.path), float(h.score),
                                None if h.explanation is None else tuple(h.explanation)) for h in raw.hits)
         self.snapshot = snapshot
-        self.text = text
+
+    @property
+    def text(self) -> str:
+        """The query as text; searching it again pages through the same answer (uploads: ``like:"sha256:..."``)."""
+        from t2c.query.parse import format as to_text
+
+        return to_text(self._node)
 
     @property
     def hits(self) -> list[Hit]:

@@ -207,7 +207,6 @@ class Store:
             ...     store.search("NOT red", like="cat.jpg").paths  # images like cat.jpg that are not red
         """
         from t2c.query.ast import Example, conj
-        from t2c.query.parse import format as to_text
 
         node = None if query is None else _parse(query, max_terms=max_terms, max_length=max_length)
         if node is None and like is None:
@@ -217,7 +216,7 @@ class Store:
         if like is not None:
             node = conj([Example(_example_ref(view, like, max_pixels))] + ([node] if node is not None else []))
         raw = view.engine.search(node, k=k, offset=offset, explain=explain)
-        return SearchResult(raw, view.name, to_text(node))
+        return SearchResult(raw, view.name, node)
 
     def duplicates(self, *, threshold: float | None = None, verify: bool = True) -> DuplicatesResult:
         """Groups of exact and near-duplicate images (computed once per snapshot and kept).

@@ -160,6 +160,13 @@ class SearchResult(Rows[Hit]):
         return list(self._raw.warnings)
 
     @property
+    def estimate(self) -> dict | None:
+        """Estimated precision and recall of the answer and of each concept, from the calibration fits (no
+        labels), when the engine made one."""
+        est = self._raw.plan.get("estimate")
+        return None if est is None else dict(est)
+
+    @property
     def paths(self) -> list[str]:
         """File paths of the hits, best first."""
         return [h.path for h in self._rows]

@@ -77,6 +77,11 @@ class Store:
     Close it (or use ``with``) to release the catalog connection.
     """
 
+    path: Path  #: the store folder
+    verify: bool  #: whether snapshots are checked against their manifest's checksums when opened
+    refresh_interval: float | None  #: seconds between checks for a new snapshot (None: pinned)
+    example_files: bool  #: whether queries may name image files as examples
+
     def __init__(self, path: str | os.PathLike[str], *, verify: bool = True, refresh_interval: float | None = 1.0,
                  example_files: bool = True) -> None:
         self.path = Path(path)

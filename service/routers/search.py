@@ -73,21 +73,6 @@ def run_search(store: t2c.Store, settings: Settings, query: str | dict | None, k
                         max_length=settings.max_query_chars, max_pixels=settings.max_upload_pixels)
 
 
-async def json_body(request: Request, model):
-    """The request's JSON body validated by ``model``; malformed JSON or fields give 422 as FastAPI would."""
-    from fastapi.exceptions import RequestValidationError
-    from pydantic import ValidationError
-
-    try:
-        raw = await request.json()
-    except ValueError as e:
-        raise RequestValidationError([{"loc": ("body",), "msg": f"invalid JSON ({e})", "type": "json_invalid"}])
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        raise RequestValidationError(e.errors(include_url=False)) from None
-
-
 @router.get("/search")
 def search_get(
     q: str = Query(..., description='query, e.g. red circle AND NOT square AND width>=512'),

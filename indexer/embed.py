@@ -51,11 +51,11 @@ class StoreEmbedder:
                 self._model = (enc, al, dict(enc.preprocess_config()))
             return self._model
 
-    def _embed(self, path, data: bytes | None) -> np.ndarray:
+    def _embed(self, path, data: bytes | None, max_pixels: int | None = None) -> np.ndarray:
         from t2c.indexer.preprocess import preprocess_image
 
         enc, al, cfg = self._parts()
-        arr, _ = decode_for(path, lambda img: preprocess_image(img, cfg), self.max_pixels,
+        arr, _ = decode_for(path, lambda img: preprocess_image(img, cfg), int(max_pixels or self.max_pixels),
                             max_bytes=self.max_bytes, draft=int(cfg["image_size"]), data=data)
         feats = enc.encode_images(arr[None])
         return np.asarray(al.apply(np.asarray(feats, np.float32), normalize=True), np.float32)[0]
@@ -64,6 +64,9 @@ class StoreEmbedder:
         """The unit vector of one image file. Raises ImageDecodeError (with the indexing reasons)."""
         return self._embed(Path(path), None)
 
-    def embed_bytes(self, data: bytes, name: str = "<upload>") -> np.ndarray:
-        """The unit vector of an image held in memory. Raises ImageDecodeError (with the indexing reasons)."""
-        return self._embed(name, bytes(data))
+    def embed_bytes(self, data: bytes, name: str = "<upload>", max_pixels: int | None = None) -> np.ndarray:
+        """The unit vector of an image held in memory (``max_pixels`` overrides the limit for this one).
+
+        Raises ImageDecodeError (with the indexing reasons).
+        """
+        return self._embed(name, bytes(data), max_pixels)

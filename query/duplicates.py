@@ -166,7 +166,7 @@ class PixelVerifier:
     their views cached; an unreadable image fails every check.
     """
 
-    def __init__(self, paths: dict, max_cached: int = 4096):
+    def __init__(self, paths: dict, max_cached: int = 256):  # ~0.6 MB of views per image
         self.paths = paths
         self.max_cached = max_cached
         self._views: dict = {}

@@ -30,6 +30,8 @@ Plan for one query (``Engine.search``):
      matches.
   7. ``explain=True`` adds per hit, per concept leaf: concept, score, threshold, passed, weight, negated,
      margin, method.
+Example leaves (``like:ID``, ``like:"file"``) are scored leaves like concepts: their vectors come from the
+``ExampleBank`` (``t2c.query.examples``) instead of the text tower, and everything above applies to them.
 """
 from __future__ import annotations
 
@@ -535,6 +537,8 @@ class Engine:
         Raises:
             QuerySyntaxError: bad query syntax. UnknownChoice: unknown filter column, or a word the CLIP text
             tower does not know. InvalidInput: bad k/offset, or a filter value that does not fit its column.
+            NotFound: a ``like:ID`` not in the store. ImageDecodeError: a ``like:"file"`` that cannot be read
+            (its ``reason`` as indexing records it).
         """
         st = self._begin(query, k, offset, explain)
         rows, scores = self._answer(st)

@@ -65,14 +65,14 @@ class ExampleBank:
                 self._kept.move_to_end(key)
             return v
 
-    def add_upload(self, data: bytes, name: str = "<upload>") -> str:
+    def add_upload(self, data: bytes, name: str = "<upload>", max_pixels: int | None = None) -> str:
         """Embed an uploaded image; returns its ref (``sha256:<hex>``) for ``like:"sha256:..."``.
 
         Raises ImageDecodeError (the reasons indexing records) for a bad image.
         """
         ref = UPLOAD_PREFIX + hashlib.sha256(data).hexdigest()
         if self._get(("upload", ref)) is None:
-            self._keep(("upload", ref), self.embedder.embed_bytes(data, name))
+            self._keep(("upload", ref), self.embedder.embed_bytes(data, name, max_pixels=max_pixels))
         return ref
 
     def vector_of(self, ref: int | str) -> np.ndarray:

@@ -26,6 +26,8 @@ def audit(
     concepts: Optional[str] = typer.Option(None, "--concepts", "-c",
                                            help='Concepts: "a,b,c" or a file with one per line.'),
     duplicates: bool = typer.Option(False, "--duplicates", help="List groups of exact and near-duplicate images."),
+    vectors_only: bool = typer.Option(False, "--vectors-only",
+                                      help="Duplicates: decide by vectors alone (no pixel check; for huge stores)."),
     against: Optional[Path] = typer.Option(None, "--against", help="Compare with another store (drift)."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -40,7 +42,7 @@ def audit(
     from t2c.query.audit import drift
 
     if duplicates:
-        return audit_duplicates(store, html, as_json)
+        return audit_duplicates(store, html, as_json, verify=not vectors_only)
     if not concepts:
         from t2c.data.errors import InvalidInput
 
@@ -82,11 +84,11 @@ def audit(
         typer.echo(f"report: {html}", err=True)
 
 
-def audit_duplicates(store: Path, html: Optional[Path], as_json: bool) -> None:
+def audit_duplicates(store: Path, html: Optional[Path], as_json: bool, verify: bool = True) -> None:
     """`t2c audit STORE --duplicates`: groups of duplicates, as text, JSON and/or an HTML report."""
     from t2c.query.duplicates import find_duplicates
 
-    rep = find_duplicates(_open(store))
+    rep = find_duplicates(_open(store), verify=verify)
     d = dict(rep.to_dict(), store=str(store))
     if html:
         from t2c.query.report import duplicates_html, write_html
@@ -135,6 +137,8 @@ def cbm_train(
     concepts: Optional[str] = typer.Option(None, "--concepts", "-c",
                                            help='Concepts: "a,b,c" or a file with one per line.'),
     duplicates: bool = typer.Option(False, "--duplicates", help="List groups of exact and near-duplicate images."),
+    vectors_only: bool = typer.Option(False, "--vectors-only",
+                                      help="Duplicates: decide by vectors alone (no pixel check; for huge stores)."),
     labels_column: str = typer.Option(..., "--labels-column", help="Catalog column with each image's class."),
     out: Path = typer.Option(..., "--out", help="Output .safetensors file."),
     l1: Optional[float] = typer.Option(None, "--l1", min=0.0, help="L1 strength (default: chosen on validation)."),

@@ -66,6 +66,20 @@ class StoreError(T2CError):
     http_status = 409
 
 
+class DiskFull(StoreError):
+    """The disk (or quota) holding a store filled up during a write; the live snapshot is unchanged."""
+
+    http_status = 507
+
+
+class StoreNotWritable(StoreError):
+    """A store folder cannot be written (read-only file system, or no permission)."""
+
+
+class SourceGone(NotFound):
+    """The image folder (or a listed file's folder) disappeared while a run was reading it."""
+
+
 class ImageDecodeError(T2CError):
     """An image file could not be decoded safely; `reason` is a short machine-friendly tag."""
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from t2c.data.errors import AlignerError, InvalidInput, StoreError, T2CError
-from t2c.data.store import Changes, StoreWriter, new_feature_shard_name
+from t2c.data.errors import AlignerError, InvalidInput, SourceGone, StoreError, T2CError
+from t2c.data.store import RESUME_NOTE, Changes, StoreWriter, new_feature_shard_name, store_faults
 from t2c.indexer.staging import ItemResult, Staging
 
 PART_SIZE = 256
@@ -340,34 +340,72 @@ def index_folder(root, store, encoder_spec: str, *, aligner=None, fit_aligner: i
         raise InvalidInput("the store must not live inside the folder being indexed", "put --store elsewhere")
     spec = parse_spec(encoder_spec)
     workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else int(workers)
-    with StoreWriter(store) as writer:
+    state: dict = {}
+    with store_faults(store, lambda: space_needed(**state)), StoreWriter(store) as writer:
         check_encoder(writer, store, spec)
-        plan = plan_run(writer, root, follow_symlinks=follow_symlinks)
+        state["plan"] = plan = plan_run(writer, root, follow_symlinks=follow_symlinks)
         run = start_run(writer, spec, plan, t0, aligner=aligner, fit_aligner=fit_aligner, clip=clip,
-                         fit_workers=workers, progress=progress, max_pixels=max_pixels, batch_size=batch_size,
-                         device=device, threads=threads, part_size=part_size)
+                        fit_workers=workers, progress=progress, max_pixels=max_pixels, batch_size=batch_size,
+                        device=device, threads=threads, part_size=part_size)
         if isinstance(run, IndexReport):
             return run
-        encoder, parts, done = run.encoder, run.parts, run.done
-        cfg = dict(encoder.preprocess_config(), max_pixels=max_pixels)
-        bar = progress_bar(len(plan.todo), "index", progress)
-        bar.update(sum(len(parts[i]) for i in done if i < len(parts)))
-        decoder = Decoder(cfg, workers)
+        state["run"] = run
         t_enc = time.perf_counter()
-        processed = 0
-        try:
-            pending = [i for i in range(len(parts)) if i not in done]
-            flat = (t for i in pending for t in parts[i])
-            results = decoder.imap(t["path"] for t in flat)
-            for i in pending:
-                _process_part(run.staging, i, parts[i], results, encoder, user_columns or {})
-                processed += len(parts[i])
-                bar.update(len(parts[i]))
-        finally:
-            bar.close()
-            decoder.close()
+        processed = _encode_pending(run, plan, root, dict(run.encoder.preprocess_config(), max_pixels=max_pixels),
+                                    workers, progress, user_columns or {})
         enc_seconds = time.perf_counter() - t_enc
         return finish_run(writer, run, plan, str(root), memory_budget, processed, enc_seconds, t0)
+
+
+def _encode_pending(run: "Run", plan: Plan, root: Path, cfg: dict, workers: int, progress: bool,
+                    user_columns: dict) -> int:
+    """Decode (in worker processes) and encode the parts a run has not finished; the images processed."""
+    parts, done = run.parts, run.done
+    bar = progress_bar(len(plan.todo), "index", progress)
+    bar.update(sum(len(parts[i]) for i in done if i < len(parts)))
+    decoder = Decoder(cfg, workers)
+    processed = 0
+    try:
+        pending = [i for i in range(len(parts)) if i not in done]
+        results = decoder.imap(t["path"] for i in pending for t in parts[i])
+        for i in pending:
+            _process_part(run.staging, i, parts[i], results, run.encoder, user_columns, root)
+            processed += len(parts[i])
+            bar.update(len(parts[i]))
+    finally:
+        bar.close()
+        decoder.close()
+    return processed
+
+
+def space_needed(plan: Plan | None = None, run: "Run | None" = None) -> int | None:
+    """About how many bytes a run still needs: the unfinished parts' raw features plus the new snapshot."""
+    if plan is None or run is None:
+        return None
+    finished = run.staging.done_parts()
+    remaining = sum(len(p) for i, p in enumerate(run.parts) if i not in finished)
+    total = len(plan.todo) + (run.report.unchanged or 0)
+    row = int(run.aligner.W.shape[1]) * 4 * 2 + 8 + 300  # vectors.npy + index + ids + catalog row
+    return remaining * (int(run.encoder.dim) * 4 + 300) + total * row
+
+
+def check_source_present(items: list, results: list, root: Path | None, staging: Staging) -> None:
+    """Before a part is staged: a file that vanished together with its folder means the source went away.
+
+    Raises:
+        SourceGone: the image folder (``root``, or a listed file's folder) no longer exists; nothing of this
+            part is written, so a rerun once it is back reads those files again.
+    """
+    for item, r in zip(items, results):
+        if r.ok or r.reason != "not_found":
+            continue
+        folder = Path(item["path"]).parent
+        gone = root if root is not None and not root.is_dir() else (folder if not folder.is_dir() else None)
+        if gone is not None:
+            raise SourceGone(
+                f"the image folder {str(gone)!r} disappeared during the run ({item['path']!r} is gone with it)",
+                f"{len(staging.done_parts())} finished part(s) are kept in {str(staging.folder)!r}; when the "
+                f"folder is back, {RESUME_NOTE}")
 
 
 @dataclass
@@ -492,9 +530,11 @@ def _new_skips(writer: StoreWriter, plan: Plan) -> bool:
     return any(p not in known for p, _ in plan.skipped)
 
 
-def _process_part(staging: Staging, i: int, items: list, results, encoder, user_columns: dict) -> None:
+def _process_part(staging: Staging, i: int, items: list, results, encoder, user_columns: dict,
+                  root: Path | None = None) -> None:
     """Encode one part's decoded images and write the part to staging."""
     decoded = [next(results) for _ in items]
+    check_source_present(items, [r for _, r in decoded], root, staging)
     arrays = [arr for arr, _ in decoded if arr is not None]
     feats = encoder.encode_images(np.stack(arrays)) if arrays else np.zeros((0, encoder.dim), np.float32)
     rows = iter(feats)
@@ -553,7 +593,7 @@ def realign_store(store, aligner_path, *, memory_budget: int | None = None):
     from t2c.indexer.index_build import DEFAULT_BUDGET, build_index
 
     al = Aligner.load(aligner_path)
-    with StoreWriter(store, create=False) as writer:
+    with store_faults(store), StoreWriter(store, create=False) as writer:
         cur = writer.current
         if cur is None:
             raise StoreError(f"store {str(store)!r} has no committed snapshot to realign")

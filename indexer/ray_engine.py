@@ -19,6 +19,8 @@ recall target, recall written to the manifest).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -26,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from t2c.data.errors import InvalidInput, NotFound, StoreError
-from t2c.data.store import StoreWriter
-from t2c.indexer.pipeline import (DEFAULT_MAX_PIXELS, PART_SIZE, IndexReport, Plan, check_encoder, decode_file,
-                                  finish_run, plan_run, plan_walk, progress_bar, start_run)
+from t2c.data.store import StoreWriter, store_faults
+from t2c.indexer.pipeline import (DEFAULT_MAX_PIXELS, PART_SIZE, IndexReport, Plan, check_encoder, check_source_present,
+                                  decode_file, finish_run, plan_run, plan_walk, progress_bar, space_needed, start_run)
 from t2c.indexer.staging import ItemResult, Staging
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -61,6 +63,19 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, runtime_
         kw["num_cpus"] = int(num_cpus)
     ray.init(**kw)
     return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None, runtime_env: dict | None = None):
+    """Ray connected for the duration (see :func:`ensure_ray`); shut down after if this call started it."""
+    started = ensure_ray(address, num_cpus, runtime_env)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,13 +154,13 @@ def _check_source(source) -> Path:
 
 def _run_stages(staging: Staging, plan, pending, part_size, encoder_spec, cfg, dim, *, batch_size, device, threads,
                 encoder_actors, cpus_per_actor, gpus_per_actor, decode_batch_size, decode_cpus, user_columns,
-                bar) -> int:
+                bar, root: Path | None = None) -> int:
     """Run decode → encode on Ray for the pending parts and stage each part as soon as it is complete."""
     import pyarrow as pa
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # the run draws its own bar
     idx = np.concatenate([np.arange(p * part_size, min((p + 1) * part_size, len(plan.todo))) for p in pending])
     paths = [plan.todo[i]["path"] for i in idx]
     n = len(idx)
@@ -164,7 +179,31 @@ def _run_stages(staging: Staging, plan, pending, part_size, encoder_spec, cfg, d
                                                             "device": device, "threads": act_threads},
                         batch_size=batch_size, batch_format="numpy", concurrency=encoder_actors,
                         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
-    buf: dict[int, dict[int, dict]] = {}
+    buf: dict[int, dict[int, ItemResult]] = {}
+    with _quiet_ray_data(ctx) if bar.disable else contextlib.nullcontext():
+        written = _write_as_parts_complete(staging, plan, ds, buf, part_size, dim, user_columns, bar, root)
+    if buf:
+        raise StoreError(f"the Ray pipeline lost images of parts {sorted(buf)[:5]}",
+                         "re-run the same command: finished parts are kept")
+    return written
+
+
+@contextlib.contextmanager
+def _quiet_ray_data(ctx):
+    """Keep Ray Data's execution notes and warnings off the terminal (``t2c index -q``)."""
+    log = logging.getLogger("ray.data")
+    level, start_note = log.level, ctx.print_on_execution_start
+    log.setLevel(logging.ERROR)
+    ctx.print_on_execution_start = False
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        ctx.print_on_execution_start = start_note
+
+
+def _write_as_parts_complete(staging, plan, ds, buf, part_size, dim, user_columns, bar, root) -> int:
+    """Consume the encoded stream; stage each part as soon as all its images are back. The images written."""
     written = 0
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for j in range(len(b["idx"])):
@@ -176,12 +215,11 @@ def _run_stages(staging: Staging, plan, pending, part_size, encoder_spec, cfg, d
             lo, hi = p * part_size, min((p + 1) * part_size, len(plan.todo))
             if len(buf[p]) == hi - lo:
                 got = buf.pop(p)
-                staging.write_part(p, plan.todo[lo:hi], [got[k] for k in range(lo, hi)], dim, user_columns)
+                items, results = plan.todo[lo:hi], [got[k] for k in range(lo, hi)]
+                check_source_present(items, results, root, staging)
+                staging.write_part(p, items, results, dim, user_columns)
                 written += hi - lo
                 bar.update(hi - lo)
-    if buf:
-        raise StoreError(f"the Ray pipeline lost images of parts {sorted(buf)[:5]}",
-                         "re-run the same command: finished parts are kept")
     return written
 
 
@@ -233,37 +271,32 @@ def index_folder_ray(source, store, encoder_spec: str, *, address: str | None = 
     if int(part_size) < 1 or int(encoder_actors) < 1:
         raise InvalidInput("part_size and encoder_actors must be at least 1")
     spec = parse_spec(encoder_spec)
-    with StoreWriter(store) as writer:
+    state: dict = {}
+    with store_faults(store, lambda: space_needed(**state)), StoreWriter(store) as writer:
         check_encoder(writer, store, spec)
         plan, root_label = _resolve_source(src, column, base, follow_symlinks, writer)
+        state["plan"] = plan
         run = start_run(writer, spec, plan, t0, aligner=aligner, fit_aligner=fit_aligner, clip=clip,
                          fit_workers=fit_workers, progress=progress, max_pixels=max_pixels, batch_size=batch_size,
                          device=device, threads=threads, part_size=int(part_size))
         if isinstance(run, IndexReport):
             return run
+        state["run"] = run
         encoder, parts, done = run.encoder, run.parts, run.done
         pending = [i for i in range(len(parts)) if i not in done]
         cfg = dict(encoder.preprocess_config(), max_pixels=max_pixels)
         bar = progress_bar(len(plan.todo), "index (ray)", progress)
         bar.update(sum(len(parts[i]) for i in done if i < len(parts)))
         processed, enc_seconds = 0, 0.0
-        try:
+        with contextlib.closing(bar):
             if pending:
-                started = ensure_ray(address, num_cpus, runtime_env)
-                try:
+                with ray_session(address, num_cpus, runtime_env):
                     t_enc = time.perf_counter()
                     processed = _run_stages(
                         run.staging, plan, pending, int(part_size), encoder_spec, cfg, encoder.dim,
                         batch_size=batch_size, device=device, threads=threads, encoder_actors=int(encoder_actors),
                         cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
                         decode_batch_size=int(decode_batch_size), decode_cpus=decode_cpus,
-                        user_columns=user_columns or {}, bar=bar)
+                        user_columns=user_columns or {}, bar=bar, root=src if src.is_dir() else None)
                     enc_seconds = time.perf_counter() - t_enc
-                finally:
-                    if started:
-                        import ray
-
-                        ray.shutdown()
-        finally:
-            bar.close()
         return finish_run(writer, run, plan, root_label, memory_budget, processed, enc_seconds, t0, engine="ray")

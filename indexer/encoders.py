@@ -589,7 +589,7 @@ def _open_clip(spec: EncoderSpec, kw: dict) -> Encoder:
 @register_source("world", "concept-world models shipped with text2concept: world:clip (image + text), ...")
 def _world(spec: EncoderSpec, kw: dict) -> Encoder:
     """Concept-world models (offline default); weights ship inside the package."""
-    from t2c.data.world import models as wm
+    from t2c.indexer.world import models as wm
 
     if spec.name not in wm.WORLD_MODELS:
         raise UnknownChoice("world model", spec.name, wm.WORLD_MODELS)
@@ -652,9 +652,23 @@ def _python(spec: EncoderSpec, kw: dict) -> Encoder:
                          text_fn=getattr(obj, "encode_text", None), **kw)
 
 
+def weights_file(spec: EncoderSpec) -> "Path | None":
+    """The local file a spec's weights are read from: its ``weights=PATH``, or the file its source ships."""
+    from pathlib import Path
+
+    w = spec.weights
+    if w not in (None, "", "random", "pretrained"):
+        return Path(w)
+    if w in (None, "", "pretrained") and spec.source == "world":
+        from t2c.indexer.world import models as wm
+
+        return wm.weights_path(spec.name) if spec.name in wm.WORLD_MODELS else None
+    return None
+
+
 def list_encoders() -> list[dict]:
     """Concrete encoders worth listing (world models) plus one line per source, for ``t2c encoders``."""
-    from t2c.data.world import models as wm
+    from t2c.indexer.world import models as wm
 
     rows = []
     for name in sorted(wm.WORLD_MODELS):

@@ -92,19 +92,14 @@ def _check_templates(templates: Sequence[str]) -> tuple[str, ...]:
 def _model_identity(clip_spec: str) -> str:
     """What defines the text tower: the spec identity plus size/mtime of a weights file it names or ships."""
     try:
-        from t2c.indexer.encoders import parse_spec
+        from t2c.indexer.encoders import parse_spec, weights_file
 
         spec = parse_spec(clip_spec)
         ident = spec.identity
-        w = spec.weights
+        path = weights_file(spec)
     except Exception:  # noqa: BLE001 - an unparsable spec fails later, when the encoder is made
         return str(clip_spec)
-    paths = []
-    if w and w not in ("random", "pretrained"):
-        paths.append(Path(w))
-    elif spec.source == "world":
-        paths.append(Path(__file__).resolve().parent.parent / "data" / "world" / "weights" / f"{spec.name}.safetensors")
-    for p in paths:
+    for p in [path] if path is not None else []:
         try:
             st = p.stat()
             ident += f"|{p.name}:{st.st_size}:{st.st_mtime_ns}"

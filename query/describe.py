@@ -2,8 +2,8 @@
 
 Two decoders, chosen by the CLIP space of the vector:
 
-- ``world:clip`` stores use the concept world's GRU caption decoder (``t2c.data.world.decoder``; weights ship in
-  ``data/world/weights/decoder.safetensors``, rebuilt by ``t2c describe-train``).
+- ``world:clip`` stores use the concept world's GRU caption decoder (``t2c.indexer.world.decoder``; weights ship in
+  ``indexer/world/weights/decoder.safetensors``, rebuilt by ``t2c describe-train``).
 - Any other CLIP uses a ClipCap-style prefix decoder: an MLP maps the CLIP vector to ``prefix_len`` token
   embeddings of a GPT-2-class language model (``transformers``), then greedy decoding. Its weights come from
   a local safetensors file (``--decoder FILE`` or ``$T2C_CAPTION_DECODER``) written by
@@ -198,7 +198,7 @@ def _read_safetensors(path: Path, framework: str):
 def _default_decoder(clip_spec: str) -> Path:
     spec = str(clip_spec or "")
     if spec == "world:clip" or spec.startswith("world:clip?"):
-        from t2c.data.world.decoder import weights_path
+        from t2c.indexer.world.decoder import weights_path
 
         return weights_path()
     env = os.environ.get(ENV_DECODER)
@@ -227,7 +227,7 @@ def load_caption_decoder(path) -> tuple[str, object]:
             fmt = (fh.metadata() or {}).get("format")
     except Exception as e:  # noqa: BLE001
         raise EncoderError(f"cannot read caption decoder {str(path)!r}: {e}") from None
-    from t2c.data.world import decoder as wd
+    from t2c.indexer.world import decoder as wd
 
     if fmt == wd.FORMAT:
         val = ("world-gru", wd.load_decoder(path))
@@ -266,7 +266,7 @@ def describe_vector(vec, clip_spec: str, decoder: str | os.PathLike | None = Non
     path = Path(decoder).expanduser() if decoder else _default_decoder(clip_spec)
     kind, model = load_caption_decoder(path)
     if kind == "world-gru":
-        from t2c.data.world.decoder import caption_vectors
+        from t2c.indexer.world.decoder import caption_vectors
 
         if v.shape[0] != model.dim:
             raise InvalidInput(f"vector has dimension {v.shape[0]}, the decoder expects {model.dim}")

@@ -48,7 +48,8 @@ from dataclasses import dataclass
 from datetime import date, datetime
 
 from t2c.data.errors import InvalidInput, QuerySyntaxError
-from t2c.query.ast import (IDENTIFIER, KEYWORDS, MAX_DEPTH, MAX_WEIGHT, And, Concept, Filter, Node, Not, Or)
+from t2c.query.ast import (IDENTIFIER, KEYWORDS, MAX_DEPTH, MAX_WEIGHT, And, Concept, Filter, Node, Not, Or,
+                           Visitor)
 
 __all__ = ["parse", "format", "tokenize", "Token"]
 
@@ -407,27 +408,29 @@ def _value(v) -> str:
     return str(v)
 
 
-_PREC = {Or: 1, And: 2, Not: 3}
+class _Formatter(Visitor):
+    """Query text of a tree; ``min_prec`` is the binding strength the context needs (parenthesise below it)."""
 
-
-def _fmt(node: Node, min_prec: int) -> str:
-    if isinstance(node, Concept):
+    def visit_concept(self, node: Concept, min_prec: int) -> str:
         s = (f"{_num(node.weight)}*" if node.weight != 1.0 else "") + \
             (node.text if _bare_ok(node.text) else _quote(node.text))
         return s + (f"@{_num(node.threshold)}" if node.threshold is not None else "")
-    if isinstance(node, Filter):
+
+    def visit_filter(self, node: Filter, min_prec: int) -> str:
         return f"{node.column}{node.op}{_value(node.value)}"
-    p = _PREC[type(node)]
-    if isinstance(node, Not):
-        s = "NOT " + _fmt(node.child, p)
-    else:
-        sep = " AND " if isinstance(node, And) else " OR "
-        s = sep.join(_fmt(c, p + 1 if p < 3 else p) for c in node.children)
-    return f"({s})" if p < min_prec else s
+
+    def visit_not(self, node: Not, min_prec: int) -> str:
+        s = "NOT " + self.visit(node.child, 3)
+        return f"({s})" if 3 < min_prec else s
+
+    def visit_bool(self, node, min_prec: int) -> str:
+        p = 2 if isinstance(node, And) else 1
+        s = (" AND " if p == 2 else " OR ").join(self.visit(c, p + 1) for c in node.children)
+        return f"({s})" if p < min_prec else s
 
 
 def format(node: Node) -> str:  # noqa: A001 - the natural name; shadows the builtin only in this module
     """Pretty-print a tree as query text; ``parse(format(tree)) == tree`` for every valid tree."""
-    if not isinstance(node, (Concept, Filter, And, Or, Not)):
+    if not isinstance(node, Node):
         raise InvalidInput(f"not a query node: {type(node).__name__}")
-    return _fmt(node, 0)
+    return _Formatter().visit(node, 0)

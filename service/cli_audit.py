@@ -177,7 +177,7 @@ def describe_train(
     clip_weights: Optional[str] = typer.Option(None, "--clip-weights", help="world:clip weights (default shipped)."),
 ) -> None:
     """Train the world caption decoder on world:clip image embeddings of generated images (deterministic)."""
-    from t2c.data.world.decoder import DecoderConfig, train_decoder
+    from t2c.indexer.world.decoder import DecoderConfig, train_decoder
 
     cfg = DecoderConfig(n=n, steps=steps, seed=seed, clip_weights=clip_weights)
     _, rep = train_decoder(cfg, out=str(out) if out else "shipped", threads=threads,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from t2c.data.errors import EncoderError, InvalidInput, NotFound
-from t2c.data.world import decoder as wd
+from t2c.indexer.world import decoder as wd
 from t2c.data.world.generator import sample_dataset
 from t2c.query.describe import (build_prefix_captioner, clipcap_train_step, describe, describe_vector,
                             load_prefix_captioner, save_prefix_captioner)

@@ -237,7 +237,7 @@ def test_probs_features_need_the_heads_weights(tmp_path):
 
 
 def test_probs_features_world_pairnet_are_its_sigmoid_pair_probabilities():
-    from t2c.data.world.models import load_world_model
+    from t2c.indexer.world.models import load_world_model
 
     enc = make_encoder("world:pairnet?features=stages+probs")
     assert enc.spec == "world:pairnet?features=stages+probs" and enc.dim == 512 + 48
@@ -266,3 +266,15 @@ def test_stage_features_errors_name_the_problem(spec, error, words):
     with pytest.raises(error) as ei:
         make_encoder(spec)
     assert words in str(ei.value) + (getattr(ei.value, "hint", "") or "")
+
+
+def test_weights_file_is_owned_by_the_source(tmp_path):
+    """A spec's weights file: its weights=PATH, the world source's shipped file, or none (random, hub)."""
+    from t2c.indexer.encoders import parse_spec, weights_file
+
+    shipped = weights_file(parse_spec("world:clip"))
+    assert shipped is not None and shipped.exists() and shipped.parent.name == "weights"
+    assert weights_file(parse_spec("world:clip?weights=random")) is None
+    assert weights_file(parse_spec("timm:resnet18")) is None
+    p = tmp_path / "w.safetensors"
+    assert weights_file(parse_spec(f"world:clip?weights={p}")) == p

@@ -11,7 +11,7 @@
   features are its 64-d bottleneck.
 
 torch is imported only when a model is built (``WORLD_MODELS`` can be listed without it).
-Weights ship as safetensors in ``data/world/weights/`` and are reproduced by ``t2c world train``.
+Weights ship as safetensors in ``indexer/world/weights/`` and are reproduced by ``t2c world train``.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ MAX_TOKENS = 32
 
 def weights_path() -> Path:
     """Path of the shipped decoder weights."""
-    from t2c.data.world.models import WEIGHTS_DIR
+    from t2c.indexer.world.models import WEIGHTS_DIR
 
     return WEIGHTS_DIR / DECODER_FILE
 
@@ -211,8 +211,8 @@ def _pad(seqs: list[list[int]]) -> np.ndarray:
 
 def clip_image_embeddings(pixels: np.ndarray, clip_weights: str | None = None, batch: int = 512) -> np.ndarray:
     """world:clip image embeddings (n, 64) of uint8 (n, 32, 32, 3) pixels."""
-    from t2c.data.world.models import load_world_model
-    from t2c.data.world.train import to_tensor
+    from t2c.indexer.world.models import load_world_model
+    from t2c.indexer.world.train import to_tensor
 
     torch, _ = _nets()
     clip = load_world_model("clip", clip_weights)
@@ -286,7 +286,7 @@ def train_decoder(config: DecoderConfig | None = None, out: str | os.PathLike | 
         path = weights_path() if str(out) == "shipped" else Path(out)
         clip_file = None
         if cfg.clip_weights != "random":
-            from t2c.data.world.models import weights_path as wp
+            from t2c.indexer.world.models import weights_path as wp
 
             cp = Path(cfg.clip_weights) if cfg.clip_weights else wp("clip")
             clip_file = hashlib.sha256(cp.read_bytes()).hexdigest()[:16] if cp.is_file() else None

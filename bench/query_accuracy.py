@@ -243,7 +243,7 @@ def fit_aligners(work: Path, encoders: list[str], n_fit: int, seed: int) -> dict
 
 def make_encoder_has_text(enc: str) -> bool:
     """Whether a world spec has a text tower (it is then indexed on its own, as its own CLIP)."""
-    from t2c.data.world.models import WORLD_MODELS
+    from t2c.indexer.world.models import WORLD_MODELS
     from t2c.indexer.encoders import parse_spec
 
     spec = parse_spec(enc)
@@ -279,6 +279,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--fit-set", type=int, default=5000, help="separate images the aligners are fitted on")
     ap.add_argument("--work", type=Path, default=None, help="work folder (kept, reused); default temporary")
     ap.add_argument("--details", action="store_true", help="print every (collection, query seed) run")
+    ap.add_argument("--no-binding", action="store_true", help="calibrated thresholds alone (no rival check)")
     args = ap.parse_args(argv)
     import torch
 
@@ -317,7 +318,7 @@ def _run(args, work: Path) -> dict:
         for enc in encoders:
             store = work / f"store-{cs}-{args.n}-{enc.replace(':', '_').replace('?', '_')}"
             build_store(world, store, enc, aligners[enc])
-            eng = Engine(open_store(store, verify=False))
+            eng = Engine(open_store(store, verify=False), binding=not args.no_binding)
             rel = dict(eng.snapshot.catalog().execute("SELECT id, relpath FROM images").fetchall())
             relpaths = [rel[int(i)] for i in eng.snapshot.ids]
             lab = labels.take([row_of["images/" + r] for r in relpaths])
@@ -328,7 +329,7 @@ def _run(args, work: Path) -> dict:
                 r = run_store(eng, truth, queries)
                 runs[enc].append(dict(r, collection_seed=cs, query_seed=qs))
     out = {"n": args.n, "collection_seeds": cseeds, "query_seeds": qseeds, "per_family": args.per_family,
-           "tuned_on": TUNING_SEEDS, "aligner_fit": f"{args.fit_set} separate world images, no labels",
+           "tuned_on": TUNING_SEEDS, "binding": not args.no_binding, "aligner_fit": f"{args.fit_set} separate world images, no labels",
            "results": {e: _summary(runs[e]) for e in encoders}, "seconds": round(time.perf_counter() - t0, 1)}
     if args.details:
         out["runs"] = runs

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -46,6 +45,7 @@ import numpy as np
 
 from t2c.data.errors import InvalidInput
 from t2c.data.store import atomic_save_npz, load_npz
+from t2c.query.lru import LRUCache
 
 __all__ = ["Calibration", "calibrate", "reference_threshold", "concept_scores", "thresholds_for",
            "sample_rows", "clear_cache", "fit_gmm", "weighted_em", "present_score_of", "CALIBRATION_SAMPLE", "MIN_SEPARATION", "TAIL_K"]
@@ -422,8 +422,8 @@ def sample_rows(n: int, limit: int = CALIBRATION_SAMPLE) -> np.ndarray | None:
     return np.linspace(0, n - 1, limit).round().astype(np.int64)
 
 
-_CACHE: dict[tuple, Calibration] = {}
-_CACHE_LOCK = threading.Lock()
+CACHE_ENTRIES = 20_000  # calibrations kept in memory (each snapshot's own; a newer snapshot of a store evicts them)
+_CACHE = LRUCache(CACHE_ENTRIES)
 _CODE_ID: list[str] = []
 
 
@@ -487,6 +487,11 @@ def _disk_put(key: str | None, cal: Calibration) -> None:
         pass
 
 
+def _cache_put(snapshot, key: tuple, cal: Calibration) -> Calibration:
+    """Keep a calibration in memory, tied to its snapshot (a newer snapshot of the same store evicts it)."""
+    return _CACHE.setdefault(key, cal, scope=key[0][0], generation=key[0][1])
+
+
 def _snap_key(snapshot) -> tuple:
     root = getattr(snapshot, "root", None)
     return (str(Path(root).resolve()) if root is not None else f"obj:{id(snapshot)}", getattr(snapshot, "name", ""))
@@ -531,8 +536,7 @@ def _bound_thresholds(snapshot, texts: list[str], bank, plain: dict) -> dict[str
         if b is None:
             continue
         key = (_snap_key(snapshot), "bound", t, hashlib.blake2b(bank.vector(t).tobytes(), digest_size=12).hexdigest())
-        with _CACHE_LOCK:
-            c = _CACHE.get(key)
+        c = _CACHE.get(key)
         if c is None:
             try:
                 vecs = bank.vectors(b.texts())
@@ -551,8 +555,7 @@ def _bound_thresholds(snapshot, texts: list[str], bank, plain: dict) -> dict[str
             c = Calibration(floor, "bound", float(present.mean()), raw.scale, raw.n,
                             {"binding": b.to_dict(), "word_thresholds": words, "plain": raw.to_dict(),
                              "rates": bound_rates(margin, words_ok, present, word_rates)}, raw.sorted_sample)
-            with _CACHE_LOCK:
-                c = _CACHE.setdefault(key, c)
+            c = _cache_put(snapshot, key, c)
         out[t] = c
     return out
 
@@ -564,13 +567,12 @@ def _plain_thresholds(snapshot, texts: list[str], bank) -> dict[str, Calibration
     keys = [(sk, t, hashlib.blake2b(v.tobytes(), digest_size=12).hexdigest()) for t, v in zip(texts, vecs)]
     out: dict[str, Calibration] = {}
     todo = []
-    with _CACHE_LOCK:
-        for t, key, v in zip(texts, keys, vecs):
-            c = _CACHE.get(key)
-            if c is None:
-                todo.append((t, key, v))
-            else:
-                out[t] = c
+    for t, key, v in zip(texts, keys, vecs):
+        c = _CACHE.get(key)
+        if c is None:
+            todo.append((t, key, v))
+        else:
+            out[t] = c
     if todo:
         prior = present_score_of(bank)
         disk = {key: _disk_key(snapshot, v, prior) for _, key, v in todo}
@@ -580,8 +582,7 @@ def _plain_thresholds(snapshot, texts: list[str], bank) -> dict[str, Calibration
             if c is None:
                 left.append((t, key, v))
             else:
-                with _CACHE_LOCK:
-                    _CACHE[key] = out[t] = _CACHE.get(key) or c
+                out[t] = _cache_put(snapshot, key, c)
         if left:
             V = snapshot.vectors
             if V.shape[0] == 0:
@@ -589,10 +590,7 @@ def _plain_thresholds(snapshot, texts: list[str], bank) -> dict[str, Calibration
             rows = sample_rows(V.shape[0])
             sc = concept_scores(snapshot, np.stack([v for _, _, v in left]), rows=rows)
             for j, (t, key, _) in enumerate(left):
-                c = calibrate(sc[:, j], prior)
-                with _CACHE_LOCK:
-                    c = _CACHE.setdefault(key, c)
-                    out[t] = c
+                c = out[t] = _cache_put(snapshot, key, calibrate(sc[:, j], prior))
                 _disk_put(disk[key], c)
     return out
 
@@ -605,5 +603,4 @@ def present_score_of(bank) -> float | None:
 
 def clear_cache() -> None:
     """Forget cached calibrations (tests)."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
+    _CACHE.clear()

@@ -25,20 +25,20 @@ from __future__ import annotations
 import functools
 import json
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from t2c.data.errors import EncoderError, InvalidInput, NotFound
+from t2c.query.lru import LRUCache
 
 __all__ = ["describe", "describe_vector", "load_caption_decoder", "build_prefix_captioner", "save_prefix_captioner",
            "load_prefix_captioner", "clipcap_train_step", "CLIPCAP_FORMAT"]
 
 CLIPCAP_FORMAT = "t2c-clipcap-1"
 ENV_DECODER = "T2C_CAPTION_DECODER"
-_LOCK = threading.Lock()
-_LOADED: dict[tuple, object] = {}
+
+_LOADED = LRUCache(4)  # loaded decoders; a newer version of a file evicts the older one
 
 
 # ------------------------------------------------------------------------------------------------ ClipCap
@@ -218,8 +218,7 @@ def load_caption_decoder(path) -> tuple[str, object]:
                        "run `t2c describe-train` (world) or pass --decoder FILE")
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    with _LOCK:
-        hit = _LOADED.get(key)
+    hit = _LOADED.get(key)
     if hit is not None:
         return hit
     try:
@@ -235,9 +234,7 @@ def load_caption_decoder(path) -> tuple[str, object]:
         val = ("clipcap", load_prefix_captioner(path))
     else:
         raise EncoderError(f"{str(path)!r} is not a caption decoder (format {fmt!r})")
-    with _LOCK:
-        _LOADED[key] = val
-    return val
+    return _LOADED.setdefault(key, val, scope=key[0], generation=(st.st_mtime_ns, st.st_size))
 
 
 # ------------------------------------------------------------------------------------------------ API

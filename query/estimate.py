@@ -8,7 +8,8 @@ where the threshold t lies, so with ``Q_k = P(score >= t | component k)``:
 * miss = P(present | fails) = sum_present w_k (1 - Q_k) / sum_all w_k (1 - Q_k).
 
 A concept judged with binding ("bound") is judged on its rival margin over the images where both of its words
-pass: such an image is bound with probability Phi(margin / sigma) (``bound_rates``).
+pass: the rule splits them at zero, each side is summarised by a normal, and an image's chance of being bound
+is that side's posterior (``bound_rates``).
 Concepts without a fit (one population, or the model's cut) have no estimate.
 
 For the whole answer, each scored image gets, for each concept, P(present) = precision when it passed and
@@ -62,17 +63,19 @@ def concept_rates(cal) -> dict | None:
 def bound_rates(margin: np.ndarray, words_ok: np.ndarray, present: np.ndarray, word_rates: list) -> dict | None:
     """Rates of a bound concept from its rival margins over sampled images where both words pass.
 
-    An image is bound with probability Phi(margin / sigma), sigma being the typical size of the margins the
-    rule rejects (their median absolute value): near zero the rule is a coin toss, far from it a sure call.
+    The rule splits those margins at zero into a "bound" and an "unbound" group; each group is summarised by
+    a normal (its share, mean and spread), and an image's chance of being bound is that group's posterior:
+    near zero, where the groups overlap, the rule is a coin toss; far from it, a sure call.
     """
-    from statistics import NormalDist
-
     x = np.asarray(margin, np.float64)[words_ok]
     on = np.asarray(present)[words_ok]
-    if len(x) < 8 or on.all() or not on.any():
+    if on.sum() < 2 or (~on).sum() < 2:
         return None
-    sigma = max(float(np.median(np.abs(x[~on]))), 1e-6)
-    post = np.array([NormalDist().cdf(v) for v in np.clip(x / sigma, -40, 40)])
+    dens = []
+    for grp in (x[on], x[~on]):
+        sd = max(float(grp.std()), 1e-6)
+        dens.append(len(grp) / len(x) * np.exp(-0.5 * ((x - grp.mean()) / sd) ** 2) / sd)
+    post = dens[0] / np.maximum(dens[0] + dens[1], 1e-300)
     words_p = float(np.prod([r["precision"] for r in word_rates])) if word_rates and all(word_rates) else 1.0
     total = float(post.sum())
     n_fail = len(present) - int(np.sum(present))

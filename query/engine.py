@@ -86,8 +86,14 @@ class SearchResult:
         """Notes for the person asking (e.g. a concept this collection's scores cannot calibrate)."""
         return list(self.plan.get("warnings", []))
 
+    @property
+    def estimate(self) -> dict | None:
+        """Estimated precision and recall of the answer and of each concept (``t2c.query.estimate``), or None."""
+        return self.plan.get("estimate")
+
     def to_dict(self) -> dict:
         return {"query": self.query, "total": int(self.total), "k": self.k, "offset": self.offset,
+                "estimate": self.estimate,
                 "took_ms": round(float(self.took_ms), 3), "plan": self.plan,
                 "hits": [h.to_dict() for h in self.hits]}
 

@@ -122,3 +122,42 @@ def test_calibration_cache_keeps_only_the_live_snapshot(tmp_path):
     cal.thresholds_for(Snap("s-000002", v), ["a"], bank=Bank())
     assert len(cal._CACHE) == 1
     cal.clear_cache()
+
+
+@pytest.fixture(scope="module")
+def world_store(tmp_path_factory):
+    from t2c.data.world.generator import generate
+    from t2c.indexer.pipeline import index_folder
+
+    root = tmp_path_factory.mktemp("bind")
+    generate(root / "w", 400, 31337)
+    index_folder(root / "w" / "images", root / "st", "world:clip", workers=0, batch_size=200)
+    return root
+
+
+def test_binding_lifts_pair_precision_on_world_clip_and_the_engine_agrees_with_brute_force(world_store):
+    import pyarrow.parquet as pq
+
+    from t2c.data.store import open_store
+    from t2c.data.world.generator import concept_truth
+    from t2c.query.engine import Engine
+
+    snap = open_store(world_store / "st", verify=False)
+    labels = pq.read_table(world_store / "w" / "labels.parquet")
+    row_of = {p: i for i, p in enumerate(labels.column("path").to_pylist())}
+    rel = dict(snap.catalog().execute("SELECT id, relpath FROM images").fetchall())
+    lab = labels.take([row_of["images/" + rel[int(i)]] for i in snap.ids])
+    ids = np.asarray(snap.ids)
+    precision = {True: [], False: []}
+    for q in ["red circle", "blue square", "green triangle", "yellow star"]:
+        truth = concept_truth(lab, q)
+        for on in (True, False):
+            eng = Engine(snap, binding=on)
+            res = eng.search(f'"{q}" AND NOT purple', k=10_000)
+            assert np.array_equal(np.sort(res.all_ids), eng.reference_answer(f'"{q}" AND NOT purple'))
+            pred = np.isin(ids, res.all_ids)
+            precision[on].append((pred & truth).sum() / max(pred.sum(), 1))
+            if on:
+                assert eng.calibrations(eng.parse_query(f'"{q}"')).popitem()[1].method == "bound"
+                assert 0 <= res.estimate["precision"] <= 1 and 0 <= res.estimate["recall"] <= 1
+    assert np.mean(precision[True]) > np.mean(precision[False])

@@ -2,6 +2,7 @@
 
 Node types
     Concept(text, weight=1.0, threshold=None)   a text constraint ("red circle"), scored by cosine similarity
+    Example(ref, weight=1.0, threshold=None)    an example image (``like:812``, ``like:"cat.jpg"``), likewise
     Filter(column, op, value)                   a metadata constraint on a catalog column (``width>=512``)
     And(children) / Or(children)                n-ary, at least two children, nested same-type nodes flattened
     Not(child)
@@ -9,6 +10,7 @@ Node types
 JSON form (``to_json`` / ``from_json``)::
 
     {"type": "concept", "text": "sunset", "weight": 2.0, "threshold": 0.3}
+    {"type": "example", "ref": 812, "weight": 1.0}     {"type": "example", "ref": "photos/cat.jpg"}
     {"type": "filter", "column": "width", "op": ">=", "value": 512, "value_type": "int"}
     {"type": "filter", "column": "added", "op": ">", "value": "2026-01-01", "value_type": "date"}
     {"type": "and", "children": [...]}   {"type": "or", "children": [...]}   {"type": "not", "child": {...}}
@@ -94,6 +96,11 @@ class Scored(Leaf):
 
     __slots__ = ()
     kind = "scored"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What names this leaf's vector and calibration: (kind, text), so a concept never meets an example."""
+        return (self.kind, self.text)  # type: ignore[attr-defined]
 
 
 class Bool(Node):
@@ -242,6 +249,72 @@ class Filter(Leaf):
         if op == ":" and not isinstance(value, str):
             raise _json_error(f"{path}.value", f"a ':' (glob) filter needs a string pattern, got {value!r}")
         return cls(col, op, value)
+
+
+MAX_REF_CHARS = 4096
+
+
+def _ref_text(ref: int | str) -> str:
+    """Query text of an example reference: ``like:812`` or ``like:"photos/cat.jpg"``."""
+    if isinstance(ref, int):
+        return f"like:{ref}"
+    return 'like:"' + ref.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _check_ref(ref: Any, path: str | None = None) -> int | str:
+    """An example reference: a catalog id (int >= 0) or a non-empty image file name (str)."""
+    ok = (isinstance(ref, int) and not isinstance(ref, bool) and ref >= 0) or (
+        isinstance(ref, str) and ref.strip() != "" and len(ref) <= MAX_REF_CHARS
+        and not any(ord(c) < 32 for c in ref))
+    if not ok:
+        problem = (f"must be an image id (an integer >= 0) or an image file name (a non-empty string of at "
+                   f"most {MAX_REF_CHARS} characters, no control characters), got {ref!r}")
+        if path is not None:
+            raise _json_error(f"{path}.ref", problem)
+        raise _bad(f"an example's reference {problem}")
+    return ref
+
+
+@_register
+@dataclass(frozen=True)
+class Example(Scored):
+    """An example image: met when an image's cosine similarity to the example passes its threshold.
+
+    ``ref`` is a catalog id (``like:812``, the indexed image's own vector) or an image file
+    (``like:"photos/cat.jpg"``, decoded safely and embedded with the store's encoder and aligner; a service
+    names an uploaded image ``sha256:<hex>``). The threshold is calibrated from the collection's similarity
+    distribution to the example, like a concept's.
+    """
+
+    ref: int | str
+    weight: float = 1.0
+    threshold: float | None = None
+
+    kind = "example"
+    json_keys = (frozenset({"type", "ref"}), frozenset({"weight", "threshold"}))
+
+    def __post_init__(self) -> None:
+        _check_ref(self.ref)
+        object.__setattr__(self, "weight", _check_weight(self.weight))
+        object.__setattr__(self, "threshold", _check_threshold(self.threshold))
+
+    @property
+    def text(self) -> str:
+        """The example as query text (``like:812``), its key for vectors, calibration and explanations."""
+        return _ref_text(self.ref)
+
+    def to_json(self) -> dict:
+        return {"type": "example", "ref": self.ref, "weight": self.weight, "threshold": self.threshold}
+
+    @classmethod
+    def from_json_obj(cls, o: dict, path: str, build) -> "Example":
+        return cls(_check_ref(o["ref"], path), _check_weight(o.get("weight", 1.0), path),
+                   _check_threshold(o.get("threshold"), path))
+
+
+def examples(node: Node) -> list[Example]:
+    """Every Example leaf, left to right (duplicates kept)."""
+    return [n for n in walk(node) if isinstance(n, Example)]
 
 
 def _flatten(kind: type, children: Any) -> tuple:

@@ -15,9 +15,9 @@ and service default ``$T2C_CACHE_DIR`` to :func:`user_cache_dir`, so a repeated 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from t2c.data.errors import EncoderError, InvalidInput
+from t2c.data.store import atomic_write_bytes
 from t2c.query.lru import LRUCache
 
 __all__ = ["DEFAULT_TEMPLATES", "WORLD_TEMPLATES", "templates_for", "ConceptBank", "concept_bank_for",
@@ -185,10 +186,9 @@ class ConceptBank:
             return
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".npy.tmp")
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, v)
-            os.replace(tmp, p)
+            buf = io.BytesIO()
+            np.save(buf, v)
+            atomic_write_bytes(p, buf.getvalue(), sync=False)
         except OSError:  # read-only or full disk: the memory cache still works
             pass
 

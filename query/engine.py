@@ -30,6 +30,8 @@ Plan for one query (``Engine.search``):
      matches.
   7. ``explain=True`` adds per hit, per concept leaf: concept, score, threshold, passed, weight, negated,
      margin, method.
+Example leaves (``like:ID``, ``like:"file"``) are scored leaves like concepts: their vectors come from the
+``ExampleBank`` (``t2c.query.examples``) instead of the text tower, and everything above applies to them.
 """
 from __future__ import annotations
 
@@ -103,7 +105,11 @@ def _calibration_warnings(leaves, cals) -> list[str]:
     out = []
     for leaf, positive in leaves:
         c = cals[id(leaf)]
-        if positive and c.method == "tail_search" and leaf.threshold is None:
+        if positive and c.method == "tail_search" and leaf.threshold is None and leaf.kind == "example":
+            msg = (f"'{leaf.text}': the collection's similarities to this example show no separate group of close "
+                   f"images, so its threshold ({c.threshold:.3f}, median + 1 robust sigma) keeps the closest "
+                   f"{c.prevalence_at(c.threshold):.0%}; narrow it with '{leaf.text}@0.NN'")
+        elif positive and c.method == "tail_search" and leaf.threshold is None:
             msg = (f"'{leaf.text}': this collection's scores show no separate 'present' group, so its threshold "
                    f"({c.threshold:.3f}, median + 1 robust sigma) is a guess; set one yourself with "
                    f"'{leaf.text}@0.NN', or use an encoder that separates this concept")
@@ -183,6 +189,19 @@ def evaluate_tree(node, concept_pass, filter_pass, n: int) -> np.ndarray:
     return _TreeEvaluator(concept_pass, filter_pass, n).visit(node)
 
 
+class _BankOf(qa.Visitor):
+    """The bank that embeds a scored leaf: the engine's concept bank or its example bank."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def visit_concept(self, leaf):
+        return self.engine.bank
+
+    def visit_example(self, leaf):
+        return self.engine.examples
+
+
 def _leaves(node):
     """Scored leaves with polarity (True: under an even number of NOTs), left to right."""
     return qa.scored_with_polarity(node)
@@ -218,8 +237,8 @@ class _Search:
     leaves: list = field(default_factory=list)  # (scored leaf, positive)
     cals: dict = field(default_factory=dict)  # id(leaf) -> Calibration
     T: np.ndarray | None = None  # the leaves' vectors, one row per distinct text
-    tindex: dict = field(default_factory=dict)  # leaf text -> row of T
-    resolved: dict = field(default_factory=dict)  # (text, threshold) -> (sorted ids, scores, probed lists)
+    tindex: dict = field(default_factory=dict)  # leaf key (kind, text) -> row of T
+    resolved: dict = field(default_factory=dict)  # (key, threshold) -> (sorted ids, scores, probed lists)
     rows: np.ndarray | None = None  # candidate rows
     lscores: np.ndarray | None = None  # (len(rows), len(leaves)) scores; NaN: not known yet
     passed: dict = field(default_factory=dict)  # id(leaf) -> bool array over rows
@@ -241,11 +260,12 @@ class Engine:
         >>> [(h.id, h.path, h.score) for h in res.hits]  # doctest: +SKIP
     """
 
-    def __init__(self, snapshot, bank=None, *, exact_rows: int = EXACT_ROWS, binding: bool = True):
+    def __init__(self, snapshot, bank=None, *, exact_rows: int = EXACT_ROWS, examples=None, binding: bool = True):
         self.snapshot = snapshot
         self.exact_rows = int(exact_rows)
         self.binding = bool(binding)
         self._bank = bank
+        self._examples = examples
         self._columns: dict | None = None
         self._ivf = None
         self._row_list = None
@@ -288,13 +308,43 @@ class Engine:
         raise InvalidInput(f"query must be a string, a JSON object or a query tree, got {type(query).__name__}")
 
     # -- thresholds --
+    @property
+    def examples(self):
+        """The ExampleBank for ``like:`` leaves (built on first use)."""
+        if self._examples is None:
+            from t2c.query.examples import ExampleBank
+
+            self._examples = ExampleBank(self.snapshot)
+        return self._examples
+
+    def bank_of(self, leaf):
+        """Where a scored leaf's vector comes from: the concept bank (text tower) or the example bank."""
+        return _BankOf(self).visit(leaf)
+
+    def _by_bank(self, leaves) -> list:
+        """[(kind, bank, [distinct texts])] of scored leaves, grouped by kind (each kind has one bank)."""
+        groups: dict = {}
+        for c in leaves:
+            groups.setdefault(c.kind, (c.kind, self.bank_of(c), {}))[2][c.text] = None
+        return [(kind, bank, list(texts)) for kind, bank, texts in groups.values()]
+
+    def leaf_vectors(self, leaves) -> tuple[np.ndarray, dict]:
+        """(vectors, {leaf key: row}) of the distinct scored leaves."""
+        parts, index = [], {}
+        for kind, bank, texts in self._by_bank(leaves):
+            parts.append(np.asarray(bank.vectors(texts), np.float32))
+            for t in texts:
+                index[(kind, t)] = len(index)
+        return np.concatenate(parts), index
+
     def calibrations(self, node) -> dict:
-        """Calibration per concept leaf (by leaf identity), overrides applied."""
+        """Calibration per scored leaf (by leaf identity), overrides applied."""
         leaves = qa.scored(node)
-        cal = thresholds_for(self.snapshot, [c.text for c in leaves], bank=self.bank, binding=self.binding)
+        cal = {kind: thresholds_for(self.snapshot, texts, bank=bank, binding=self.binding and kind == "concept")
+               for kind, bank, texts in self._by_bank(leaves)}
         out = {}
         for c in leaves:
-            base = cal[c.text]
+            base = cal[c.kind][c.text]
             out[id(c)] = base.with_threshold(c.threshold) if c.threshold is not None else base.for_search()
         return out
 
@@ -496,6 +546,8 @@ class Engine:
         Raises:
             QuerySyntaxError: bad query syntax. UnknownChoice: unknown filter column, or a word the CLIP text
             tower does not know. InvalidInput: bad k/offset, or a filter value that does not fit its column.
+            NotFound: a ``like:ID`` not in the store. ImageDecodeError: a ``like:"file"`` that cannot be read
+            (its ``reason`` as indexing records it).
         """
         st = self._begin(query, k, offset, explain)
         rows, scores = self._answer(st)
@@ -560,9 +612,7 @@ class Engine:
         warnings = _calibration_warnings(st.leaves, st.cals)
         if warnings:
             st.plan["warnings"] = warnings
-        texts = list(dict.fromkeys(c.text for c, _ in st.leaves))
-        st.T = self.bank.vectors(texts)
-        st.tindex = {t: i for i, t in enumerate(texts)}
+        st.T, st.tindex = self.leaf_vectors([c for c, _ in st.leaves])
 
     def _drivers(self, st: _Search) -> list:
         """Step 4a: selective necessary positive leaves (up to MAX_DRIVERS, most selective first), with the
@@ -572,7 +622,7 @@ class Engine:
         drivers, seen = [], set()
         for c in sorted(_necessary_positive(st.rest).values(),
                         key=lambda c: (cals[id(c)].prevalence_at(cals[id(c)].threshold), c.text)):
-            key = (c.text, cals[id(c)].threshold)
+            key = (c.key, cals[id(c)].threshold)
             expected = cals[id(c)].prevalence_at(cals[id(c)].threshold) * n
             if key not in seen and expected * 4 < n and len(drivers) < MAX_DRIVERS:
                 seen.add(key)
@@ -588,10 +638,10 @@ class Engine:
         found = []
         for c, expected in drivers:
             dc = st.cals[id(c)]
-            ids_c, d_c, probed, cplan = self._range_candidates(st.T[st.tindex[c.text]], dc, expected)
+            ids_c, d_c, probed, cplan = self._range_candidates(st.T[st.tindex[c.key]], dc, expected)
             plan["drivers"].append(dict(concept=c.text, threshold=round(dc.threshold, 6),
                                         expected=round(float(expected), 1), **cplan))
-            st.resolved[(c.text, dc.threshold)] = (ids_c, d_c, probed)
+            st.resolved[(c.key, dc.threshold)] = (ids_c, d_c, probed)
             found.append(ids_c)
         plan["driver"] = plan["drivers"][0]
         plan["nprobe"] = max((d.get("nprobe") or 0) for d in plan["drivers"]) or None
@@ -620,7 +670,7 @@ class Engine:
         cids = np.asarray(self.snapshot.ids[rows], np.int64) if not self._ids_are_rows else rows
         lists = self._range_other_leaves(st) if itype == "ivf_flat" else self._range_flat_leaves(st)
         for li, (leaf, _) in enumerate(st.leaves):
-            ids_c, d_c, probed = st.resolved[(leaf.text, st.cals[id(leaf)].threshold)]
+            ids_c, d_c, probed = st.resolved[(leaf.key, st.cals[id(leaf)].threshold)]
             col = st.lscores[:, li]
             if probed is None:
                 col[:] = -1.0
@@ -635,9 +685,9 @@ class Engine:
         """Flat index: range-search every leaf the drivers did not (exact: every vector is compared)."""
         for leaf, _ in st.leaves:
             c = st.cals[id(leaf)]
-            key = (leaf.text, c.threshold)
+            key = (leaf.key, c.threshold)
             if key not in st.resolved:
-                ids_c, d_c, probed, _ = self._range_candidates(st.T[st.tindex[leaf.text]], c, 0)
+                ids_c, d_c, probed, _ = self._range_candidates(st.T[st.tindex[leaf.key]], c, 0)
                 st.resolved[key] = (ids_c, d_c, probed)
 
     def _range_other_leaves(self, st: _Search) -> np.ndarray:
@@ -648,12 +698,12 @@ class Engine:
         needed[lists[lists >= 0]] = True
         for leaf, _ in st.leaves:
             c = st.cals[id(leaf)]
-            key = (leaf.text, c.threshold)
+            key = (leaf.key, c.threshold)
             ids_c, d_c, probed = st.resolved.get(key, (np.zeros(0, np.int64), np.zeros(0, np.float32),
                                                        np.zeros_like(needed)))
             todo = np.nonzero(needed & ~probed)[0]
             if len(todo):
-                more_i, more_d = self._range_in_lists(st.T[st.tindex[leaf.text]], c.threshold, todo)
+                more_i, more_d = self._range_in_lists(st.T[st.tindex[leaf.key]], c.threshold, todo)
                 ids_c, d_c = np.concatenate([ids_c, more_i]), np.concatenate([d_c, more_d])
                 o = np.argsort(ids_c, kind="stable")
                 ids_c, d_c = ids_c[o], d_c[o]
@@ -668,7 +718,7 @@ class Engine:
         if unknown.any():
             S = concept_scores(self.snapshot, st.T, rows=st.rows[unknown])
             for li, (leaf, _) in enumerate(st.leaves):
-                st.lscores[unknown, li] = S[:, st.tindex[leaf.text]]
+                st.lscores[unknown, li] = S[:, st.tindex[leaf.key]]
 
     def _exact_scan(self, st: _Search) -> None:
         """Steps 4-5 without the index: every allowed row (or every row) scored exactly, blockwise."""
@@ -677,7 +727,7 @@ class Engine:
         st.plan["rescored"] = int(len(S))
         st.lscores = np.empty((len(S), len(st.leaves)), np.float32)
         for li, (leaf, _) in enumerate(st.leaves):
-            st.lscores[:, li] = S[:, st.tindex[leaf.text]]
+            st.lscores[:, li] = S[:, st.tindex[leaf.key]]
         st.rows = np.arange(len(self.snapshot.ids), dtype=np.int64) if st.allowed is None else st.allowed
 
     def _match(self, st: _Search) -> np.ndarray:
@@ -750,14 +800,14 @@ class Engine:
         srt = np.argsort(prow)
         ex = np.empty((len(prow), st.T.shape[0]), np.float32)
         ex[srt] = concept_scores(self.snapshot, st.T, rows=prow[srt])  # exact scores of the page's hits
-        passed = {id(leaf): ex[:, st.tindex[leaf.text]] >= st.cals[id(leaf)].threshold for leaf, _ in st.leaves}
+        passed = {id(leaf): ex[:, st.tindex[leaf.key]] >= st.cals[id(leaf)].threshold for leaf, _ in st.leaves}
         self._apply_binding(st.leaves, st.cals, passed, prow)
         out = []
         for j in range(len(prow)):
             expl = []
             for leaf, pos in st.leaves:
                 c = st.cals[id(leaf)]
-                s = float(ex[j, st.tindex[leaf.text]])
+                s = float(ex[j, st.tindex[leaf.key]])
                 expl.append({"concept": leaf.text, "score": round(s, 6),
                              "threshold": round(float(c.threshold), 6), "passed": bool(passed[id(leaf)][j]),
                              "weight": leaf.weight, "negated": not pos,
@@ -772,12 +822,11 @@ class Engine:
         n = len(self.snapshot.ids)
         leaves = qa.scored(node)
         cals = self.calibrations(node) if leaves else {}
-        texts = list(dict.fromkeys(c.text for c in leaves))
-        S = concept_scores(self.snapshot, self.bank.vectors(texts)) if texts else np.zeros((n, 0), np.float32)
-        ti = {t: i for i, t in enumerate(texts)}
+        T, ti = self.leaf_vectors(leaves) if leaves else (None, {})
+        S = concept_scores(self.snapshot, T) if leaves else np.zeros((n, 0), np.float32)
         flist = qa.filters(node)
         fpass = self._tree_filters(flist, np.arange(n, dtype=np.int64)) if flist else {}
-        passed = {id(c): S[:, ti[c.text]] >= cals[id(c)].threshold for c in leaves}
+        passed = {id(c): S[:, ti[c.key]] >= cals[id(c)].threshold for c in leaves}
         self._apply_binding([(c, True) for c in leaves], cals, passed, np.arange(n, dtype=np.int64))
         match = evaluate_tree(node, lambda c: passed[id(c)], lambda f: fpass[id(f)], n)
         return np.asarray(self.snapshot.ids, np.int64)[match]

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from t2c.data.errors import EncoderError, NotFound, UnknownChoice  # noqa: E402
+from t2c.data.errors import DamagedArtefact, EncoderError, NotFound, UnknownChoice  # noqa: E402
 from t2c.data.world import vocab  # noqa: E402
 from t2c.data.world.generator import render, sample_dataset, sample_scene, scene_rng  # noqa: E402
 from t2c.indexer.world.models import WEIGHTS_DIR, WORLD_MODELS, load_world_model, save_world_model, weights_path  # noqa: E402
@@ -65,7 +65,7 @@ def test_weight_options(tmp_path):
     with pytest.raises(EncoderError):
         load_world_model("clip", str(path))  # pairnet weights do not fit clip
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(EncoderError):
+    with pytest.raises(DamagedArtefact):
         load_world_model("pairnet", str(tmp_path / "junk.safetensors"))
     with pytest.raises(UnknownChoice):
         load_world_model("resnet", None)

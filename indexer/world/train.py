@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from t2c.data.errors import InvalidInput
+from t2c.data.store import SHARED_MODE, atomic_write_bytes
 from t2c.data.world import vocab
 from t2c.data.world.generator import Scene, sample_dataset
 from t2c.indexer.world.models import (IMAGE_SIZE, MEAN, N_PAIRS, STD, WEIGHTS_DIR, WORLD_MODELS, build_world_model,
@@ -470,9 +471,7 @@ def train_all(out_dir: str | Path | None = None, *, config: TrainConfig | None =
             report["models"].setdefault(name, info)
     except (OSError, ValueError, AttributeError):
         pass
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(meta_path)
+    atomic_write_bytes(meta_path, json.dumps(report, indent=1).encode(), mode=SHARED_MODE)
     if log:
         log(f"saved {', '.join(models)} to {out} in {report['total_seconds']}s total")
     return report

@@ -334,9 +334,10 @@ class SeenPaths:
             pos = np.minimum(np.searchsorted(r, h), len(r) - 1)
             new &= r[pos] != h
         run = np.sort(h[new])
-        while self.runs and len(self.runs[-1]) <= 2 * len(run):
-            run = np.union1d(self.runs.pop(), run)
-        self.runs.append(run)
+        if len(run):
+            while self.runs and len(self.runs[-1]) <= 2 * len(run):
+                run = np.union1d(self.runs.pop(), run)
+            self.runs.append(run)
         return new
 
 

@@ -26,10 +26,10 @@ SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.large_string()), ("relpath",
 class WorkListWriter:
     """Appends work items to an Arrow IPC file in fixed-size record batches (``BATCH_ROWS`` rows each)."""
 
-    def __init__(self, folder: str | os.PathLike | None = None, batch_rows: int = BATCH_ROWS):
+    def __init__(self, folder: str | os.PathLike | None = None, batch_rows: int | None = None):
         fd, self.path = tempfile.mkstemp(prefix=".worklist-", suffix=".arrow", dir=folder)
         os.close(fd)
-        self.batch_rows = int(batch_rows)
+        self.batch_rows = int(batch_rows or BATCH_ROWS)
         self._sink = pa.OSFile(self.path, "wb")
         self._w = pa.ipc.new_file(self._sink, SCHEMA)
         self._buf: dict[str, list] = {k: [] for k in SCHEMA.names}

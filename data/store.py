@@ -41,7 +41,7 @@ from t2c.data.errors import DiskFull, InvalidInput, NotFound, StoreError, StoreN
 FORMAT_VERSION = 1
 KEEP_SNAPSHOTS = 3
 QUICK_VERIFY_BYTES = 256 << 20
-CATALOG_MEMORY = "1GB"  # DuckDB's memory limit while a commit writes the catalog (it spills beyond it)
+CATALOG_MEMORY = "512MB"  # DuckDB's memory limit while a commit writes the catalog (it spills beyond it)
 COPY_CHUNK = 262_144  # rows of previous vectors copied at a time when committing
 SHARED_MODE = 0o644  # files others read (artefacts, shipped weights, generated worlds)
 
@@ -696,22 +696,23 @@ class StoreWriter:
         con.unregister("_new_rows")
 
     def _compact_shard_list(self, shards: list[str], live: np.ndarray) -> list[str]:
-        """Drop shards none of whose rows are still the live version (``live``: sorted ids of the snapshot)."""
-        if not shards:
-            return []
-        ids, si = [], []
-        for k, rel in enumerate(shards):
-            with np.load(self.root / rel, allow_pickle=False) as z:
+        """Drop shards none of whose rows are still the live version (``live``: sorted ids of the snapshot).
+
+        Shards are read newest first, one at a time; a shard is kept when it holds a live id no newer shard
+        holds. Memory: one shard plus one byte per live id.
+        """
+        claimed = np.zeros(len(live), bool)
+        used = set()
+        for k in range(len(shards) - 1, -1, -1):
+            with np.load(self.root / shards[k], allow_pickle=False) as z:
                 got = np.asarray(z["ids"], np.int64)
-            ids.append(got)
-            si.append(np.full(len(got), k, np.int32))
-        ids, si = np.concatenate(ids), np.concatenate(si)
-        order = np.lexsort((si, ids))  # by id, then shard: the last of each id is its latest shard
-        ids, si = ids[order], si[order]
-        last = np.ones(len(ids), bool)
-        last[:-1] = ids[1:] != ids[:-1]
-        ids, si = ids[last], si[last]
-        used = set(np.unique(si[np.isin(ids, live, assume_unique=True)]).tolist())
+            if not len(got) or not len(live):
+                continue
+            pos = np.minimum(np.searchsorted(live, got), len(live) - 1)
+            pos = pos[live[pos] == got]
+            if (~claimed[pos]).any():
+                used.add(k)
+            claimed[pos] = True
         return [rel for k, rel in enumerate(shards) if k in used]
 
     def _project(self, shards, ids, vectors_for, manifest_fields, new_shards, reproject, out_path: Path) -> int:

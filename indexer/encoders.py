@@ -670,7 +670,6 @@ def _open_clip(spec: EncoderSpec, kw: dict) -> Encoder:
     mean = getattr(visual, "image_mean", None) or CLIP_MEAN
     std = getattr(visual, "image_std", None) or CLIP_STD
 
-
     def text_fn(texts):
         return model.encode_text(tokenizer(texts).to(next(model.parameters()).device))
 

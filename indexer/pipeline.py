@@ -416,17 +416,21 @@ def space_needed(plan: Plan | None = None, run: "Run | None" = None) -> int | No
 
 
 def check_source_present(items: list, results: list, root: Path | None, staging: Staging) -> None:
-    """Before a part is staged: a file that vanished together with its folder means the source went away.
+    """Before a part is staged: a file that vanished with the folder it was read from means the source went away
+    (an unmounted disk, a moved folder), not that one file was deleted (that is recorded as its error).
+
+    Args:
+        root: the folder being indexed; None for a list of paths (then each missing file's own folder counts).
 
     Raises:
-        SourceGone: the image folder (``root``, or a listed file's folder) no longer exists; nothing of this
-            part is written, so a rerun once it is back reads those files again.
+        SourceGone: that folder no longer exists; nothing of this part is written, so a rerun once it is
+            back reads those files again.
     """
     for item, r in zip(items, results):
         if r.ok or r.reason != "not_found":
             continue
-        folder = Path(item["path"]).parent
-        gone = root if root is not None and not root.is_dir() else (folder if not folder.is_dir() else None)
+        folder = root if root is not None else Path(item["path"]).parent
+        gone = None if folder.is_dir() else folder
         if gone is not None:
             raise SourceGone(
                 f"the image folder {str(gone)!r} disappeared during the run ({item['path']!r} is gone with it)",

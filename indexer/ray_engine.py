@@ -179,8 +179,7 @@ def _run_stages(staging: Staging, plan, pending, part_size, encoder_spec, cfg, d
                         batch_size=batch_size, batch_format="numpy", concurrency=encoder_actors,
                         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
     buf: dict[int, dict[int, ItemResult]] = {}
-    with _quiet_ray_data(ctx) if bar.disable else contextlib.nullcontext():
-        written = _write_as_parts_complete(staging, plan, ds, buf, part_size, dim, user_columns, bar, root)
+    written = _write_as_parts_complete(staging, plan, ds, buf, part_size, dim, user_columns, bar, root)
     if buf:
         raise StoreError(f"the Ray pipeline lost images of parts {sorted(buf)[:5]}",
                          "re-run the same command: finished parts are kept")
@@ -188,16 +187,21 @@ def _run_stages(staging: Staging, plan, pending, part_size, encoder_spec, cfg, d
 
 
 @contextlib.contextmanager
-def _quiet_ray_data(ctx):
-    """Keep Ray Data's execution notes and warnings off the terminal (``t2c index -q``)."""
-    log = logging.getLogger("ray.data")
-    level, start_note = log.level, ctx.print_on_execution_start
-    log.setLevel(logging.ERROR)
+def quiet_ray():
+    """Keep Ray's and Ray Data's notes and warnings off the terminal (``t2c index -q``); errors still show."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    logs = [logging.getLogger(name) for name in ("ray", "ray.data")]
+    levels, start_note = [log.level for log in logs], ctx.print_on_execution_start
+    for log in logs:
+        log.setLevel(logging.ERROR)
     ctx.print_on_execution_start = False
     try:
         yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
         ctx.print_on_execution_start = start_note
 
 
@@ -289,7 +293,8 @@ def index_folder_ray(source, store, encoder_spec: str, *, address: str | None = 
         processed, enc_seconds = 0, 0.0
         with contextlib.closing(bar):
             if pending:
-                with ray_session(address, num_cpus, runtime_env):
+                with quiet_ray() if not progress else contextlib.nullcontext(), \
+                        ray_session(address, num_cpus, runtime_env):
                     t_enc = time.perf_counter()
                     processed = _run_stages(
                         run.staging, plan, pending, int(part_size), encoder_spec, cfg, encoder.dim,

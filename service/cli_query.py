@@ -27,11 +27,14 @@ def query(
 
     eng = Engine.for_store(store, verify=not no_verify)
     res = eng.search(query_with_image(text, image), k=k, offset=offset, explain=explain)
-    if as_json:
-        typer.echo(json.dumps([h.to_dict() for h in res.hits], indent=2, default=str))
+    if as_json:  # with --explain: the whole answer (total, estimate, plan, hits); else the list of hits
+        out = res.to_dict() if explain else [h.to_dict() for h in res.hits]
+        typer.echo(json.dumps(out, indent=2, default=str))
         return
     shown = f"{offset + 1}-{offset + len(res.hits)}" if res.hits else "none"
     typer.echo(f"{res.total} matching images (showing {shown}) in {res.took_ms:.1f} ms")
+    if explain:
+        typer.echo(_estimate_line(res.estimate))
     for w in res.warnings:
         typer.secho(f"note: {w}", fg=typer.colors.YELLOW, err=True)
     for h in res.hits:
@@ -41,6 +44,20 @@ def query(
             neg = "NOT " if e["negated"] else ""
             typer.echo(f"{'':21}{mark}  {neg}{e['concept']!r}: score {e['score']:.3f} "
                        f"{'>=' if e['passed'] else '<'} threshold {e['threshold']:.3f} ({e['method']})")
+
+
+def _fmt(v) -> str:
+    return "?" if v is None else f"{v:.2f}"
+
+
+def _estimate_line(est: dict | None) -> str:
+    """One line: the answer's estimated precision and recall, then each concept's (no labels used)."""
+    if not est:
+        return "estimated precision ?, recall ? (no answer to estimate)"
+    per = "; ".join(f"{t!r} {_fmt((r or {}).get('precision'))}/{_fmt((r or {}).get('recall'))}"
+                    for t, r in est.get("concepts", {}).items())
+    return (f"estimated precision {_fmt(est.get('precision'))}, recall {_fmt(est.get('recall'))} "
+            f"(from the calibration fits; per concept precision/recall: {per or 'none'})")
 
 
 def query_with_image(text: str | None, image: Path | None):

@@ -75,6 +75,12 @@ def test_index_info_query_realign_cycle(tmp_path):
     assert code == 0, err
     hits = json.loads(out)
     assert len(hits) == 5 and {"id", "path", "score"} <= set(hits[0])
+    code, out, err = t2c("query", tmp_path / "st", "red", "-k", 3, "--explain", "--json")
+    assert code == 0, err
+    ans = json.loads(out)  # --explain --json: the whole answer, with the estimate beside the hits
+    assert {"total", "estimate", "hits"} <= set(ans) and "red" in ans["estimate"]["concepts"]
+    code, out, err = t2c("query", tmp_path / "st", "red", "-k", 3, "--explain")
+    assert code == 0 and "estimated precision" in out, err
     code, out, err = t2c("align", "-e", CNN, "--clip", CLIP, "--images", tmp_path / "imgs", "--max-images", 30,
                          "--out", tmp_path / "al.safetensors", "--json")
     assert code == 0, err

@@ -11,10 +11,13 @@ Method (``find_duplicates``):
      Each image keeps its ``MAX_NEIGHBOURS`` closest candidates.
   2. **Verification** (when the image files can be read). An encoder that describes content places two
      *distinct* scenes with the same objects as close as a copy, so each candidate pair is checked on the
-     pixels: small views of one image — crops keeping 80-100% of each side on a grid, each also mirrored —
-     are compared with the other image by normalised correlation (channel means removed: robust to light
-     colour shifts, re-encoding and resizing); the pair is kept when the best view correlates at least
-     ``MATCH_CORRELATION``. Identical content hashes are exact duplicates without a check.
+     pixels (``PixelVerifier``): a copy is ONE global transform of its original (scale, crop offset, mirror,
+     re-encoding noise, per-channel colour affine), while distinct scenes move objects independently. The
+     best coarse crop/mirror views (correlation >= ``MATCH_CORRELATION``) seed a registration of one image's
+     crop box onto the other at up to ``FINE`` pixels (coordinate descent); the pair is kept when the
+     normalised residual is small (``MAX_RESIDUAL``) and the fine detail of the flat regions (texture and
+     pixel noise, band-passed) still correlates (``NOISE_CORRELATION``). Identical content hashes are exact
+     duplicates without a check.
   3. **Groups.** Connected components of the kept pairs; each group names its kind ("exact" when every
      member has the same content hash, else "near") and its weakest link.
 """
@@ -28,11 +31,14 @@ import numpy as np
 from t2c.data.errors import InvalidInput
 
 __all__ = ["find_duplicates", "duplicate_pairs", "calibrate_duplicates", "DuplicateReport", "PixelVerifier",
-           "MATCH_CORRELATION", "MAX_NEIGHBOURS"]
+           "MATCH_CORRELATION", "MAX_RESIDUAL", "MAX_NEIGHBOURS"]
 
 MAX_NEIGHBOURS = 8  # candidates kept per image (closest first)
 NN_SAMPLE = 20_000  # images whose nearest neighbour calibrates the candidate threshold
-MATCH_CORRELATION = 0.97  # best crop/mirror view's correlation that confirms a pair
+MATCH_CORRELATION = 0.8  # a coarse crop/mirror view must correlate this well before registration
+MAX_RESIDUAL = 0.3  # registered residual (normalised units, pooled 2x2, mean square) a pair may keep
+NOISE_CORRELATION = 0.12  # band-passed detail in the flat half of the image must correlate this well
+FINE = 64  # registration resolution (pixels), at most the smaller image's side
 FLAT_LIMIT = 20_000  # up to this many vectors the range search is exact (flat); beyond, an IVF index
 VIEW = 16  # side of the compared views, in pixels
 _KEEPS = (1.0, 0.95, 0.9, 0.85, 0.8)
@@ -56,6 +62,8 @@ class DuplicateReport:
         return {"n": self.n, "threshold": round(float(self.threshold), 6), "method": self.method,
                 "candidate_pairs": self.candidate_pairs, "verified": self.verified,
                 "match_correlation": MATCH_CORRELATION if self.verified else None,
+                "pixel_check": {"max_residual": MAX_RESIDUAL, "noise_correlation": NOISE_CORRELATION,
+                                "fine": FINE} if self.verified else None,
                 "groups": self.groups, "n_groups": len(self.groups),
                 "n_duplicates": int(sum(len(g["ids"]) - 1 for g in self.groups)),
                 "seconds": round(self.seconds, 3), "params": self.params}
@@ -158,15 +166,46 @@ def duplicate_pairs(V: np.ndarray, threshold: float, *, index=None, nprobe: int 
 
 
 # ------------------------------------------------------------------------------------- pixel stage
-class PixelVerifier:
-    """Pixel check of a candidate pair: best normalised correlation of one image's crop/mirror views with the other.
+def _z(x: np.ndarray) -> np.ndarray:
+    """HWC pixels with each channel's mean removed and scaled by its spread (floored: flat channels stay quiet)."""
+    x = x.astype(np.float32)
+    s = x.std((0, 1), keepdims=True)
+    return (x - x.mean((0, 1), keepdims=True)) / np.maximum(s, max(0.5 * float(s.max()), 4.0))
 
-    Views are ``VIEW`` x ``VIEW`` RGB thumbnails, each colour channel shifted to zero mean, the whole view scaled
-    to unit norm (so a light colour shift, re-encoding or resizing barely moves them). Images are decoded safely once and
-    their views cached; an unreadable image fails every check.
+
+def _flat_detail_correlation(Xf: np.ndarray, Yf: np.ndarray) -> float:
+    """Correlation of the band-passed detail of two registered views, over the flatter half of Y.
+
+    Away from edges what is left is the image's own fine texture and sensor noise: a copy keeps it (even
+    re-encoded, its mid frequencies survive), while another scene's is independent, whatever its objects.
+    """
+    from scipy.ndimage import uniform_filter
+
+    def band(x):
+        return uniform_filter(x, (2, 2, 1)) - uniform_filter(x, (6, 6, 1))
+
+    grad = np.abs(np.gradient(uniform_filter(Yf, (3, 3, 1)), axis=(0, 1))).sum(0).sum(-1)
+    grad = np.maximum(grad, uniform_filter(grad, 3))
+    flat = grad <= np.percentile(grad, 50)
+    a, b = band(Xf)[flat], band(Yf)[flat]
+    return float((a * b).sum() / max(np.sqrt((a ** 2).sum() * (b ** 2).sum()), 1e-9))
+
+
+class PixelVerifier:
+    """Pixel check of a candidate pair: is one image ONE global transform of the other?
+
+    A copy is the original under one scale, one offset (a crop), maybe a mirror, re-encoding noise and a
+    per-channel colour affine; two distinct scenes move their objects independently. So: (1) coarse
+    ``VIEW`` x ``VIEW`` crop/mirror views of each image are correlated with the other whole image and the
+    best views (``MATCH_CORRELATION`` gates the pair) seed (2) a registration at up to ``FINE`` pixels: the
+    crop box (offset, size) is refined by coordinate descent on the squared difference of the two views,
+    each channel normalised (mean, spread); (3) the pair is kept when the residual, pooled 2 x 2, is at most
+    ``MAX_RESIDUAL`` and the fine detail of the flat half of the image (its own texture and pixel noise,
+    band-passed) correlates at least ``NOISE_CORRELATION``: a copy, even re-encoded, keeps it; another scene
+    with the same objects in the same places does not. Images are decoded safely once and cached; an unreadable image fails every check.
     """
 
-    def __init__(self, paths: dict, max_cached: int = 256):  # ~0.6 MB of views per image
+    def __init__(self, paths: dict, max_cached: int = 256):
         self.paths = paths
         self.max_cached = max_cached
         self._views: dict = {}
@@ -178,7 +217,7 @@ class PixelVerifier:
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
 
     def views(self, i: int):
-        """(full view (D,), all crop/mirror views (V, D)) of image id i, or None when unreadable."""
+        """{"img", "mir", "views" (V, D), "params" [(flip, x, y, w, h)]} of image id i, or None when unreadable."""
         if i in self._views:
             return self._views[i]
         from PIL import Image, ImageOps
@@ -187,13 +226,14 @@ class PixelVerifier:
         from t2c.data.images import load_image
 
         try:
-            img = load_image(self.paths[i])
+            img = load_image(self.paths[i]).convert("RGB")
         except (ImageDecodeError, KeyError):
             out = None
         else:
             w, h = img.size
-            crops = []
-            for im in (img, ImageOps.mirror(img)):
+            crops, params = [], []
+            mir = ImageOps.mirror(img)
+            for flip, im in ((0, img), (1, mir)):
                 for keep in _KEEPS:
                     cw, ch = w * keep, h * keep
                     offs = (0.5,) if keep == 1.0 else _OFFSETS
@@ -201,19 +241,77 @@ class PixelVerifier:
                         for oy in offs:
                             x, y = (w - cw) * ox, (h - ch) * oy
                             crops.append(np.asarray(im.resize((VIEW, VIEW), Image.BOX, box=(x, y, x + cw, y + ch))))
-            allv = self._norm(np.stack(crops))
-            out = (allv[0], allv)
+                            params.append((flip, x, y, cw, ch))
+            out = {"img": img, "mir": mir, "views": self._norm(np.stack(crops)), "params": params}
         if len(self._views) >= self.max_cached:
             self._views.pop(next(iter(self._views)))
         self._views[i] = out
         return out
 
+    @staticmethod
+    def _register(X: dict, Y: dict, p: tuple, W: int):
+        """(mean squared residual, X's registered view, Y's view): X's crop box refined from p to match Y."""
+        from PIL import Image
+
+        flip, x, y, cw, ch = p
+        im = X["mir"] if flip else X["img"]
+        Xw, Xh = im.size
+        ar = ch / cw
+        Yf = _z(np.asarray(Y["img"].resize((W, W), Image.BOX)))
+
+        def cost(x, y, cw):
+            if x < -0.01 or y < -0.01 or x + cw > Xw + 0.01 or y + cw * ar > Xh + 0.01 or cw < 0.7 * Xw:
+                return np.inf, None
+            box = (max(x, 0.0), max(y, 0.0), min(x + cw, Xw), min(y + cw * ar, Xh))
+            Xf = _z(np.asarray(im.resize((W, W), Image.BOX, box=box)))
+            return float(((Xf - Yf) ** 2).mean()), Xf
+
+        best, bx = cost(x, y, cw)
+        step = max(Xw / W, 1.0)
+        for _ in range(4):  # coordinate descent on offset and size, halving the step
+            moved = True
+            while moved:
+                moved = False
+                for dx, dy, ds in ((step, 0, 0), (-step, 0, 0), (0, step, 0), (0, -step, 0), (0, 0, step),
+                                   (0, 0, -step), (-step / 2, -step / 2, step), (step / 2, step / 2, -step)):
+                    c, f = cost(x + dx, y + dy, cw + ds)
+                    if c < best - 1e-9:
+                        best, bx, x, y, cw, moved = c, f, x + dx, y + dy, cw + ds, True
+            step /= 2
+        return best, bx, Yf
+
+    def check(self, a: int, b: int) -> dict:
+        """{"correlation", "residual", "noise_correlation", "match"} of images a and b (no match when unreadable)."""
+        A, B = self.views(a), self.views(b)
+        if A is None or B is None:
+            return {"correlation": -1.0, "residual": float("inf"), "noise_correlation": 0.0, "match": False}
+        found = []
+        for X, Y in ((A, B), (B, A)):  # X holds the wider view, Y the crop / the copy
+            c = X["views"] @ Y["views"][0]
+            W = int(np.clip(min(Y["img"].size), 16, FINE))
+            for j in np.argsort(-c)[:2]:
+                if c[j] >= MATCH_CORRELATION:
+                    mse, Xf, Yf = self._register(X, Y, X["params"][j], W)
+                    if Xf is not None:
+                        found.append((mse, Xf, Yf))
+        corr = float(max((A["views"] @ B["views"][0]).max(), (B["views"] @ A["views"][0]).max()))
+        if not found:
+            return {"correlation": corr, "residual": float("inf"), "noise_correlation": 0.0, "match": False}
+        _, Xf, Yf = min(found, key=lambda t: t[0])
+        d = Xf - Yf
+        h, w = d.shape[0] // 2 * 2, d.shape[1] // 2 * 2
+        resid = float((d[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean((1, 3)) ** 2).mean())
+        noise = _flat_detail_correlation(Xf, Yf)
+        match = resid <= MAX_RESIDUAL and noise >= NOISE_CORRELATION
+        return {"correlation": corr, "residual": resid, "noise_correlation": noise, "match": bool(match)}
+
+    def same(self, a: int, b: int) -> bool:
+        """Whether image b is one global transform of image a (or a of b), within the thresholds."""
+        return self.check(a, b)["match"]
+
     def score(self, a: int, b: int) -> float:
-        """Best correlation of a view of either image with the other whole image (-1: unreadable)."""
-        va, vb = self.views(a), self.views(b)
-        if va is None or vb is None:
-            return -1.0
-        return float(max((va[1] @ vb[0]).max(), (vb[1] @ va[0]).max()))
+        """Best coarse correlation of a view of either image with the other whole image (-1: unreadable)."""
+        return self.check(a, b)["correlation"]
 
 
 # ------------------------------------------------------------------------------------------- groups
@@ -273,7 +371,7 @@ def find_duplicates(snapshot, *, threshold: float | None = None, verify: bool = 
     if verify and len(P):
         pv = PixelVerifier(paths)
         same = np.array([hashes.get(int(ids[a])) == hashes.get(int(ids[b])) for a, b in P], bool)
-        ok = np.array([s or pv.score(int(ids[a]), int(ids[b])) >= MATCH_CORRELATION
+        ok = np.array([s or pv.same(int(ids[a]), int(ids[b]))
                        for (a, b), s in zip(P, same)], bool)
         P, S = P[ok], S[ok]
     groups = []

@@ -74,7 +74,7 @@ _DUPS_TMPL = """<!doctype html>
 <body><h1>Duplicate images</h1>
 <p class="meta">store <b>{{ store|e }}</b> &middot; {{ n }} images &middot; {{ n_groups }} groups,
 {{ n_duplicates }} duplicates &middot; candidate threshold {{ "%.4f"|format(threshold) }} ({{ method|e }}),
-{{ candidate_pairs }} candidate pairs{% if verified %}, pixel check at correlation &ge; {{ match }}{% endif %}</p>
+{{ candidate_pairs }} candidate pairs{% if verified %}, pixel check: one global registration, residual &le; {{ match }}{% endif %}</p>
 {% for g in groups %}<div class="group"><div class="num"><b>{{ loop.index }}</b><br>{{ g.kind }}<br>
 &ge; {{ "%.3f"|format(g.min_similarity) }}</div>
 {% for m in g.members %}<figure><img src="{{ m.src }}" alt="id {{ m.id }}"><figcaption>{{ m.id }}<br>{{ m.path|e }}
@@ -93,7 +93,7 @@ def duplicates_html(report, thumbs: bool = True, max_members: int = 8) -> str:
     return _env().from_string(_DUPS_TMPL).render(
         css=_CSS, thumb=THUMB, store=d.get("store", ""), n=d["n"], n_groups=d["n_groups"],
         n_duplicates=d["n_duplicates"], threshold=d["threshold"], method=d["method"],
-        candidate_pairs=d["candidate_pairs"], verified=d["verified"], match=d.get("match_correlation"),
+        candidate_pairs=d["candidate_pairs"], verified=d["verified"], match=(d.get("pixel_check") or {}).get("max_residual", d.get("match_correlation")),
         groups=groups)
 
 

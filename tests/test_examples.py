@@ -161,11 +161,12 @@ def test_find_duplicates_groups_planted_copies_only(world):
     d = rep.to_dict()
     assert d["n_duplicates"] == 3 and d["verified"] and d["candidate_pairs"] >= 3 and d["method"].startswith("nn_")
     # a mirrored pair that is a candidate passes the pixel check; two distinct scenes do not
-    from t2c.query.duplicates import MATCH_CORRELATION, PixelVerifier
+    from t2c.query.duplicates import MAX_RESIDUAL, PixelVerifier
 
     pv = PixelVerifier(dict(snap.catalog().execute("SELECT id, path FROM images").fetchall()))
-    assert pv.score(_id_of(snap, "s002.png"), _id_of(snap, "s002-flipped.png")) >= MATCH_CORRELATION
-    assert pv.score(_id_of(snap, "s004.png"), _id_of(snap, "s005.png")) < MATCH_CORRELATION
+    flipped = pv.check(_id_of(snap, "s002.png"), _id_of(snap, "s002-flipped.png"))
+    assert flipped["match"] and flipped["residual"] <= MAX_RESIDUAL
+    assert not pv.same(_id_of(snap, "s004.png"), _id_of(snap, "s005.png"))
 
 
 def test_cli_query_image_and_audit_duplicates(world, tmp_path, capsys):

@@ -18,7 +18,7 @@ Three parts:
     at least 10 relevant images exist).
 
 Seeds: collection seeds ``--seeds`` (default 11 12: not used to tune anything; the pixel-check constants
-(view grid, ``MATCH_CORRELATION``) were chosen on collection seed 3), plant/example seed 0.
+(``MATCH_CORRELATION``, ``MAX_RESIDUAL``, ``NOISE_CORRELATION``) were chosen on collection seed 3), plant/example seed 0.
 
 Usage:
     .venv/bin/python bench/duplicates.py                                  # defaults below

@@ -193,8 +193,9 @@ def run_store(eng, truth: Truth, queries: dict) -> dict:
             pred = np.isin(ids, res.all_ids)
             ceil = evaluate_tree(eng.parse_query(q), lambda c: best[c.text][0] >= best[c.text][1], truth.filter,
                                  len(ids))
-            est = (res.plan.get("estimate") or {}).get("answer") or {}
-            rows.append(prf(pred, t) + prf(ceil, t)[2:] + (est.get("precision", np.nan), int(t.sum())))
+            est = res.plan.get("estimate") or {}
+            e_p = est.get("precision")
+            rows.append(prf(pred, t) + prf(ceil, t)[2:] + (np.nan if e_p is None else e_p, int(t.sum())))
         a = np.array(rows, np.float64) if rows else np.zeros((0, 6))
         fam_out[fam] = {"n": len(rows), "precision": a[:, 0].mean() if rows else None,
                         "recall": a[:, 1].mean() if rows else None, "f1": a[:, 2].mean() if rows else None,

@@ -24,7 +24,7 @@ def test_cli_caches_concept_vectors_per_user_so_repeated_queries_skip_the_text_t
     code, _, err = t2c("index", tmp_path / "imgs", "--store", tmp_path / "st", "-e", CLIP, "--workers", 0)
     assert code == 0, err
     env = {"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(tmp_path / "xdg")}
-    probe = ("import sys; from service.cli import main\n"
+    probe = ("import sys; from t2c.service.cli import main\n"
              "try:\n    main(['query', sys.argv[1], 'red@-1', '-k', '3', '--json'])\n"
              "except SystemExit as e:\n    assert not e.code, e.code\n"
              "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")

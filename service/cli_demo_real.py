@@ -138,8 +138,8 @@ def run_real_demo(out, *, n_fit: int = 300, n_index: int = 200, echo=print) -> d
     """The demo's real-image section: real encoder, real head vocabulary, real labels, F1 printed."""
     from t2c.query.engine import Engine
 
-    echo(f"5/5 real weights, real images: Fashion-MNIST, {SOURCE} aligned into {TARGET}; concepts are "
-         f"{TARGET}'s 1,000 ImageNet class names")
+    echo(f"real weights, real images: Fashion-MNIST ({n_index} test-split images, labelled), {SOURCE} aligned "
+         f"into {TARGET}; the concepts are {TARGET}'s 1,000 ImageNet class names")
     built = build_real_store(Path(out) / "real", n_fit=n_fit, n_index=n_index, echo=echo)
     engine = Engine.for_store(built["store"])
     ids, lab = labels_by_id(engine.snapshot)

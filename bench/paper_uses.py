@@ -29,7 +29,7 @@ from bench.audit_drift import BACKGROUNDS, COLOURS, SHAPES, SIZES, world_store  
 
 
 def describe_accuracy(snap, decoder_path=None) -> dict:
-    from t2c.data.world import decoder as wd
+    from t2c.indexer.world import decoder as wd
     from t2c.data.world import vocab
 
     model = wd.load_decoder(decoder_path)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from t2c.data.world import vocab  # noqa: E402
 from t2c.data.world.generator import concept_truth, parse_weights, render, sample_scene, scene_rng  # noqa: E402
-from t2c.data.world.train import (ATTRIBUTE_OF, attribute_concepts, concept_vectors,  # noqa: E402
+from t2c.indexer.world.train import (ATTRIBUTE_OF, attribute_concepts, concept_vectors,  # noqa: E402
                               single_object_truth)
 
 GROUPS = {

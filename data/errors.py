@@ -16,10 +16,6 @@ class T2CError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 
-    def to_dict(self) -> dict:
-        """JSON-friendly form for the service."""
-        return {"error": type(self).__name__, "message": self.message, "hint": self.hint}
-
     def __reduce__(self):
         """Pickle by state, so errors cross process boundaries (worker pools) intact."""
         return (_rebuild_error, (type(self), self.__dict__.copy()))
@@ -59,10 +55,29 @@ class AlignerError(T2CError):
     """An aligner file is invalid or does not match the encoder/CLIP pair."""
 
 
+class DamagedArtefact(T2CError):
+    """A saved artefact (aligner, model weights, caption decoder, concept bottleneck, checkpoint) cannot be
+    read: it is truncated or corrupt, or it is another kind of file than the one expected."""
+
+
 class StoreError(T2CError):
     """A store is missing, corrupt, locked, or does not match its manifest."""
 
     http_status = 409
+
+
+class DiskFull(StoreError):
+    """The disk (or quota) holding a store filled up during a write; the live snapshot is unchanged."""
+
+    http_status = 507
+
+
+class StoreNotWritable(StoreError):
+    """A store folder cannot be written (read-only file system, or no permission)."""
+
+
+class SourceGone(NotFound):
+    """The image folder (or a listed file's folder) disappeared while a run was reading it."""
 
 
 class ImageDecodeError(T2CError):

@@ -381,9 +381,17 @@ def _orientation(img) -> int:
     return o if 1 <= o <= 8 else 1
 
 
-def _decode(path, max_pixels: int, max_bytes: int | None, draft: int | None):
-    """Shared decode: returns (rgb image, meta, bytes); meta width/height are the full-size oriented size."""
-    data = _read_bytes(path, max_bytes)
+def _decode(path, max_pixels: int, max_bytes: int | None, draft: int | None, data: bytes | None = None):
+    """Shared decode: returns (rgb image, meta, bytes); meta width/height are the full-size oriented size.
+
+    ``data``: the file's bytes when they are already in memory (an upload); ``path`` then only names it.
+    """
+    if data is None:
+        data = _read_bytes(path, max_bytes)
+    elif not data:
+        raise _fail("empty", path, "file is empty (0 bytes)")
+    elif max_bytes is not None and len(data) > max_bytes:
+        raise _fail("too_large", path, f"file has {len(data)} bytes, more than the limit of {max_bytes}")
     src = _open(data, path, max_pixels)
     rgb = None
     try:
@@ -490,6 +498,7 @@ def decode_for(
     max_bytes: int | None = None,
     draft: int | None = None,
     with_hash: bool = False,
+    data: bytes | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Decode and preprocess one file for an encoder; top-level so worker processes can run it.
 
@@ -499,6 +508,8 @@ def decode_for(
             callable when running in a process pool).
         max_pixels, max_bytes, draft: as in ``load_image``.
         with_hash: also return ``content_hash`` of the very bytes that were decoded (no second read).
+        data: the file's bytes, already in memory (an upload): decoded with the same checks and reasons
+            (``empty``, ``too_large``, ``not_an_image``, ``bomb``, ...); ``path`` then only names it in messages.
 
     Returns:
         ``(array, meta)``: the float32 CHW array and ``{"width", "height"}`` of the original image after
@@ -509,7 +520,7 @@ def decode_for(
         ImageDecodeError: any ``REASONS`` tag; ``preprocess_failed`` when ``preprocess_fn`` raises an
         OSError/ValueError/MemoryError on this image (other exceptions are bugs and propagate).
     """
-    rgb, meta, data = _decode(path, max_pixels, max_bytes, draft)
+    rgb, meta, data = _decode(path, max_pixels, max_bytes, draft, data)
     if with_hash:
         meta["content_hash"] = bytes_hash(data)
     del data

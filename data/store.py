@@ -20,7 +20,9 @@ snapshot in a temporary folder, fsyncs it, renames it into place and then replac
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -30,16 +32,17 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from t2c.data.errors import InvalidInput, NotFound, StoreError
+from t2c.data.errors import DiskFull, InvalidInput, NotFound, StoreError, StoreNotWritable, T2CError
 
 FORMAT_VERSION = 1
 KEEP_SNAPSHOTS = 3
 QUICK_VERIFY_BYTES = 256 << 20
 COPY_CHUNK = 262_144  # rows of previous vectors copied at a time when committing
+SHARED_MODE = 0o644  # files others read (artefacts, shipped weights, generated worlds)
 
 IMAGE_COLUMNS = {
     "id": "BIGINT",
@@ -83,21 +86,116 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file atomically: temporary file, fsync, rename, fsync the folder."""
+def atomic_write_file(path: Path, write: Callable[[str], object], mode: int | None = None, *,
+                      sync: bool = True) -> Path:
+    """Write a file atomically: ``write(tmp)`` fills a uniquely named temporary file beside ``path``, then
+    fsync, rename over ``path``, fsync the folder. Two writers never share a temporary file, and a reader
+    sees the old file or the new one, never a part.
+
+    ``mode``: permissions (default: private, 0600; :data:`SHARED_MODE` for files others read). ``sync=False``
+    skips both fsyncs (many small files a rerun can remake, such as generated images).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(tmp)
+        if sync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, *, sync: bool = True) -> Path:
+    """Write bytes to a file atomically (see :func:`atomic_write_file`)."""
+    return atomic_write_file(path, lambda tmp: Path(tmp).write_bytes(data), mode, sync=sync)
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+_FULL_TEXT = ("no space left on device", "disk quota exceeded")
+_READ_ONLY_TEXT = ("read-only file system", "permission denied")
+RESUME_NOTE = "rerun the same command afterwards: it resumes from the parts already finished"
+
+
+def _fault(e: BaseException) -> tuple[str, BaseException] | None:
+    """("full" | "read_only", the exception that says so) for an exception raised while writing (OSError,
+    DuckDB, FAISS), looking down its chain too (DuckDB's "database invalidated" follows the real cause)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code, text = getattr(e, "errno", None), str(e).lower()
+        if code in _FULL or any(t in text for t in _FULL_TEXT):
+            return "full", e
+        if code in _READ_ONLY or any(t in text for t in _READ_ONLY_TEXT):
+            return "read_only", e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _human(n: float) -> str:
+    """Bytes for people: 1.5 GB, 320 MB, 12 kB."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _under(path, root: Path) -> bool:
+    try:
+        return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(root))
+    except (TypeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def store_faults(root: str | os.PathLike, need_bytes: Callable[[], int | None] | None = None):
+    """Turn a full disk or an unwritable folder met while writing the store at ``root`` into one clear error.
+
+    A raw ``OSError`` (ENOSPC, EDQUOT, EROFS, EACCES, EPERM) or a DuckDB / FAISS error that says the same
+    becomes :class:`DiskFull` (where, how much is free, about how much the run needs) or
+    :class:`StoreNotWritable`, each saying that a rerun resumes. Permission errors on files outside the
+    store (an image, an aligner file) pass through unchanged. ``need_bytes``: estimate of the space the run
+    still needs, called only when the disk is full.
+    """
+    root = Path(root)
+    try:
+        yield
+    except T2CError:
+        raise
+    except Exception as top:  # noqa: BLE001 - DuckDB and FAISS raise their own types; others are re-raised
+        found = _fault(top)
+        if found is None:
+            raise
+        kind, e = found
+        where = getattr(e, "filename", None)
+        if kind == "read_only" and where is not None and not _under(where, root):
+            raise
+        place = str(where) if where and _under(where, root) else str(root)
+        if kind == "full":
+            try:
+                free = _human(shutil.disk_usage(root if root.exists() else root.parent).free)
+            except OSError:
+                free = "unknown"
+            try:
+                n = need_bytes() if need_bytes else None
+            except Exception:  # noqa: BLE001 - an estimate must not hide the real error
+                n = None
+            need = f"; this run needs about {_human(n)} more" if n else ""
+            raise DiskFull(f"disk full while writing {place!r} ({free} free{need}); the store's live snapshot "
+                           "is unchanged", f"free space on that disk, or use another --store; {RESUME_NOTE}") from top
+        raise StoreNotWritable(f"cannot write to the store folder {str(root)!r}: {place!r} is read-only "
+                               f"({getattr(e, 'strerror', None) or e})",
+                               f"make the folder writable, or use another --store; {RESUME_NOTE}") from top
 
 
 def atomic_save_npz(path: Path, **arrays) -> None:
@@ -622,15 +720,3 @@ class StoreWriter:
 def new_feature_shard_name(run_id: str, seq: int) -> str:
     """Relative path for a raw-feature shard of a run."""
     return f"features/f-{run_id}-{seq:05d}.npz"
-
-
-def iter_batches(seq: Iterable, n: int):
-    """Yield lists of up to n items."""
-    buf = []
-    for x in seq:
-        buf.append(x)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from t2c.data.errors import AlignerError, InvalidInput, NotFound
+from t2c.data.artefacts import read_artefact, write_artefact
+from t2c.data.errors import AlignerError, InvalidInput
 
 #: ridge strengths, relative to the mean feature variance (scale-free)
 DEFAULT_ALPHAS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -251,37 +252,16 @@ class Aligner:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write W, b, per-dim R² and provenance as safetensors, atomically."""
-        from safetensors.numpy import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"W": np.ascontiguousarray(self.W, np.float32), "b": np.ascontiguousarray(self.b, np.float32)}
         if self.r2_per_dim is not None:
             tensors["r2_per_dim"] = np.ascontiguousarray(self.r2_per_dim, np.float32)
-        meta = {"format": FORMAT, "meta": json.dumps(self.meta, sort_keys=True)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        return path
+        return write_artefact(path, tensors, {"format": FORMAT, "meta": json.dumps(self.meta, sort_keys=True)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Aligner":
         """Read an aligner written by :meth:`save`; raise a clear error for anything else."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise NotFound(f"aligner file {str(path)!r} does not exist", "fit one with `t2c align ... --out FILE`")
-        try:
-            with safe_open(str(path), framework="numpy") as fh:
-                md = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as e:  # noqa: BLE001 - any unreadable file
-            raise AlignerError(f"{str(path)!r} is not a safetensors aligner file: {e}")
-        if md.get("format") != FORMAT or "W" not in tensors or "b" not in tensors:
-            raise AlignerError(f"{str(path)!r} is not a text2concept aligner (format {md.get('format')!r})")
+        md, tensors = read_artefact(path, "aligner", fix="fit one with `t2c align ... --out FILE`", formats=FORMAT,
+                                    required=("W", "b"))
         meta = json.loads(md.get("meta", "{}"))
         W, b = tensors["W"], tensors["b"]
         if W.ndim != 2 or b.shape != (W.shape[1],):

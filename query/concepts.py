@@ -15,9 +15,9 @@ and service default ``$T2C_CACHE_DIR`` to :func:`user_cache_dir`, so a repeated 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from t2c.data.errors import EncoderError, InvalidInput
+from t2c.data.store import atomic_write_bytes
 
 __all__ = ["DEFAULT_TEMPLATES", "WORLD_TEMPLATES", "templates_for", "ConceptBank", "concept_bank_for",
            "clear_banks", "user_cache_dir", "cache_root"]
@@ -92,19 +93,14 @@ def _check_templates(templates: Sequence[str]) -> tuple[str, ...]:
 def _model_identity(clip_spec: str) -> str:
     """What defines the text tower: the spec identity plus size/mtime of a weights file it names or ships."""
     try:
-        from t2c.indexer.encoders import parse_spec
+        from t2c.indexer.encoders import parse_spec, weights_file
 
         spec = parse_spec(clip_spec)
         ident = spec.identity
-        w = spec.weights
+        path = weights_file(spec)
     except Exception:  # noqa: BLE001 - an unparsable spec fails later, when the encoder is made
         return str(clip_spec)
-    paths = []
-    if w and w not in ("random", "pretrained"):
-        paths.append(Path(w))
-    elif spec.source == "world":
-        paths.append(Path(__file__).resolve().parent.parent / "data" / "world" / "weights" / f"{spec.name}.safetensors")
-    for p in paths:
+    for p in [path] if path is not None else []:
         try:
             st = p.stat()
             ident += f"|{p.name}:{st.st_size}:{st.st_mtime_ns}"
@@ -187,10 +183,9 @@ class ConceptBank:
             return
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".npy.tmp")
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, v)
-            os.replace(tmp, p)
+            buf = io.BytesIO()
+            np.save(buf, v)
+            atomic_write_bytes(p, buf.getvalue(), sync=False)
         except OSError:  # read-only or full disk: the memory cache still works
             pass
 

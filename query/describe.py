@@ -2,8 +2,8 @@
 
 Two decoders, chosen by the CLIP space of the vector:
 
-- ``world:clip`` stores use the concept world's GRU caption decoder (``t2c.data.world.decoder``; weights ship in
-  ``data/world/weights/decoder.safetensors``, rebuilt by ``t2c describe-train``).
+- ``world:clip`` stores use the concept world's GRU caption decoder (``t2c.indexer.world.decoder``; weights ship in
+  ``indexer/world/weights/decoder.safetensors``, rebuilt by ``t2c describe-train``).
 - Any other CLIP uses a ClipCap-style prefix decoder: an MLP maps the CLIP vector to ``prefix_len`` token
   embeddings of a GPT-2-class language model (``transformers``), then greedy decoding. Its weights come from
   a local safetensors file (``--decoder FILE`` or ``$T2C_CAPTION_DECODER``) written by
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from t2c.data.artefacts import read_artefact, write_artefact
 from t2c.data.errors import EncoderError, InvalidInput, NotFound
 
 __all__ = ["describe", "describe_vector", "load_caption_decoder", "build_prefix_captioner", "save_prefix_captioner",
@@ -37,6 +38,7 @@ __all__ = ["describe", "describe_vector", "load_caption_decoder", "build_prefix_
 
 CLIPCAP_FORMAT = "t2c-clipcap-1"
 ENV_DECODER = "T2C_CAPTION_DECODER"
+DECODER_FIX = "run `t2c describe-train` (world), or pass --decoder FILE (a ClipCap or world decoder file)"
 _LOCK = threading.Lock()
 _LOADED: dict[tuple, object] = {}
 
@@ -117,10 +119,6 @@ def build_prefix_captioner(gpt2_config: dict, clip_dim: int, prefix_len: int = 1
 
 def save_prefix_captioner(model, path, clip: str = "", tokenizer: str | None = None) -> Path:
     """Save a ClipCap captioner as one safetensors file (tied LM head dropped), atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd = {}
     for k, v in model.state_dict().items():
         if k == "lm.lm_head.weight" and model.lm.config.tie_word_embeddings:
@@ -134,18 +132,13 @@ def save_prefix_captioner(model, path, clip: str = "", tokenizer: str | None = N
           "prefix_len": str(model.prefix_len), "clip": clip or ""}
     if tokenizer:
         md["tokenizer"] = tokenizer
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=md)
-    os.replace(tmp, path)
-    return path
+    return write_artefact(path, sd, md)
 
 
 def load_prefix_captioner(path):
     """Load a ClipCap captioner saved by :func:`save_prefix_captioner` (local files only)."""
     path = Path(path)
-    md, sd = _read_safetensors(path, "pt")
-    if md.get("format") != CLIPCAP_FORMAT:
-        raise EncoderError(f"{str(path)!r} is not a ClipCap caption decoder (format {md.get('format')!r})")
+    md, sd = read_artefact(path, "ClipCap caption decoder", fix=DECODER_FIX, formats=CLIPCAP_FORMAT, framework="pt")
     cfg = json.loads(md["gpt2_config"])
     model = build_prefix_captioner(cfg, int(md["clip_dim"]), int(md["prefix_len"]))
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -182,23 +175,10 @@ def clipcap_train_step(model, opt, vecs, ids) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def _read_safetensors(path: Path, framework: str):
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise NotFound(f"caption decoder {str(path)!r} does not exist",
-                       "pass --decoder FILE (a ClipCap file or a world decoder), or run `t2c describe-train`")
-    try:
-        with safe_open(str(path), framework=framework) as fh:
-            return fh.metadata() or {}, {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as e:  # noqa: BLE001 - unreadable file
-        raise EncoderError(f"cannot read caption decoder {str(path)!r}: {e}") from None
-
-
 def _default_decoder(clip_spec: str) -> Path:
     spec = str(clip_spec or "")
     if spec == "world:clip" or spec.startswith("world:clip?"):
-        from t2c.data.world.decoder import weights_path
+        from t2c.indexer.world.decoder import weights_path
 
         return weights_path()
     env = os.environ.get(ENV_DECODER)
@@ -210,31 +190,21 @@ def _default_decoder(clip_spec: str) -> Path:
 
 def load_caption_decoder(path) -> tuple[str, object]:
     """(kind, model) for a decoder file: kind "world-gru" or "clipcap"; cached per file version."""
-    from safetensors import safe_open
+    from t2c.indexer.world import decoder as wd
 
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise NotFound(f"caption decoder {str(path)!r} does not exist",
-                       "run `t2c describe-train` (world) or pass --decoder FILE")
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    st = path.stat() if path.is_file() else None
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns) if st else None
     with _LOCK:
         hit = _LOADED.get(key)
     if hit is not None:
         return hit
-    try:
-        with safe_open(str(path), framework="numpy") as fh:
-            fmt = (fh.metadata() or {}).get("format")
-    except Exception as e:  # noqa: BLE001
-        raise EncoderError(f"cannot read caption decoder {str(path)!r}: {e}") from None
-    from t2c.data.world import decoder as wd
-
+    fmt = read_artefact(path, "caption decoder", fix=DECODER_FIX, formats=(wd.FORMAT, CLIPCAP_FORMAT),
+                        header_only=True)[0]["format"]
     if fmt == wd.FORMAT:
         val = ("world-gru", wd.load_decoder(path))
-    elif fmt == CLIPCAP_FORMAT:
-        val = ("clipcap", load_prefix_captioner(path))
     else:
-        raise EncoderError(f"{str(path)!r} is not a caption decoder (format {fmt!r})")
+        val = ("clipcap", load_prefix_captioner(path))
     with _LOCK:
         _LOADED[key] = val
     return val
@@ -266,7 +236,7 @@ def describe_vector(vec, clip_spec: str, decoder: str | os.PathLike | None = Non
     path = Path(decoder).expanduser() if decoder else _default_decoder(clip_spec)
     kind, model = load_caption_decoder(path)
     if kind == "world-gru":
-        from t2c.data.world.decoder import caption_vectors
+        from t2c.indexer.world.decoder import caption_vectors
 
         if v.shape[0] != model.dim:
             raise InvalidInput(f"vector has dimension {v.shape[0]}, the decoder expects {model.dim}")

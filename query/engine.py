@@ -30,6 +30,8 @@ Plan for one query (``Engine.search``):
      matches.
   7. ``explain=True`` adds per hit, per concept leaf: concept, score, threshold, passed, weight, negated,
      margin, method.
+Example leaves (``like:ID``, ``like:"file"``) are scored leaves like concepts: their vectors come from the
+``ExampleBank`` (``t2c.query.examples``) instead of the text tower, and everything above applies to them.
 """
 from __future__ import annotations
 
@@ -50,7 +52,6 @@ MAX_K = 10_000
 EXACT_ROWS = 2_000  # score allowed rows exactly (no index) when there are at most this many
 MAX_RANGE_GROWTH = 6  # nprobe doublings for IVF range search
 MAX_DRIVERS = 3  # necessary positive concepts whose index candidates are united
-MAX_RESOLVED = 6  # concepts settled by index range searches before exact rescoring of the rest
 
 
 @dataclass
@@ -98,7 +99,11 @@ def _calibration_warnings(leaves, cals) -> list[str]:
     out = []
     for leaf, positive in leaves:
         c = cals[id(leaf)]
-        if positive and c.method == "tail_search" and leaf.threshold is None:
+        if positive and c.method == "tail_search" and leaf.threshold is None and leaf.kind == "example":
+            msg = (f"'{leaf.text}': the collection's similarities to this example show no separate group of close "
+                   f"images, so its threshold ({c.threshold:.3f}, median + 1 robust sigma) keeps the closest "
+                   f"{c.prevalence_at(c.threshold):.0%}; narrow it with '{leaf.text}@0.NN'")
+        elif positive and c.method == "tail_search" and leaf.threshold is None:
             msg = (f"'{leaf.text}': this collection's scores show no separate 'present' group, so its threshold "
                    f"({c.threshold:.3f}, median + 1 robust sigma) is a guess; set one yourself with "
                    f"'{leaf.text}@0.NN', or use an encoder that separates this concept")
@@ -114,53 +119,123 @@ def _calibration_warnings(leaves, cals) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ tree logic
-def _necessary_positive(node, positive: bool = True) -> dict:
-    """Concept leaves (keyed by id) that must pass for ``node`` (with polarity) to hold."""
-    if isinstance(node, qa.Concept):
+class _NecessaryPositive(qa.Visitor):
+    """Scored leaves (keyed by id) that must pass for a node, under a polarity, to hold."""
+
+    def visit_scored(self, node, positive: bool) -> dict:
         return {id(node): node} if positive else {}
-    if isinstance(node, qa.Filter):
+
+    def visit_filter(self, node, positive: bool) -> dict:
         return {}
-    if isinstance(node, qa.Not):
-        return _necessary_positive(node.child, not positive)
-    kids = [_necessary_positive(c, positive) for c in node.children]
-    conjunctive = isinstance(node, qa.And) == positive
-    if conjunctive:
-        out: dict = {}
-        for k in kids:
-            out.update(k)
-        return out
-    # disjunction: a leaf is necessary only if every branch needs the same (equal) concept
-    common = {}
-    for key, c in kids[0].items():
-        if all(any(c == o for o in k.values()) for k in kids[1:]):
-            common[key] = c
-    return common
+
+    def visit_not(self, node, positive: bool) -> dict:
+        return self.visit(node.child, not positive)
+
+    def visit_bool(self, node, positive: bool) -> dict:
+        kids = [self.visit(c, positive) for c in node.children]
+        if isinstance(node, qa.And) == positive:  # conjunctive: every child's necessary leaves
+            out: dict = {}
+            for k in kids:
+                out.update(k)
+            return out
+        # disjunction: a leaf is necessary only if every branch needs the same (equal) leaf
+        return {key: c for key, c in kids[0].items() if all(any(c == o for o in k.values()) for k in kids[1:])}
 
 
-def evaluate_tree(node, concept_pass, filter_pass, n: int) -> np.ndarray:
-    """Evaluate the tree over n items; ``concept_pass(leaf)`` / ``filter_pass(leaf)`` give bool arrays."""
-    if isinstance(node, qa.Concept):
-        return concept_pass(node)
-    if isinstance(node, qa.Filter):
-        return filter_pass(node)
-    if isinstance(node, qa.Not):
-        return ~evaluate_tree(node.child, concept_pass, filter_pass, n)
-    if isinstance(node, qa.And):
-        out = np.ones(n, bool)
+def _necessary_positive(node, positive: bool = True) -> dict:
+    """Scored leaves (keyed by id) that must pass for ``node`` (with polarity) to hold."""
+    return _NecessaryPositive().visit(node, positive)
+
+
+class _TreeEvaluator(qa.Visitor):
+    """Boolean array over n items of a tree, from per-leaf pass arrays."""
+
+    def __init__(self, concept_pass, filter_pass, n: int):
+        self.concept_pass, self.filter_pass, self.n = concept_pass, filter_pass, n
+
+    def visit_scored(self, node) -> np.ndarray:
+        return self.concept_pass(node)
+
+    def visit_filter(self, node) -> np.ndarray:
+        return self.filter_pass(node)
+
+    def visit_not(self, node) -> np.ndarray:
+        return ~self.visit(node.child)
+
+    def visit_and(self, node) -> np.ndarray:
+        out = np.ones(self.n, bool)
         for c in node.children:
-            out &= evaluate_tree(c, concept_pass, filter_pass, n)
+            out &= self.visit(c)
             if not out.any():
                 break
         return out
-    out = np.zeros(n, bool)
-    for c in node.children:
-        out |= evaluate_tree(c, concept_pass, filter_pass, n)
-    return out
+
+    def visit_or(self, node) -> np.ndarray:
+        out = np.zeros(self.n, bool)
+        for c in node.children:
+            out |= self.visit(c)
+        return out
+
+
+def evaluate_tree(node, concept_pass, filter_pass, n: int) -> np.ndarray:
+    """Evaluate the tree over n items; ``concept_pass(leaf)`` (any scored leaf) / ``filter_pass(leaf)`` give
+    bool arrays."""
+    return _TreeEvaluator(concept_pass, filter_pass, n).visit(node)
+
+
+class _BankOf(qa.Visitor):
+    """The bank that embeds a scored leaf: the engine's concept bank or its example bank."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def visit_concept(self, leaf):
+        return self.engine.bank
+
+    def visit_example(self, leaf):
+        return self.engine.examples
 
 
 def _leaves(node):
-    """Concept leaves with polarity, deduplicated by (text, threshold, weight, polarity)."""
-    return qa.concepts_with_polarity(node)
+    """Scored leaves with polarity (True: under an even number of NOTs), left to right."""
+    return qa.scored_with_polarity(node)
+
+
+def _page_order(ids: np.ndarray, scores: np.ndarray, offset: int, end: int) -> np.ndarray:
+    """Positions of the page ``[offset:end]`` of matches ranked by score (descending), ties by ascending id."""
+    total = len(ids)
+    if not total:
+        return np.zeros(0, np.int64)
+    if total > 4 * end:  # rank only the head that the page needs
+        head = np.argpartition(-scores, end - 1)[:end]
+        cut = scores[head].min()
+        head = np.nonzero(scores >= cut)[0]  # keep ties at the cut for a stable id order
+        ranked = head[np.lexsort((ids[head], -scores[head]))]
+    else:
+        ranked = np.lexsort((ids, -scores))
+    return ranked[offset:end]
+
+
+@dataclass
+class _Search:
+    """State of one search as it moves through the steps of ``Engine.search``."""
+
+    node: object  # the whole query tree
+    k: int
+    offset: int
+    explain: bool
+    t0: float  # perf_counter at the start
+    plan: dict = field(default_factory=dict)  # what was done (returned with the answer)
+    rest: object = None  # the tree without its pure-filter conjuncts
+    allowed: np.ndarray | None = None  # rows passing the prefilter (None: no prefilter)
+    leaves: list = field(default_factory=list)  # (scored leaf, positive)
+    cals: dict = field(default_factory=dict)  # id(leaf) -> Calibration
+    T: np.ndarray | None = None  # the leaves' vectors, one row per distinct text
+    tindex: dict = field(default_factory=dict)  # leaf key (kind, text) -> row of T
+    resolved: dict = field(default_factory=dict)  # (key, threshold) -> (sorted ids, scores, probed lists)
+    rows: np.ndarray | None = None  # candidate rows
+    lscores: np.ndarray | None = None  # (len(rows), len(leaves)) scores; NaN: not known yet
+    passed: dict = field(default_factory=dict)  # id(leaf) -> bool array over rows
 
 
 # ------------------------------------------------------------------------------------------------ engine
@@ -178,10 +253,11 @@ class Engine:
         >>> [(h.id, h.path, h.score) for h in res.hits]  # doctest: +SKIP
     """
 
-    def __init__(self, snapshot, bank=None, *, exact_rows: int = EXACT_ROWS):
+    def __init__(self, snapshot, bank=None, *, exact_rows: int = EXACT_ROWS, examples=None):
         self.snapshot = snapshot
         self.exact_rows = int(exact_rows)
         self._bank = bank
+        self._examples = examples
         self._columns: dict | None = None
         self._ivf = None
         self._row_list = None
@@ -219,18 +295,47 @@ class Engine:
             return parse(query)
         if isinstance(query, dict):
             return qa.from_json(query)
-        if isinstance(query, (qa.Concept, qa.Filter, qa.And, qa.Or, qa.Not)):
+        if isinstance(query, qa.Node):
             return query
         raise InvalidInput(f"query must be a string, a JSON object or a query tree, got {type(query).__name__}")
 
     # -- thresholds --
+    @property
+    def examples(self):
+        """The ExampleBank for ``like:`` leaves (built on first use)."""
+        if self._examples is None:
+            from t2c.query.examples import ExampleBank
+
+            self._examples = ExampleBank(self.snapshot)
+        return self._examples
+
+    def bank_of(self, leaf):
+        """Where a scored leaf's vector comes from: the concept bank (text tower) or the example bank."""
+        return _BankOf(self).visit(leaf)
+
+    def _by_bank(self, leaves) -> list:
+        """[(kind, bank, [distinct texts])] of scored leaves, grouped by kind (each kind has one bank)."""
+        groups: dict = {}
+        for c in leaves:
+            groups.setdefault(c.kind, (c.kind, self.bank_of(c), {}))[2][c.text] = None
+        return [(kind, bank, list(texts)) for kind, bank, texts in groups.values()]
+
+    def leaf_vectors(self, leaves) -> tuple[np.ndarray, dict]:
+        """(vectors, {leaf key: row}) of the distinct scored leaves."""
+        parts, index = [], {}
+        for kind, bank, texts in self._by_bank(leaves):
+            parts.append(np.asarray(bank.vectors(texts), np.float32))
+            for t in texts:
+                index[(kind, t)] = len(index)
+        return np.concatenate(parts), index
+
     def calibrations(self, node) -> dict:
-        """Calibration per concept leaf (by leaf identity), overrides applied."""
-        leaves = qa.concepts(node)
-        cal = thresholds_for(self.snapshot, [c.text for c in leaves], bank=self.bank)
+        """Calibration per scored leaf (by leaf identity), overrides applied."""
+        leaves = qa.scored(node)
+        cal = {kind: thresholds_for(self.snapshot, texts, bank=bank) for kind, bank, texts in self._by_bank(leaves)}
         out = {}
         for c in leaves:
-            base = cal[c.text]
+            base = cal[c.kind][c.text]
             out[id(c)] = base.with_threshold(c.threshold) if c.threshold is not None else base.for_search()
         return out
 
@@ -419,6 +524,10 @@ class Engine:
     def search(self, query, k: int = 20, offset: int = 0, explain: bool = False) -> SearchResult:
         """Answer a query: the ranked page of matching images.
 
+        The steps (see the module docstring) are one method each over a :class:`_Search` state: ``_begin``,
+        ``_prefilter``, ``_thresholds``, ``_drivers``, ``_index_candidates`` / ``_exact_scan``,
+        ``_settle_from_index``, ``_rescore_unknown``, ``_match``, ``_rank`` and ``_finish``.
+
         Args:
             query: the query language string, its JSON form (dict) or a tree.
             k: hits per page (1..MAX_K). offset: hits to skip (pagination).
@@ -428,232 +537,261 @@ class Engine:
         Raises:
             QuerySyntaxError: bad query syntax. UnknownChoice: unknown filter column, or a word the CLIP text
             tower does not know. InvalidInput: bad k/offset, or a filter value that does not fit its column.
+            NotFound: a ``like:ID`` not in the store. ImageDecodeError: a ``like:"file"`` that cannot be read
+            (its ``reason`` as indexing records it).
         """
+        st = self._begin(query, k, offset, explain)
+        rows, scores = self._answer(st)
+        return self._finish(st, rows, scores)
+
+    def _begin(self, query, k, offset, explain: bool) -> _Search:
+        """Step 1: check the page, parse the query and check every filter column (before any work)."""
         t0 = time.perf_counter()
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
             raise InvalidInput(f"k must be an integer in 1..{MAX_K}, got {k!r}")
         if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
             raise InvalidInput(f"offset must be a non-negative integer, got {offset!r}")
-        k, offset = int(k), int(offset)
         node = self.parse_query(query)
         for f in qa.filters(node):  # unknown columns / bad values fail before any work
             compile_filter_expr(f, self.columns)
-        snap = self.snapshot
-        n = len(snap.ids)
-        plan: dict = {}
+        return _Search(node=node, k=int(k), offset=int(offset), explain=bool(explain), t0=t0)
 
-        def finish(rows, scores, ctx=None) -> SearchResult:
-            total = len(rows)
-            if total:
-                ids = np.asarray(snap.ids[rows], np.int64)
-                end = offset + k
-                if total > 4 * end:  # rank only the head that the page needs
-                    head = np.argpartition(-scores, end - 1)[:end]
-                    cut = scores[head].min()
-                    head = np.nonzero(scores >= cut)[0]  # keep ties at the cut for a stable id order
-                    ranked = head[np.lexsort((ids[head], -scores[head]))]
-                else:
-                    ranked = np.lexsort((ids, -scores))
-                all_ids = ids  # every match (row order)
-                order = ranked[offset:end]
-                page_ids = ids[order]
-                meta = self._paths(page_ids)
-            else:
-                order, page_ids, meta, all_ids = [], [], [], np.zeros(0, np.int64)
-            if explain and ctx is not None and len(order):
-                T_, tindex_, leaves, cals = ctx
-                prow = np.asarray(rows)[order]
-                srt = np.argsort(prow)
-                ex = np.empty((len(prow), T_.shape[0]), np.float32)
-                ex[srt] = concept_scores(snap, T_, rows=prow[srt])  # exact scores of the page's hits
-            hits = []
-            for j, (i, m) in enumerate(zip(page_ids, meta)):
-                expl = None
-                if explain and ctx is not None:
-                    expl = []
-                    for leaf, pos in leaves:
-                        c = cals[id(leaf)]
-                        s = float(ex[j, tindex_[leaf.text]])
-                        expl.append({"concept": leaf.text, "score": round(s, 6),
-                                     "threshold": round(float(c.threshold), 6), "passed": bool(s >= c.threshold),
-                                     "weight": leaf.weight, "negated": not pos,
-                                     "margin": round((s - c.threshold) / c.scale, 4), "method": c.method})
-                elif explain:
-                    expl = []
-                hits.append(Hit(int(i), m, float(scores[order[j]]), expl))
-            plan["took_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-            return SearchResult(hits, total, (time.perf_counter() - t0) * 1000, qa.to_json(node), k, offset, plan,
-                                all_ids)
-
-        empty = np.zeros(0, np.int64)
+    def _answer(self, st: _Search) -> tuple[np.ndarray, np.ndarray]:
+        """Steps 2-6: the matching rows and their ranking scores (empty, with ``plan['exit']``, on an early exit)."""
+        empty = (np.zeros(0, np.int64), np.zeros(0))
+        n = len(self.snapshot.ids)
         if n == 0:
-            plan["exit"] = "empty_store"
-            return finish(empty, np.zeros(0))
-        fpart, rest = qa.split(node)
-        allowed = None
-        if fpart is not None:
-            allowed = self._prefilter_rows(fpart)
-            plan["prefilter_rows"] = int(len(allowed))
-            if not len(allowed):
-                plan["exit"] = "prefilter_empty"
-                return finish(empty, np.zeros(0))
-        if rest is None:  # filters only: every allowed row matches, ranked by id
-            plan["strategy"] = "filters_only"
-            return finish(allowed, np.zeros(len(allowed)))
+            st.plan["exit"] = "empty_store"
+            return empty
+        if not self._prefilter(st):
+            st.plan["exit"] = "prefilter_empty"
+            return empty
+        if st.rest is None:  # filters only: every allowed row matches, ranked by id
+            st.plan["strategy"] = "filters_only"
+            return st.allowed, np.zeros(len(st.allowed))
+        self._thresholds(st)
+        drivers = self._drivers(st)
+        n_allowed = n if st.allowed is None else len(st.allowed)
+        if drivers and n_allowed > self.exact_rows:
+            if not self._index_candidates(st, drivers):
+                st.plan["exit"] = "no_candidates"
+                return empty
+            self._settle_from_index(st)
+            self._rescore_unknown(st)
+        else:
+            self._exact_scan(st)
+        sel = self._match(st)
+        if not len(sel):
+            st.plan["exit"] = "no_match"
+            return empty
+        return st.rows[sel], self._rank(st, sel)
 
-        leaves = _leaves(rest)
-        cals = self.calibrations(rest)
-        warnings = _calibration_warnings(leaves, cals)
+    def _prefilter(self, st: _Search) -> bool:
+        """Step 2: split off the pure-filter conjuncts and run them as a WHERE prefilter; False when none passes."""
+        fpart, st.rest = qa.split(st.node)
+        if fpart is None:
+            return True
+        st.allowed = self._prefilter_rows(fpart)
+        st.plan["prefilter_rows"] = int(len(st.allowed))
+        return bool(len(st.allowed))
+
+    def _thresholds(self, st: _Search) -> None:
+        """Step 3: the scored leaves with polarity, their calibrations (warnings noted) and their vectors."""
+        st.leaves = _leaves(st.rest)
+        st.cals = self.calibrations(st.rest)
+        warnings = _calibration_warnings(st.leaves, st.cals)
         if warnings:
-            plan["warnings"] = warnings
-        texts = list(dict.fromkeys(c.text for c, _ in leaves))
-        T = self.bank.vectors(texts)
-        tindex = {t: i for i, t in enumerate(texts)}
+            st.plan["warnings"] = warnings
+        st.T, st.tindex = self.leaf_vectors([c for c, _ in st.leaves])
 
-        nec = _necessary_positive(rest)
-        n_allowed = n if allowed is None else len(allowed)
+    def _drivers(self, st: _Search) -> list:
+        """Step 4a: selective necessary positive leaves (up to MAX_DRIVERS, most selective first), with the
+        number of matches calibration expects for each."""
+        n = len(self.snapshot.ids)
+        cals = st.cals
         drivers, seen = [], set()
-        for c in sorted(nec.values(), key=lambda c: (cals[id(c)].prevalence_at(cals[id(c)].threshold), c.text)):
-            key = (c.text, cals[id(c)].threshold)
+        for c in sorted(_necessary_positive(st.rest).values(),
+                        key=lambda c: (cals[id(c)].prevalence_at(cals[id(c)].threshold), c.text)):
+            key = (c.key, cals[id(c)].threshold)
             expected = cals[id(c)].prevalence_at(cals[id(c)].threshold) * n
             if key not in seen and expected * 4 < n and len(drivers) < MAX_DRIVERS:
                 seen.add(key)
                 drivers.append((c, expected))
+        return drivers
+
+    def _index_candidates(self, st: _Search, drivers) -> bool:
+        """Step 4b: a FAISS range search per driver; the candidates are the union of their results within the
+        allowed rows (every answer passes every driver). False when no candidate is left."""
+        plan = st.plan
+        plan["strategy"] = "index_candidates"
+        plan["drivers"] = []
+        found = []
+        for c, expected in drivers:
+            dc = st.cals[id(c)]
+            ids_c, d_c, probed, cplan = self._range_candidates(st.T[st.tindex[c.key]], dc, expected)
+            plan["drivers"].append(dict(concept=c.text, threshold=round(dc.threshold, 6),
+                                        expected=round(float(expected), 1), **cplan))
+            st.resolved[(c.key, dc.threshold)] = (ids_c, d_c, probed)
+            found.append(ids_c)
+        plan["driver"] = plan["drivers"][0]
+        plan["nprobe"] = max((d.get("nprobe") or 0) for d in plan["drivers"]) or None
+        cand_ids = found[0] if len(found) == 1 else np.unique(np.concatenate(found))
+        plan["candidates"] = int(len(cand_ids))
+        # an exact (non-IVF) driver with no result proves there is no answer
+        if not len(cand_ids) or any(not len(f) and r[2] is None for f, r in zip(found, st.resolved.values())):
+            return False
+        rows = self._rows_of_known(cand_ids)
+        if st.allowed is not None:
+            rows = rows[np.isin(rows, st.allowed, assume_unique=True)]
+        st.rows = rows
+        return bool(len(rows))
+
+    def _settle_from_index(self, st: _Search) -> None:
+        """Step 5a: the scores the index searches already settled exactly (flat / IVF-Flat store raw vectors).
+
+        A candidate in a leaf's range result has its exact score; one in a list that search probed but not in
+        the result is below the threshold (-1 stands for it). Everything else stays NaN for rescoring.
+        """
         itype = self.snapshot.manifest.get("index", {}).get("type")
-        if drivers and n_allowed > self.exact_rows:
-            # every necessary positive concept must pass, so each one's pass set contains the answer; the union
-            # of their index candidates recovers answers that one partitioned (IVF) search alone may miss
-            plan["strategy"] = "index_candidates"
-            plan["drivers"] = []
-            resolved = {}  # (text, threshold) -> (sorted ids, scores, probed lists or None)
-            found = []
-            for c, expected in drivers:
-                dc = cals[id(c)]
-                ids_c, d_c, probed, cplan = self._range_candidates(T[tindex[c.text]], dc, expected)
-                plan["drivers"].append(dict(concept=c.text, threshold=round(dc.threshold, 6),
-                                            expected=round(float(expected), 1), **cplan))
-                resolved[(c.text, dc.threshold)] = (ids_c, d_c, probed)
-                found.append(ids_c)
-            plan["driver"] = plan["drivers"][0]
-            plan["nprobe"] = max((d.get("nprobe") or 0) for d in plan["drivers"]) or None
-            if len(found) == 1:
-                cand_ids = found[0]
+        st.lscores = np.full((len(st.rows), len(st.leaves)), np.nan, np.float32)
+        if itype not in ("flat", "ivf_flat"):
+            return
+        rows = st.rows
+        cids = np.asarray(self.snapshot.ids[rows], np.int64) if not self._ids_are_rows else rows
+        lists = self._range_other_leaves(st) if itype == "ivf_flat" else self._range_flat_leaves(st)
+        for li, (leaf, _) in enumerate(st.leaves):
+            ids_c, d_c, probed = st.resolved[(leaf.key, st.cals[id(leaf)].threshold)]
+            col = st.lscores[:, li]
+            if probed is None:
+                col[:] = -1.0
             else:
-                cand_ids = np.sort(np.concatenate(found))
-                cand_ids = cand_ids[np.r_[True, cand_ids[1:] != cand_ids[:-1]]] if len(cand_ids) else cand_ids
-            plan["candidates"] = int(len(cand_ids))
-            if not len(cand_ids) or any(not len(f) and r[2] is None for f, r in zip(found, resolved.values())):
-                plan["exit"] = "no_candidates"
-                return finish(empty, np.zeros(0))
-            rows = self._rows_of_known(cand_ids)
-            if allowed is not None:
-                rows = rows[np.isin(rows, allowed, assume_unique=True)]
-                if not len(rows):
-                    plan["exit"] = "no_candidates"
-                    return finish(empty, np.zeros(0))
-            m = len(rows)
-            # Scores the index search already settled exactly (flat / IVF-Flat store raw vectors): a candidate in
-            # a concept's range result has its exact score; one in a list that search probed but not in the
-            # result is below the threshold. Other selective concepts (e.g. NOT terms) are range-searched too.
-            exact_index = itype in ("flat", "ivf_flat")
-            lscores = np.full((m, len(leaves)), np.nan, np.float32)
-            if exact_index:
-                cids = np.asarray(snap.ids[rows], np.int64) if not self._ids_are_rows else rows
-                if itype == "ivf_flat":
-                    lists = self._list_of_rows()[rows]
-                    needed = np.zeros(len(self._ivf_layout()[1]), bool)
-                    needed[lists[lists >= 0]] = True
-                    # settle every concept on every candidate: scan the candidates' lists (contiguous, exact)
-                    # instead of gathering candidate rows from the memory-mapped vectors
-                    for leaf, _ in leaves:
-                        c = cals[id(leaf)]
-                        key = (leaf.text, c.threshold)
-                        ids_c, d_c, probed = resolved.get(key, (np.zeros(0, np.int64), np.zeros(0, np.float32),
-                                                                np.zeros_like(needed)))
-                        todo = np.nonzero(needed & ~probed)[0]
-                        if len(todo):
-                            more_i, more_d = self._range_in_lists(T[tindex[leaf.text]], c.threshold, todo)
-                            ids_c, d_c = np.concatenate([ids_c, more_i]), np.concatenate([d_c, more_d])
-                            o = np.argsort(ids_c, kind="stable")
-                            ids_c, d_c = ids_c[o], d_c[o]
-                            probed = probed | needed
-                        resolved[key] = (ids_c, d_c, probed)
-                else:
-                    lists = None
-                    for leaf, _ in leaves:
-                        c = cals[id(leaf)]
-                        key = (leaf.text, c.threshold)
-                        if key not in resolved:
-                            ids_c, d_c, probed, _ = self._range_candidates(T[tindex[leaf.text]], c, 0)
-                            resolved[key] = (ids_c, d_c, probed)
-                for li, (leaf, _) in enumerate(leaves):
-                    key = (leaf.text, cals[id(leaf)].threshold)
-                    ids_c, d_c, probed = resolved[key]
-                    col = lscores[:, li]
-                    if probed is None:
-                        col[:] = -1.0
-                    else:
-                        col[probed[lists]] = -1.0  # below threshold (exact value not needed)
-                    if len(ids_c):
-                        pos = np.minimum(np.searchsorted(ids_c, cids), len(ids_c) - 1)
-                        hit = ids_c[pos] == cids
-                        col[hit] = d_c[pos[hit]]
-            unknown = np.isnan(lscores).any(1)
-            plan["rescored"] = int(unknown.sum())
-            if unknown.any():
-                S = concept_scores(snap, T, rows=rows[unknown])
-                for li, (leaf, _) in enumerate(leaves):
-                    lscores[unknown, li] = S[:, tindex[leaf.text]]
-        else:
-            plan["strategy"] = "exact_scan"
-            rows = allowed
-            S = concept_scores(snap, T, rows=rows)  # (m, k) exact scores
-            m = len(S)
-            plan["rescored"] = int(m)
-            lscores = np.empty((m, len(leaves)), np.float32)
-            for li, (leaf, _) in enumerate(leaves):
-                lscores[:, li] = S[:, tindex[leaf.text]]
-        passed = {id(leaf): lscores[:, li] >= cals[id(leaf)].threshold for li, (leaf, _) in enumerate(leaves)}
-        flist = qa.filters(rest)
-        if rows is None:
-            rows_arr = np.arange(n, dtype=np.int64)
-        else:
-            rows_arr = rows
-        fpass = self._tree_filters(flist, rows_arr) if flist else {}
-        match = evaluate_tree(rest, lambda c: passed[id(c)], lambda f: fpass[id(f)], m)
-        sel = np.nonzero(match)[0]
-        if not len(sel):
-            plan["exit"] = "no_match"
-            return finish(empty, np.zeros(0))
-        # ranking
-        num = np.zeros(len(sel))
-        den = np.zeros(len(sel))
-        nnum = np.zeros(len(sel))
-        nden = np.zeros(len(sel))
-        for li, (leaf, pos) in enumerate(leaves):
-            c = cals[id(leaf)]
-            margin = (lscores[sel, li].astype(np.float64) - c.threshold) / c.scale
-            ok = passed[id(leaf)][sel]
+                col[probed[lists]] = -1.0  # below threshold (exact value not needed)
+            if len(ids_c):
+                pos = np.minimum(np.searchsorted(ids_c, cids), len(ids_c) - 1)
+                hit = ids_c[pos] == cids
+                col[hit] = d_c[pos[hit]]
+
+    def _range_flat_leaves(self, st: _Search) -> None:
+        """Flat index: range-search every leaf the drivers did not (exact: every vector is compared)."""
+        for leaf, _ in st.leaves:
+            c = st.cals[id(leaf)]
+            key = (leaf.key, c.threshold)
+            if key not in st.resolved:
+                ids_c, d_c, probed, _ = self._range_candidates(st.T[st.tindex[leaf.key]], c, 0)
+                st.resolved[key] = (ids_c, d_c, probed)
+
+    def _range_other_leaves(self, st: _Search) -> np.ndarray:
+        """IVF-Flat: settle every leaf on every candidate by scanning the candidates' lists (contiguous and
+        exact) instead of gathering candidate rows from the memory-mapped vectors. Returns each row's list."""
+        lists = self._list_of_rows()[st.rows]
+        needed = np.zeros(len(self._ivf_layout()[1]), bool)
+        needed[lists[lists >= 0]] = True
+        for leaf, _ in st.leaves:
+            c = st.cals[id(leaf)]
+            key = (leaf.key, c.threshold)
+            ids_c, d_c, probed = st.resolved.get(key, (np.zeros(0, np.int64), np.zeros(0, np.float32),
+                                                       np.zeros_like(needed)))
+            todo = np.nonzero(needed & ~probed)[0]
+            if len(todo):
+                more_i, more_d = self._range_in_lists(st.T[st.tindex[leaf.key]], c.threshold, todo)
+                ids_c, d_c = np.concatenate([ids_c, more_i]), np.concatenate([d_c, more_d])
+                o = np.argsort(ids_c, kind="stable")
+                ids_c, d_c = ids_c[o], d_c[o]
+                probed = probed | needed
+            st.resolved[key] = (ids_c, d_c, probed)
+        return lists
+
+    def _rescore_unknown(self, st: _Search) -> None:
+        """Step 5b: exact scores, from the memory-mapped vectors, of every candidate the index left unsettled."""
+        unknown = np.isnan(st.lscores).any(1)
+        st.plan["rescored"] = int(unknown.sum())
+        if unknown.any():
+            S = concept_scores(self.snapshot, st.T, rows=st.rows[unknown])
+            for li, (leaf, _) in enumerate(st.leaves):
+                st.lscores[unknown, li] = S[:, st.tindex[leaf.key]]
+
+    def _exact_scan(self, st: _Search) -> None:
+        """Steps 4-5 without the index: every allowed row (or every row) scored exactly, blockwise."""
+        st.plan["strategy"] = "exact_scan"
+        S = concept_scores(self.snapshot, st.T, rows=st.allowed)  # (m, k) exact scores
+        st.plan["rescored"] = int(len(S))
+        st.lscores = np.empty((len(S), len(st.leaves)), np.float32)
+        for li, (leaf, _) in enumerate(st.leaves):
+            st.lscores[:, li] = S[:, st.tindex[leaf.key]]
+        st.rows = np.arange(len(self.snapshot.ids), dtype=np.int64) if st.allowed is None else st.allowed
+
+    def _match(self, st: _Search) -> np.ndarray:
+        """Step 5c: thresholds applied, filters inside the tree evaluated in DuckDB, the tree evaluated;
+        the positions (into ``st.rows``) that match."""
+        st.passed = {id(leaf): st.lscores[:, li] >= st.cals[id(leaf)].threshold
+                     for li, (leaf, _) in enumerate(st.leaves)}
+        flist = qa.filters(st.rest)
+        fpass = self._tree_filters(flist, st.rows) if flist else {}
+        match = evaluate_tree(st.rest, lambda c: st.passed[id(c)], lambda f: fpass[id(f)], len(st.rows))
+        return np.nonzero(match)[0]
+
+    @staticmethod
+    def _rank(st: _Search, sel: np.ndarray) -> np.ndarray:
+        """Step 6: weighted mean margin of the positive leaves that passed (else of the negative ones that
+        failed, negated), for the matching positions ``sel``."""
+        num, den, nnum, nden = (np.zeros(len(sel)) for _ in range(4))
+        for li, (leaf, pos) in enumerate(st.leaves):
+            c = st.cals[id(leaf)]
+            margin = (st.lscores[sel, li].astype(np.float64) - c.threshold) / c.scale
+            ok = st.passed[id(leaf)][sel]
             if pos:
                 num += np.where(ok, leaf.weight * margin, 0.0)
                 den += np.where(ok, leaf.weight, 0.0)
             else:
                 nnum += np.where(~ok, leaf.weight * -margin, 0.0)
                 nden += np.where(~ok, leaf.weight, 0.0)
-        score = np.where(den > 0, num / np.maximum(den, 1e-12), np.where(nden > 0, nnum / np.maximum(nden, 1e-12), 0.0))
-        return finish(rows_arr[sel], score, (T, tindex, leaves, cals))
+        return np.where(den > 0, num / np.maximum(den, 1e-12),
+                        np.where(nden > 0, nnum / np.maximum(nden, 1e-12), 0.0))
+
+    def _finish(self, st: _Search, rows: np.ndarray, scores: np.ndarray) -> SearchResult:
+        """Step 7: rank, cut the page, look up its paths and (``explain``) attach per-leaf explanations."""
+        total = len(rows)
+        all_ids = np.asarray(self.snapshot.ids[rows], np.int64) if total else np.zeros(0, np.int64)
+        order = _page_order(all_ids, scores, st.offset, st.offset + st.k)
+        page_ids = all_ids[order]
+        meta = self._paths(page_ids)
+        expl = self._explanations(st, np.asarray(rows)[order]) if st.explain else None
+        hits = [Hit(int(i), m, float(scores[order[j]]), None if expl is None else expl[j])
+                for j, (i, m) in enumerate(zip(page_ids, meta))]
+        st.plan["took_ms"] = round((time.perf_counter() - st.t0) * 1000, 3)
+        return SearchResult(hits, total, (time.perf_counter() - st.t0) * 1000, qa.to_json(st.node), st.k,
+                            st.offset, st.plan, all_ids)
+
+    def _explanations(self, st: _Search, prow: np.ndarray) -> list[list[dict]]:
+        """Per hit (page rows ``prow``), per scored leaf: score, threshold, passed, weight, negated, margin, method."""
+        if not st.leaves or not len(prow):  # filters only: nothing was scored
+            return [[] for _ in prow]
+        srt = np.argsort(prow)
+        ex = np.empty((len(prow), st.T.shape[0]), np.float32)
+        ex[srt] = concept_scores(self.snapshot, st.T, rows=prow[srt])  # exact scores of the page's hits
+        out = []
+        for j in range(len(prow)):
+            expl = []
+            for leaf, pos in st.leaves:
+                c = st.cals[id(leaf)]
+                s = float(ex[j, st.tindex[leaf.key]])
+                expl.append({"concept": leaf.text, "score": round(s, 6),
+                             "threshold": round(float(c.threshold), 6), "passed": bool(s >= c.threshold),
+                             "weight": leaf.weight, "negated": not pos,
+                             "margin": round((s - c.threshold) / c.scale, 4), "method": c.method})
+            out.append(expl)
+        return out
 
     def reference_answer(self, query) -> np.ndarray:
         """Brute-force answer (sorted catalog ids): every concept scored on every row, the tree evaluated
         over all rows with the same thresholds, filters evaluated in DuckDB. For tests and benchmarks."""
         node = self.parse_query(query)
         n = len(self.snapshot.ids)
-        leaves = qa.concepts(node)
+        leaves = qa.scored(node)
         cals = self.calibrations(node) if leaves else {}
-        texts = list(dict.fromkeys(c.text for c in leaves))
-        S = concept_scores(self.snapshot, self.bank.vectors(texts)) if texts else np.zeros((n, 0), np.float32)
-        ti = {t: i for i, t in enumerate(texts)}
+        T, ti = self.leaf_vectors(leaves) if leaves else (None, {})
+        S = concept_scores(self.snapshot, T) if leaves else np.zeros((n, 0), np.float32)
         flist = qa.filters(node)
         fpass = self._tree_filters(flist, np.arange(n, dtype=np.int64)) if flist else {}
-        match = evaluate_tree(node, lambda c: S[:, ti[c.text]] >= cals[id(c)].threshold, lambda f: fpass[id(f)], n)
+        match = evaluate_tree(node, lambda c: S[:, ti[c.key]] >= cals[id(c)].threshold, lambda f: fpass[id(f)], n)
         return np.asarray(self.snapshot.ids, np.int64)[match]

@@ -34,13 +34,13 @@ def normalise_name(text: str, lower: bool = True) -> str:
 
 def is_head_spec(clip_spec: str) -> bool:
     """Whether a store's target spec names a classifier whose head is its vocabulary (no torch import)."""
-    from t2c.indexer.encoders import VOCABULARY_SOURCES, feature_parts, parse_spec
+    from t2c.indexer.encoders import feature_parts, parse_spec, source_info
 
     try:
         spec = parse_spec(str(clip_spec))
     except InvalidInput:
         return False
-    return spec.source in VOCABULARY_SOURCES and not feature_parts(spec.options.get("features", "final"))
+    return source_info(spec.source).vocabulary and not feature_parts(spec.options.get("features", "final"))
 
 
 class _Index:

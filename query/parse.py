@@ -6,7 +6,8 @@ Grammar (EBNF; whitespace separates tokens and is otherwise ignored)::
     or_expr   = and_expr { OR and_expr } ;                    (* OR  = "OR"  | "|" | "||" *)
     and_expr  = unary { AND unary } ;                         (* AND = "AND" | "&" | "&&" *)
     unary     = NOT unary | primary ;                         (* NOT = "NOT" | "!"        *)
-    primary   = "(" or_expr ")" | filter | concept ;
+    primary   = "(" or_expr ")" | example | filter | concept ;
+    example   = [ number "*" ] "like" ":" ( digits | phrase | bare_value ) [ "@" number ] ;
     filter    = column cmp value ;
     column    = identifier ;                                  (* [A-Za-z_][A-Za-z0-9_]* *)
     cmp       = "=" | "==" | "!=" | "<" | "<=" | ">" | ">=" | ":" ;   (* ":" = glob match *)
@@ -32,6 +33,9 @@ Meaning
   * Filter values: a quoted value is always a string; a bare value is an int (``512``), a float (``0.5``,
     ``1e+20``), a date (``2026-01-01``), a datetime (``2026-01-01T10:30[:00[.ffffff]]``), else a string
     (``ok``). After ``:`` the value is always a string (a glob pattern: ``*``, ``?``, ``[abc]``).
+  * ``like:812`` is an example image by catalog id, ``like:"photos/cat.jpg"`` (or bare ``like:cat.jpg``) an
+    image file; both take a weight and a threshold like a concept (``2*like:812@0.9``). ``like`` before ``:``
+    is therefore not a filter column.
   * Quoted phrases use double quotes; inside them ``\\"`` is a quote and ``\\\\`` a backslash (no other escapes).
   * Positions in errors are 0-based character offsets into the query.
 
@@ -48,7 +52,8 @@ from dataclasses import dataclass
 from datetime import date, datetime
 
 from t2c.data.errors import InvalidInput, QuerySyntaxError
-from t2c.query.ast import (IDENTIFIER, KEYWORDS, MAX_DEPTH, MAX_WEIGHT, And, Concept, Filter, Node, Not, Or)
+from t2c.query.ast import (IDENTIFIER, KEYWORDS, MAX_DEPTH, MAX_WEIGHT, And, Concept, Example, Filter, Node, Not,
+                           Or, Visitor)
 
 __all__ = ["parse", "format", "tokenize", "Token"]
 
@@ -278,6 +283,8 @@ class _Parser:
                 raise self.unexpected(f"AND, OR or ')' to close the '(' at position {t.pos}")
             self.advance()
             return node
+        if self.at_example():
+            return self.example(1.0)
         if t.kind == "WORD" and self.peek().kind == "OP":
             return self.filter()
         if t.kind == "WORD" and self.peek().kind == "STAR":
@@ -288,6 +295,8 @@ class _Parser:
             self.advance()
             self.advance()
             nxt = self.cur
+            if self.at_example():
+                return self.example(w)
             if nxt.kind == "WORD" and self.peek().kind == "OP":
                 raise self.error("a weight applies to a concept, not a filter", nxt.pos, "a term after '*'")
             if nxt.kind not in ("WORD", "STRING"):
@@ -319,6 +328,46 @@ class _Parser:
             self.advance()
         self.count_term(t)
         return Concept(text, weight, threshold)
+
+    def at_example(self) -> bool:
+        """True at ``like:`` (an example leaf, never a filter on a column named like)."""
+        return self.cur.kind == "WORD" and self.cur.text == "like" and self.peek().kind == "OP" \
+            and self.peek().text == ":"
+
+    def example(self, weight: float) -> Example:
+        t = self.advance()
+        self.advance()
+        vt = self.cur
+        threshold_text = None
+        if vt.kind == "STRING":
+            if not vt.text.strip():
+                raise self.error("empty image name after like:", vt.pos, "an image id or a quoted file name")
+            ref: int | str = vt.text
+            self.advance()
+            if self.cur.kind == "AT":
+                self.advance()
+                threshold_text = self.cur
+                self.advance()
+        elif vt.kind == "VALUE":
+            text, at, thr = vt.text.rpartition("@")
+            if not at or not _FLOAT_RE.match(thr):  # no threshold: the whole value names the image
+                text, at, thr = vt.text, "", ""
+            if not text:
+                raise self.error("missing image after like:", vt.pos, "an image id or a quoted file name")
+            ref = int(text) if text.isdigit() else text
+            if at:
+                threshold_text = Token("WORD", thr, vt.pos + len(text) + 1, vt.end)
+            self.advance()
+        else:
+            raise self.unexpected("an image id or a quoted file name after 'like:'")
+        threshold = None
+        if threshold_text is not None:
+            threshold = self.number(threshold_text, "threshold")
+            if not -1.0 <= threshold <= 1.0:
+                raise self.error(f"threshold must be a cosine score in [-1, 1], got {threshold_text.text}",
+                                 threshold_text.pos, "a threshold in [-1, 1]")
+        self.count_term(t)
+        return Example(ref, weight, threshold)
 
     def filter(self) -> Filter:
         col = self.advance()
@@ -407,27 +456,33 @@ def _value(v) -> str:
     return str(v)
 
 
-_PREC = {Or: 1, And: 2, Not: 3}
+class _Formatter(Visitor):
+    """Query text of a tree; ``min_prec`` is the binding strength the context needs (parenthesise below it)."""
 
-
-def _fmt(node: Node, min_prec: int) -> str:
-    if isinstance(node, Concept):
+    def visit_concept(self, node: Concept, min_prec: int) -> str:
         s = (f"{_num(node.weight)}*" if node.weight != 1.0 else "") + \
             (node.text if _bare_ok(node.text) else _quote(node.text))
         return s + (f"@{_num(node.threshold)}" if node.threshold is not None else "")
-    if isinstance(node, Filter):
+
+    def visit_example(self, node: Example, min_prec: int) -> str:
+        s = (f"{_num(node.weight)}*" if node.weight != 1.0 else "") + node.text
+        return s + (f"@{_num(node.threshold)}" if node.threshold is not None else "")
+
+    def visit_filter(self, node: Filter, min_prec: int) -> str:
         return f"{node.column}{node.op}{_value(node.value)}"
-    p = _PREC[type(node)]
-    if isinstance(node, Not):
-        s = "NOT " + _fmt(node.child, p)
-    else:
-        sep = " AND " if isinstance(node, And) else " OR "
-        s = sep.join(_fmt(c, p + 1 if p < 3 else p) for c in node.children)
-    return f"({s})" if p < min_prec else s
+
+    def visit_not(self, node: Not, min_prec: int) -> str:
+        s = "NOT " + self.visit(node.child, 3)
+        return f"({s})" if 3 < min_prec else s
+
+    def visit_bool(self, node, min_prec: int) -> str:
+        p = 2 if isinstance(node, And) else 1
+        s = (" AND " if p == 2 else " OR ").join(self.visit(c, p + 1) for c in node.children)
+        return f"({s})" if p < min_prec else s
 
 
 def format(node: Node) -> str:  # noqa: A001 - the natural name; shadows the builtin only in this module
     """Pretty-print a tree as query text; ``parse(format(tree)) == tree`` for every valid tree."""
-    if not isinstance(node, (Concept, Filter, And, Or, Not)):
+    if not isinstance(node, Node):
         raise InvalidInput(f"not a query node: {type(node).__name__}")
-    return _fmt(node, 0)
+    return _Formatter().visit(node, 0)

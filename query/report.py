@@ -7,6 +7,7 @@ an unreadable file becomes a grey placeholder).
 Python API:
     audit_html(report, snapshot, thumbs=True) -> str
     drift_html(report, snapshot_a, snapshot_b, thumbs=True) -> str
+    duplicates_html(report, thumbs=True) -> str
     write_html(path, html) -> Path    (atomic)
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import base64
 import io
 from pathlib import Path
 
-__all__ = ["audit_html", "drift_html", "write_html", "thumbnail_uri"]
+__all__ = ["audit_html", "drift_html", "duplicates_html", "write_html", "thumbnail_uri"]
 
 THUMB = 96
 BAR_W = 320
@@ -62,6 +63,38 @@ _DRIFT_TMPL = """<!doctype html>
 <td class="thumbs">{% for t in c.thumbs_a %}<img src="{{ t.src }}" title="id {{ t.id }}" alt="id {{ t.id }}">{% endfor %}</td>
 <td class="thumbs">{% for t in c.thumbs_b %}<img src="{{ t.src }}" title="id {{ t.id }}" alt="id {{ t.id }}">{% endfor %}</td></tr>
 {% endfor %}</table></body></html>"""
+
+
+_DUPS_TMPL = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>t2c duplicates: {{ store|e }}</title><style>{{ css }}
+.group{display:flex;gap:10px;align-items:flex-start;padding:8px 0;border-bottom:1px solid #eee}
+.group figure{margin:0;text-align:center;font-size:11px;color:#555;max-width:{{ thumb }}px;word-break:break-all}
+.group img{width:{{ thumb }}px;height:{{ thumb }}px;object-fit:contain;border:1px solid #ddd;background:#fafafa}
+</style></head>
+<body><h1>Duplicate images</h1>
+<p class="meta">store <b>{{ store|e }}</b> &middot; {{ n }} images &middot; {{ n_groups }} groups,
+{{ n_duplicates }} duplicates &middot; candidate threshold {{ "%.4f"|format(threshold) }} ({{ method|e }}),
+{{ candidate_pairs }} candidate pairs{% if verified %}, pixel check at correlation &ge; {{ match }}{% endif %}</p>
+{% for g in groups %}<div class="group"><div class="num"><b>{{ loop.index }}</b><br>{{ g.kind }}<br>
+&ge; {{ "%.3f"|format(g.min_similarity) }}</div>
+{% for m in g.members %}<figure><img src="{{ m.src }}" alt="id {{ m.id }}"><figcaption>{{ m.id }}<br>{{ m.path|e }}
+</figcaption></figure>{% endfor %}</div>
+{% endfor %}</body></html>"""
+
+
+def duplicates_html(report, thumbs: bool = True, max_members: int = 8) -> str:
+    """HTML for a DuplicateReport (or its dict): each group's thumbnails side by side."""
+    d = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    groups = []
+    for g in d["groups"]:
+        members = [{"id": i, "path": p, "src": thumbnail_uri(p) if thumbs else _PLACEHOLDER}
+                   for i, p in list(zip(g["ids"], g["paths"]))[:max_members]]
+        groups.append(dict(g, members=members))
+    return _env().from_string(_DUPS_TMPL).render(
+        css=_CSS, thumb=THUMB, store=d.get("store", ""), n=d["n"], n_groups=d["n_groups"],
+        n_duplicates=d["n_duplicates"], threshold=d["threshold"], method=d["method"],
+        candidate_pairs=d["candidate_pairs"], verified=d["verified"], match=d.get("match_correlation"),
+        groups=groups)
 
 
 def thumbnail_uri(path, size: int = THUMB) -> str:

@@ -30,7 +30,7 @@ from datetime import date, datetime
 from typing import Mapping
 
 from t2c.data.errors import InvalidInput, UnknownChoice
-from t2c.query.ast import IDENTIFIER, And, Concept, Filter, Node, Not, Or, filters, split  # noqa: F401 (split re-exported)
+from t2c.query.ast import IDENTIFIER, And, Filter, Node, Not, Visitor, filters, split  # noqa: F401 (split re-exported)
 
 __all__ = ["compile_filter", "compile_filter_expr", "resolve_column", "column_kind", "validate_filters", "split",
            "quote_ident", "COLUMN_ALIASES"]
@@ -205,25 +205,33 @@ def compile_filter(node: Node, allowed_columns: Mapping[str, str]) -> tuple[str,
     Example:
         >>> compile_filter(parse('width>=512 AND NOT path:"*/tmp/*"'), {"width": "INTEGER", "path": "VARCHAR"})
     """
-    params: list = []
+    compiler = _FilterCompiler(allowed_columns)
+    sql = compiler.visit(node)
+    return sql, compiler.params
 
-    def go(n: Node) -> str:
-        if isinstance(n, Filter):
-            sql, p = compile_filter_expr(n, allowed_columns)
-            params.extend(p)
-            return sql
-        if isinstance(n, Concept):
-            raise InvalidInput(f"compile_filter needs a filter-only tree, found the concept {n.text!r}",
-                               "take the filter part with query.sql.split(node)")
-        if isinstance(n, Not):
-            return f"(NOT {go(n.child)})"
-        if isinstance(n, (And, Or)):
-            sep = " AND " if isinstance(n, And) else " OR "
-            return "(" + sep.join(go(c) for c in n.children) + ")"
-        raise InvalidInput(f"not a query node: {type(n).__name__}")
 
-    sql = go(node)
-    return sql, params
+class _FilterCompiler(Visitor):
+    """One DuckDB boolean expression of a filter-only tree; parameters collect in ``params``, in order."""
+
+    def __init__(self, allowed_columns: Mapping[str, str]):
+        self.allowed_columns = allowed_columns
+        self.params: list = []
+
+    def visit_filter(self, n: Filter) -> str:
+        sql, p = compile_filter_expr(n, self.allowed_columns)
+        self.params.extend(p)
+        return sql
+
+    def visit_scored(self, n) -> str:
+        raise InvalidInput(f"compile_filter needs a filter-only tree, found the {n.kind} {n.text!r}",
+                           "take the filter part with query.sql.split(node)")
+
+    def visit_not(self, n: Not) -> str:
+        return f"(NOT {self.visit(n.child)})"
+
+    def visit_bool(self, n) -> str:
+        sep = " AND " if isinstance(n, And) else " OR "
+        return "(" + sep.join(self.visit(c) for c in n.children) + ")"
 
 
 def validate_filters(node: Node, allowed_columns: Mapping[str, str]) -> None:

@@ -33,24 +33,32 @@ def error_body(error: str, message: str, hint: str | None = None, **extra) -> di
 
 # ------------------------------------------------------------------------------------------ body limit
 class BodyLimitMiddleware:
-    """Reject request bodies above ``max_bytes`` with 413: by Content-Length, or while streaming (chunked)."""
+    """Reject request bodies above ``max_bytes`` with 413: by Content-Length, or while streaming (chunked).
 
-    def __init__(self, app, max_bytes: int):
+    Multipart uploads to ``upload_paths`` (an example image for POST /api/search) may reach ``upload_bytes``.
+    """
+
+    def __init__(self, app, max_bytes: int, upload_bytes: int | None = None, upload_paths=("/api/search",)):
         self.app = app
-        self.max_bytes = int(max_bytes)
+        self.body_bytes = int(max_bytes)
+        self.upload_bytes = int(upload_bytes or max_bytes)
+        self.upload_paths = tuple(upload_paths)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        upload = scope.get("path") in self.upload_paths and \
+            headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data")
+        limit = self.upload_bytes if upload else self.body_bytes
         cl = headers.get(b"content-length")
         if cl is not None:
             try:
                 n = int(cl)
             except ValueError:
                 return await self._reject(send, 400, error_body("InvalidInput", "Content-Length is not a number"))
-            if n > self.max_bytes:
-                return await self._too_large(send)
+            if n > limit:
+                return await self._too_large(send, limit, upload)
         # Buffer the body (it is small by construction) so chunked bodies are counted too.
         chunks, total, more = [], 0, True
         if scope.get("method") in ("POST", "PUT", "PATCH"):
@@ -60,8 +68,8 @@ class BodyLimitMiddleware:
                     return
                 body = msg.get("body", b"")
                 total += len(body)
-                if total > self.max_bytes:
-                    return await self._too_large(send)
+                if total > limit:
+                    return await self._too_large(send, limit, upload)
                 chunks.append(body)
                 more = msg.get("more_body", False)
             data = b"".join(chunks)
@@ -77,11 +85,11 @@ class BodyLimitMiddleware:
             return await self.app(scope, replay, send)
         return await self.app(scope, receive, send)
 
-    async def _too_large(self, send):
+    async def _too_large(self, send, limit: int, upload: bool = False):
+        hint = ("upload a smaller image (or a downscaled copy)" if upload
+                else "send a smaller query; large concept lists can be split over several requests")
         return await self._reject(send, 413, error_body(
-            "PayloadTooLarge", f"request body is larger than {self.max_bytes} bytes",
-            "send a smaller query; large concept lists can be split over several requests",
-            limit=self.max_bytes))
+            "PayloadTooLarge", f"request body is larger than {limit} bytes", hint, limit=limit))
 
     @staticmethod
     async def _reject(send, status: int, body: dict):
@@ -152,7 +160,7 @@ def create_app(store_path, *, api_key: str | None = None, settings: Settings | N
         >>> app = create_app("photos.t2c")  # doctest: +SKIP
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
     """
-    from t2c.service.routers import audit, health, images, search
+    from t2c.service.routers import audit, examples, health, images, search
 
     settings = settings or Settings(store_path=Path(store_path))
     settings.store_path = Path(store_path)
@@ -163,7 +171,7 @@ def create_app(store_path, *, api_key: str | None = None, settings: Settings | N
     async def lifespan(app: FastAPI):
         h = holder or EngineHolder(settings.store_path, reload_interval=settings.reload_interval,
                                    verify=settings.verify_store)
-        if h._live is None:
+        if h.current is None:
             h.load()
         app.state.holder = h
         if settings.warm_up:
@@ -179,12 +187,12 @@ def create_app(store_path, *, api_key: str | None = None, settings: Settings | N
                   description="Search and audit an image collection in words. "
                               "Send the API key (when the server has one) as `X-API-Key` or `Authorization: Bearer`.")
     app.state.settings = settings
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, upload_bytes=settings.max_upload_bytes)
     app.add_exception_handler(T2CError, _t2c_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _bug)
-    for r in (health, search, images, audit):
+    for r in (health, search, examples, images, audit):
         app.include_router(r.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

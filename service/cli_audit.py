@@ -23,7 +23,11 @@ def _open(path: Path):
 
 def audit(
     store: Path = typer.Argument(..., help="Store directory."),
-    concepts: str = typer.Option(..., "--concepts", "-c", help='Concepts: "a,b,c" or a file with one per line.'),
+    concepts: Optional[str] = typer.Option(None, "--concepts", "-c",
+                                           help='Concepts: "a,b,c" or a file with one per line.'),
+    duplicates: bool = typer.Option(False, "--duplicates", help="List groups of exact and near-duplicate images."),
+    vectors_only: bool = typer.Option(False, "--vectors-only",
+                                      help="Duplicates: decide by vectors alone (no pixel check; for huge stores)."),
     against: Optional[Path] = typer.Option(None, "--against", help="Compare with another store (drift)."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -32,10 +36,17 @@ def audit(
     alpha: float = typer.Option(0.05, "--alpha", min=0.0, max=1.0, help="Drift: significance after correction."),
     correction: str = typer.Option("bh", "--correction", help="Drift: bh (Benjamini-Hochberg) or holm."),
 ) -> None:
-    """How often each concept occurs (prevalence with 95% CI), or with --against, which concepts shifted."""
+    """How often each concept occurs (prevalence with 95% CI), with --against which concepts shifted, or with
+    --duplicates which images appear more than once."""
     from t2c.query.audit import audit as run_audit
     from t2c.query.audit import drift
 
+    if duplicates:
+        return audit_duplicates(store, html, as_json, verify=not vectors_only)
+    if not concepts:
+        from t2c.data.errors import InvalidInput
+
+        raise InvalidInput("give --concepts (or --duplicates)", 'e.g. t2c audit STORE -c "red,circle"')
     snap = _open(store)
     if against is None:
         rep = run_audit(snap, concepts, top=top, method=method)
@@ -73,6 +84,28 @@ def audit(
         typer.echo(f"report: {html}", err=True)
 
 
+def audit_duplicates(store: Path, html: Optional[Path], as_json: bool, verify: bool = True) -> None:
+    """`t2c audit STORE --duplicates`: groups of duplicates, as text, JSON and/or an HTML report."""
+    from t2c.query.duplicates import find_duplicates
+
+    rep = find_duplicates(_open(store), verify=verify)
+    d = dict(rep.to_dict(), store=str(store))
+    if html:
+        from t2c.query.report import duplicates_html, write_html
+
+        write_html(html, duplicates_html(d))
+        d["html"] = str(html)
+    if as_json:
+        _echo_json(d)
+        return
+    typer.echo(f"{d['n']} images · {d['n_groups']} groups of duplicates ({d['n_duplicates']} extra copies) · "
+               f"candidate threshold {d['threshold']:.4f} ({d['method']}) · {d['candidate_pairs']} candidate pairs")
+    for j, g in enumerate(d["groups"], 1):
+        typer.echo(f"{j:>4}. {g['kind']:<5} ≥{g['min_similarity']:.3f}  " + "  ".join(g["paths"]))
+    if html:
+        typer.echo(f"report: {html}", err=True)
+
+
 def classify(
     store: Path = typer.Argument(..., help="Store directory."),
     labels: str = typer.Option(..., "--labels", "-l", help='Labels: "a,b,c" or a file with one per line.'),
@@ -101,7 +134,11 @@ def classify(
 @cbm_app.command("train")
 def cbm_train(
     store: Path = typer.Argument(..., help="Labelled store directory."),
-    concepts: str = typer.Option(..., "--concepts", "-c", help='Concepts: "a,b,c" or a file with one per line.'),
+    concepts: Optional[str] = typer.Option(None, "--concepts", "-c",
+                                           help='Concepts: "a,b,c" or a file with one per line.'),
+    duplicates: bool = typer.Option(False, "--duplicates", help="List groups of exact and near-duplicate images."),
+    vectors_only: bool = typer.Option(False, "--vectors-only",
+                                      help="Duplicates: decide by vectors alone (no pixel check; for huge stores)."),
     labels_column: str = typer.Option(..., "--labels-column", help="Catalog column with each image's class."),
     out: Path = typer.Option(..., "--out", help="Output .safetensors file."),
     l1: Optional[float] = typer.Option(None, "--l1", min=0.0, help="L1 strength (default: chosen on validation)."),
@@ -177,7 +214,7 @@ def describe_train(
     clip_weights: Optional[str] = typer.Option(None, "--clip-weights", help="world:clip weights (default shipped)."),
 ) -> None:
     """Train the world caption decoder on world:clip image embeddings of generated images (deterministic)."""
-    from t2c.data.world.decoder import DecoderConfig, train_decoder
+    from t2c.indexer.world.decoder import DecoderConfig, train_decoder
 
     cfg = DecoderConfig(n=n, steps=steps, seed=seed, clip_weights=clip_weights)
     _, rep = train_decoder(cfg, out=str(out) if out else "shipped", threads=threads,

@@ -28,27 +28,37 @@ def store_name(spec: str) -> str:
     return "store-" + re.sub(r"[^A-Za-z0-9._]+", "-", spec).strip("-")
 
 
+_FILTER_OPS = {"=": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal, ">": np.greater,
+               ">=": np.greater_equal}
+
+
 def truth_of(node, labels, catalog_rows: dict) -> np.ndarray:
     """Evaluate a query tree on ground truth: concepts from the world labels, filters from catalog rows."""
     from t2c.data.world.generator import concept_truth
     from t2c.query import ast
 
-    if isinstance(node, ast.Concept):
-        return concept_truth(labels, node.text)
-    if isinstance(node, ast.Not):
-        return ~truth_of(node.child, labels, catalog_rows)
-    if isinstance(node, ast.And):
-        return np.logical_and.reduce([truth_of(c, labels, catalog_rows) for c in node.children])
-    if isinstance(node, ast.Or):
-        return np.logical_or.reduce([truth_of(c, labels, catalog_rows) for c in node.children])
-    if isinstance(node, ast.Filter):
-        col = catalog_rows[node.column]
-        ops = {"=": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal, ">": np.greater,
-               ">=": np.greater_equal}
-        if node.op not in ops:
-            raise ValueError(f"demo truth does not evaluate filter op {node.op}")
-        return ops[node.op](col, node.value)
-    raise TypeError(type(node))
+    class Truth(ast.Visitor):
+        def visit_concept(self, n):
+            return concept_truth(labels, n.text)
+
+        def visit_not(self, n):
+            return ~self.visit(n.child)
+
+        def visit_and(self, n):
+            return np.logical_and.reduce([self.visit(c) for c in n.children])
+
+        def visit_or(self, n):
+            return np.logical_or.reduce([self.visit(c) for c in n.children])
+
+        def visit_filter(self, n):
+            if n.op not in _FILTER_OPS:
+                raise ValueError(f"demo truth does not evaluate filter op {n.op}")
+            return _FILTER_OPS[n.op](catalog_rows[n.column], n.value)
+
+        def visit_node(self, n):
+            raise TypeError(type(n))
+
+    return Truth().visit(node)
 
 
 def run_demo(out: Path, *, n: int = 1500, seed: int = 7, encoders=DEMO_ENCODERS, fit: int = 1000,

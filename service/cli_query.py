@@ -9,8 +9,10 @@ import typer
 
 def query(
     store: Path = typer.Argument(..., help="Store directory (built by `t2c index`)."),
-    text: str = typer.Argument(..., metavar="QUERY",
+    text: str = typer.Argument(None, metavar="[QUERY]",
                                help='Query, e.g. \'red circle AND NOT (square OR triangle) AND width>=32\'.'),
+    image: Path = typer.Option(None, "--image", help="Example image file: shorthand for like:\"FILE\" (AND-ed "
+                               "with QUERY when both are given)."),
     k: int = typer.Option(20, "-k", "--k", min=1, max=10_000, help="Hits to show."),
     offset: int = typer.Option(0, "--offset", min=0, help="Hits to skip (pagination)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of hits (id, path, score[, explanation])."),
@@ -24,7 +26,7 @@ def query(
     from t2c.query.engine import Engine
 
     eng = Engine.for_store(store, verify=not no_verify)
-    res = eng.search(text, k=k, offset=offset, explain=explain)
+    res = eng.search(query_with_image(text, image), k=k, offset=offset, explain=explain)
     if as_json:
         typer.echo(json.dumps([h.to_dict() for h in res.hits], indent=2, default=str))
         return
@@ -39,6 +41,20 @@ def query(
             neg = "NOT " if e["negated"] else ""
             typer.echo(f"{'':21}{mark}  {neg}{e['concept']!r}: score {e['score']:.3f} "
                        f"{'>=' if e['passed'] else '<'} threshold {e['threshold']:.3f} ({e['method']})")
+
+
+def query_with_image(text: str | None, image: Path | None):
+    """The query tree: QUERY, ``like:"FILE"`` for --image, or both joined by AND."""
+    from t2c.data.errors import InvalidInput
+    from t2c.query.ast import Example, conj
+    from t2c.query.parse import parse
+
+    if not text and image is None:
+        raise InvalidInput("give a QUERY, an --image FILE, or both", "e.g. t2c query STORE 'red circle'")
+    parts = [Example(str(Path(image).expanduser().resolve()))] if image is not None else []
+    if text:
+        parts.append(parse(text))
+    return conj(parts)
 
 
 def register(app: typer.Typer) -> None:

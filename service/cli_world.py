@@ -48,8 +48,8 @@ def train_cmd(
     n: int = typer.Option(20000, "--n", help="Training images."),
 ) -> None:
     """Retrain the world models from scratch (about 25 minutes on 2 CPU cores) and save safetensors."""
-    from t2c.data.world.models import WORLD_MODELS
-    from t2c.data.world.train import TrainConfig, train_all
+    from t2c.indexer.world.models import WORLD_MODELS
+    from t2c.indexer.world.train import TrainConfig, train_all
 
     cfg = TrainConfig(n=n, seed=seed)
     report = train_all(out, config=cfg, models=tuple(models or WORLD_MODELS), threads=threads,
@@ -60,7 +60,7 @@ def train_cmd(
 @world_app.command("models")
 def models_cmd() -> None:
     """List the world models, their dimension, and whether they have a text tower."""
-    from t2c.data.world.models import WORLD_MODELS
+    from t2c.indexer.world.models import WORLD_MODELS
 
     typer.echo(json.dumps(WORLD_MODELS, indent=1))
 

@@ -34,6 +34,8 @@ class Settings:
     max_k: int = 200                     # most hits per page
     max_offset: int = 10_000             # deepest page start
     max_body_bytes: int = 256 << 10      # larger request bodies get 413
+    max_upload_bytes: int = 16 << 20     # largest image upload (multipart POST /api/search) before 413
+    max_upload_pixels: int = 40_000_000  # uploads declaring more pixels are refused (reason "bomb")
     max_concepts: int = 32               # audit concepts / classify labels per request
     max_label_chars: int = 200           # longest audit concept / classify label
     thumb_max_side: int = 256            # default (and largest) thumbnail side
@@ -76,8 +78,10 @@ class Live:
 def default_engine_factory(snapshot):
     """Build the query engine over an open snapshot."""
     from t2c.query.engine import Engine
+    from t2c.query.examples import ExampleBank
 
-    return Engine(snapshot)
+    # like:"file" would read files on the server: a server takes example images as uploads only
+    return Engine(snapshot, examples=ExampleBank(snapshot, allow_files=False))
 
 
 class EngineHolder:
@@ -108,6 +112,11 @@ class EngineHolder:
         self._live = live
         self._checked = time.monotonic()
         return live
+
+    @property
+    def current(self) -> Live | None:
+        """The Live view now held, without checking the store (None before :meth:`load`)."""
+        return self._live
 
     def get(self) -> Live:
         """The current Live view, re-opening first when CURRENT changed (checked at most once per interval)."""

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from t2c.data.errors import AlignerError, InvalidInput, NotFound
+from t2c.data.errors import AlignerError, DamagedArtefact, InvalidInput, NotFound
 from t2c.indexer.aligner import Aligner, RidgeAccumulator, _holdout_mask, fit_aligner
 
 
@@ -82,7 +82,7 @@ def test_load_rejects_missing_and_foreign_files(tmp_path):
         Aligner.load(tmp_path / "nope.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(AlignerError):
+    with pytest.raises(DamagedArtefact):
         Aligner.load(bad)
 
 

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from t2c.data.errors import InvalidInput, NotFound, UnknownChoice
+from t2c.data.errors import DamagedArtefact, InvalidInput, NotFound, UnknownChoice
 from t2c.query.cbm import ConceptBottleneck, evaluate_cbm, fit_softmax, train_cbm
 from tests.test_audit import make_store
 
@@ -58,7 +58,7 @@ def test_cbm_errors(store, tmp_path):
         ConceptBottleneck.load(tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(InvalidInput):
+    with pytest.raises(DamagedArtefact):
         ConceptBottleneck.load(bad)
     m, _ = train_cbm(store, "warm,cool", "label", l1=0.0, probe=False)
     m.meta["clip"] = "world:clip"

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from t2c.data.errors import EncoderError, InvalidInput, NotFound
-from t2c.data.world import decoder as wd
+from t2c.data.errors import DamagedArtefact, InvalidInput, NotFound
+from t2c.indexer.world import decoder as wd
 from t2c.data.world.generator import sample_dataset
 from t2c.query.describe import (build_prefix_captioner, clipcap_train_step, describe, describe_vector,
                             load_prefix_captioner, save_prefix_captioner)
@@ -52,7 +52,7 @@ def test_decoder_file_errors(tmp_path):
         wd.load_decoder(tmp_path / "none.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
-    with pytest.raises(EncoderError):
+    with pytest.raises(DamagedArtefact):
         describe_vector(np.ones(64), "world:clip", decoder=bad)
     with pytest.raises(NotFound):
         describe_vector(np.ones(8), "open_clip:ViT-B-32/openai")

@@ -237,7 +237,7 @@ def test_probs_features_need_the_heads_weights(tmp_path):
 
 
 def test_probs_features_world_pairnet_are_its_sigmoid_pair_probabilities():
-    from t2c.data.world.models import load_world_model
+    from t2c.indexer.world.models import load_world_model
 
     enc = make_encoder("world:pairnet?features=stages+probs")
     assert enc.spec == "world:pairnet?features=stages+probs" and enc.dim == 512 + 48
@@ -266,3 +266,62 @@ def test_stage_features_errors_name_the_problem(spec, error, words):
     with pytest.raises(error) as ei:
         make_encoder(spec)
     assert words in str(ei.value) + (getattr(ei.value, "hint", "") or "")
+
+
+def test_weights_file_is_owned_by_the_source(tmp_path):
+    """A spec's weights file: its weights=PATH, the world source's shipped file, or none (random, hub)."""
+    from t2c.indexer.encoders import parse_spec, weights_file
+
+    shipped = weights_file(parse_spec("world:clip"))
+    assert shipped is not None and shipped.exists() and shipped.parent.name == "weights"
+    assert weights_file(parse_spec("world:clip?weights=random")) is None
+    assert weights_file(parse_spec("timm:resnet18")) is None
+    p = tmp_path / "w.safetensors"
+    assert weights_file(parse_spec(f"world:clip?weights={p}")) == p
+
+
+def test_weights_option_is_read_in_one_place():
+    modes = {w: parse_spec(f"timm:x{'' if w is None else '?weights=' + w}") for w in (None, "", "pretrained",
+                                                                                    "random", "/w.pt")}
+    assert {w: (s.weights_mode, s.weights_path) for w, s in modes.items()} == {
+        None: ("default", None), "": ("default", None), "pretrained": ("default", None),
+        "random": ("random", None), "/w.pt": ("file", "/w.pt")}
+
+
+def test_sources_describe_themselves():
+    assert E.source_info("open_clip").has_text is True
+    assert E.source_info("timm").has_text is False and E.source_info("python").has_text is None
+    assert E.source_info("world").shipped_weights("clip").name == "clip.safetensors"
+    rows = {r["source"]: r for r in E.list_encoders() if r["spec"].endswith(":NAME")}
+    assert rows["open_clip"]["has_text"] is True and rows["timm"]["has_text"] is False
+    with pytest.raises(UnknownChoice):
+        E.source_info("tfhub")
+
+
+def test_an_option_the_source_does_not_take_is_an_error():
+    with pytest.raises(UnknownChoice) as ei:
+        make_encoder("timm:test_resnet?weigths=random")
+    assert "weights" in ei.value.hint and "features" in ei.value.hint
+    enc = make_encoder("python:tests.tiny_encoders:tiny_cnn?dim=8&image_size=32")  # factory keywords pass
+    assert enc.dim == 8
+
+
+def test_a_registered_source_declares_options_and_text(monkeypatch):
+    monkeypatch.setattr(E, "_SOURCES", dict(E._SOURCES))
+
+    @E.register_source("t2ctest", "a test source", has_text=False, options={"width": "feature width"})
+    def _t2ctest(spec, kw):
+        m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(int(spec.options.get("width", 4))))
+        return E.ModuleEncoder(spec.identity, m, image_size=8, **kw)
+
+    enc = make_encoder("t2ctest:any?width=5&weights=random")
+    assert (enc.dim, enc.spec, enc.has_text) == (5, "t2ctest:any?weights=random&width=5", False)
+    with pytest.raises(UnknownChoice):
+        make_encoder("t2ctest:any?height=5")
+
+
+def test_features_build_a_new_encoder_from_what_the_source_declared():
+    enc = make_encoder("world:pairnet?features=stages+probs")
+    plain = make_encoder("world:pairnet")
+    assert plain.stages and plain.classifier is not None  # declared at construction
+    assert enc.dim > plain.dim and enc.spec == "world:pairnet?features=stages+probs"

@@ -24,7 +24,7 @@ def test_wheel_installs_only_t2c_at_the_top(wheel):
     assert tops - dist_info == {"t2c"}
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "t2c/py.typed" in names and "t2c/service/static/index.html" in names
-    assert any(n.startswith("t2c/data/world/weights/") and n.endswith(".safetensors") for n in names)
+    assert any(n.startswith("t2c/indexer/world/weights/") and n.endswith(".safetensors") for n in names)
 
 
 def test_wheel_beside_a_project_with_its_own_data_and_service(wheel, tmp_path):

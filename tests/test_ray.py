@@ -7,6 +7,7 @@ ray = pytest.importorskip("ray")
 from t2c.data.store import open_store  # noqa: E402
 from t2c.indexer import ray_engine  # noqa: E402
 from t2c.indexer.pipeline import index_folder  # noqa: E402
+from t2c.indexer.staging import Staging  # noqa: E402
 from tests.test_pipeline import make_images  # noqa: E402
 
 CLIP = "python:tests.tiny_encoders:tiny_clip"
@@ -68,17 +69,23 @@ def test_ray_store_equals_local(tmp_path, folder, encoder, kw):
     assert (again.added, again.unchanged) == (0, 41)
 
 
-def test_resume_skips_finished_parts(tmp_path, folder, monkeypatch):
-    real = ray_engine.write_part
-    written = []
+_WRITE_PART = Staging.write_part
 
-    def dying(writer, i, *a, **k):
-        if len(written) == 2:
+
+def _die_after(monkeypatch, n: int, written: list) -> None:
+    """Make the shared staging writer (both engines) fail once ``n`` parts are written."""
+    def dying(self, i, *a, **k):
+        if len(written) == n:
             raise RuntimeError("killed")
-        real(writer, i, *a, **k)
+        _WRITE_PART(self, i, *a, **k)
         written.append(i)
 
-    monkeypatch.setattr(ray_engine, "write_part", dying)
+    monkeypatch.setattr(Staging, "write_part", dying)
+
+
+def test_resume_skips_finished_parts(tmp_path, folder, monkeypatch):
+    written = []
+    _die_after(monkeypatch, 2, written)
     with pytest.raises(RuntimeError):
         ray_engine.index_folder_ray(folder, tmp_path / "ray", CLIP, part_size=8)
     first = set(written)
@@ -87,35 +94,42 @@ def test_resume_skips_finished_parts(tmp_path, folder, monkeypatch):
     assert not (tmp_path / "ray" / "CURRENT").exists()
 
     written.clear()
-    monkeypatch.setattr(ray_engine, "write_part", lambda *a, **k: (written.append(a[1]), real(*a, **k)))
+    _die_after(monkeypatch, 10**9, written)
     rep = ray_engine.index_folder_ray(folder, tmp_path / "ray", CLIP, part_size=8)
     n_parts = -(-41 // 8)
     assert rep.resumed_parts == 2
     assert sorted(written) == sorted(set(range(n_parts)) - first)
+    monkeypatch.undo()
     index_folder(folder, tmp_path / "local", CLIP, workers=0, part_size=8)
     assert_same_store(tmp_path / "local", tmp_path / "ray")
+
+
+def test_ray_run_resumed_by_local(tmp_path, folder, monkeypatch):
+    """One staging format: parts a killed Ray run wrote are kept by the local engine, which stages only the rest."""
+    written = []
+    _die_after(monkeypatch, 2, written)
+    with pytest.raises(RuntimeError):
+        ray_engine.index_folder_ray(folder, tmp_path / "st", CLIP, part_size=8)
+    first, written[:] = set(written), []
+    _die_after(monkeypatch, 10**9, written)
+    rep = index_folder(folder, tmp_path / "st", CLIP, workers=0, part_size=8)
+    assert rep.resumed_parts == 2 and rep.added == 40
+    assert first.isdisjoint(written) and len(first) + len(written) == -(-41 // 8)
+    monkeypatch.undo()
+    index_folder(folder, tmp_path / "local", CLIP, workers=0, part_size=8)
+    assert_same_store(tmp_path / "local", tmp_path / "st")
 
 
 @pytest.mark.slow
 def test_local_run_resumed_by_ray(tmp_path, folder, monkeypatch):
     """Same plan, same run id, same staging format: a killed local run continues under Ray."""
-    from t2c.indexer import pipeline
-
-    real = pipeline._process_part
-    calls = []
-
-    def dying(writer, i, *a, **k):
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        real(writer, i, *a, **k)
-        calls.append(i)
-
-    monkeypatch.setattr(pipeline, "_process_part", dying)
+    written = []
+    _die_after(monkeypatch, 3, written)
     with pytest.raises(RuntimeError):
         index_folder(folder, tmp_path / "st", CLIP, workers=0, part_size=8)
+    monkeypatch.undo()
     rep = ray_engine.index_folder_ray(folder, tmp_path / "st", CLIP, part_size=8)
     assert rep.resumed_parts == 3 and rep.added == 40
-    monkeypatch.setattr(pipeline, "_process_part", real)
     index_folder(folder, tmp_path / "local", CLIP, workers=0, part_size=8)
     assert_same_store(tmp_path / "local", tmp_path / "st")
 

@@ -6,11 +6,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from t2c.data.errors import EncoderError, NotFound, UnknownChoice  # noqa: E402
+from t2c.data.errors import DamagedArtefact, EncoderError, NotFound, UnknownChoice  # noqa: E402
 from t2c.data.world import vocab  # noqa: E402
 from t2c.data.world.generator import render, sample_dataset, sample_scene, scene_rng  # noqa: E402
-from t2c.data.world.models import WEIGHTS_DIR, WORLD_MODELS, load_world_model, save_world_model, weights_path  # noqa: E402
-from t2c.data.world.train import (_encode, concept_vectors, train_model, zero_shot_accuracy,  # noqa: E402
+from t2c.indexer.world.models import WEIGHTS_DIR, WORLD_MODELS, load_world_model, save_world_model, weights_path  # noqa: E402
+from t2c.indexer.world.train import (_encode, concept_vectors, train_model, zero_shot_accuracy,  # noqa: E402
                               attribute_concepts)
 
 
@@ -65,7 +65,7 @@ def test_weight_options(tmp_path):
     with pytest.raises(EncoderError):
         load_world_model("clip", str(path))  # pairnet weights do not fit clip
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(EncoderError):
+    with pytest.raises(DamagedArtefact):
         load_world_model("pairnet", str(tmp_path / "junk.safetensors"))
     with pytest.raises(UnknownChoice):
         load_world_model("resnet", None)
@@ -161,7 +161,7 @@ def test_unknown_clip_loss_is_a_clear_error():
 def test_train_all_writes_weights_and_keeps_other_models_entries(tmp_path):
     import json
 
-    from t2c.data.world.train import TrainConfig, train_all
+    from t2c.indexer.world.train import TrainConfig, train_all
 
     cfg = TrainConfig(n=96, batch=32, steps={"clip": 2, "pairnet": 2, "autoenc": 2}, eval_n=20)
     train_all(tmp_path, config=cfg, models=("autoenc",), threads=1, log=None)

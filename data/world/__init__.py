@@ -1,7 +1,7 @@
-"""The concept world: procedural images with exact labels, and small models trained on them.
+"""The concept world: procedural images with exact labels, and the vocabulary of their captions.
 
-Importing this package (and ``t2c.data.world.generator`` / ``t2c.data.world.vocab``) never imports torch;
-``t2c.data.world.models`` does so only when a model is built.
+Importing this package (``t2c.data.world.generator`` / ``t2c.data.world.vocab``) never imports torch. The
+models trained on it live in the indexer layer (``t2c.indexer.world``).
 """
 from __future__ import annotations
 

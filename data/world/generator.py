@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from t2c.data.errors import InvalidInput, NotFound, UnknownChoice
+from t2c.data.store import SHARED_MODE, atomic_write_bytes, atomic_write_file
 from t2c.data.world import vocab
 
 SMALL_RADIUS = (0.11, 0.14)  # object radius as a fraction of the image side
@@ -342,9 +343,8 @@ def generate(out_dir: str | os.PathLike, n: int, seed: int, size: int = 64, weig
         sc = sample_scene(scene_rng(seed, i), probs, n_objects=n_objects)
         rel = f"images/{i // 1000:03d}/{i:06d}.png"
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        tmp = out / (rel + ".tmp")
-        render(sc, size).save(tmp, format="PNG")
-        os.replace(tmp, out / rel)
+        img = render(sc, size)
+        atomic_write_file(out / rel, lambda p: img.save(p, format="PNG"), mode=SHARED_MODE, sync=False)
         rows["path"].append(rel)
         rows["background"].append(sc.background)
         rows["objects"].append(sc.object_labels())
@@ -362,20 +362,13 @@ def generate(out_dir: str | os.PathLike, n: int, seed: int, size: int = 64, weig
         "height": pa.array([size] * n, pa.int32()),
     })
     labels = out / "labels.parquet"
-    _atomic(labels, lambda p: pq.write_table(table, p))
+    atomic_write_file(labels, lambda p: pq.write_table(table, p), mode=SHARED_MODE)
     meta = {"format_version": FORMAT_VERSION, "n": n, "seed": seed, "size": size,
             "weights": {k: [round(float(x), 6) for x in v] for k, v in probs.items()},
             "vocabulary": {**{k: list(v) for k, v in vocab.ATTRIBUTES.items()}, "count": list(vocab.COUNTS)}}
-    _atomic(out / "world.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    atomic_write_bytes(out / "world.json", json.dumps(meta, indent=1).encode(), mode=SHARED_MODE)
     return labels
 
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --- ground truth for concept strings --------------------------------------------------------------------

@@ -12,7 +12,7 @@ router = APIRouter(prefix="/api", tags=["health"])
 def health(request: Request) -> dict:
     """Liveness: always answers, needs no API key."""
     holder = getattr(request.app.state, "holder", None)
-    live = getattr(holder, "_live", None)
+    live = getattr(holder, "current", None)
     return {"status": "ok", "snapshot": getattr(live, "name", None)}
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from t2c.data.errors import InvalidInput
@@ -26,6 +26,21 @@ class SearchBody(BaseModel):
     k: int = Field(20, ge=1, description="hits per page")
     offset: int = Field(0, ge=0, description="index of the first hit")
     explain: bool = Field(False, description="add per-constraint scores to each hit")
+
+
+async def json_body(request: Request, model):
+    """The request's JSON body validated by ``model``; malformed JSON or fields give 422 as FastAPI would."""
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
+
+    try:
+        raw = await request.json()
+    except ValueError as e:
+        raise RequestValidationError([{"loc": ("body",), "msg": f"invalid JSON ({e})", "type": "json_invalid"}])
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
 
 
 def check_paging(settings: Settings, k: int, offset: int) -> None:
@@ -79,10 +94,24 @@ def search_get(
     return run_search(live, node, k, offset, explain)
 
 
-@router.post("/search")
-def search_post(body: SearchBody, settings: Settings = Depends(get_settings),
-                live: Live = Depends(get_live)) -> dict[str, Any]:
-    """Search with a JSON query tree (``t2c.query.ast.to_json`` form) or a query string."""
+_UPLOAD_FORM = {"type": "object", "properties": {
+    "image": {"type": "string", "format": "binary", "description": "example image (JPEG, PNG, WebP, GIF, BMP, TIFF)"},
+    "q": {"type": "string", "description": "optional query text, AND-ed with the image"},
+    "k": {"type": "integer"}, "offset": {"type": "integer"}, "explain": {"type": "boolean"}}, "required": ["image"]}
+
+
+@router.post("/search", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": SearchBody.model_json_schema(ref_template="#/components/schemas/{model}")},
+    "multipart/form-data": {"schema": _UPLOAD_FORM}}}})
+async def search_post(request: Request, settings: Settings = Depends(get_settings),
+                      live: Live = Depends(get_live)) -> dict[str, Any]:
+    """Search with a JSON query tree (``t2c.query.ast.to_json`` form) or a query string; or, as a multipart
+    form, with an uploaded example image (field ``image``) and optional query text ``q`` (see ``examples``)."""
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        from t2c.service.routers.examples import search_upload
+
+        return await search_upload(request, settings, live)
+    body = await json_body(request, SearchBody)
     check_paging(settings, body.k, body.offset)
     node = parse_text(settings, body.query) if isinstance(body.query, str) else parse_tree(settings, body.query)
     return run_search(live, node, body.k, body.offset, body.explain)

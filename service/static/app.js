@@ -83,7 +83,11 @@ function renderHits(res) {
     cap.querySelector(".score").textContent = fmt(hit.score);
     const lines = explainLines(hit);
     card.title = [hit.path || ("id " + hit.id), "score " + fmt(hit.score)].concat(lines.map((l) => l.text)).join("\n");
-    card.append(img, cap);
+    const more = document.createElement("button");
+    more.type = "button"; more.className = "more-like"; more.textContent = "more like this";
+    more.setAttribute("data-testid", "more-like");
+    more.addEventListener("click", (e) => { e.stopPropagation(); searchText("like:" + hit.id); });
+    card.append(img, cap, more);
     if (lines.length) {
       const ex = document.createElement("div");
       ex.className = "explain";
@@ -117,6 +121,51 @@ async function runSearch() {
     freeBlobs(); $("grid").innerHTML = ""; $("pager").hidden = true;
     showError(st, err, state.q);
   }
+}
+
+function searchText(q) {
+  state.q = q; state.offset = 0; $("q").value = q; switchView("search"); runSearch();
+}
+
+// An example image (chosen or dropped) goes up once; the answer's q (like:"sha256:..." AND the text box) pages on.
+async function searchImage(file) {
+  const st = $("search-status");
+  if (!file) return;
+  showInfo(st, "Uploading " + file.name + "…");
+  const form = new FormData();
+  form.append("image", file, file.name);
+  if ($("q").value.trim() && !/like:"sha256:/.test($("q").value)) form.append("q", $("q").value);
+  form.append("k", $("k").value); form.append("explain", "true");
+  try {
+    const r = await fetch("/api/search", { method: "POST", headers: headers(), body: form });
+    const data = await r.json().catch(() => null);
+    if (!r.ok) { const err = new Error((data && data.message) || ("HTTP " + r.status)); err.status = r.status; err.body = data || {}; throw err; }
+    searchText(data.q);
+  } catch (err) { showError(st, err, null); }
+  finally { $("image").value = ""; }
+}
+
+async function runDuplicates() {
+  const st = $("dups-status"), out = $("dups-results");
+  showInfo(st, "Looking for duplicates…");
+  try {
+    const res = await api("/api/duplicates");
+    out.innerHTML = "";
+    (res.groups || []).forEach((g) => {
+      const row = document.createElement("div");
+      row.className = "dup-group"; row.setAttribute("data-testid", "dup-group");
+      const head = document.createElement("div"); head.className = "nums";
+      head.textContent = g.kind + " · " + g.ids.length + " images · similarity ≥ " + fmt(g.min_similarity);
+      row.append(head);
+      g.ids.forEach((id, j) => {
+        const img = document.createElement("img"); img.alt = "image " + id; img.title = (g.paths || [])[j] || ("id " + id);
+        img.addEventListener("click", () => openLightbox(id)); loadThumb(img, id); row.append(img);
+      });
+      out.append(row);
+    });
+    showInfo(st, (res.n_groups || 0) + " groups of duplicates (" + (res.n_duplicates || 0) + " extra copies) among " +
+      res.n + " images · candidate threshold " + fmt(res.threshold, 4) + " (" + res.method + ")");
+  } catch (err) { out.innerHTML = ""; showError(st, err, null); }
 }
 
 function splitConcepts(text) {
@@ -191,6 +240,7 @@ function switchView(view) {
   document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t.dataset.view === view));
   $("view-search").hidden = view !== "search";
   $("view-audit").hidden = view !== "audit";
+  $("view-dups").hidden = view !== "dups";
 }
 
 function init() {
@@ -207,6 +257,16 @@ function init() {
   $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.k); runSearch(); });
   $("next").addEventListener("click", () => { state.offset += state.k; runSearch(); });
   $("audit-form").addEventListener("submit", (e) => { e.preventDefault(); runAudit(); });
+  $("image").addEventListener("change", () => searchImage($("image").files[0]));
+  const form = $("search-form");
+  form.addEventListener("dragover", (e) => { e.preventDefault(); form.classList.add("drop"); });
+  form.addEventListener("dragleave", () => form.classList.remove("drop"));
+  form.addEventListener("drop", (e) => {
+    e.preventDefault(); form.classList.remove("drop");
+    const f = [...(e.dataTransfer.files || [])].find((x) => x.type.startsWith("image/")) || (e.dataTransfer.files || [])[0];
+    if (f) searchImage(f);
+  });
+  $("run-dups").addEventListener("click", runDuplicates);
   $("lb-close").addEventListener("click", () => { $("lightbox").hidden = true; });
   $("lightbox").addEventListener("click", (e) => { if (e.target.id === "lightbox") $("lightbox").hidden = true; });
   const h = new URLSearchParams(location.hash.slice(1));

@@ -11,7 +11,7 @@
   features are its 64-d bottleneck.
 
 torch is imported only when a model is built (``WORLD_MODELS`` can be listed without it).
-Weights ship as safetensors in ``data/world/weights/`` and are reproduced by ``t2c world train``.
+Weights ship as safetensors in ``indexer/world/weights/`` and are reproduced by ``t2c world train``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-from t2c.data.errors import EncoderError, NotFound, UnknownChoice
+from t2c.data.artefacts import read_artefact, write_artefact
+from t2c.data.errors import EncoderError, UnknownChoice
 from t2c.data.world import vocab
 
 IMAGE_SIZE = 32
@@ -225,20 +226,14 @@ def load_world_model(name: str, weights: str | None = None):
     Raises:
         UnknownChoice: unknown model name.
         NotFound: the weights file does not exist.
+        DamagedArtefact: the file is not a readable safetensors file.
         EncoderError: the file does not fit the architecture.
     """
     model = build_world_model(name)
     if weights != "random":
         path = Path(weights) if weights else weights_path(name)
-        if not path.exists():
-            raise NotFound(f"weights file {str(path)!r} does not exist",
-                           "run `t2c world train` to rebuild the shipped weights, or pass weights=random")
-        from safetensors.torch import load_file
-
-        try:
-            sd = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - unreadable file: the user's to fix
-            raise EncoderError(f"cannot read weights {str(path)!r}: {e}", "pass a safetensors file") from None
+        _, sd = read_artefact(path, f"world:{name} weights", framework="pt",
+                              fix="run `t2c world train` to rebuild the shipped weights, or pass weights=random")
         try:
             model.load_state_dict(sd, strict=True)
         except RuntimeError as e:
@@ -252,14 +247,5 @@ def load_world_model(name: str, weights: str | None = None):
 
 def save_world_model(model, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Save a model's state dict as safetensors (atomically), with JSON-able metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"model": model.name, **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=meta)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    return write_artefact(path, model.state_dict(), meta)

@@ -26,9 +26,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from t2c.data.errors import InvalidInput
+from t2c.data.store import SHARED_MODE, atomic_write_bytes
 from t2c.data.world import vocab
 from t2c.data.world.generator import Scene, sample_dataset
-from t2c.data.world.models import (IMAGE_SIZE, MEAN, N_PAIRS, STD, WEIGHTS_DIR, WORLD_MODELS, build_world_model,
+from t2c.indexer.world.models import (IMAGE_SIZE, MEAN, N_PAIRS, STD, WEIGHTS_DIR, WORLD_MODELS, build_world_model,
                                pair_index, save_world_model)
 
 ATTRIBUTE_OF = {"color": vocab.ATTRIBUTES["color"], "shape": vocab.SHAPES, "size": vocab.SIZES,
@@ -396,7 +397,7 @@ def train_all(out_dir: str | Path | None = None, *, config: TrainConfig | None =
     """Train the world models from scratch and save them as safetensors plus ``world_models.json``.
 
     Args:
-        out_dir: target directory (default: the shipped weights folder, data/world/weights).
+        out_dir: target directory (default: the shipped weights folder, indexer/world/weights).
         config: a TrainConfig (default: the settings of the shipped weights).
         models: which models to train.
         threads: torch CPU threads (results are deterministic for a given thread count).
@@ -458,15 +459,13 @@ def train_all(out_dir: str | Path | None = None, *, config: TrainConfig | None =
             report["models"].setdefault(name, info)
     except (OSError, ValueError, AttributeError):
         pass
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(meta_path)
+    atomic_write_bytes(meta_path, json.dumps(report, indent=1).encode(), mode=SHARED_MODE)
     if log:
         log(f"saved {', '.join(models)} to {out} in {report['total_seconds']}s total")
     return report
 
 
-if __name__ == "__main__":  # python -m data.world.train [OUT_DIR]
+if __name__ == "__main__":  # python -m t2c.indexer.world.train [OUT_DIR]
     import sys
 
     train_all(sys.argv[1] if len(sys.argv) > 1 else None)

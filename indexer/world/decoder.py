@@ -24,7 +24,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from t2c.data.errors import EncoderError, InvalidInput, NotFound
+from t2c.data.artefacts import read_artefact, write_artefact
+from t2c.data.errors import EncoderError, InvalidInput
 from t2c.data.world import vocab
 
 DECODER_FILE = "decoder.safetensors"
@@ -37,7 +38,7 @@ MAX_TOKENS = 32
 
 def weights_path() -> Path:
     """Path of the shipped decoder weights."""
-    from t2c.data.world.models import WEIGHTS_DIR
+    from t2c.indexer.world.models import WEIGHTS_DIR
 
     return WEIGHTS_DIR / DECODER_FILE
 
@@ -140,42 +141,21 @@ def build_decoder(dim: int = 64, hidden: int = 128, emb: int = 48, seed: int = 0
 
 def save_decoder(model, path, metadata: dict | None = None) -> Path:
     """Save decoder weights as safetensors (atomically) with its shape and provenance."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     md = {"format": FORMAT, "dim": str(model.dim), "hidden": str(model.hidden_size), "emb": str(model.emb_size),
           "tokens": json.dumps(TOKENS), "meta": json.dumps(metadata or {}, sort_keys=True, default=str)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=md)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)  # shipped package data: readable by everyone
-    os.replace(tmp, path)
-    return path
+    return write_artefact(path, model.state_dict(), md)
 
 
 def load_decoder(path: str | os.PathLike | None = None):
     """Load a world decoder in eval mode (default: the shipped weights).
 
     Raises:
-        NotFound: no such file (``t2c describe-train`` rebuilds the shipped one). EncoderError: not a decoder.
+        NotFound: no such file (``t2c describe-train`` rebuilds the shipped one). DamagedArtefact: not a
+        readable world decoder. EncoderError: trained with another vocabulary.
     """
-    from safetensors import safe_open
-
     path = Path(path) if path else weights_path()
-    if not path.is_file():
-        raise NotFound(f"caption decoder {str(path)!r} does not exist",
-                       "run `t2c describe-train` to build the world decoder")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            md = fh.metadata() or {}
-            sd = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as e:  # noqa: BLE001 - unreadable file
-        raise EncoderError(f"cannot read caption decoder {str(path)!r}: {e}") from None
-    if md.get("format") != FORMAT:
-        raise EncoderError(f"{str(path)!r} is not a world caption decoder (format {md.get('format')!r})")
+    md, sd = read_artefact(path, "world caption decoder", formats=FORMAT, framework="pt",
+                           fix="run `t2c describe-train` to build the world decoder")
     if json.loads(md.get("tokens", "[]")) != list(TOKENS):
         raise EncoderError(f"caption decoder {str(path)!r} was trained with another vocabulary",
                            "retrain it with `t2c describe-train`")
@@ -211,8 +191,8 @@ def _pad(seqs: list[list[int]]) -> np.ndarray:
 
 def clip_image_embeddings(pixels: np.ndarray, clip_weights: str | None = None, batch: int = 512) -> np.ndarray:
     """world:clip image embeddings (n, 64) of uint8 (n, 32, 32, 3) pixels."""
-    from t2c.data.world.models import load_world_model
-    from t2c.data.world.train import to_tensor
+    from t2c.indexer.world.models import load_world_model
+    from t2c.indexer.world.train import to_tensor
 
     torch, _ = _nets()
     clip = load_world_model("clip", clip_weights)
@@ -286,7 +266,7 @@ def train_decoder(config: DecoderConfig | None = None, out: str | os.PathLike | 
         path = weights_path() if str(out) == "shipped" else Path(out)
         clip_file = None
         if cfg.clip_weights != "random":
-            from t2c.data.world.models import weights_path as wp
+            from t2c.indexer.world.models import weights_path as wp
 
             cp = Path(cfg.clip_weights) if cfg.clip_weights else wp("clip")
             clip_file = hashlib.sha256(cp.read_bytes()).hexdigest()[:16] if cp.is_file() else None

@@ -50,7 +50,10 @@ class _Index:
         self.vocab = vocab
         self.by_name: dict[str, list[int]] = {}
         self.by_case: dict[str, list[int]] = {}  # "cardigan" (the sweater) vs "Cardigan" (the corgi)
+        self.shown: dict[str, str] = {}  # matched form -> the head's own spelling ("t shirt" -> "T-shirt")
         for i, desc in enumerate(vocab.names):
+            for raw in desc.split(","):
+                self.shown.setdefault(normalise_name(raw), raw.strip())
             for syn in dict.fromkeys(normalise_name(s, lower=False) for s in desc.split(",")):
                 if syn:
                     self.by_case.setdefault(syn, []).append(i)
@@ -87,10 +90,9 @@ class _Index:
 
     def _unknown(self, text: str, key: str) -> UnknownChoice:
         """The error for a name no class has, listing the closest class names as the head spells them."""
-        shown = {k.lower(): k for k in reversed(list(self.by_case))}
         close = difflib.get_close_matches(key, list(self.by_name), n=8, cutoff=0.6)
         close += [n for n in self.by_name if key and key in n.split(" ") and n not in close][:8 - len(close)]
-        close = [shown.get(c, c) for c in close]
+        close = [self.shown.get(c, c) for c in close]
         err = UnknownChoice(f"class name of {self.vocab.source}'s head", text, close or ["(none close)"])
         err.hint = (f"close class names: {', '.join(close)}" if close else "no class name is close") + \
             f"; this store's concepts are the head's {len(self.vocab.names)} class names (or WordNet ids)"

@@ -125,7 +125,7 @@ def test_effnet_checkpoint_without_head_is_an_error(tmp_path):
 # measurement (CPU results differ slightly across BLAS builds). Measured: see REAL_MEASURED.
 REAL_MEASURED = {"r2": None, "p_at_10": None, "head_top1": None, "and_not_f1": None}
 FLOORS = {"r2": 9.0, "p_at_10": 9.0, "head_top1": 9.0, "and_not_f1": 9.0}
-AND_NOT = "(running shoe OR sandal OR cowboy boot) AND NOT sandal"
+AND_NOT = "jersey AND NOT sweatshirt"  # T-shirt/top and Shirt share "jersey"; Pullover is "sweatshirt"
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +146,7 @@ def real_engine(real_store):
 
 
 def test_real_alignment_r2(real_store):
+    print("measured r2", real_store["r2"])
     assert real_store["r2"] >= FLOORS["r2"], real_store["r2"]
 
 
@@ -154,6 +155,7 @@ def test_real_same_class_precision_at_10(real_engine):
 
     _, lab = labels_by_id(real_engine.snapshot)
     p = precision_at_10(real_engine.snapshot.vectors, lab)
+    print("measured P@10", p)
     assert p >= FLOORS["p_at_10"], p
 
 
@@ -173,6 +175,7 @@ def test_real_head_agreement(real_store, real_engine):
     a = Aligner.load(real_store["aligner"]).apply(np.stack([feats[i] for i in pick]))
     a = a * np.linalg.norm(f2, axis=1).mean()  # the aligner predicts unit vectors; the head has a bias
     agree = float(((a @ v.weight.T + v.bias).argmax(1) == own).mean())
+    print("measured head top-1 agreement", agree)
     assert agree >= FLOORS["head_top1"], agree
 
 
@@ -187,7 +190,8 @@ def test_real_and_not_query_f1(real_engine):
     from t2c.service.cli_demo_real import score_queries
 
     (row,) = score_queries(real_engine, [AND_NOT])
-    assert row["truth"] == 32  # sneakers and ankle boots of 160 balanced images
+    print("measured AND/NOT", row)
+    assert row["truth"] == 32  # T-shirts/tops and shirts of 160 balanced images
     assert row["f1"] >= FLOORS["and_not_f1"], row
 
 
@@ -208,13 +212,14 @@ def test_real_vocabulary_through_every_query_feature(real_engine):
 
 
 def test_real_drift_finds_the_changed_class(real_store, real_engine):
-    """A second store of sandals only (same aligner): "sandal" is the concept that shifted, "jean" is not."""
+    """A second store of bags only (same aligner): "purse" is the concept that shifted most, and significantly."""
     from t2c.data.store import open_store
     from t2c.indexer.pipeline import index_folder
     from t2c.query.audit import drift
 
-    b = real_store["store"].parent / "store-sandals"
-    index_folder(real_store["store"].parent / "images" / "c5", b, "effnet:lite0", aligner=str(real_store["aligner"]),
+    b = real_store["store"].parent / "store-bags"
+    index_folder(real_store["store"].parent / "images" / "c8", b, "effnet:lite0", aligner=str(real_store["aligner"]),
                  clip="effnet:lite2")
-    rows = drift(real_engine.snapshot, open_store(b), ["jean", "sandal"]).to_dict()["concepts"]
-    assert rows[0]["concept"] == "sandal" and rows[0]["significant"] and abs(rows[0]["diff"]) > 0.5
+    rows = drift(real_engine.snapshot, open_store(b), ["cowboy boot", "purse"]).to_dict()["concepts"]
+    print("measured drift", [(r["concept"], r["diff"], r["significant"]) for r in rows])
+    assert rows[0]["concept"] == "purse" and rows[0]["significant"] and abs(rows[0]["diff"]) > 0.3

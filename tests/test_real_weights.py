@@ -120,11 +120,13 @@ def test_effnet_checkpoint_without_head_is_an_error(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # real weights, real images
 # ------------------------------------------------------------------------------------------------
-# Floors: measured by this test's own fixture (n_fit 240 train-split images, 160 test-split images, seed 0,
-# images inverted to dark-on-light) on the development machine, 2026-11-30; each floor sits a little below the
-# measurement (CPU results differ slightly across BLAS builds). Measured: see REAL_MEASURED.
-REAL_MEASURED = {"r2": None, "p_at_10": None, "head_top1": None, "and_not_f1": None}
-FLOORS = {"r2": 9.0, "p_at_10": 9.0, "head_top1": 9.0, "and_not_f1": 9.0}
+# Floors: measured by this module's own fixture (aligner fitted on 240 train-split images, 160 test-split images
+# indexed, seeds 0 and 1, images inverted to dark-on-light) on the development machine (2 shared CPU cores,
+# torch 2.14.1), 2026-11-30, identical on two runs: R² 0.466, same-class P@10 0.632 (chance 0.10), lite2 head
+# top-1 agreement 0.475 on 80 images, "jersey AND NOT sweatshirt" F1 0.345 (P 0.385, R 0.312; answering 26
+# random images of 160 would give about 0.18). Each floor sits below its measurement by a margin for other BLAS
+# builds; the figures on 1,000 / 500 images are in README "Real weights, real images".
+FLOORS = {"r2": 0.40, "p_at_10": 0.55, "head_top1": 0.40, "and_not_f1": 0.28}
 AND_NOT = "jersey AND NOT sweatshirt"  # T-shirt/top and Shirt share "jersey"; Pullover is "sweatshirt"
 
 

@@ -7,7 +7,8 @@ Three parts:
     (non-CLIP ones aligned into world:clip by ``--fit-aligner`` images of the collection, no labels), then
     ``t2c.query.duplicates.find_duplicates``. Per kind: recall (the copy lands in its original's group) and
     precision (of the pairs a copy's group puts it in, the share that are its original); and
-    ``distinct_pairs``: pairs of different generated scenes put in one group (the target is 0).
+    ``distinct_pairs``: pairs of different generated scenes put in one group (the target is 0). The same
+    for ``verify=False`` (``planted_vectors_only``: the strict vector threshold alone, no pixel check).
   * ``synthetic``: ``--vectors`` random unit vectors (clustered, like embeddings) with ``--planted`` copies
     plus noise (cosine ~0.97-0.995); the vector stage alone (calibrated range search, no pixels): seconds,
     peak memory (ru_maxrss), recall and precision of the planted pairs.
@@ -17,7 +18,7 @@ Three parts:
     at least 10 relevant images exist).
 
 Seeds: collection seeds ``--seeds`` (default 11 12: not used to tune anything; the pixel-check constants
-were chosen on seed 3), plant/example seed 0.
+(view grid, ``MATCH_CORRELATION``) were chosen on collection seed 3), plant/example seed 0.
 
 Usage:
     .venv/bin/python bench/duplicates.py                                  # defaults below
@@ -48,11 +49,11 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def planted_scores(snap, pairs: list[dict]) -> dict:
+def planted_scores(snap, pairs: list[dict], verify: bool = True) -> dict:
     """Per-kind recall/precision of find_duplicates and the count of distinct scenes grouped together."""
     from t2c.query.duplicates import find_duplicates
 
-    rep = find_duplicates(snap)
+    rep = find_duplicates(snap, verify=verify)
     pid = {p: i for i, p in snap.catalog().execute("SELECT id, path FROM images").fetchall()}
     group_of = {}
     for g, grp in enumerate(rep.groups):
@@ -129,6 +130,7 @@ def run_collection(seed: int, args, work: Path) -> dict:
         index_folder(col / "images", st, enc, workers=args.workers, **kw)
         snap = open_store(st)
         out[enc] = {"index_seconds": round(time.perf_counter() - t0, 1), "planted": planted_scores(snap, pairs),
+                    "planted_vectors_only": planted_scores(snap, pairs, verify=False),
                     "by_example": by_example(snap, labels, args.examples, np.random.default_rng(0))}
     return out
 

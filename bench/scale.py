@@ -254,6 +254,105 @@ def index_on_disk(n: int, d: int, bpv: int, work: Path, chunk: int = 250_000) ->
             "peak_anon_rss_gb": mem.gb, "peak_rss_gb_incl_mapped_pages": rss_gb()}
 
 
+# ------------------------------------------------------------------------------------------------
+# planning + committing a large parquet list (driver memory)
+# ------------------------------------------------------------------------------------------------
+def make_path_list(work: Path, n: int, files_per_dir: int = 1000) -> Path:
+    """A parquet list of ``n`` distinct paths that all exist, written in chunks: ``files_per_dir`` hard links to
+    one small JPEG in ``work/real``, reached through ``ceil(n / files_per_dir)`` symlinks to that folder
+    (``work/s{j}/f{i}.jpg``), so the filesystem holds thousands of entries, not millions."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    real = work / "real"
+    real.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(real / "f0.jpg", quality=90)
+    for i in range(1, files_per_dir):
+        os.link(real / "f0.jpg", real / f"f{i}.jpg")
+    for j in range(-(-n // files_per_dir)):
+        os.symlink("real", work / f"s{j}")
+    out = work / "list.parquet"
+    with pq.ParquetWriter(out, pa.schema([("path", pa.string())])) as w:
+        for s in range(0, n, 1_000_000):
+            k = np.arange(s, min(n, s + 1_000_000))
+            w.write_table(pa.table({"path": [f"s{a}/f{b}.jpg" for a, b in zip(k // files_per_dir, k % files_per_dir)]}))
+    return out
+
+
+def _plan_commit_child(lst: str, store: str, part_size: int, q) -> None:
+    """In a fresh process: plan the list, stage every part with synthetic features (no decoding or model: the
+    driver-side work only), commit; put timings and this process's peak RSS on ``q``."""
+    from t2c.data.sources import iter_path_list, iter_stat_paths
+    from t2c.data.store import StoreWriter
+    from t2c.indexer.encoders import parse_spec
+    from t2c.indexer.pipeline import finish_run, plan_entries, start_run
+    from t2c.indexer.staging import ItemResult
+
+    out = {"rss_gb_after_imports": rss_gb()}
+    t0 = time.perf_counter()
+    with AnonPeak() as mem, StoreWriter(store) as writer:
+        plan = plan_entries(writer, iter_stat_paths(iter_path_list(lst), base=Path(lst).parent))
+        out["plan_seconds"] = round(time.perf_counter() - t0, 1)
+        out["rss_gb_after_plan"] = rss_gb()
+        run = start_run(writer, parse_spec("python:tests.tiny_encoders:tiny_clip"), plan, t0, aligner=None,
+                        fit_aligner=None, clip=None, fit_workers=0, progress=False, max_pixels=1 << 26,
+                        batch_size=32, device=None, threads=1, part_size=part_size)
+        t1 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        for i, part in enumerate(run.parts):
+            feats = rng.normal(size=(len(part), run.encoder.dim)).astype(np.float32)
+            run.staging.write_part(i, list(part), (ItemResult(True, f, 32, 24, "h") for f in feats),
+                                   run.encoder.dim, {})
+        out["stage_seconds"] = round(time.perf_counter() - t1, 1)
+        out["rss_gb_after_staging"] = rss_gb()
+        t2 = time.perf_counter()
+        rep = finish_run(writer, run, plan, lst, None, 0, 0.0, t0)
+        out["commit_seconds"] = round(time.perf_counter() - t2, 1)
+    out.update(added=rep.added, errors=rep.errors, peak_rss_gb=rss_gb(), peak_anon_rss_gb=mem.gb)
+    q.put(out)
+
+
+def plan_commit(n: int, work: Path, part_size: int) -> dict:
+    """Peak driver RSS for planning + committing an ``n``-row parquet list (measured in a child process)."""
+    import multiprocessing as mp
+    import shutil
+
+    work = work / f"plan-{n}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        t = time.perf_counter()
+        lst = make_path_list(work / "files", n)
+        gen_s = time.perf_counter() - t
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        p = ctx.Process(target=_plan_commit_child, args=(str(lst), str(work / "store"), part_size, q))
+        p.start()
+        res = q.get()
+        p.join()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"rows": n, "part_size": part_size, "list_seconds": round(gen_s, 1), **res,
+            "mode": "measured: plan (stat every path, catalog lookups, ids) + stage synthetic 16-d features + "
+                    "commit (catalog insert, vectors, index) in a fresh process; no decoding, no model"}
+
+
+def project(points: list[dict], targets=(10_000_000, 100_000_000)) -> dict:
+    """Least-squares line through (rows, peak RSS) and (rows, seconds), evaluated at ``targets``: a projection."""
+    if len(points) < 2:
+        return {}
+    x = np.array([p["rows"] for p in points], float)
+    out = {}
+    for key in ("peak_rss_gb", "plan_seconds", "commit_seconds"):
+        y = np.array([p[key] for p in points], float)
+        slope, icpt = np.polyfit(x, y, 1)
+        out[key] = {"per_million_rows": round(slope * 1e6, 3), "intercept": round(icpt, 3),
+                    **{f"at_{t:.0e}": round(icpt + slope * t, 2) for t in targets}}
+    out["note"] = "PROJECTION from a line through the measured sizes, not a measurement"
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=300)
@@ -268,6 +367,9 @@ def main() -> None:
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--polysemous", action="store_true", help="keep faiss' default polysemous PQ training")
     ap.add_argument("--threads", type=int, default=None, help="FAISS OpenMP threads")
+    ap.add_argument("--plan-rows", default="", help="comma-separated parquet list sizes to plan + commit "
+                    "(peak driver RSS), e.g. 100000,1000000,10000000")
+    ap.add_argument("--part-size", type=int, default=16384, help="images per staged part in --plan-rows runs")
     args = ap.parse_args()
     import faiss
 
@@ -280,6 +382,12 @@ def main() -> None:
     if not args.skip_throughput:
         res["throughput"] = throughput(args.images, args.encoder, args.batch_size)
         print(json.dumps(res["throughput"]), file=sys.stderr, flush=True)
+    if args.plan_rows:
+        pts = []
+        for n in [int(x) for x in args.plan_rows.split(",") if x]:
+            pts.append(plan_commit(n, args.work or Path(tempfile.mkdtemp(prefix="t2c-plan-")), args.part_size))
+            print(json.dumps(pts[-1]), file=sys.stderr, flush=True)
+        res["plan_commit"] = {"runs": pts, "projection": project(pts)}
     res["index"] = []
     for n in [int(x) for x in args.vectors.split(",") if x]:
         if n * args.dim * 4 <= args.max_ram_gb * 2**30:

@@ -32,7 +32,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -41,6 +41,7 @@ from t2c.data.errors import DiskFull, InvalidInput, NotFound, StoreError, StoreN
 FORMAT_VERSION = 1
 KEEP_SNAPSHOTS = 3
 QUICK_VERIFY_BYTES = 256 << 20
+CATALOG_MEMORY = "512MB"  # DuckDB's memory limit while a commit writes the catalog (it spills beyond it)
 COPY_CHUNK = 262_144  # rows of previous vectors copied at a time when committing
 SHARED_MODE = 0o644  # files others read (artefacts, shipped weights, generated worlds)
 
@@ -433,6 +434,9 @@ class Changes:
     errors: list[dict]  # path, reason, message, size, mtime_ns
     cleared_error_paths: list[str]  # error rows to drop (file fixed, deleted, or now indexed)
     run: dict  # run_id, command, settings, started_at
+    # more rows, streamed: a callable giving batches of rows (inserted batch by batch after ``rows``, each batch
+    # also clearing its paths' error rows), so a run of any size never holds all its rows at once
+    row_batches: Callable[[], Iterable[list[dict]]] | None = None
 
 
 class StoreWriter:
@@ -480,21 +484,45 @@ class StoreWriter:
         self.close()
 
     # -- catalog lookups for planning --
-    def known_files(self) -> dict[str, dict]:
-        """path → {id, size, mtime_ns, content_hash} of the current catalog."""
-        if self.current is None:
-            return {}
-        cur = self.current.catalog()
-        rows = cur.execute("SELECT path, id, size, mtime_ns, content_hash FROM images").fetchall()
-        return {r[0]: {"id": r[1], "size": r[2], "mtime_ns": r[3], "content_hash": r[4]} for r in rows}
+    def lookup(self, paths: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+        """For one batch of paths: (path → {id, size, mtime_ns} in the catalog, path → {reason, size, mtime_ns}
+        of recorded errors); only the paths asked for are read, so planning streams over any number of files."""
+        if self.current is None or not paths:
+            return {}, {}
+        import pyarrow as pa
 
-    def known_errors(self) -> dict[str, dict]:
-        """path → {reason, size, mtime_ns} of recorded errors."""
-        if self.current is None:
-            return {}
         cur = self.current.catalog()
-        rows = cur.execute("SELECT path, reason, size, mtime_ns FROM errors").fetchall()
-        return {r[0]: {"reason": r[1], "size": r[2], "mtime_ns": r[3]} for r in rows}
+        cur.register("_ask", pa.table({"path": pa.array(paths, pa.string())}))
+        try:
+            known = {r[0]: {"id": r[1], "size": r[2], "mtime_ns": r[3]} for r in cur.execute(
+                "SELECT i.path, i.id, i.size, i.mtime_ns FROM images i JOIN _ask a ON i.path = a.path").fetchall()}
+            errs = {r[0]: {"reason": r[1], "size": r[2], "mtime_ns": r[3]} for r in cur.execute(
+                "SELECT e.path, e.reason, e.size, e.mtime_ns FROM errors e JOIN _ask a ON e.path = a.path").fetchall()}
+        finally:
+            cur.unregister("_ask")
+        return known, errs
+
+    def gone_under(self, prefix: str, seen, skipped) -> tuple[list[int], list[str]]:
+        """Catalogued ids and error paths under ``prefix`` absent from ``seen`` (an Arrow string array of the
+        walk's paths); error paths also absent from ``skipped`` (paths the walk skipped)."""
+        if self.current is None:
+            return [], []
+        import pyarrow as pa
+
+        cur = self.current.catalog()
+        cur.register("_seen", pa.table({"path": seen}))
+        cur.register("_skip", pa.table({"path": pa.array(list(skipped), pa.string())}))
+        try:
+            ids = [r[0] for r in cur.execute(
+                "SELECT id FROM images WHERE starts_with(path, ?) AND path NOT IN (SELECT path FROM _seen) "
+                "ORDER BY id", [prefix]).fetchall()]
+            errs = [r[0] for r in cur.execute(
+                "SELECT path FROM errors WHERE starts_with(path, ?) AND path NOT IN (SELECT path FROM _seen) "
+                "AND path NOT IN (SELECT path FROM _skip) ORDER BY path", [prefix]).fetchall()]
+        finally:
+            cur.unregister("_seen")
+            cur.unregister("_skip")
+        return ids, errs
 
     def next_id(self) -> int:
         """First id never used by this store (ids are never reused)."""
@@ -525,16 +553,20 @@ class StoreWriter:
                 shutil.copyfile(prev.path / "catalog.duckdb", cat)
             con = duckdb.connect(str(cat))
             try:
+                con.execute(f"SET memory_limit='{CATALOG_MEMORY}'")
+                spill = str(tmpdir / ".duckdb-tmp").replace("'", "''")
+                con.execute(f"SET temp_directory='{spill}'")
                 for stmt in SCHEMA:
                     con.execute(stmt)
                 self._apply_catalog(con, changes)
                 con.execute("CHECKPOINT")
-                ids = np.array(sorted(r[0] for r in con.execute("SELECT id FROM images").fetchall()), np.int64)
+                ids = np.asarray(con.execute("SELECT id FROM images ORDER BY id").fetchnumpy()["id"], np.int64)
             finally:
                 con.close()
+                shutil.rmtree(tmpdir / ".duckdb-tmp", ignore_errors=True)
             shards = list(prev.manifest.get("feature_shards", [])) if prev else []
             shards += list(changes.feature_shards)
-            shards = self._compact_shard_list(shards, set(map(int, ids)))
+            shards = self._compact_shard_list(shards, ids)
             dim = self._project(shards, ids, vectors_for, manifest_fields, changes.feature_shards, reproject,
                                 tmpdir / "vectors.npy")
             np.save(tmpdir / "ids.npy", ids)
@@ -592,65 +624,96 @@ class StoreWriter:
 
     def _apply_catalog(self, con, ch: Changes) -> None:
         now = utcnow()
-        existing = {r[0] for r in con.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name='images'").fetchall()}
+        # one transaction per batch: the catalog is a private copy inside the new snapshot's temporary folder,
+        # published (or thrown away) whole, so batches need not share a transaction, and DuckDB then keeps
+        # one batch's undo state in memory instead of the whole run's
+        if ch.rows:
+            con.execute("BEGIN")
+            self._upsert_rows(con, ch.rows, now)
+            con.execute("COMMIT")
+        for batch in (ch.row_batches() if ch.row_batches is not None else ()):
+            if batch:
+                con.execute("BEGIN")
+                self._upsert_rows(con, batch, now)
+                con.execute("DELETE FROM errors WHERE path IN (SELECT unnest(?::VARCHAR[]))",
+                            [[r["path"] for r in batch]])
+                con.execute("COMMIT")
         con.execute("BEGIN")
+        # after the rows (ids are never reused, so the order does not matter): streamed batches add the ids of
+        # changed files that failed to read
         if ch.removed_ids:
             con.execute("DELETE FROM images WHERE id IN (SELECT unnest(?::BIGINT[]))", [list(map(int, ch.removed_ids))])
-        if ch.rows:
-            import pyarrow as pa
-
-            rows = []
-            for r in ch.rows:
-                r = dict(r)
-                r.setdefault("status", "ok")
-                r.setdefault("added_at", now)
-                if r.get("mtime_ns") is not None:
-                    r.setdefault("mtime", _dt.datetime.fromtimestamp(r["mtime_ns"] / 1e9, _dt.timezone.utc).replace(tzinfo=None))
-                rows.append(r)
-            extra = sorted({k for r in rows for k in r} - set(IMAGE_COLUMNS))
-            for col in extra:
-                if col not in existing:
-                    if not col.isidentifier():
-                        raise InvalidInput(f"user column name {col!r} is not an identifier")
-                    sample = next(r[col] for r in rows if r.get(col) is not None) if any(r.get(col) is not None for r in rows) else ""
-                    typ = "BIGINT" if isinstance(sample, (int, np.integer)) and not isinstance(sample, bool) else \
-                        "DOUBLE" if isinstance(sample, (float, np.floating)) else "BOOLEAN" if isinstance(sample, bool) else "VARCHAR"
-                    con.execute(f'ALTER TABLE images ADD COLUMN "{col}" {typ}')
-            cols = list(IMAGE_COLUMNS) + extra
-            # keep the original added_at of updated rows
-            ids = [int(r["id"]) for r in rows]
-            old = dict(con.execute("SELECT id, added_at FROM images WHERE id IN (SELECT unnest(?::BIGINT[]))", [ids]).fetchall())
-            for r in rows:
-                if r["id"] in old:
-                    r["added_at"] = old[r["id"]]
-            tbl = pa.table({c: [r.get(c) for r in rows] for c in cols})
-            con.execute("DELETE FROM images WHERE id IN (SELECT unnest(?::BIGINT[]))", [ids])
-            con.register("_new_rows", tbl)
-            collist = ", ".join(f'"{c}"' for c in cols)
-            con.execute(f"INSERT INTO images ({collist}) SELECT {collist} FROM _new_rows")
-            con.unregister("_new_rows")
         drop = list(ch.cleared_error_paths) + [e["path"] for e in ch.errors]
         if drop:
             con.execute("DELETE FROM errors WHERE path IN (SELECT unnest(?::VARCHAR[]))", [drop])
         if ch.errors:
             con.executemany("INSERT INTO errors VALUES (?, ?, ?, ?, ?, ?)",
                             [[e["path"], e["reason"], e.get("message"), e.get("size"), e.get("mtime_ns"), now] for e in ch.errors])
-        run = ch.run
+        run = ch.run  # read after the batches: a streamed run counts its rows while they are inserted
         con.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [run["run_id"], run.get("command"), json.dumps(run.get("settings", {}), sort_keys=True),
                      run.get("started_at", now), now, run.get("added", 0), run.get("updated", 0),
                      run.get("removed", 0), len(ch.errors)])
         con.execute("COMMIT")
 
-    def _compact_shard_list(self, shards: list[str], live: set[int]) -> list[str]:
-        """Drop shards none of whose rows are still the live version."""
-        latest: dict[int, int] = {}
-        for si, rel in enumerate(shards):
-            for i in load_npz(self.root / rel)["ids"]:
-                latest[int(i)] = si
-        used = {si for i, si in latest.items() if i in live}
-        return [rel for si, rel in enumerate(shards) if si in used]
+    @staticmethod
+    def _upsert_rows(con, rows: list[dict], now) -> None:
+        """Insert or replace one batch of image rows (new user columns are added to the table)."""
+        import pyarrow as pa
+
+        existing = {r[0] for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name='images'").fetchall()}
+        out = []
+        for r in rows:
+            r = dict(r)
+            r.setdefault("status", "ok")
+            r.setdefault("added_at", now)
+            if r.get("mtime_ns") is not None:
+                r.setdefault("mtime", _dt.datetime.fromtimestamp(r["mtime_ns"] / 1e9, _dt.timezone.utc).replace(tzinfo=None))
+            out.append(r)
+        rows = out
+        extra = sorted({k for r in rows for k in r} - set(IMAGE_COLUMNS))
+        for col in extra:
+            if col not in existing:
+                if not col.isidentifier():
+                    raise InvalidInput(f"user column name {col!r} is not an identifier")
+                sample = next((r[col] for r in rows if r.get(col) is not None), "")
+                typ = "BIGINT" if isinstance(sample, (int, np.integer)) and not isinstance(sample, bool) else \
+                    "DOUBLE" if isinstance(sample, (float, np.floating)) else "BOOLEAN" if isinstance(sample, bool) else "VARCHAR"
+                con.execute(f'ALTER TABLE images ADD COLUMN "{col}" {typ}')
+        cols = list(IMAGE_COLUMNS) + extra
+        # keep the original added_at of updated rows
+        ids = [int(r["id"]) for r in rows]
+        old = dict(con.execute("SELECT id, added_at FROM images WHERE id IN (SELECT unnest(?::BIGINT[]))", [ids]).fetchall())
+        for r in rows:
+            if r["id"] in old:
+                r["added_at"] = old[r["id"]]
+        tbl = pa.table({c: [r.get(c) for r in rows] for c in cols})
+        con.execute("DELETE FROM images WHERE id IN (SELECT unnest(?::BIGINT[]))", [ids])
+        con.register("_new_rows", tbl)
+        collist = ", ".join(f'"{c}"' for c in cols)
+        con.execute(f"INSERT INTO images ({collist}) SELECT {collist} FROM _new_rows")
+        con.unregister("_new_rows")
+
+    def _compact_shard_list(self, shards: list[str], live: np.ndarray) -> list[str]:
+        """Drop shards none of whose rows are still the live version (``live``: sorted ids of the snapshot).
+
+        Shards are read newest first, one at a time; a shard is kept when it holds a live id no newer shard
+        holds. Memory: one shard plus one byte per live id.
+        """
+        claimed = np.zeros(len(live), bool)
+        used = set()
+        for k in range(len(shards) - 1, -1, -1):
+            with np.load(self.root / shards[k], allow_pickle=False) as z:
+                got = np.asarray(z["ids"], np.int64)
+            if not len(got) or not len(live):
+                continue
+            pos = np.minimum(np.searchsorted(live, got), len(live) - 1)
+            pos = pos[live[pos] == got]
+            if (~claimed[pos]).any():
+                used.add(k)
+            claimed[pos] = True
+        return [rel for k, rel in enumerate(shards) if k in used]
 
     def _project(self, shards, ids, vectors_for, manifest_fields, new_shards, reproject, out_path: Path) -> int:
         """Write the aligned vectors for ``ids`` (in order) to ``out_path`` (.npy); returns their dimension.

@@ -10,6 +10,7 @@ Decoding runs in worker processes and overlaps with encoding in the main process
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -22,6 +23,7 @@ import numpy as np
 from t2c.data.errors import AlignerError, InvalidInput, SourceGone, StoreError, T2CError
 from t2c.data.store import RESUME_NOTE, Changes, StoreWriter, new_feature_shard_name, store_faults
 from t2c.indexer.staging import ItemResult, Staging
+from t2c.indexer.worklist import WorkList, WorkListWriter
 
 PART_SIZE = 256
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -43,6 +45,7 @@ class IndexReport:
     aligner_r2: float | None = None
     snapshot: str | None = None
     error_reasons: dict = field(default_factory=dict)
+    stage_seconds: dict = field(default_factory=dict)  # plan, start (model + aligner), encode loop, commit
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -119,12 +122,15 @@ class Decoder:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class Plan:
-    todo: list  # dicts: id, path, relpath, size, mtime_ns, kind ("new"|"changed")
+    todo: WorkList  # the items (id, path, relpath, size, mtime_ns, kind "new"|"changed"), kept on disk
     removed_ids: list
     cleared_error_paths: list
     skipped: list  # (path, reason) from the walk
     unchanged: int
     next_id: int
+
+
+PLAN_BATCH = 65536  # files looked up in the catalog at a time while planning
 
 
 def plan_run(writer: StoreWriter, root: Path, *, follow_symlinks: bool = False) -> Plan:
@@ -141,39 +147,54 @@ def plan_walk(writer: StoreWriter, walk, *, remove_under: str | None = None) -> 
     With ``remove_under`` (a folder prefix), catalogued files under it that the walk no longer lists are
     removed and their stale error rows cleared; without it (path lists) nothing is removed.
     """
-    known = writer.known_files()
-    known_err = writer.known_errors()
-    next_id = writer.next_id()
-    todo, seen, unchanged = [], set(), 0
-    for f in walk.files:
-        seen.add(f.path)
-        k = known.get(f.path)
-        if k is not None and k["size"] == f.size and k["mtime_ns"] == f.mtime_ns:
-            unchanged += 1
-            continue
-        e = known_err.get(f.path)
-        if e is not None and e["size"] == f.size and e["mtime_ns"] == f.mtime_ns:
-            unchanged += 1  # same bad file as before: keep its error row, don't retry
-            continue
-        if k is not None:
-            todo.append({"id": k["id"], "path": f.path, "relpath": f.relpath, "size": f.size,
-                         "mtime_ns": f.mtime_ns, "kind": "changed"})
-        else:
-            todo.append({"id": next_id, "path": f.path, "relpath": f.relpath, "size": f.size,
-                         "mtime_ns": f.mtime_ns, "kind": "new"})
-            next_id += 1
-    removed, cleared = [], []
-    if remove_under is not None:
-        removed = [k["id"] for p, k in known.items() if p.startswith(remove_under) and p not in seen]
-        skipped_paths = {p for p, _ in walk.skipped}
-        cleared = [p for p in known_err if p.startswith(remove_under) and p not in seen and p not in skipped_paths]
-    return Plan(todo, removed, cleared, list(walk.skipped), unchanged, next_id)
+    return plan_entries(writer, itertools.chain(walk.skipped, walk.files), remove_under=remove_under)
+
+
+def plan_entries(writer: StoreWriter, entries, *, remove_under: str | None = None) -> Plan:
+    """:func:`plan_walk` over a stream of ``FileEntry`` / ``Skipped`` (e.g. ``iter_stat_paths``), in bounded
+    memory: files are looked up in the catalog ``PLAN_BATCH`` at a time and the work list goes to disk."""
+    import pyarrow as pa
+
+    from t2c.data.sources import Skipped
+
+    out = WorkListWriter(writer.root)
+    next_id, unchanged, skipped, seen = writer.next_id(), 0, [], []
+    try:
+        for batch in _batched(entries, PLAN_BATCH):
+            files = [f for f in batch if not isinstance(f, Skipped)]
+            skipped += [tuple(f) for f in batch if isinstance(f, Skipped)]
+            if remove_under is not None:
+                seen.append(pa.array([f.path for f in files], pa.string()))
+            known, known_err = writer.lookup([f.path for f in files])
+            for f in files:
+                k, e = known.get(f.path), known_err.get(f.path)
+                if (k is not None and k["size"] == f.size and k["mtime_ns"] == f.mtime_ns) or \
+                        (e is not None and e["size"] == f.size and e["mtime_ns"] == f.mtime_ns):
+                    unchanged += 1  # unchanged, or the same bad file as before (keep its error row, don't retry)
+                    continue
+                if k is None:
+                    next_id += 1
+                out.add(k["id"] if k is not None else next_id - 1, f.path, f.relpath, f.size, f.mtime_ns,
+                        k is not None)
+        removed, cleared = [], []
+        if remove_under is not None:
+            seen_arr = pa.chunked_array(seen, pa.string()) if seen else pa.array([], pa.string())
+            removed, cleared = writer.gone_under(remove_under, seen_arr, [p for p, _ in skipped])
+    except BaseException:
+        out.abort()
+        raise
+    return Plan(out.finish(), removed, cleared, sorted(skipped), unchanged, next_id)
+
+
+def _batched(it, n: int):
+    it = iter(it)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
 
 
 def _run_id(settings: dict, plan: Plan) -> str:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for t in plan.todo:
-        h.update(f"{t['id']}|{t['path']}|{t['size']}|{t['mtime_ns']}\n".encode())
+    plan.todo.digest_into(h)
     h.update(json.dumps(sorted(plan.removed_ids)).encode())
     return h.hexdigest()[:16]
 
@@ -345,6 +366,7 @@ def index_folder(root, store, encoder_spec: str, *, aligner=None, fit_aligner: i
     with store_faults(store, lambda: space_needed(**state)), StoreWriter(store) as writer:
         check_encoder(writer, store, spec)
         state["plan"] = plan = plan_run(writer, root, follow_symlinks=follow_symlinks)
+        t_plan = time.perf_counter()
         run = start_run(writer, spec, plan, t0, aligner=aligner, fit_aligner=fit_aligner, clip=clip,
                         fit_workers=workers, progress=progress, max_pixels=max_pixels, batch_size=batch_size,
                         device=device, threads=threads, part_size=part_size)
@@ -355,7 +377,11 @@ def index_folder(root, store, encoder_spec: str, *, aligner=None, fit_aligner: i
         processed = _encode_pending(run, plan, root, dict(run.encoder.preprocess_config(), max_pixels=max_pixels),
                                     workers, progress, user_columns or {})
         enc_seconds = time.perf_counter() - t_enc
-        return finish_run(writer, run, plan, str(root), memory_budget, processed, enc_seconds, t0)
+        rep = finish_run(writer, run, plan, str(root), memory_budget, processed, enc_seconds, t0)
+        rep.stage_seconds = {"plan": round(t_plan - t0, 3), "start": round(t_enc - t_plan, 3),
+                             "encode_loop": round(enc_seconds, 3),
+                             "commit": round(rep.seconds - (t_enc - t0) - enc_seconds, 3)}
+        return rep
 
 
 def _encode_pending(run: "Run", plan: Plan, root: Path, cfg: dict, workers: int, progress: bool,
@@ -391,17 +417,21 @@ def space_needed(plan: Plan | None = None, run: "Run | None" = None) -> int | No
 
 
 def check_source_present(items: list, results: list, root: Path | None, staging: Staging) -> None:
-    """Before a part is staged: a file that vanished together with its folder means the source went away.
+    """Before a part is staged: a file that vanished with the folder it was read from means the source went away
+    (an unmounted disk, a moved folder), not that one file was deleted (that is recorded as its error).
+
+    Args:
+        root: the folder being indexed; None for a list of paths (then each missing file's own folder counts).
 
     Raises:
-        SourceGone: the image folder (``root``, or a listed file's folder) no longer exists; nothing of this
-            part is written, so a rerun once it is back reads those files again.
+        SourceGone: that folder no longer exists; nothing of this part is written, so a rerun once it is
+            back reads those files again.
     """
     for item, r in zip(items, results):
         if r.ok or r.reason != "not_found":
             continue
-        folder = Path(item["path"]).parent
-        gone = root if root is not None and not root.is_dir() else (folder if not folder.is_dir() else None)
+        folder = root if root is not None else Path(item["path"]).parent
+        gone = None if folder.is_dir() else folder
         if gone is not None:
             raise SourceGone(
                 f"the image folder {str(gone)!r} disappeared during the run ({item['path']!r} is gone with it)",
@@ -451,7 +481,7 @@ def start_run(writer: StoreWriter, spec, plan: Plan, t0: float, *, aligner, fit_
     al = _load_fitted(fitted, encoder)
     if al is None:
         al = resolve_aligner(writer, encoder, aligner_path=aligner, fit_n=fit_aligner, clip=clip,
-                             sample_paths=[t["path"] for t in plan.todo], workers=fit_workers, progress=progress,
+                             sample_paths=[t["path"] for t in _spread(plan.todo, int(fit_aligner or 0))], workers=fit_workers, progress=progress,
                              max_pixels=max_pixels, device=device, threads=threads)
     if al.W.shape[0] != encoder.dim:
         raise AlignerError(f"aligner expects {al.W.shape[0]}-d features, encoder gives {encoder.dim}")
@@ -464,7 +494,7 @@ def start_run(writer: StoreWriter, spec, plan: Plan, t0: float, *, aligner, fit_
     if fitted is not None and not al.is_identity and not fitted.is_file():
         al.save(fitted)  # a killed run's rerun reuses it instead of fitting again
     report.resumed_parts = len(done)
-    parts = [plan.todo[i : i + part_size] for i in range(0, len(plan.todo), part_size)]
+    parts = plan.todo.parts(part_size)
     return Run(report, encoder, al, settings, run_id, parts, done, staging)
 
 
@@ -527,7 +557,7 @@ def _load_fitted(path: Path | None, encoder):
 
 
 def _new_skips(writer: StoreWriter, plan: Plan) -> bool:
-    known = writer.known_errors()
+    known = writer.lookup([p for p, _ in plan.skipped])[1]
     return any(p not in known for p, _ in plan.skipped)
 
 
@@ -545,35 +575,37 @@ def _process_part(staging: Staging, i: int, items: list, results, encoder, user_
 
 
 def _collect(writer: StoreWriter, run: Run, plan: Plan) -> Changes:
-    """Turn staged parts into one Changes set; feature shards are hard-linked into features/."""
-    rows, errors, shards = [], [], []
-    failed_changed_ids = []
-    run_id, settings = run.run_id, run.settings
-    for i in range(len(run.parts)):
-        meta, z = run.staging.read_part(i)
-        rows += meta["rows"]
-        for e in meta["errors"]:
-            errors.append(e)
-            if e["_kind"] == "changed":
-                failed_changed_ids.append(e["id"])  # a file that changed into garbage leaves the index
-        if meta["rows"]:
-            rel = new_feature_shard_name(run_id, i)
-            dst = writer.root / rel
-            if dst.exists():
-                dst.unlink()
-            os.link(z, dst)
-            shards.append(rel)
-    known_err = writer.known_errors()
-    errors += [{"path": p, "reason": r, "message": _SKIP_MESSAGES.get(r, r), "size": None, "mtime_ns": None}
-               for p, r in plan.skipped if p not in known_err or known_err[p]["reason"] != r]
-    ok_paths = [r["path"] for r in rows]
-    added = sum(r["_kind"] == "new" for r in rows)
-    updated = sum(r["_kind"] == "changed" for r in rows)
-    rows = [{k: v for k, v in r.items() if k != "_kind"} for r in rows]
-    return Changes(rows=rows, feature_shards=shards, removed_ids=plan.removed_ids + failed_changed_ids,
-                   errors=errors, cleared_error_paths=plan.cleared_error_paths + ok_paths,
-                   run={"run_id": run_id, "command": "index", "settings": settings,
-                        "added": added, "updated": updated, "removed": len(plan.removed_ids)})
+    """The run's changes, streamed: ``row_batches`` reads the staged parts one at a time while the catalog is
+    written, hard-linking each part's features into features/ and filling in errors, shards and counts as it
+    goes (the commit reads them after the batches), so no per-file object outlives its part."""
+    known_err = writer.lookup([p for p, _ in plan.skipped])[1]
+    errors = [{"path": p, "reason": r, "message": _SKIP_MESSAGES.get(r, r), "size": None, "mtime_ns": None}
+              for p, r in plan.skipped if p not in known_err or known_err[p]["reason"] != r]
+    ch = Changes(rows=[], feature_shards=[], removed_ids=list(plan.removed_ids), errors=errors,
+                 cleared_error_paths=list(plan.cleared_error_paths),
+                 run={"run_id": run.run_id, "command": "index", "settings": run.settings,
+                      "added": 0, "updated": 0, "removed": len(plan.removed_ids)})
+
+    def batches():
+        for i in range(len(run.parts)):
+            meta, z = run.staging.read_part(i)
+            for e in meta["errors"]:
+                if e.pop("_kind") == "changed":
+                    ch.removed_ids.append(e["id"])  # a file that changed into garbage leaves the index
+                ch.errors.append(e)
+            if meta["rows"]:
+                rel = new_feature_shard_name(run.run_id, i)
+                dst = writer.root / rel
+                if dst.exists():
+                    dst.unlink()
+                os.link(z, dst)
+                ch.feature_shards.append(rel)
+            for r in meta["rows"]:
+                ch.run["added" if r.pop("_kind") == "new" else "updated"] += 1
+            yield meta["rows"]
+
+    ch.row_batches = batches
+    return ch
 
 
 _SKIP_MESSAGES = {

@@ -30,7 +30,7 @@ import numpy as np
 from t2c.data.errors import InvalidInput, NotFound, StoreError
 from t2c.data.store import StoreWriter, store_faults
 from t2c.indexer.pipeline import (DEFAULT_MAX_PIXELS, PART_SIZE, IndexReport, Plan, check_encoder, check_source_present,
-                                  decode_file, finish_run, plan_run, plan_walk, progress_bar, space_needed, start_run)
+                                  decode_file, finish_run, plan_entries, plan_run, plan_walk, progress_bar, space_needed, start_run)
 from t2c.indexer.staging import ItemResult, Staging
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -134,11 +134,10 @@ def _resolve_source(source, column: str, base, follow_symlinks: bool, writer: St
     """(plan, root label) for a folder or a parquet list of paths."""
     p = Path(source).expanduser()
     if p.is_file() and p.suffix.lower() in (".parquet", ".pq"):
-        from t2c.data.sources import read_path_list, stat_paths
+        from t2c.data.sources import iter_path_list, iter_stat_paths
 
-        paths = read_path_list(p, column)
-        walk = stat_paths(paths, base=base if base is not None else p.resolve().parent)
-        return plan_paths(writer, walk), str(p.resolve())
+        entries = iter_stat_paths(iter_path_list(p, column), base=base if base is not None else p.resolve().parent)
+        return plan_entries(writer, entries), str(p.resolve())
     return plan_run(writer, p.resolve(), follow_symlinks=follow_symlinks), str(p.resolve())
 
 
@@ -162,10 +161,10 @@ def _run_stages(staging: Staging, plan, pending, part_size, encoder_spec, cfg, d
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the run draws its own bar
     idx = np.concatenate([np.arange(p * part_size, min((p + 1) * part_size, len(plan.todo))) for p in pending])
-    paths = [plan.todo[i]["path"] for i in idx]
     n = len(idx)
     block = max(decode_batch_size, min(part_size, -(-n // 64)))
-    tables = [pa.table({"idx": pa.array(idx[s : s + block], pa.int64()), "path": pa.array(paths[s : s + block])})
+    tables = [pa.table({"idx": pa.array(idx[s : s + block], pa.int64()),
+                        "path": pa.array([plan.todo[int(i)]["path"] for i in idx[s : s + block]], pa.string())})
               for s in range(0, n, block)]
     ds = ray.data.from_arrow(tables)
     # a memory request of its own (decoded batch, twice, plus slack) also keeps Ray from fusing decoding into the
@@ -180,8 +179,7 @@ def _run_stages(staging: Staging, plan, pending, part_size, encoder_spec, cfg, d
                         batch_size=batch_size, batch_format="numpy", concurrency=encoder_actors,
                         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
     buf: dict[int, dict[int, ItemResult]] = {}
-    with _quiet_ray_data(ctx) if bar.disable else contextlib.nullcontext():
-        written = _write_as_parts_complete(staging, plan, ds, buf, part_size, dim, user_columns, bar, root)
+    written = _write_as_parts_complete(staging, plan, ds, buf, part_size, dim, user_columns, bar, root)
     if buf:
         raise StoreError(f"the Ray pipeline lost images of parts {sorted(buf)[:5]}",
                          "re-run the same command: finished parts are kept")
@@ -189,16 +187,21 @@ def _run_stages(staging: Staging, plan, pending, part_size, encoder_spec, cfg, d
 
 
 @contextlib.contextmanager
-def _quiet_ray_data(ctx):
-    """Keep Ray Data's execution notes and warnings off the terminal (``t2c index -q``)."""
-    log = logging.getLogger("ray.data")
-    level, start_note = log.level, ctx.print_on_execution_start
-    log.setLevel(logging.ERROR)
+def quiet_ray():
+    """Keep Ray's and Ray Data's notes and warnings off the terminal (``t2c index -q``); errors still show."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    logs = [logging.getLogger(name) for name in ("ray", "ray.data")]
+    levels, start_note = [log.level for log in logs], ctx.print_on_execution_start
+    for log in logs:
+        log.setLevel(logging.ERROR)
     ctx.print_on_execution_start = False
     try:
         yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
         ctx.print_on_execution_start = start_note
 
 
@@ -290,7 +293,8 @@ def index_folder_ray(source, store, encoder_spec: str, *, address: str | None = 
         processed, enc_seconds = 0, 0.0
         with contextlib.closing(bar):
             if pending:
-                with ray_session(address, num_cpus, runtime_env):
+                with quiet_ray() if not progress else contextlib.nullcontext(), \
+                        ray_session(address, num_cpus, runtime_env):
                     t_enc = time.perf_counter()
                     processed = _run_stages(
                         run.staging, plan, pending, int(part_size), encoder_spec, cfg, encoder.dim,

@@ -153,39 +153,14 @@ def _hist(x: np.ndarray, lo: float, hi: float, bins: int = N_BINS) -> tuple[np.n
     return counts.astype(np.float64), (edges[:-1] + edges[1:]) / 2
 
 
-def _logpdf(x, m, s):
-    return -0.5 * ((x - m) / s) ** 2 - np.log(s)
-
-
 def _em_binned(counts, centers, w, m, s, present_from=1, iters=60, fix_components=False, floor=1e-6):
-    """EM of a Gaussian mixture on histogram counts.
+    """The mixture EM (:func:`t2c.query.calibrate.weighted_em`) on histogram counts: (present weight, weights,
+    means, stds). Components ``present_from`` and up form the "present" group."""
+    from t2c.query.calibrate import weighted_em
 
-    Components ``present_from`` and up form the "present" group. With ``fix_components`` only the weights
-    move (means and stds stay). Returns (present weight, weights, means, stds).
-    """
-    w = np.maximum(np.array(w, np.float64), 1e-12)
-    w /= w.sum()
-    m = np.array(m, np.float64)
-    s = np.array(s, np.float64)
-    n = counts.sum()
-    for _ in range(iters):
-        lp = np.log(np.maximum(w, 1e-300))[:, None] + _logpdf(centers[None], m[:, None], s[:, None])
-        mx = lp.max(0)
-        r = np.exp(lp - mx)
-        r /= r.sum(0)
-        nk = (counts[None] * r).sum(1)
-        new_w = nk / n
-        if not fix_components:
-            if np.any(nk < 1e-9):
-                return float(new_w[present_from:].sum()), new_w, m, s
-            m = (counts[None] * r * centers[None]).sum(1) / nk
-            v = (counts[None] * r * (centers[None] - m[:, None]) ** 2).sum(1) / nk
-            s = np.maximum(np.sqrt(v), floor)
-        done = np.abs(new_w - w).max() < 1e-7
-        w = new_w
-        if done:
-            break
-    return float(w[present_from:].sum()), w, m, s
+    f = weighted_em(centers, w, m, s, counts, iters=iters, tol=1e-10, fix_components=fix_components, floor=floor,
+                    min_weight=1e-12)
+    return float(f["weights"][present_from:].sum()), f["weights"], f["means"], f["stds"]
 
 
 def estimate_prevalence(scores, calibration=None, *, method: str = "mixture", n_boot: int = N_BOOT,

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -46,9 +45,10 @@ import numpy as np
 
 from t2c.data.errors import InvalidInput
 from t2c.data.store import atomic_save_npz, load_npz
+from t2c.query.lru import LRUCache
 
 __all__ = ["Calibration", "calibrate", "reference_threshold", "concept_scores", "thresholds_for",
-           "sample_rows", "clear_cache", "fit_gmm", "present_score_of", "CALIBRATION_SAMPLE", "MIN_SEPARATION", "TAIL_K"]
+           "sample_rows", "clear_cache", "fit_gmm", "weighted_em", "present_score_of", "CALIBRATION_SAMPLE", "MIN_SEPARATION", "TAIL_K"]
 
 CALIBRATION_SAMPLE = 200_000  # rows scored for calibration (evenly strided beyond this)
 EM_POINTS = 8_000  # points the mixtures are fitted on (evenly spaced order statistics beyond this)
@@ -163,33 +163,62 @@ def fit_gmm2(x: np.ndarray, iters: int = 500, tol: float = 1e-9) -> dict:
     return _em(x, [len(lo) / len(x), len(hi) / len(x)], [lo.mean(), hi.mean()], [lo.std(), hi.std()], iters, tol)
 
 
-def _em(x: np.ndarray, w, m, s, iters: int = 500, tol: float = 1e-9) -> dict:
-    """EM of a 1-D Gaussian mixture from a start (w, m, s); components ordered by mean."""
+def weighted_em(x, w, m, s, weights=None, *, iters: int = 500, tol: float = 1e-9, fix_components: bool = False,
+                floor: float | None = None, min_weight: float = 1e-6) -> dict:
+    """EM of a 1-D Gaussian mixture from a start (w, m, s), on points ``x`` each counted ``weights`` times.
+
+    One EM for every fit in the package: calibration fits points (``weights`` None), audits fit histogram bins
+    (``x`` the bin centres, ``weights`` their counts). Stops when the mean log-likelihood gains less than
+    ``tol``, or when a component empties (the last parameters are kept).
+
+    Args:
+        x: 1-D points. w, m, s: starting weights, means and stds, one per component.
+        weights: how many times each point counts (default once each).
+        fix_components: only the mixture weights move (means and stds stay).
+        floor: smallest std (default 1e-3 of the points' std, at least 1e-6). min_weight: smallest start weight.
+    Returns:
+        ``{"weights", "means", "stds", "loglik"}`` (components in the start's order; loglik per unit weight).
+    """
+    x = np.asarray(x, np.float64)
+    c = np.ones(len(x)) if weights is None else np.asarray(weights, np.float64)
+    total = float(c.sum())
     w, m, s = (np.array(v, np.float64) for v in (w, m, s))
-    floor = max((float(x.std()) or 1.0) * 1e-3, 1e-6)
+    if floor is None:
+        sd = float(x.std()) if weights is None else float(np.sqrt(max(c @ (x - c @ x / total) ** 2 / total, 0)))
+        floor = max((sd or 1.0) * 1e-3, 1e-6)
     s = np.maximum(s, floor)
-    w = np.maximum(w, 1e-6)
+    w = np.maximum(w, min_weight)
     w /= w.sum()
     prev, ll = -np.inf, -np.inf
     for _ in range(iters):
         lp = np.log(w)[:, None] + _norm_logpdf(x[None], m[:, None], s[:, None])
         mx = lp.max(0)
         lse = mx + np.log(np.exp(lp - mx).sum(0))
-        ll = float(lse.mean())
+        ll = float(lse.mean()) if weights is None else float(c @ lse / total)
         r = np.exp(lp - lse)
-        nk = r.sum(1)
+        rc = r if weights is None else r * c[None]
+        nk = rc.sum(1)
         if np.any(nk < 1e-9):
             break
-        w = nk / len(x)
-        m = (r @ x) / nk
-        s = np.maximum(np.sqrt(np.maximum((r * (x[None] - m[:, None]) ** 2).sum(1) / nk, 0)), floor)
+        w = nk / total
+        if not fix_components:
+            m = (rc @ x) / nk
+            s = np.maximum(np.sqrt(np.maximum((rc * (x[None] - m[:, None]) ** 2).sum(1) / nk, 0)), floor)
         if ll - prev < tol:
             break
         prev = ll
-    o = np.argsort(m)
-    w, m, s = w[o], m[o], s[o]
+    return {"weights": w, "means": m, "stds": s, "loglik": ll}
+
+
+def _em(x: np.ndarray, w, m, s, iters: int = 500, tol: float = 1e-9) -> dict:
+    """EM of a 1-D Gaussian mixture on points from a start (w, m, s); components ordered by mean, with the
+    smallest Ashman's D between neighbours (``separation``)."""
+    f = weighted_em(x, w, m, s, iters=iters, tol=tol)
+    o = np.argsort(f["means"])
+    w, m, s = f["weights"][o], f["means"][o], f["stds"][o]
     seps = [float(abs(m[j + 1] - m[j]) / np.sqrt((s[j] ** 2 + s[j + 1] ** 2) / 2)) for j in range(len(m) - 1)]
-    return {"weights": w.tolist(), "means": m.tolist(), "stds": s.tolist(), "separation": min(seps), "loglik": ll}
+    return {"weights": w.tolist(), "means": m.tolist(), "stds": s.tolist(), "separation": min(seps),
+            "loglik": f["loglik"]}
 
 
 def fit_gmm(x: np.ndarray, k: int, iters: int = 500, tol: float = 1e-9, previous: dict | None = None) -> dict:
@@ -393,8 +422,8 @@ def sample_rows(n: int, limit: int = CALIBRATION_SAMPLE) -> np.ndarray | None:
     return np.linspace(0, n - 1, limit).round().astype(np.int64)
 
 
-_CACHE: dict[tuple, Calibration] = {}
-_CACHE_LOCK = threading.Lock()
+CACHE_ENTRIES = 20_000  # calibrations kept in memory (each snapshot's own; a newer snapshot of a store evicts them)
+_CACHE = LRUCache(CACHE_ENTRIES)
 _CODE_ID: list[str] = []
 
 
@@ -458,18 +487,27 @@ def _disk_put(key: str | None, cal: Calibration) -> None:
         pass
 
 
+def _cache_put(snapshot, key: tuple, cal: Calibration) -> Calibration:
+    """Keep a calibration in memory, tied to its snapshot (a newer snapshot of the same store evicts it)."""
+    return _CACHE.setdefault(key, cal, scope=key[0][0], generation=key[0][1])
+
+
 def _snap_key(snapshot) -> tuple:
     root = getattr(snapshot, "root", None)
     return (str(Path(root).resolve()) if root is not None else f"obj:{id(snapshot)}", getattr(snapshot, "name", ""))
 
 
-def thresholds_for(snapshot, texts: Iterable[str], bank=None) -> dict[str, Calibration]:
+def thresholds_for(snapshot, texts: Iterable[str], bank=None, *, binding: bool = False) -> dict[str, Calibration]:
     """Calibrations of concepts over a store, cached per (snapshot, text, concept vector).
 
     Args:
         snapshot: an open Snapshot.
         texts: concept texts.
         bank: a ConceptBank (default ``concept_bank_for(snapshot)``).
+        binding: judge compositional concepts ("orange star") against their rivals
+            (:mod:`t2c.query.binding`): their calibration then has method "bound", its threshold is the lowest
+            score of a sampled image the binding rule calls present (the floor an index range search needs),
+            and ``params["word_thresholds"]`` holds the thresholds of its two words.
     Returns:
         ``{text: Calibration}``.
     """
@@ -480,18 +518,61 @@ def thresholds_for(snapshot, texts: Iterable[str], bank=None) -> dict[str, Calib
         from t2c.query.concepts import concept_bank_for
 
         bank = concept_bank_for(snapshot)
+    out = _plain_thresholds(snapshot, texts, bank)
+    if binding:
+        out.update(_bound_thresholds(snapshot, texts, bank, out))
+    return out
+
+
+def _bound_thresholds(snapshot, texts: list[str], bank, plain: dict) -> dict[str, Calibration]:
+    """Calibrations of the compositional concepts among ``texts`` under the binding rule (cached)."""
+    from t2c.data.errors import T2CError
+    from t2c.query.binding import binding_of, bound_mask
+    from t2c.query.estimate import bound_rates, concept_rates
+
+    out = {}
+    for t in texts:
+        b = binding_of(t, getattr(bank, "clip_spec", ""))
+        if b is None:
+            continue
+        key = (_snap_key(snapshot), "bound", t, hashlib.blake2b(bank.vector(t).tobytes(), digest_size=12).hexdigest())
+        c = _CACHE.get(key)
+        if c is None:
+            try:
+                vecs = bank.vectors(b.texts())
+            except T2CError:  # a word or rival this text tower cannot embed: the plain calibration stands
+                continue
+            words = {w: c.for_search().threshold for w, c in _plain_thresholds(snapshot, list(b.words), bank).items()}
+            rows = sample_rows(snapshot.vectors.shape[0])
+            sc = concept_scores(snapshot, vecs, rows=rows)
+            scores = {x: sc[:, j] for j, x in enumerate(b.texts())}
+            present, margin = bound_mask(b, scores, words)
+            words_ok = np.logical_and(*(scores[w] >= words[w] for w in b.words))
+            s = scores[t]
+            floor = float(s[present].min()) - 1e-6 if present.any() else float(np.nextafter(s.max(), np.inf)) + 1e-6
+            raw = plain[t]
+            word_rates = [concept_rates(c.for_search()) for c in _plain_thresholds(snapshot, list(b.words), bank).values()]
+            c = Calibration(floor, "bound", float(present.mean()), raw.scale, raw.n,
+                            {"binding": b.to_dict(), "word_thresholds": words, "plain": raw.to_dict(),
+                             "rates": bound_rates(margin, words_ok, present, word_rates)}, raw.sorted_sample)
+            c = _cache_put(snapshot, key, c)
+        out[t] = c
+    return out
+
+
+def _plain_thresholds(snapshot, texts: list[str], bank) -> dict[str, Calibration]:
+    """Per-concept mixture calibrations (memory cache, then disk cache, then fitted)."""
     vecs = bank.vectors(texts)
     sk = _snap_key(snapshot)
     keys = [(sk, t, hashlib.blake2b(v.tobytes(), digest_size=12).hexdigest()) for t, v in zip(texts, vecs)]
     out: dict[str, Calibration] = {}
     todo = []
-    with _CACHE_LOCK:
-        for t, key, v in zip(texts, keys, vecs):
-            c = _CACHE.get(key)
-            if c is None:
-                todo.append((t, key, v))
-            else:
-                out[t] = c
+    for t, key, v in zip(texts, keys, vecs):
+        c = _CACHE.get(key)
+        if c is None:
+            todo.append((t, key, v))
+        else:
+            out[t] = c
     if todo:
         prior = present_score_of(bank)
         disk = {key: _disk_key(snapshot, v, prior) for _, key, v in todo}
@@ -501,8 +582,7 @@ def thresholds_for(snapshot, texts: Iterable[str], bank=None) -> dict[str, Calib
             if c is None:
                 left.append((t, key, v))
             else:
-                with _CACHE_LOCK:
-                    _CACHE[key] = out[t] = _CACHE.get(key) or c
+                out[t] = _cache_put(snapshot, key, c)
         if left:
             V = snapshot.vectors
             if V.shape[0] == 0:
@@ -510,10 +590,7 @@ def thresholds_for(snapshot, texts: Iterable[str], bank=None) -> dict[str, Calib
             rows = sample_rows(V.shape[0])
             sc = concept_scores(snapshot, np.stack([v for _, _, v in left]), rows=rows)
             for j, (t, key, _) in enumerate(left):
-                c = calibrate(sc[:, j], prior)
-                with _CACHE_LOCK:
-                    c = _CACHE.setdefault(key, c)
-                    out[t] = c
+                c = out[t] = _cache_put(snapshot, key, calibrate(sc[:, j], prior))
                 _disk_put(disk[key], c)
     return out
 
@@ -526,5 +603,4 @@ def present_score_of(bank) -> float | None:
 
 def clear_cache() -> None:
     """Forget cached calibrations (tests)."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
+    _CACHE.clear()

@@ -26,6 +26,7 @@ import numpy as np
 
 from t2c.data.errors import EncoderError, InvalidInput
 from t2c.data.store import atomic_write_bytes
+from t2c.query.lru import LRUCache
 
 __all__ = ["DEFAULT_TEMPLATES", "WORLD_TEMPLATES", "templates_for", "ConceptBank", "concept_bank_for",
            "clear_banks", "user_cache_dir", "cache_root"]
@@ -135,7 +136,9 @@ class ConceptBank:
         root = Path(cache_dir).expanduser() if cache_dir else cache_root()
         self.cache_dir = root / "concepts" if root else None
         self._encoder = encoder
-        self._mem: dict[str, np.ndarray] = {}
+        self._mem = LRUCache(MAX_VECTORS)  # embedded vectors (recomputable: disk cache or text tower)
+        self._given: dict[str, np.ndarray] = {}  # vectors set with put() (kept: nothing could recompute them)
+        self._dim: int | None = None
         self._present = _UNSET
         self._lock = threading.Lock()
         self._encoder_lock = threading.Lock()  # one build, even when a warm-up thread and a query race
@@ -196,7 +199,8 @@ class ConceptBank:
         if not np.isfinite(n) or n == 0:
             raise InvalidInput(f"concept vector for {text!r} must be finite and non-zero")
         with self._lock:
-            self._mem[text] = v / n
+            self._given[text] = v / n
+            self._dim = len(v)
 
     # -- vectors --
     def prompts(self, text: str) -> list[str]:
@@ -222,25 +226,30 @@ class ConceptBank:
         for t in texts:
             if not isinstance(t, str) or not t:
                 raise InvalidInput(f"concept text must be a non-empty string, got {t!r}")
+        found: dict[str, np.ndarray] = {}
         todo = []
-        with self._lock:
-            for t in dict.fromkeys(texts):
-                if t not in self._mem:
-                    v = self._disk_get(t)
-                    if v is not None:
-                        self._mem[t] = v
-                    else:
-                        todo.append(t)
+        for t in dict.fromkeys(texts):
+            v = self._given.get(t)
+            if v is None:
+                v = self._mem.get(t)
+            if v is None:
+                v = self._disk_get(t)
+                if v is not None:
+                    v = self._mem.setdefault(t, v)
+            if v is None:
+                todo.append(t)
+            else:
+                found[t] = v
         if todo:
             emb = self._embed(todo)
-            with self._lock:
-                for t, v in zip(todo, emb):
-                    self._mem[t] = v
             for t, v in zip(todo, emb):
+                found[t] = self._mem.setdefault(t, v)
                 self._disk_put(t, v)
+        if found:
+            self._dim = len(next(iter(found.values())))
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        return np.stack([self._mem[t] for t in texts]).astype(np.float32)
+        return np.stack([found[t] for t in texts]).astype(np.float32)
 
     def vector(self, text: str) -> np.ndarray:
         """(d,) float32 unit vector of one concept."""
@@ -270,30 +279,29 @@ class ConceptBank:
 
     @property
     def dim(self) -> int:
-        if self._mem:
-            return len(next(iter(self._mem.values())))
+        if self._dim is not None:
+            return self._dim
         return int(self.encoder.dim)
 
 
-_BANKS: dict[tuple, ConceptBank] = {}
-_BANKS_LOCK = threading.Lock()
+MAX_BANKS = 16  # concept banks kept (one per store and CLIP model; least recently used out first)
+MAX_VECTORS = 100_000  # embedded concept vectors a bank keeps in memory
+_BANKS = LRUCache(MAX_BANKS)
 
 
 def concept_bank_for(snapshot, templates: Sequence[str] | None = None, cache_dir=None) -> ConceptBank:
     """The ConceptBank for a store's CLIP model, memoised per (store, CLIP spec, templates)."""
     tpl = tuple(templates) if templates is not None else tuple(templates_for(snapshot.clip))
     key = (str(Path(snapshot.root).resolve()), snapshot.clip, tpl, str(cache_dir))
-    with _BANKS_LOCK:
-        bank = _BANKS.get(key)
-        if bank is None:
-            from t2c.query.head_concepts import HeadConceptBank, is_head_spec  # a classifier head as vocabulary
+    bank = _BANKS.get(key)
+    if bank is None:
+        from t2c.query.head_concepts import HeadConceptBank, is_head_spec  # a classifier head as vocabulary
 
-            kind = HeadConceptBank if is_head_spec(snapshot.clip) else ConceptBank
-            bank = _BANKS[key] = kind(snapshot.clip, tpl, cache_dir)
-        return bank
+        kind = HeadConceptBank if is_head_spec(snapshot.clip) else ConceptBank
+        bank = _BANKS.setdefault(key, kind(snapshot.clip, tpl, cache_dir))
+    return bank
 
 
 def clear_banks() -> None:
     """Forget memoised banks (tests)."""
-    with _BANKS_LOCK:
-        _BANKS.clear()
+    _BANKS.clear()

@@ -25,13 +25,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from t2c.data.artefacts import read_artefact, write_artefact
 from t2c.data.errors import EncoderError, InvalidInput, NotFound
+from t2c.query.lru import LRUCache
 
 __all__ = ["describe", "describe_vector", "load_caption_decoder", "build_prefix_captioner", "save_prefix_captioner",
            "load_prefix_captioner", "clipcap_train_step", "CLIPCAP_FORMAT"]
@@ -39,8 +39,7 @@ __all__ = ["describe", "describe_vector", "load_caption_decoder", "build_prefix_
 CLIPCAP_FORMAT = "t2c-clipcap-1"
 ENV_DECODER = "T2C_CAPTION_DECODER"
 DECODER_FIX = "run `t2c describe-train` (world), or pass --decoder FILE (a ClipCap or world decoder file)"
-_LOCK = threading.Lock()
-_LOADED: dict[tuple, object] = {}
+_LOADED = LRUCache(4)  # loaded decoders; a newer version of a file evicts the older one
 
 
 # ------------------------------------------------------------------------------------------------ ClipCap
@@ -195,8 +194,7 @@ def load_caption_decoder(path) -> tuple[str, object]:
     path = Path(path).expanduser()
     st = path.stat() if path.is_file() else None
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns) if st else None
-    with _LOCK:
-        hit = _LOADED.get(key)
+    hit = _LOADED.get(key) if key else None
     if hit is not None:
         return hit
     fmt = read_artefact(path, "caption decoder", fix=DECODER_FIX, formats=(wd.FORMAT, CLIPCAP_FORMAT),
@@ -205,9 +203,9 @@ def load_caption_decoder(path) -> tuple[str, object]:
         val = ("world-gru", wd.load_decoder(path))
     else:
         val = ("clipcap", load_prefix_captioner(path))
-    with _LOCK:
-        _LOADED[key] = val
-    return val
+    if key is None:
+        return val
+    return _LOADED.setdefault(key, val, scope=key[0], generation=(st.st_mtime_ns, st.st_size))
 
 
 # ------------------------------------------------------------------------------------------------ API

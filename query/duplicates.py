@@ -32,7 +32,7 @@ __all__ = ["find_duplicates", "duplicate_pairs", "calibrate_duplicates", "Duplic
 
 MAX_NEIGHBOURS = 8  # candidates kept per image (closest first)
 NN_SAMPLE = 20_000  # images whose nearest neighbour calibrates the candidate threshold
-MATCH_CORRELATION = 0.95  # best crop/mirror view's correlation that confirms a pair
+MATCH_CORRELATION = 0.97  # best crop/mirror view's correlation that confirms a pair
 FLAT_LIMIT = 20_000  # up to this many vectors the range search is exact (flat); beyond, an IVF index
 VIEW = 16  # side of the compared views, in pixels
 _KEEPS = (1.0, 0.95, 0.9, 0.85, 0.8)

@@ -88,8 +88,14 @@ class SearchResult:
         """Notes for the person asking (e.g. a concept this collection's scores cannot calibrate)."""
         return list(self.plan.get("warnings", []))
 
+    @property
+    def estimate(self) -> dict | None:
+        """Estimated precision and recall of the answer and of each concept (``t2c.query.estimate``), or None."""
+        return self.plan.get("estimate")
+
     def to_dict(self) -> dict:
         return {"query": self.query, "total": int(self.total), "k": self.k, "offset": self.offset,
+                "estimate": self.estimate,
                 "took_ms": round(float(self.took_ms), 3), "plan": self.plan,
                 "hits": [h.to_dict() for h in self.hits]}
 
@@ -236,6 +242,7 @@ class _Search:
     rows: np.ndarray | None = None  # candidate rows
     lscores: np.ndarray | None = None  # (len(rows), len(leaves)) scores; NaN: not known yet
     passed: dict = field(default_factory=dict)  # id(leaf) -> bool array over rows
+    fpass: dict = field(default_factory=dict)  # id(filter leaf) -> bool array over rows (filters inside the tree)
 
 
 # ------------------------------------------------------------------------------------------------ engine
@@ -253,9 +260,10 @@ class Engine:
         >>> [(h.id, h.path, h.score) for h in res.hits]  # doctest: +SKIP
     """
 
-    def __init__(self, snapshot, bank=None, *, exact_rows: int = EXACT_ROWS, examples=None):
+    def __init__(self, snapshot, bank=None, *, exact_rows: int = EXACT_ROWS, examples=None, binding: bool = True):
         self.snapshot = snapshot
         self.exact_rows = int(exact_rows)
+        self.binding = bool(binding)
         self._bank = bank
         self._examples = examples
         self._columns: dict | None = None
@@ -332,7 +340,8 @@ class Engine:
     def calibrations(self, node) -> dict:
         """Calibration per scored leaf (by leaf identity), overrides applied."""
         leaves = qa.scored(node)
-        cal = {kind: thresholds_for(self.snapshot, texts, bank=bank) for kind, bank, texts in self._by_bank(leaves)}
+        cal = {kind: thresholds_for(self.snapshot, texts, bank=bank, binding=self.binding and kind == "concept")
+               for kind, bank, texts in self._by_bank(leaves)}
         out = {}
         for c in leaves:
             base = cal[c.kind][c.text]
@@ -581,6 +590,7 @@ class Engine:
         else:
             self._exact_scan(st)
         sel = self._match(st)
+        st.plan["estimate"] = self._estimate(st, sel)
         if not len(sel):
             st.plan["exit"] = "no_match"
             return empty
@@ -725,10 +735,31 @@ class Engine:
         the positions (into ``st.rows``) that match."""
         st.passed = {id(leaf): st.lscores[:, li] >= st.cals[id(leaf)].threshold
                      for li, (leaf, _) in enumerate(st.leaves)}
+        self._apply_binding(st.leaves, st.cals, st.passed, st.rows)
         flist = qa.filters(st.rest)
-        fpass = self._tree_filters(flist, st.rows) if flist else {}
-        match = evaluate_tree(st.rest, lambda c: st.passed[id(c)], lambda f: fpass[id(f)], len(st.rows))
+        st.fpass = self._tree_filters(flist, st.rows) if flist else {}
+        match = evaluate_tree(st.rest, lambda c: st.passed[id(c)], lambda f: st.fpass[id(f)], len(st.rows))
         return np.nonzero(match)[0]
+
+    def _estimate(self, st: _Search, sel: np.ndarray) -> dict:
+        """Step 5d: estimated precision and recall of the answer and of each concept (mixture fits, no labels)."""
+        from t2c.query.estimate import answer_estimate
+
+        match = np.zeros(len(st.rows), bool)
+        match[sel] = True
+        n_allowed = len(self.snapshot.ids) if st.allowed is None else len(st.allowed)
+        return answer_estimate(st.rest, st.leaves, st.cals, st.passed, lambda f: st.fpass[id(f)], match,
+                               n_allowed - len(st.rows))
+
+    def _apply_binding(self, leaves, cals, passed: dict, rows: np.ndarray) -> None:
+        """Compositional leaves calibrated with binding ("bound") must also beat their rivals on ``rows``."""
+        from t2c.query.binding import present_on
+
+        for leaf, _ in leaves:
+            c = cals[id(leaf)]
+            if c.method == "bound" and passed[id(leaf)].any():
+                on = np.nonzero(passed[id(leaf)])[0]
+                passed[id(leaf)][on] = present_on(self.snapshot, self.bank, leaf.text, c, rows[on])[0]
 
     @staticmethod
     def _rank(st: _Search, sel: np.ndarray) -> np.ndarray:
@@ -769,6 +800,8 @@ class Engine:
         srt = np.argsort(prow)
         ex = np.empty((len(prow), st.T.shape[0]), np.float32)
         ex[srt] = concept_scores(self.snapshot, st.T, rows=prow[srt])  # exact scores of the page's hits
+        passed = {id(leaf): ex[:, st.tindex[leaf.key]] >= st.cals[id(leaf)].threshold for leaf, _ in st.leaves}
+        self._apply_binding(st.leaves, st.cals, passed, prow)
         out = []
         for j in range(len(prow)):
             expl = []
@@ -776,7 +809,7 @@ class Engine:
                 c = st.cals[id(leaf)]
                 s = float(ex[j, st.tindex[leaf.key]])
                 expl.append({"concept": leaf.text, "score": round(s, 6),
-                             "threshold": round(float(c.threshold), 6), "passed": bool(s >= c.threshold),
+                             "threshold": round(float(c.threshold), 6), "passed": bool(passed[id(leaf)][j]),
                              "weight": leaf.weight, "negated": not pos,
                              "margin": round((s - c.threshold) / c.scale, 4), "method": c.method})
             out.append(expl)
@@ -793,5 +826,7 @@ class Engine:
         S = concept_scores(self.snapshot, T) if leaves else np.zeros((n, 0), np.float32)
         flist = qa.filters(node)
         fpass = self._tree_filters(flist, np.arange(n, dtype=np.int64)) if flist else {}
-        match = evaluate_tree(node, lambda c: S[:, ti[c.key]] >= cals[id(c)].threshold, lambda f: fpass[id(f)], n)
+        passed = {id(c): S[:, ti[c.key]] >= cals[id(c)].threshold for c in leaves}
+        self._apply_binding([(c, True) for c in leaves], cals, passed, np.arange(n, dtype=np.int64))
+        match = evaluate_tree(node, lambda c: passed[id(c)], lambda f: fpass[id(f)], n)
         return np.asarray(self.snapshot.ids, np.int64)[match]

@@ -23,18 +23,24 @@ def query(
 
     Example: t2c query photos.t2c 'red circle AND NOT square' -k 5 --explain
     """
-    from t2c.query.engine import Engine
+    import t2c
 
-    eng = Engine.for_store(store, verify=not no_verify)
-    res = eng.search(query_with_image(text, image), k=k, offset=offset, explain=explain)
-    if as_json:
-        typer.echo(json.dumps([h.to_dict() for h in res.hits], indent=2, default=str))
+    if not text and image is None:
+        raise t2c.InvalidInput("give a QUERY, an --image FILE, or both", "e.g. t2c query STORE 'red circle'")
+    like = Path(image).expanduser().resolve() if image is not None else None
+    with t2c.open(store, verify=not no_verify, refresh_interval=None) as st:
+        res = st.search(text or None, like=like, k=k, offset=offset, explain=explain)
+    if as_json:  # with --explain: the whole answer (total, estimate, plan, hits); else the list of hits
+        out = res.to_dict() if explain else [h.to_dict() for h in res]
+        typer.echo(json.dumps(out, indent=2, default=str))
         return
     shown = f"{offset + 1}-{offset + len(res.hits)}" if res.hits else "none"
     typer.echo(f"{res.total} matching images (showing {shown}) in {res.took_ms:.1f} ms")
+    if explain:
+        typer.echo(_estimate_line(res.estimate))
     for w in res.warnings:
         typer.secho(f"note: {w}", fg=typer.colors.YELLOW, err=True)
-    for h in res.hits:
+    for h in res:
         typer.echo(f"{h.score:9.3f}  {h.id:>8}  {h.path}")
         for e in h.explanation or ():
             mark = "pass" if e["passed"] != e["negated"] else "FAIL"
@@ -43,18 +49,18 @@ def query(
                        f"{'>=' if e['passed'] else '<'} threshold {e['threshold']:.3f} ({e['method']})")
 
 
-def query_with_image(text: str | None, image: Path | None):
-    """The query tree: QUERY, ``like:"FILE"`` for --image, or both joined by AND."""
-    from t2c.data.errors import InvalidInput
-    from t2c.query.ast import Example, conj
-    from t2c.query.parse import parse
+def _fmt(v) -> str:
+    return "?" if v is None else f"{v:.2f}"
 
-    if not text and image is None:
-        raise InvalidInput("give a QUERY, an --image FILE, or both", "e.g. t2c query STORE 'red circle'")
-    parts = [Example(str(Path(image).expanduser().resolve()))] if image is not None else []
-    if text:
-        parts.append(parse(text))
-    return conj(parts)
+
+def _estimate_line(est: dict | None) -> str:
+    """One line: the answer's estimated precision and recall, then each concept's (no labels used)."""
+    if not est:
+        return "estimated precision ?, recall ? (no answer to estimate)"
+    per = "; ".join(f"{t!r} {_fmt((r or {}).get('precision'))}/{_fmt((r or {}).get('recall'))}"
+                    for t, r in est.get("concepts", {}).items())
+    return (f"estimated precision {_fmt(est.get('precision'))}, recall {_fmt(est.get('recall'))} "
+            f"(from the calibration fits; per concept precision/recall: {per or 'none'})")
 
 
 def register(app: typer.Typer) -> None:

@@ -42,7 +42,7 @@ def _split(weights: Optional[List[str]]) -> Optional[List[str]]:
 @world_app.command("train")
 def train_cmd(
     out: Optional[str] = typer.Option(None, "--out", help="Output folder (default: the shipped weights folder)."),
-    models: Optional[List[str]] = typer.Option(None, "--model", help="Train only these (repeatable): clip, pairnet, autoenc."),
+    models: Optional[List[str]] = typer.Option(None, "--model", help="Train only these (repeatable): clip, clip-plain, pairnet, autoenc."),
     threads: int = typer.Option(2, "--threads", help="CPU threads (weights are deterministic per thread count)."),
     seed: int = typer.Option(0, "--seed", help="Data and initialisation seed."),
     n: int = typer.Option(20000, "--n", help="Training images."),

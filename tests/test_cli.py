@@ -24,7 +24,7 @@ def test_cli_caches_concept_vectors_per_user_so_repeated_queries_skip_the_text_t
     code, _, err = t2c("index", tmp_path / "imgs", "--store", tmp_path / "st", "-e", CLIP, "--workers", 0)
     assert code == 0, err
     env = {"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(tmp_path / "xdg")}
-    probe = ("import sys; from service.cli import main\n"
+    probe = ("import sys; from t2c.service.cli import main\n"
              "try:\n    main(['query', sys.argv[1], 'red@-1', '-k', '3', '--json'])\n"
              "except SystemExit as e:\n    assert not e.code, e.code\n"
              "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
@@ -75,6 +75,12 @@ def test_index_info_query_realign_cycle(tmp_path):
     assert code == 0, err
     hits = json.loads(out)
     assert len(hits) == 5 and {"id", "path", "score"} <= set(hits[0])
+    code, out, err = t2c("query", tmp_path / "st", "red", "-k", 3, "--explain", "--json")
+    assert code == 0, err
+    ans = json.loads(out)  # --explain --json: the whole answer, with the estimate beside the hits
+    assert {"total", "estimate", "hits"} <= set(ans) and "red" in ans["estimate"]["concepts"]
+    code, out, err = t2c("query", tmp_path / "st", "red", "-k", 3, "--explain")
+    assert code == 0 and "estimated precision" in out, err
     code, out, err = t2c("align", "-e", CNN, "--clip", CLIP, "--images", tmp_path / "imgs", "--max-images", 30,
                          "--out", tmp_path / "al.safetensors", "--json")
     assert code == 0, err

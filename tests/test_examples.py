@@ -181,7 +181,7 @@ def test_cli_query_image_and_audit_duplicates(world, tmp_path, capsys):
         main([str(a) for a in main_ok])
     except SystemExit as e:
         assert not e.code
-    hits = json.loads(capsys.readouterr().out)
+    hits = json.loads(capsys.readouterr().out)["hits"]  # --json --explain prints the whole answer
     assert Path(hits[0]["path"]).name == "s009.png" and hits[0]["explanation"][0]["concept"].startswith("like:")
     code, out = run("query", world / "st", "--image", tmp_path / "missing.png")
     assert code == 2 and "no such file" in out.err and "Traceback" not in out.err

@@ -95,9 +95,10 @@ def test_read_only_store_folder_is_one_clear_error_and_a_rerun_resumes(tmp_path,
     real = store_mod.tempfile.mkstemp
 
     def read_only(*a, dir=None, **k):  # noqa: A002 - mkstemp's own keyword
-        if len(calls) >= 3:  # run.json, then part 0 (features + rows); the rest cannot be written
-            raise PermissionError(errno.EROFS, "Read-only file system", str(dir))
-        calls.append(dir)
+        if str(dir).endswith("staging"):  # run.json, then part 0 (features + rows); the rest cannot be written
+            if len(calls) >= 3:
+                raise PermissionError(errno.EROFS, "Read-only file system", str(dir))
+            calls.append(dir)
         return real(*a, dir=dir, **k)
 
     monkeypatch.setattr(store_mod.tempfile, "mkstemp", read_only)
@@ -176,3 +177,17 @@ def test_cli_disk_full_is_a_message_not_a_traceback(tmp_path, imgs, monkeypatch,
               str(PART), "-q"])
     err = capsys.readouterr().err
     assert done.value.code == 2 and "disk full" in err and "Traceback" not in err and "resumes" in err
+
+
+def test_one_file_deleted_mid_run_is_its_error_not_a_stop(tmp_path, imgs, monkeypatch):
+    victim = sorted(p for p in imgs.rglob("*.png"))[-1]  # in the last part
+    real = Staging.write_part
+
+    def write_then_delete(self, i, *a, **k):
+        real(self, i, *a, **k)
+        if i == 0 and victim.exists():
+            victim.unlink()
+
+    monkeypatch.setattr(Staging, "write_part", write_then_delete)
+    rep = index_folder(imgs, tmp_path / "st", CLIP, workers=0, part_size=PART)
+    assert (rep.added, rep.errors, rep.error_reasons) == (19, 1, {"not_found": 1})

@@ -34,6 +34,9 @@ N_PAIRS = len(vocab.COLORS) * len(vocab.SHAPES)
 WORLD_MODELS: dict[str, dict] = {
     "clip": {"dim": 128, "has_text": True,
              "description": "world CLIP: CNN image tower + transformer text tower, contrastive on captions"},
+    "clip-plain": {"dim": 128, "has_text": True,
+                   "description": "world CLIP trained like the public CLIPs: plain InfoNCE on whole captions "
+                                  "(no sigmoid loss, no hard negatives, no twins), so it has no own cut"},
     "pairnet": {"dim": 128, "has_text": False,
                 "description": "residual CNN, supervised multi-label colour-shape pairs (no text, no size)"},
     "autoenc": {"dim": 64, "has_text": False,
@@ -93,7 +96,7 @@ def _nets() -> SimpleNamespace:
     class WorldCLIP(WorldModel):
         name, dim, has_text = "clip", WORLD_MODELS["clip"]["dim"], True
 
-        def __init__(self):
+        def __init__(self, sigmoid: bool = True):
             super().__init__()
             self.visual = nn.Sequential(
                 conv_bn(3, 48), nn.MaxPool2d(2),          # 16x16
@@ -105,9 +108,9 @@ def _nets() -> SimpleNamespace:
             )
             self.text = TextTower(self.dim)
             self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1/0.07)
-            # pairwise sigmoid loss (SigLIP): its own temperature and bias; -bias/scale is the present_score
-            self.sig_scale = nn.Parameter(torch.tensor(2.3026))  # log(10)
-            self.sig_bias = nn.Parameter(torch.tensor(-2.0))
+            if sigmoid:  # pairwise sigmoid loss (SigLIP): own temperature and bias; -bias/scale is the present_score
+                self.sig_scale = nn.Parameter(torch.tensor(2.3026))  # log(10)
+                self.sig_bias = nn.Parameter(torch.tensor(-2.0))
 
         def encode_image(self, x):
             return F.normalize(self.visual(x), dim=-1)
@@ -115,8 +118,11 @@ def _nets() -> SimpleNamespace:
         def encode_token_ids(self, ids):
             return F.normalize(self.text(ids), dim=-1)
 
-        def present_score(self) -> float:
-            """The cosine at which the sigmoid head says "true" with probability 1/2 (-bias / scale)."""
+        def present_score(self) -> float | None:
+            """The cosine at which the sigmoid head says "true" with probability 1/2 (-bias / scale); None
+            for a model trained without the sigmoid loss (clip-plain), which has no own cut."""
+            if not hasattr(self, "sig_bias"):
+                return None
             return float(-self.sig_bias.detach() / self.sig_scale.detach().exp().clamp(max=100))
 
         def encode_text(self, texts):
@@ -125,6 +131,14 @@ def _nets() -> SimpleNamespace:
                 texts = [texts]
             ids = torch.from_numpy(vocab.tokenize(list(texts)))
             return self.encode_token_ids(ids.to(self.logit_scale.device))
+
+    class WorldCLIPPlain(WorldCLIP):
+        """The same towers, trained like the public CLIPs (plain InfoNCE): no sigmoid head."""
+
+        name = "clip-plain"
+
+        def __init__(self):
+            super().__init__(sigmoid=False)
 
     class ResBlock(nn.Module):
         def __init__(self, ch):
@@ -187,7 +201,7 @@ def _nets() -> SimpleNamespace:
         def reconstruct(self, x):
             return self.dec(self.dec_in(self.enc(x)))
 
-    return SimpleNamespace(torch=torch, WorldCLIP=WorldCLIP, PairNet=PairNet, AutoEncoder=AutoEncoder)
+    return SimpleNamespace(torch=torch, WorldCLIP=WorldCLIP, WorldCLIPPlain=WorldCLIPPlain, PairNet=PairNet, AutoEncoder=AutoEncoder)
 
 
 def _check_name(name: str) -> None:
@@ -199,7 +213,7 @@ def build_world_model(name: str, seed: int = 0):
     """A randomly initialised world model (deterministic for a given seed), in train mode."""
     _check_name(name)
     nets = _nets()
-    cls = {"clip": nets.WorldCLIP, "pairnet": nets.PairNet, "autoenc": nets.AutoEncoder}[name]
+    cls = {"clip": nets.WorldCLIP, "clip-plain": nets.WorldCLIPPlain, "pairnet": nets.PairNet, "autoenc": nets.AutoEncoder}[name]
     with nets.torch.random.fork_rng(devices=[]):
         nets.torch.manual_seed(seed)
         return cls()

@@ -7,6 +7,9 @@ feeds all three models:
   plus a pairwise sigmoid loss (SigLIP); captions are resampled every step from the caption grammar
   (attributes and objects dropped at random, template prefixes added), each image also meets one binding
   hard-negative caption, and half of each batch is the other half's binding twins.
+- clip-plain: the same towers trained the way the public CLIPs were: symmetric InfoNCE with one positive per
+  caption (the image it was drawn for), no sigmoid loss, no hard negatives, no twins. It stands in for the
+  CLIPs people use on real photos, which have no "own cut".
 - pairnet: binary cross-entropy over the 48 colour-shape pairs present (no text, no size, no background).
 - autoenc: mean squared reconstruction error (no labels at all).
 
@@ -44,8 +47,8 @@ class TrainConfig:
     seed: int = 0                # data and init seed
     render_size: int = 64        # rendered side, squashed to IMAGE_SIZE
     batch: int = 256
-    steps: dict = field(default_factory=lambda: {"clip": 1100, "pairnet": 1000, "autoenc": 300})
-    lr: dict = field(default_factory=lambda: {"clip": 2e-3, "pairnet": 4e-3, "autoenc": 2e-3})
+    steps: dict = field(default_factory=lambda: {"clip": 1100, "clip-plain": 250, "pairnet": 1000, "autoenc": 300})
+    lr: dict = field(default_factory=lambda: {"clip": 2e-3, "clip-plain": 2e-3, "pairnet": 4e-3, "autoenc": 2e-3})
     clip_multi_positive: bool = True   # every true caption in the batch is a positive (False: plain InfoNCE)
     clip_hard_negatives: bool = True   # one binding-negative caption per image (colours swapped between objects)
     clip_twins: bool = True            # half of each batch: the other half with colours moved to other shapes
@@ -57,6 +60,7 @@ class TrainConfig:
 
 
 CLIP_LOSSES = ("softmax", "sigmoid", "both")
+CLIP_MODELS = ("clip", "clip-plain")  # world models with a text tower (trained contrastively on captions)
 
 
 # --- data -------------------------------------------------------------------------------------------------
@@ -223,7 +227,7 @@ def train_model(name: str, scenes: Sequence[Scene], pixels: np.ndarray, *, steps
     torch.use_deterministic_algorithms(True)
     try:
         return _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, multi_positive,
-                      hard_negatives, twins and name == "clip", loss, log, log_every)
+                      hard_negatives, twins and name in CLIP_MODELS, loss, log, log_every)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
@@ -247,8 +251,9 @@ def _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, m
     gen = torch.Generator().manual_seed(seed)
     cap_rng = np.random.default_rng([seed, 23])
     targets = torch.from_numpy(pair_targets(scenes)) if name == "pairnet" else None
-    labels = [sc.object_labels() for sc in scenes] if name == "clip" else None
-    if name == "clip" and (multi_positive or hard_negatives or loss_kind != "softmax"):
+    clip = name in CLIP_MODELS
+    labels = [sc.object_labels() for sc in scenes] if clip else None
+    if clip and (multi_positive or hard_negatives or loss_kind != "softmax"):
         scene_pat, scene_bg = _scene_patterns(scenes)
     history: list[float] = []
     t0 = time.time()
@@ -261,7 +266,7 @@ def _train(name, scenes, pixels, steps, batch, lr, weight_decay, warmup, seed, m
         x = x_all[torch.from_numpy(idx)]
         flip = torch.rand(len(idx), generator=gen) < 0.5  # every shape is mirror-symmetric
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x).contiguous(memory_format=torch.channels_last)
-        if name == "clip":
+        if clip:
             caps = [vocab.sample_caption(scenes[i].background, labels[i], cap_rng) for i in idx]
             negs = [vocab.binding_negative(labels[i], cap_rng) for i in idx] if hard_negatives else []
             ids = torch.from_numpy(vocab.tokenize(caps + negs))
@@ -386,6 +391,14 @@ def pairnet_accuracy(model, n: int = 1000, seed: int = 7_000_001) -> float:
     return float((pred == truth).mean())
 
 
+def _clip_recipe(cfg: TrainConfig, name: str) -> dict:
+    """The contrastive settings of one model: world:clip's from the config, clip-plain's plain InfoNCE."""
+    if name == "clip-plain":
+        return {"multi_positive": False, "hard_negatives": False, "twins": False, "loss": "softmax"}
+    return {"multi_positive": cfg.clip_multi_positive, "hard_negatives": cfg.clip_hard_negatives,
+            "twins": cfg.clip_twins, "loss": cfg.clip_loss}
+
+
 # --- everything ----------------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -433,15 +446,15 @@ def train_all(out_dir: str | Path | None = None, *, config: TrainConfig | None =
         t0 = time.time()
         model, hist = train_model(name, scenes, pixels, steps=int(cfg.steps[name]), batch=cfg.batch,
                                   lr=float(cfg.lr[name]), weight_decay=cfg.weight_decay, warmup=cfg.warmup,
-                                  seed=cfg.seed, multi_positive=cfg.clip_multi_positive,
-                                  hard_negatives=cfg.clip_hard_negatives, twins=cfg.clip_twins, loss=cfg.clip_loss, log=log)
+                                  seed=cfg.seed, log=log, **_clip_recipe(cfg, name))
         secs = time.time() - t0
         info = {"seconds": round(secs, 1), "steps": int(cfg.steps[name]), "threads": torch.get_num_threads(),
                 "first_loss": round(float(np.mean(hist[:10])), 4), "final_loss": round(float(np.mean(hist[-20:])), 4)}
-        if name == "clip":
+        if name in CLIP_MODELS:
+            info["recipe"] = _clip_recipe(cfg, name)
             info["zero_shot"] = {k: round(v, 4) for k, v in clip_zero_shot(model, cfg.eval_n, cfg.eval_seed).items()}
             if log:
-                log(f"[clip] zero-shot on {cfg.eval_n} held-out single-object images: {info['zero_shot']}")
+                log(f"[{name}] zero-shot on {cfg.eval_n} held-out single-object images: {info['zero_shot']}")
         if name == "pairnet":
             info["pair_accuracy"] = round(pairnet_accuracy(model, cfg.eval_n, cfg.eval_seed), 4)
             if log:

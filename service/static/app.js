@@ -112,7 +112,7 @@ async function runSearch() {
     const n = (res.hits || []).length;
     showInfo(st, state.total + " matching image" + (state.total === 1 ? "" : "s") +
       (n ? " — showing " + (state.offset + 1) + "–" + (state.offset + n) : "") +
-      (res.took_ms != null ? " (" + fmt(res.took_ms, 1) + " ms)" : ""));
+      (res.took_ms != null ? " (" + fmt(res.took_ms, 1) + " ms)" : "") + estimateText(res.estimate));
     $("pager").hidden = state.total <= state.k && state.offset === 0;
     $("prev").disabled = state.offset === 0;
     $("next").disabled = state.offset + state.k >= state.total;
@@ -121,6 +121,12 @@ async function runSearch() {
     freeBlobs(); $("grid").innerHTML = ""; $("pager").hidden = true;
     showError(st, err, state.q);
   }
+}
+
+function estimateText(est) {
+  // the engine's own estimate of the answer's precision and recall (from the calibration fits, no labels)
+  if (!est || est.precision == null || est.recall == null) return "";
+  return " — estimated precision " + fmt(est.precision, 2) + ", recall " + fmt(est.recall, 2);
 }
 
 function searchText(q) {

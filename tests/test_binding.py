@@ -1,0 +1,154 @@
+"""Binding at query time, estimated precision/recall, and the bounded snapshot caches."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from t2c.query.binding import BASIC_COLOURS, binding_of, bound_mask
+from t2c.query.estimate import answer_estimate, bound_rates, concept_rates
+from t2c.query.lru import LRUCache
+
+
+def test_binding_of_world_pair_lists_rivals_sharing_a_word():
+    b = binding_of("orange star", "world:clip")
+    assert b.words == ("orange", "star")
+    assert "orange circle" in b.same_attribute and "orange star" not in b.same_attribute
+    assert "blue star" in b.same_object and len(b.same_object) == 7 and len(b.same_attribute) == 5
+
+
+@pytest.mark.parametrize("text", ["orange", "star", "star orange", "large red circle", "teal background"])
+def test_binding_of_other_concepts_is_none(text):
+    assert binding_of(text, "world:clip") is None
+
+
+def test_binding_of_open_vocabulary_uses_colour_words_only():
+    b = binding_of("red car", "open_clip:ViT-B-32/openai")
+    assert b.same_attribute == () and len(b.same_object) == len(BASIC_COLOURS) - 1
+    assert binding_of("fast car", "open_clip:ViT-B-32/openai") is None
+
+
+def test_bound_mask_rejects_images_where_both_kinds_of_rival_win():
+    b = binding_of("red circle", "world:clip")
+    n = 3
+    scores = {t: np.zeros(n, np.float32) for t in b.texts()}
+    scores["red"][:] = scores["circle"][:] = 1.0
+    scores["red circle"][:] = 0.5
+    scores["red square"][:] = [0.9, 0.9, 0.1]   # same colour, another shape
+    scores["blue circle"][:] = [0.9, 0.1, 0.1]  # same shape, another colour
+    present, margin = bound_mask(b, scores, {"red": 0.5, "circle": 0.5})
+    # row 0: an unbound red square + blue circle; row 1: only one kind of rival wins; row 2: none wins
+    assert present.tolist() == [False, True, True]
+    assert margin[0] < 0 <= margin[1] <= margin[2]
+    scores["circle"][2] = 0.0  # a word that is absent fails the concept whatever its margin
+    assert bound_mask(b, scores, {"red": 0.5, "circle": 0.5})[0].tolist() == [False, True, False]
+
+
+class _Cal:
+    def __init__(self, threshold, method="gmm", params=None):
+        self.threshold, self.method, self.params = threshold, method, params or {}
+
+
+def test_concept_rates_from_a_mixture_match_the_closed_form():
+    from statistics import NormalDist
+
+    params = {"weights": [0.8, 0.2], "means": [0.0, 1.0], "stds": [0.2, 0.2], "present_from": 1}
+    r = concept_rates(_Cal(0.5, params=params))
+    q = 1 - NormalDist(1.0, 0.2).cdf(0.5)
+    fp = 1 - NormalDist(0.0, 0.2).cdf(0.5)
+    assert r["recall"] == pytest.approx(q)
+    assert r["precision"] == pytest.approx(0.2 * q / (0.2 * q + 0.8 * fp))
+    assert concept_rates(_Cal(0.5, "tail", {"median": 0.0})) is None
+
+
+def test_bound_rates_are_probabilities_and_none_without_both_outcomes():
+    rng = np.random.default_rng(0)
+    margin = np.r_[rng.normal(0.1, 0.03, 50), rng.normal(-0.1, 0.03, 50)]
+    ok = np.ones(100, bool)
+    r = bound_rates(margin, ok, margin >= 0, [])
+    assert 0.9 < r["precision"] <= 1 and 0.9 < r["recall"] <= 1 and 0 <= r["miss"] < 0.1
+    assert bound_rates(margin, ok, np.ones(100, bool), []) is None
+
+
+def test_answer_estimate_combines_leaves_as_independent():
+    from t2c.query.parse import parse
+
+    node = parse("a AND NOT b")
+    a, b = node.children[0], node.children[1].child
+    leaves = [(a, True), (b, False)]
+    fit = {"weights": [0.5, 0.5], "means": [0.0, 1.0], "stds": [0.1, 0.1], "present_from": 1}
+    cals = {id(a): _Cal(0.5, params=fit), id(b): _Cal(0.5, params=fit)}
+    passed = {id(a): np.array([True, True, False]), id(b): np.array([False, True, False])}
+    match = np.array([True, False, False])
+    est = answer_estimate(node, leaves, cals, passed, None, match)
+    ra = concept_rates(cals[id(a)])
+    assert est["precision"] == pytest.approx(ra["precision"] * (1 - ra["miss"]), abs=1e-4)
+    assert 0 < est["recall"] <= 1 and set(est["concepts"]) == {"a", "b"}
+
+
+def test_lru_cache_bounds_entries_and_forgets_older_snapshots():
+    c = LRUCache(3)
+    for i in range(5):
+        c.setdefault(i, i)
+    assert len(c) == 3 and c.get(0) is None and c.get(4) == 4
+    c = LRUCache(10)
+    c.setdefault("x1", 1, scope="store", generation="s-000001")
+    c.setdefault("y", 9, scope="other", generation="s-000001")
+    c.setdefault("x2", 2, scope="store", generation="s-000002")
+    assert c.get("x1") is None and c.get("x2") == 2 and c.get("y") == 9
+    # a request still on the old snapshot gets its value back, but it is not kept
+    assert c.setdefault("x1", 1, scope="store", generation="s-000001") == 1 and c.get("x1") is None
+
+
+def test_calibration_cache_keeps_only_the_live_snapshot(tmp_path):
+    from t2c.query import calibrate as cal
+
+    class Snap:
+        def __init__(self, name, vectors):
+            self.root, self.name, self.vectors, self.manifest = tmp_path, name, vectors, {}
+
+    class Bank:
+        clip_spec = "test:none"
+        present_score = None
+
+        def vectors(self, texts):
+            return np.stack([np.eye(4, dtype=np.float32)[hash(t) % 4] for t in texts])
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(200, 4)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    cal.clear_cache()
+    cal.thresholds_for(Snap("s-000001", v), ["a", "b"], bank=Bank())
+    assert len(cal._CACHE) == 2
+    cal.thresholds_for(Snap("s-000002", v), ["a"], bank=Bank())
+    assert len(cal._CACHE) == 1
+    cal.clear_cache()
+
+
+@pytest.fixture(scope="module")
+def world_store(tmp_path_factory):
+    from t2c.data.world.generator import generate
+    from t2c.indexer.pipeline import index_folder
+
+    root = tmp_path_factory.mktemp("bind")
+    generate(root / "w", 400, 31337)
+    index_folder(root / "w" / "images", root / "st", "world:clip", workers=0, batch_size=200)
+    return root
+
+
+def test_bound_concepts_on_world_clip_agree_with_brute_force_and_carry_estimates(world_store):
+    from t2c.data.store import open_store
+    from t2c.query.engine import Engine
+
+    snap = open_store(world_store / "st", verify=False)
+    for q in ['"red circle" AND NOT purple', '"blue square" OR "yellow star"', 'green AND NOT "green triangle"']:
+        eng = Engine(snap)
+        res = eng.search(q, k=10_000, explain=True)
+        assert np.array_equal(np.sort(res.all_ids), eng.reference_answer(q))
+        methods = {c.method for c in eng.calibrations(eng.parse_query(q)).values()}
+        assert "bound" in methods
+        est = res.estimate
+        assert est is not None and set(est["concepts"]) <= {"red circle", "purple", "blue square", "yellow star",
+                                                             "green", "green triangle"}
+        assert all(h.explanation for h in res.hits)
+        plain = Engine(snap, binding=False)
+        assert "bound" not in {c.method for c in plain.calibrations(plain.parse_query(q)).values()}

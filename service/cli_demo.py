@@ -5,7 +5,6 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import typer

@@ -5,12 +5,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench install clean browser-deps
+.PHONY: demo test test-all bench install clean browser-deps real-data
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,real]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -19,13 +19,17 @@ install: $(STAMP)
 browser-deps:
 	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
-demo: $(STAMP)
+# Debian's Fashion-MNIST (70,000 labelled 28x28 images, MIT) for the real-image tests, bench and demo section.
+real-data:
+	test -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null)
+
+demo: $(STAMP) real-data
 	$(VENV)/bin/t2c demo
 
-test: $(STAMP) browser-deps
+test: $(STAMP) browser-deps real-data
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: $(STAMP) browser-deps
+test-all: $(STAMP) browser-deps real-data
 	$(PY) -m pytest -q
 
 clean:

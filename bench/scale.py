@@ -347,8 +347,8 @@ def project(points: list[dict], targets=(10_000_000, 100_000_000)) -> dict:
     for key in ("peak_rss_gb", "plan_seconds", "commit_seconds"):
         y = np.array([p[key] for p in points], float)
         slope, icpt = np.polyfit(x, y, 1)
-        out[key] = {"per_million_rows": round(slope * 1e6, 3), "intercept": round(icpt, 3),
-                    **{f"at_{t:.0e}": round(icpt + slope * t, 2) for t in targets}}
+        out[key] = {"per_million_rows": round(float(slope) * 1e6, 3), "intercept": round(float(icpt), 3),
+                    **{f"at_{t:.0e}": round(float(icpt + slope * t), 2) for t in targets}}
     out["note"] = "PROJECTION from a line through the measured sizes, not a measurement"
     return out
 

@@ -373,37 +373,4 @@ def read_path_list(parquet_path: str | os.PathLike, column: str = "path") -> lis
         InvalidInput: it is not a readable parquet file, ``column`` is missing (the message lists the
             columns there are), the column is not a string column, or it holds null/empty values.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    p = Path(parquet_path)
-    if not p.exists():
-        raise NotFound(f"path list {p} does not exist")
-    if not p.is_file():
-        raise InvalidInput(f"path list {p} is not a file")
-    try:
-        schema = pq.read_schema(p)
-    except (pa.ArrowException, OSError) as e:
-        raise InvalidInput(f"{p} is not a readable parquet file: {e}") from None
-    names = list(schema.names)
-    if column not in names:
-        raise InvalidInput(
-            f"column {column!r} not found in {p}",
-            f"columns there: {', '.join(names) if names else '(none)'}; choose one with --column",
-        )
-    typ = schema.field(column).type
-    if pa.types.is_dictionary(typ):
-        typ = typ.value_type
-    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ)):
-        raise InvalidInput(f"column {column!r} in {p} holds {typ}, not strings", "paths must be strings")
-    try:
-        values = pq.read_table(p, columns=[column]).column(column).to_pylist()
-    except (pa.ArrowException, OSError) as e:
-        raise InvalidInput(f"cannot read column {column!r} from {p}: {e}") from None
-    bad = [i for i, v in enumerate(values) if not v]
-    if bad:
-        raise InvalidInput(
-            f"column {column!r} in {p} has {len(bad)} null or empty path(s), first at row {bad[0]}",
-            "drop those rows",
-        )
-    return values
+    return [path for batch in iter_path_list(parquet_path, column) for path in batch]

@@ -218,8 +218,9 @@ def fit_aligner_on_folder(encoder, clip_spec: str, paths: list[str], *, max_pixe
     from t2c.indexer.encoders import make_encoder
 
     clip = make_encoder(clip_spec, **overrides)
-    if not clip.has_text:
-        raise AlignerError(f"alignment target {clip_spec!r} has no text tower", "use a CLIP model as --clip")
+    if not clip.is_target:
+        raise AlignerError(f"alignment target {clip_spec!r} has no text tower and no named classifier head",
+                           "use a CLIP model as --clip, or a classifier whose class names are concepts (effnet:lite2)")
     if not paths:
         raise InvalidInput("no readable images to fit the aligner on", "point at a folder with images")
     acc = RidgeAccumulator(encoder.dim, clip.dim)
@@ -282,12 +283,12 @@ def resolve_aligner(writer: StoreWriter, encoder, *, aligner_path=None, fit_n=No
         return load_store_aligner(cur)
     if fit_n:
         clip = clip or default_clip_for(encoder.spec)
-        if encoder.has_text and clip == encoder.spec:
+        if encoder.is_target and clip == encoder.spec:
             return Aligner.identity(encoder.dim, encoder.spec)
         paths = _spread(sample_paths or [], int(fit_n))
         return fit_aligner_on_folder(encoder, clip, paths, workers=workers, progress=progress,
                                      max_pixels=max_pixels, **overrides)
-    if encoder.has_text and (clip is None or clip == encoder.spec):
+    if encoder.is_target and (clip is None or clip == encoder.spec):
         return Aligner.identity(encoder.dim, encoder.spec)
     raise AlignerError(
         f"encoder {encoder.spec} has no text tower, so it needs an aligner into CLIP space",

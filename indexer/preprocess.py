@@ -7,8 +7,9 @@ import numpy as np
 def preprocess_image(img, cfg: dict) -> np.ndarray:
     """Resize/crop an RGB PIL image per ``cfg`` and normalise it into a CHW float32 array.
 
-    ``cfg`` holds ``image_size``, ``mean``, ``std`` and ``resize_mode`` ("shorter": resize the shorter side
-    then centre-crop; "squash": resize to a square).
+    ``cfg`` holds ``image_size``, ``mean``, ``std``, ``resize_mode`` ("shorter": resize the shorter side
+    then centre-crop; "squash": resize to a square) and optionally ``crop_pct`` (with "shorter": resize the
+    shorter side to ``image_size / crop_pct`` first, so the centre crop keeps that fraction; default 1).
     """
     from PIL import Image
 
@@ -18,7 +19,7 @@ def preprocess_image(img, cfg: dict) -> np.ndarray:
             img = img.resize((s, s), Image.BICUBIC)
     else:
         w, h = img.size
-        scale = s / min(w, h)
+        scale = s / float(cfg.get("crop_pct") or 1.0) / min(w, h)
         nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)

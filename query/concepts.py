@@ -294,7 +294,12 @@ def concept_bank_for(snapshot, templates: Sequence[str] | None = None, cache_dir
     tpl = tuple(templates) if templates is not None else tuple(templates_for(snapshot.clip))
     key = (str(Path(snapshot.root).resolve()), snapshot.clip, tpl, str(cache_dir))
     bank = _BANKS.get(key)
-    return bank if bank is not None else _BANKS.setdefault(key, ConceptBank(snapshot.clip, tpl, cache_dir))
+    if bank is None:
+        from t2c.query.head_concepts import HeadConceptBank, is_head_spec  # a classifier head as vocabulary
+
+        kind = HeadConceptBank if is_head_spec(snapshot.clip) else ConceptBank
+        bank = _BANKS.setdefault(key, kind(snapshot.clip, tpl, cache_dir))
+    return bank
 
 
 def clear_banks() -> None:

@@ -5,7 +5,6 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import typer
@@ -141,11 +140,21 @@ def demo(
     n: int = typer.Option(1500, "--n", min=50, help="Images to generate."),
     seed: int = typer.Option(7, "--seed"),
     encoder: list[str] = typer.Option(list(DEMO_ENCODERS), "--encoder", help="Encoders to compare (repeatable)."),
+    real: bool = typer.Option(True, "--real/--no-real",
+                              help="End with real weights on real images (needs the `real` extra and Fashion-MNIST)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Run the offline end-to-end demo on the concept world (generate, align, index, query, score)."""
-    res = run_demo(out, n=n, seed=seed, encoders=tuple(encoder), fit=min(1000, n),
-                   echo=(lambda *_: None) if as_json else typer.echo)
+    """Run the offline end-to-end demo on the concept world (generate, align, index, query, score), then real
+    EfficientNet-Lite weights on Fashion-MNIST queried with ImageNet class names."""
+    echo = (lambda *_: None) if as_json else typer.echo
+    res = run_demo(out, n=n, seed=seed, encoders=tuple(encoder), fit=min(1000, n), echo=echo)
+    if real:
+        from t2c.service.cli_demo_real import real_available, run_real_demo
+
+        if real_available():
+            res["real"] = run_real_demo(out, echo=echo)
+        else:
+            echo("real weights: skipped (pip install 'text2concept[real]' and apt-get install dataset-fashion-mnist)")
     if as_json:
         typer.echo(json.dumps(res, indent=2))
 

@@ -22,7 +22,7 @@ def encoders(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
         return
     for e in found:
         dim = "-" if e.dim is None else str(e.dim)
-        text = {True: "text", False: "image", None: "any"}[e.has_text]
+        text = "head" if e.vocabulary else {True: "text", False: "image", None: "any"}[e.has_text]
         typer.echo(f"{e.spec:<28} dim={dim:<6} {text:<6} {e.description}")
     typer.echo("\noptions: ?weights=random|PATH&device=cpu|cuda&batch_size=N&threads=N&features=PART[+PART]")
     for k, v in found.options.items():

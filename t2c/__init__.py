@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover - the lazily imported names, for type chec
     from t2c._results import (AuditResult, ClassifyResult, Description, DriftResult, DuplicateGroup,
                               DuplicatesResult, EncoderInfo, EncoderList, Hit, ImageRecord, Prediction, Prevalence,
                               SearchResult, Shift, StoreInfo)
-    from t2c._store import Store, open
+    from t2c._store import Store, open  # noqa: F401 - public, left out of __all__ (star imports keep the builtin)
     from t2c.indexer.aligner import Aligner
     from t2c.indexer.pipeline import IndexReport
 

@@ -548,6 +548,7 @@ class EncoderInfo:
     dim: int | None
     has_text: bool | None
     description: str
+    vocabulary: str | None = None  #: a classifier head whose class names are concepts (``effnet:``), else None
 
     def to_dict(self) -> dict:
         """JSON form of every field."""

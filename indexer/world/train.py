@@ -211,7 +211,6 @@ def train_model(name: str, scenes: Sequence[Scene], pixels: np.ndarray, *, steps
         (model in eval mode, list of per-step losses).
     """
     import torch
-    import torch.nn.functional as F
 
     if name not in WORLD_MODELS:
         from t2c.data.errors import UnknownChoice

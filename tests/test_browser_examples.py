@@ -36,7 +36,9 @@ def test_more_like_this_upload_drop_and_duplicates(server):  # noqa: F811
             first = int(page.get_attribute("[data-testid=hit]", "data-id"))
             # "more like this" on a result: the query becomes like:ID and the answer is the engine's
             page.click("[data-testid=more-like]")
-            page.wait_for_function(f"document.getElementById('q').value === 'like:{first}'")
+            # q and "Searching…" are set in the same handler: once q changed, wait for the new answer
+            page.wait_for_function(f"document.getElementById('q').value === 'like:{first}' && "
+                                   f"!document.getElementById('search-status').textContent.startsWith('Searching')")
             page.wait_for_function(f"document.querySelector('[data-testid=hit]').dataset.id === '{first}'")
             ids = [int(x) for x in page.eval_on_selector_all("[data-testid=hit]", "els => els.map(e => e.dataset.id)")]
             assert ids == _similar_top(store, first, len(ids))
@@ -48,7 +50,8 @@ def test_more_like_this_upload_drop_and_duplicates(server):  # noqa: F811
             target, path = snap.catalog().execute("SELECT id, path FROM images ORDER BY id LIMIT 1 OFFSET 7").fetchone()
             page.fill("#q", "width>=10")
             page.set_input_files("#image", path)
-            page.wait_for_function("document.getElementById('q').value.startsWith('like:\"sha256:')")
+            page.wait_for_function("document.getElementById('q').value.startsWith('like:\"sha256:') && "
+                                   "!document.getElementById('search-status').textContent.startsWith('Searching')")
             assert page.input_value("#q").endswith(" AND width>=10")
             page.wait_for_function(f"document.querySelector('[data-testid=hit]').dataset.id === '{target}'")
             # drop an image onto the search box
@@ -64,6 +67,7 @@ def test_more_like_this_upload_drop_and_duplicates(server):  # noqa: F811
             }""", b64)
             page.wait_for_function(f"document.querySelector('[data-testid=hit]') && "
                                    f"document.getElementById('q').value.startsWith('like:') && "
+                                   f"!document.getElementById('search-status').textContent.startsWith('Searching') && "
                                    f"document.querySelector('[data-testid=hit]').dataset.id === '{other}'")
             # a file that is not an image: the indexing reason, no crash
             page.set_input_files("#image", files=[{"name": "x.png", "mimeType": "image/png", "buffer": b"not an image"}])

@@ -97,3 +97,15 @@ class QuerySyntaxError(InvalidInput):
         self.position = position
         self.expected = expected
         self.query = query
+
+
+class Forbidden(T2CError):
+    """A request reaches outside what the store may serve (a catalogued file outside its indexed folders)."""
+
+    http_status = 403
+
+
+class NotAvailable(T2CError):
+    """A feature this store or this installation cannot provide (an optional package, a caption decoder)."""
+
+    http_status = 501

@@ -41,6 +41,7 @@ from t2c.data.errors import DiskFull, InvalidInput, NotFound, StoreError, StoreN
 FORMAT_VERSION = 1
 KEEP_SNAPSHOTS = 3
 QUICK_VERIFY_BYTES = 256 << 20
+CATALOG_MEMORY = "512MB"  # DuckDB's memory limit while a commit writes the catalog (it spills beyond it)
 COPY_CHUNK = 262_144  # rows of previous vectors copied at a time when committing
 SHARED_MODE = 0o644  # files others read (artefacts, shipped weights, generated worlds)
 
@@ -552,6 +553,9 @@ class StoreWriter:
                 shutil.copyfile(prev.path / "catalog.duckdb", cat)
             con = duckdb.connect(str(cat))
             try:
+                con.execute(f"SET memory_limit='{CATALOG_MEMORY}'")
+                spill = str(tmpdir / ".duckdb-tmp").replace("'", "''")
+                con.execute(f"SET temp_directory='{spill}'")
                 for stmt in SCHEMA:
                     con.execute(stmt)
                 self._apply_catalog(con, changes)
@@ -559,6 +563,7 @@ class StoreWriter:
                 ids = np.asarray(con.execute("SELECT id FROM images ORDER BY id").fetchnumpy()["id"], np.int64)
             finally:
                 con.close()
+                shutil.rmtree(tmpdir / ".duckdb-tmp", ignore_errors=True)
             shards = list(prev.manifest.get("feature_shards", [])) if prev else []
             shards += list(changes.feature_shards)
             shards = self._compact_shard_list(shards, ids)
@@ -619,14 +624,21 @@ class StoreWriter:
 
     def _apply_catalog(self, con, ch: Changes) -> None:
         now = utcnow()
-        con.execute("BEGIN")
+        # one transaction per batch: the catalog is a private copy inside the new snapshot's temporary folder,
+        # published (or thrown away) whole, so batches need not share a transaction, and DuckDB then keeps
+        # one batch's undo state in memory instead of the whole run's
         if ch.rows:
+            con.execute("BEGIN")
             self._upsert_rows(con, ch.rows, now)
+            con.execute("COMMIT")
         for batch in (ch.row_batches() if ch.row_batches is not None else ()):
             if batch:
+                con.execute("BEGIN")
                 self._upsert_rows(con, batch, now)
                 con.execute("DELETE FROM errors WHERE path IN (SELECT unnest(?::VARCHAR[]))",
                             [[r["path"] for r in batch]])
+                con.execute("COMMIT")
+        con.execute("BEGIN")
         # after the rows (ids are never reused, so the order does not matter): streamed batches add the ids of
         # changed files that failed to read
         if ch.removed_ids:
@@ -684,22 +696,23 @@ class StoreWriter:
         con.unregister("_new_rows")
 
     def _compact_shard_list(self, shards: list[str], live: np.ndarray) -> list[str]:
-        """Drop shards none of whose rows are still the live version (``live``: sorted ids of the snapshot)."""
-        if not shards:
-            return []
-        ids, si = [], []
-        for k, rel in enumerate(shards):
-            with np.load(self.root / rel, allow_pickle=False) as z:
+        """Drop shards none of whose rows are still the live version (``live``: sorted ids of the snapshot).
+
+        Shards are read newest first, one at a time; a shard is kept when it holds a live id no newer shard
+        holds. Memory: one shard plus one byte per live id.
+        """
+        claimed = np.zeros(len(live), bool)
+        used = set()
+        for k in range(len(shards) - 1, -1, -1):
+            with np.load(self.root / shards[k], allow_pickle=False) as z:
                 got = np.asarray(z["ids"], np.int64)
-            ids.append(got)
-            si.append(np.full(len(got), k, np.int32))
-        ids, si = np.concatenate(ids), np.concatenate(si)
-        order = np.lexsort((si, ids))  # by id, then shard: the last of each id is its latest shard
-        ids, si = ids[order], si[order]
-        last = np.ones(len(ids), bool)
-        last[:-1] = ids[1:] != ids[:-1]
-        ids, si = ids[last], si[last]
-        used = set(np.unique(si[np.isin(ids, live, assume_unique=True)]).tolist())
+            if not len(got) or not len(live):
+                continue
+            pos = np.minimum(np.searchsorted(live, got), len(live) - 1)
+            pos = pos[live[pos] == got]
+            if (~claimed[pos]).any():
+                used.add(k)
+            claimed[pos] = True
         return [rel for k, rel in enumerate(shards) if k in used]
 
     def _project(self, shards, ids, vectors_for, manifest_fields, new_shards, reproject, out_path: Path) -> int:

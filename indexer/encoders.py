@@ -5,7 +5,8 @@ Spec grammar: ``SOURCE:NAME[?key=value&key=value]``, for example ``timm:resnet50
 ``python:my_pkg.module:factory``. ``weights=random`` builds a randomly initialised model (tests, speed
 benchmarks); ``weights=PATH`` loads a local checkpoint file (offline use). Other options:
 ``device=cpu|cuda``, ``batch_size=N``, ``threads=N``, ``image_size=N`` (python source), and
-``features=final|stages|probs|stages+probs`` (non-CLIP timm and world encoders; see :data:`FEATURE_MODES`).
+``features=final|stages|probs|stages+probs`` (non-CLIP timm and world encoders; see :data:`FEATURE_MODES`) and
+``precision=fp32|bf16|int8`` (see :data:`PRECISIONS`; part of the identity, as it changes the features).
 
 Heavy imports (torch, timm, open_clip, torchvision) are deferred until an encoder is made.
 """
@@ -65,12 +66,19 @@ class EncoderSpec:
     def identity(self) -> str:
         """The spec without run-time options (device, batch size, threads): what defines the features."""
         keep = {k: v for k, v in self.options.items()
-                if k not in RUNTIME_OPTIONS and (k, v) != ("features", "final")}  # final is the default
+                if k not in RUNTIME_OPTIONS and (k, v) not in DEFAULT_OPTIONS}
         return str(EncoderSpec(self.source, self.name, keep))
 
 
 RUNTIME_OPTIONS = {"device", "batch_size", "threads"}
-COMMON_OPTIONS = RUNTIME_OPTIONS | {"weights", "features"}  # every source takes these
+COMMON_OPTIONS = RUNTIME_OPTIONS | {"weights", "features", "precision"}  # every source takes these
+DEFAULT_OPTIONS = {("features", "final"), ("precision", "fp32")}  # left out of the identity: one spelling each
+#: ``precision=``: how the image tower computes; bf16 and int8 change the features, so they are part of the identity
+PRECISIONS = {
+    "fp32": "float32 weights and activations (the default)",
+    "bf16": "bfloat16 weights and activations (fast on CPUs with AVX512-BF16/AMX and on GPUs)",
+    "int8": "dynamic int8 quantisation of the Linear layers (CPU only; for ViT/CLIP image towers)",
+}
 CHECKPOINT_FIX = "pass a .safetensors or torch state-dict file, or weights=random"
 
 MAX_STAGES = 4  # ``features=stages`` pools at most the last 4 stages (a ViT lists every block)
@@ -254,8 +262,10 @@ class ModuleEncoder(Encoder):
                                "make the model return pooled features (e.g. num_classes=0)")
         return int(y.shape[1])
 
+    input_dtype = None  # set by precision=bf16: images are cast to it before the forward pass
+
     def _forward_images(self, x):
-        return self.module(x)
+        return self.module(x if self.input_dtype is None else x.to(self.input_dtype))
 
     def _forward_texts(self, texts):
         return self._text_fn(texts)
@@ -373,7 +383,33 @@ def make_encoder(spec: str | EncoderSpec, **overrides) -> Encoder:
             enc = factory(parsed, kw)
     else:
         enc = factory(parsed, kw)
-    return _with_features(enc, parsed, features) if features else enc
+    enc = _with_features(enc, parsed, features) if features else enc
+    return _with_precision(enc, parsed.options.get("precision", "fp32"))
+
+
+def _with_precision(enc: Encoder, precision: str) -> Encoder:
+    """Convert the image tower to ``precision`` (see :data:`PRECISIONS`); fp32 leaves it as it is."""
+    if precision not in PRECISIONS:
+        raise UnknownChoice("precision", precision, sorted(PRECISIONS))
+    if precision == "fp32":
+        return enc
+    if not isinstance(enc, ModuleEncoder):
+        raise EncoderError(f"precision={precision} needs an encoder built on a torch module, not {enc.spec}",
+                           "leave precision= out (fp32)")
+    import torch
+
+    if precision == "int8":
+        if enc.device != "cpu":
+            raise EncoderError("precision=int8 runs on the CPU only", "use precision=bf16 on a GPU")
+        import warnings
+
+        with warnings.catch_warnings():  # torch.ao's deprecation notes are not the user's concern
+            warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+            torch.ao.quantization.quantize_dynamic(enc.module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    else:
+        enc.module.to(torch.bfloat16)
+        enc.input_dtype = torch.bfloat16
+    return enc
 
 
 def _with_features(enc: Encoder, spec: EncoderSpec, parts: tuple[str, ...]) -> "ModuleEncoder":

@@ -44,7 +44,7 @@ def choose_index_type(n: int, d: int, *, memory_budget: int = DEFAULT_BUDGET, ex
     return {"type": "ivf_pq", "factory": f"{coarse},PQ{m}np", "nlist": nlist, "m": m}
 
 
-def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 65536) -> np.ndarray:
+def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 16384) -> np.ndarray:
     """Row positions of the exact top-k by inner product (blocked, numpy)."""
     k = min(k, len(vectors))
     best_s = np.full((len(queries), 0), -np.inf, np.float32)

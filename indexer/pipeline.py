@@ -45,6 +45,7 @@ class IndexReport:
     aligner_r2: float | None = None
     snapshot: str | None = None
     error_reasons: dict = field(default_factory=dict)
+    stage_seconds: dict = field(default_factory=dict)  # plan, start (model + aligner), encode loop, commit
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -364,6 +365,7 @@ def index_folder(root, store, encoder_spec: str, *, aligner=None, fit_aligner: i
     with store_faults(store, lambda: space_needed(**state)), StoreWriter(store) as writer:
         check_encoder(writer, store, spec)
         state["plan"] = plan = plan_run(writer, root, follow_symlinks=follow_symlinks)
+        t_plan = time.perf_counter()
         run = start_run(writer, spec, plan, t0, aligner=aligner, fit_aligner=fit_aligner, clip=clip,
                         fit_workers=workers, progress=progress, max_pixels=max_pixels, batch_size=batch_size,
                         device=device, threads=threads, part_size=part_size)
@@ -374,7 +376,11 @@ def index_folder(root, store, encoder_spec: str, *, aligner=None, fit_aligner: i
         processed = _encode_pending(run, plan, root, dict(run.encoder.preprocess_config(), max_pixels=max_pixels),
                                     workers, progress, user_columns or {})
         enc_seconds = time.perf_counter() - t_enc
-        return finish_run(writer, run, plan, str(root), memory_budget, processed, enc_seconds, t0)
+        rep = finish_run(writer, run, plan, str(root), memory_budget, processed, enc_seconds, t0)
+        rep.stage_seconds = {"plan": round(t_plan - t0, 3), "start": round(t_enc - t_plan, 3),
+                             "encode_loop": round(enc_seconds, 3),
+                             "commit": round(rep.seconds - (t_enc - t0) - enc_seconds, 3)}
+        return rep
 
 
 def _encode_pending(run: "Run", plan: Plan, root: Path, cfg: dict, workers: int, progress: bool,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -27,8 +28,8 @@ class WorkListWriter:
     """Appends work items to an Arrow IPC file in fixed-size record batches (``BATCH_ROWS`` rows each)."""
 
     def __init__(self, folder: str | os.PathLike | None = None, batch_rows: int | None = None):
-        fd, self.path = tempfile.mkstemp(prefix=".worklist-", suffix=".arrow", dir=folder)
-        os.close(fd)
+        name = f".worklist-{os.getpid()}-{secrets.token_hex(6)}.arrow"
+        self.path = os.path.join(os.fspath(folder) if folder is not None else tempfile.gettempdir(), name)
         self.batch_rows = int(batch_rows or BATCH_ROWS)
         self._sink = pa.OSFile(self.path, "wb")
         self._w = pa.ipc.new_file(self._sink, SCHEMA)

@@ -119,7 +119,7 @@ def _truth_values(snapshot, column: str) -> list:
 
 
 def classify(snapshot, labels, *, truth: str | None = None, name: str | None = None, write: bool = True,
-             bank=None) -> dict:
+             bank=None, predictions: int | None = 20) -> dict:
     """Zero-shot classify every image of a store into one of ``labels``.
 
     Args:
@@ -127,12 +127,12 @@ def classify(snapshot, labels, *, truth: str | None = None, name: str | None = N
         labels: label texts (list) or a string for ``t2c.query.audit.parse_concept_list`` (file or "a,b,c").
         truth: optional catalog column holding the true label (compared case-insensitively).
         name: sidecar name (default: hash of the labels). write: write the sidecar parquet.
-        bank: optional ConceptBank.
+        bank: optional ConceptBank. predictions: per-image predictions returned (None: every image).
 
     Returns:
         dict(labels, n, counts {label: n}, annotations (path, or None with ``annotations_error`` when the store
         is read-only), accuracy and confusion when truth is given, predictions: first rows
-        [{id, label, score, confidence}]).
+        [{id, label, score, confidence}], in catalog order).
 
     Raises:
         InvalidInput: fewer than two labels or an empty store. UnknownChoice: unknown truth column.
@@ -173,5 +173,5 @@ def classify(snapshot, labels, *, truth: str | None = None, name: str | None = N
         out["truth"] = truth
         out.update(confusion(tv, pred, labels))
     out["predictions"] = [{"id": int(ids[i]), "label": pred[i], "score": float(top[i]), "confidence": float(conf[i])}
-                          for i in range(min(20, len(ids)))]
+                          for i in range(len(ids) if predictions is None else min(int(predictions), len(ids)))]
     return out

@@ -16,8 +16,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from t2c.data.errors import T2CError
-from t2c.service.deps import EngineHolder, Settings
+import t2c
+from t2c import T2CError
+from t2c.service.deps import Settings
 
 log = logging.getLogger("t2c.service")
 STATIC = Path(__file__).parent / "static"
@@ -135,23 +136,23 @@ def _bug(request: Request, exc: Exception) -> JSONResponse:
 
 
 # ------------------------------------------------------------------------------------------ factory
-def _warm_text_encoder(holder) -> None:
-    """Build the live engine's text encoder (errors are left for the first query to report)."""
+def _warm_text_encoder(store) -> None:
+    """Build the store's CLIP text tower (errors are left for the first query to report)."""
     try:
-        holder.get().engine.bank.encoder
+        store.warm_up()
     except Exception:  # noqa: BLE001 - warm-up only; the query path raises the typed error
         pass
 
 
 def create_app(store_path, *, api_key: str | None = None, settings: Settings | None = None,
-               holder: EngineHolder | None = None) -> FastAPI:
+               store: t2c.Store | None = None) -> FastAPI:
     """Build the service app over one store.
 
     Args:
         store_path: the store directory (opened read-only in the app's lifespan).
         api_key: when set, every endpoint but ``/api/health`` (and the static page) requires it.
         settings: limits and options (defaults: :class:`t2c.service.deps.Settings`); ``api_key`` overrides its key.
-        holder: a prepared :class:`EngineHolder` (tests); default opens ``store_path``.
+        store: an already open :class:`t2c.Store` to serve (the caller closes it); default opens ``store_path``.
 
     Returns:
         The FastAPI app; the store is opened when the app starts (a bad store fails start-up).
@@ -161,6 +162,7 @@ def create_app(store_path, *, api_key: str | None = None, settings: Settings | N
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
     """
     from t2c.service.routers import audit, examples, health, images, search
+    from t2c.service.routers.images import ThumbCache
 
     settings = settings or Settings(store_path=Path(store_path))
     settings.store_path = Path(store_path)
@@ -169,19 +171,20 @@ def create_app(store_path, *, api_key: str | None = None, settings: Settings | N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        h = holder or EngineHolder(settings.store_path, reload_interval=settings.reload_interval,
-                                   verify=settings.verify_store)
-        if h.current is None:
-            h.load()
-        app.state.holder = h
+        # like:"file" would read files on the server: a server takes example images as uploads only
+        s = store or t2c.open(settings.store_path, verify=settings.verify_store,
+                              refresh_interval=settings.reload_interval, example_files=False)
+        app.state.store = s
         if settings.warm_up:
             # import torch and build the CLIP text tower in the background, so that the first query does not
             # pay for it (seconds on a cold disk); a store without a text tower reports that on its first query
-            threading.Thread(target=_warm_text_encoder, args=(h,), name="t2c-warm-up", daemon=True).start()
-        from t2c.service.routers.images import ThumbCache
-
+            threading.Thread(target=_warm_text_encoder, args=(s,), name="t2c-warm-up", daemon=True).start()
         app.state.thumbs = ThumbCache(settings.thumb_cache_items)
-        yield
+        try:
+            yield
+        finally:
+            if store is None:
+                s.close()
 
     app = FastAPI(title="text2concept", version="0.1.0", lifespan=lifespan,
                   description="Search and audit an image collection in words. "

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from t2c.data.errors import T2CError
+from t2c import T2CError
 
 app = typer.Typer(
     name="t2c",

@@ -38,72 +38,54 @@ def audit(
 ) -> None:
     """How often each concept occurs (prevalence with 95% CI), with --against which concepts shifted, or with
     --duplicates which images appear more than once."""
-    from t2c.query.audit import audit as run_audit
-    from t2c.query.audit import drift
+    import t2c
 
-    if duplicates:
-        return audit_duplicates(store, html, as_json, verify=not vectors_only)
-    if not concepts:
-        from t2c.data.errors import InvalidInput
-
-        raise InvalidInput("give --concepts (or --duplicates)", 'e.g. t2c audit STORE -c "red,circle"')
-    snap = _open(store)
-    if against is None:
-        rep = run_audit(snap, concepts, top=top, method=method)
-        d = rep.to_dict()
-        if html:
-            from t2c.query.report import audit_html, write_html
-
-            write_html(html, audit_html(rep, snap))
-            d["html"] = str(html)
-        if as_json:
-            _echo_json(d)
+    if not duplicates and not concepts:
+        raise t2c.InvalidInput("give --concepts (or --duplicates)", 'e.g. t2c audit STORE -c "red,circle"')
+    with t2c.open(store, refresh_interval=None) as st:
+        if duplicates:
+            _emit(st.duplicates(verify=not vectors_only), html, as_json, _duplicates_lines)
             return
-        typer.echo(f"{d['n']} images · {snap.encoder} → {snap.clip} · method {d['method']}")
-        for c in d["concepts"]:
-            typer.echo(f"{c['concept']:<28} {c['prevalence']*100:6.1f}%  [{c['ci_low']*100:5.1f}, "
-                       f"{c['ci_high']*100:5.1f}]  count={c['count']:<6} examples={c['examples'][:4]}")
-    else:
-        other = _open(against)
-        rep = drift(snap, other, concepts, top=min(top, 4), alpha=alpha, correction=correction)
-        d = rep.to_dict()
-        if html:
-            from t2c.query.report import drift_html, write_html
-
-            write_html(html, drift_html(rep, snap, other))
-            d["html"] = str(html)
-        if as_json:
-            _echo_json(d)
+        if against is None:
+            _emit(st.audit(concepts, top=top, method=method), html, as_json, _audit_lines)
             return
-        typer.echo(f"A={store} ({d['n_a']})  B={against} ({d['n_b']})  {correction} α={alpha}")
-        for c in d["concepts"]:
-            mark = "*" if c["significant"] else " "
-            typer.echo(f"{c['rank']:>3}. {c['concept']:<26} {c['prevalence_a']*100:5.1f}% → {c['prevalence_b']*100:5.1f}%"
-                       f"  h={c['cohens_h']:+.2f}  p_adj={c['p_adj']:.2g} {mark}")
+        with t2c.open(against, refresh_interval=None) as other:
+            rep = st.drift(other, concepts, top=min(top, 4), alpha=alpha, correction=correction)
+            _emit(rep, html, as_json, lambda d: [f"A={store} ({d['n_a']})  B={against} ({d['n_b']})  "
+                                                 f"{correction} α={alpha}", *_drift_lines(d)])
+
+
+def _emit(rep, html: Optional[Path], as_json: bool, lines) -> None:
+    """Write a report's HTML (when asked), then print it as JSON or as ``lines(report dict)``."""
+    d = rep.to_dict()
     if html:
-        typer.echo(f"report: {html}", err=True)
-
-
-def audit_duplicates(store: Path, html: Optional[Path], as_json: bool, verify: bool = True) -> None:
-    """`t2c audit STORE --duplicates`: groups of duplicates, as text, JSON and/or an HTML report."""
-    from t2c.query.duplicates import find_duplicates
-
-    rep = find_duplicates(_open(store), verify=verify)
-    d = dict(rep.to_dict(), store=str(store))
-    if html:
-        from t2c.query.report import duplicates_html, write_html
-
-        write_html(html, duplicates_html(d))
+        rep.write_html(html)
         d["html"] = str(html)
     if as_json:
         _echo_json(d)
         return
-    typer.echo(f"{d['n']} images · {d['n_groups']} groups of duplicates ({d['n_duplicates']} extra copies) · "
-               f"candidate threshold {d['threshold']:.4f} ({d['method']}) · {d['candidate_pairs']} candidate pairs")
-    for j, g in enumerate(d["groups"], 1):
-        typer.echo(f"{j:>4}. {g['kind']:<5} ≥{g['min_similarity']:.3f}  " + "  ".join(g["paths"]))
+    for line in lines(d):
+        typer.echo(line)
     if html:
         typer.echo(f"report: {html}", err=True)
+
+
+def _audit_lines(d: dict) -> list[str]:
+    return [f"{d['n']} images · {d['encoder']} → {d['clip']} · method {d['method']}"] + [
+        f"{c['concept']:<28} {c['prevalence']*100:6.1f}%  [{c['ci_low']*100:5.1f}, {c['ci_high']*100:5.1f}]  "
+        f"count={c['count']:<6} examples={c['examples'][:4]}" for c in d["concepts"]]
+
+
+def _drift_lines(d: dict) -> list[str]:
+    return [f"{c['rank']:>3}. {c['concept']:<26} {c['prevalence_a']*100:5.1f}% → {c['prevalence_b']*100:5.1f}%  "
+            f"h={c['cohens_h']:+.2f}  p_adj={c['p_adj']:.2g} {'*' if c['significant'] else ' '}" for c in d["concepts"]]
+
+
+def _duplicates_lines(d: dict) -> list[str]:
+    return [f"{d['n']} images · {d['n_groups']} groups of duplicates ({d['n_duplicates']} extra copies) · "
+            f"candidate threshold {d['threshold']:.4f} ({d['method']}) · {d['candidate_pairs']} candidate pairs"] + [
+        f"{j:>4}. {g['kind']:<5} ≥{g['min_similarity']:.3f}  " + "  ".join(g["paths"])
+        for j, g in enumerate(d["groups"], 1)]
 
 
 def classify(
@@ -114,9 +96,10 @@ def classify(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Zero-shot classify every image; predictions go to STORE/annotations/classify-<name>.parquet."""
-    from t2c.query.classify import classify as run
+    import t2c
 
-    out = run(_open(store), labels, truth=truth, name=name)
+    with t2c.open(store, refresh_interval=None) as st:
+        out = st.classify(labels, truth=truth, name=name, write=True).to_dict()
     if as_json:
         _echo_json(out)
         return
@@ -134,11 +117,7 @@ def classify(
 @cbm_app.command("train")
 def cbm_train(
     store: Path = typer.Argument(..., help="Labelled store directory."),
-    concepts: Optional[str] = typer.Option(None, "--concepts", "-c",
-                                           help='Concepts: "a,b,c" or a file with one per line.'),
-    duplicates: bool = typer.Option(False, "--duplicates", help="List groups of exact and near-duplicate images."),
-    vectors_only: bool = typer.Option(False, "--vectors-only",
-                                      help="Duplicates: decide by vectors alone (no pixel check; for huge stores)."),
+    concepts: str = typer.Option(..., "--concepts", "-c", help='Concepts: "a,b,c" or a file with one per line.'),
     labels_column: str = typer.Option(..., "--labels-column", help="Catalog column with each image's class."),
     out: Path = typer.Option(..., "--out", help="Output .safetensors file."),
     l1: Optional[float] = typer.Option(None, "--l1", min=0.0, help="L1 strength (default: chosen on validation)."),
@@ -148,7 +127,7 @@ def cbm_train(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Train a sparse concept bottleneck; report held-out accuracy beside a linear probe on raw features."""
-    from t2c.data.errors import InvalidInput
+    from t2c import InvalidInput
     from t2c.query.cbm import train_cbm
 
     if out.suffix != ".safetensors":
@@ -196,13 +175,14 @@ def describe_image(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Caption an image from its aligned vector (world:clip stores use the shipped world decoder)."""
-    from t2c.query.describe import describe
+    import t2c
 
-    out = describe(_open(store), image_id, decoder, max_len=max_len)
+    with t2c.open(store, refresh_interval=None) as st:
+        out = st.describe(image_id, decoder=decoder, max_len=max_len)
     if as_json:
-        _echo_json(out)
+        _echo_json(out.to_dict())
     else:
-        typer.echo(out["caption"])
+        typer.echo(out.caption)
 
 
 def describe_train(

@@ -67,9 +67,8 @@ def run_demo(out: Path, *, n: int = 1500, seed: int = 7, encoders=DEMO_ENCODERS,
     world:clip from images alone), run multi-constraint queries and score them against exact labels."""
     import pyarrow.parquet as pq
 
+    import t2c
     from t2c.data.world.generator import generate
-    from t2c.indexer.pipeline import index_folder
-    from t2c.query.engine import Engine
     from t2c.query.parse import parse
 
     t0 = time.perf_counter()
@@ -88,12 +87,12 @@ def run_demo(out: Path, *, n: int = 1500, seed: int = 7, encoders=DEMO_ENCODERS,
         store = out / store_name(enc)
         how = "CLIP itself, no aligner" if enc == "world:clip" else "no text tower: aligner fitted into world:clip"
         echo(f"2/4 indexing with {enc} ({how}) ...")
-        rep = index_folder(coll / "images", store, enc, fit_aligner=fit, clip="world:clip", user_columns=user)
-        engine = Engine.for_store(store)
-        r2 = engine.snapshot.manifest["aligner"]["r2_heldout"]
-        echo(f"    {engine.snapshot.count} images in {store} ({rep.added} added now, {rep.seconds:.1f} s)"
+        rep = t2c.index(coll / "images", store, encoder=enc, fit_aligner=fit, clip="world:clip", columns=user)
+        opened = t2c.open(store, refresh_interval=None)
+        r2 = opened.info().aligner["r2_heldout"]
+        echo(f"    {opened.count} images in {store} ({rep.added} added now, {rep.seconds:.1f} s)"
              + ("" if enc == "world:clip" else f", aligner held-out R² {r2:.3f}"))
-        engines[enc] = (engine, r2)
+        engines[enc] = (opened, r2)
     echo("3/4 queries, scored against the generator's exact labels (P = precision, R = recall):")
     results = []
     width = max(len(e) for e in encoders)
@@ -101,12 +100,12 @@ def run_demo(out: Path, *, n: int = 1500, seed: int = 7, encoders=DEMO_ENCODERS,
         node = parse(q)
         echo(f"  {q!r}")
         row = {"query": q, "by_encoder": {}}
-        for enc, (engine, _) in engines.items():
-            cat = engine.snapshot.catalog().execute("SELECT id, relpath, n_objects FROM images ORDER BY id").fetchall()
-            ids = np.array([c[0] for c in cat])
-            lab = labels.take(np.array([row_of["images/" + c[1]] for c in cat]))
-            truth = truth_of(node, lab, {"n_objects": np.array([c[2] for c in cat])})
-            res = engine.search(q, k=len(ids))
+        for enc, (opened, _) in engines.items():
+            cat = opened.table(["id", "relpath", "n_objects"])
+            ids = np.asarray(cat.column("id").to_numpy())
+            lab = labels.take(np.array([row_of["images/" + r] for r in cat.column("relpath").to_pylist()]))
+            truth = truth_of(node, lab, {"n_objects": np.asarray(cat.column("n_objects").to_numpy())})
+            res = opened.search(q, k=len(ids))
             got = {h.id for h in res.hits}
             true_ids = set(ids[truth].tolist())
             tp = len(got & true_ids)
@@ -128,6 +127,8 @@ def run_demo(out: Path, *, n: int = 1500, seed: int = 7, encoders=DEMO_ENCODERS,
                     cap = lab.column("caption")[int(np.nonzero(ids == h.id)[0][0])]
                     echo(f"        {h.score:+.2f}  {Path(h.path).name}: {cap}")
         results.append(row)
+    for opened, _ in engines.values():
+        opened.close()
     total = time.perf_counter() - t0
     last = out / store_name(encoders[-1])
     echo(f"4/4 done in {total:.0f} s. Try: t2c query {last} \"blue AND NOT yellow\" --explain")

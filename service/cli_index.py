@@ -14,20 +14,18 @@ def _echo_json(obj) -> None:
 
 def encoders(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List registered encoder sources and the bundled world models (dims, text tower)."""
-    from t2c.indexer.encoders import list_encoders
+    import t2c
 
-    rows = list_encoders()
+    found = t2c.encoders()
     if as_json:
-        _echo_json(rows)
+        _echo_json([e.to_dict() for e in found])
         return
-    for r in rows:
-        dim = "-" if r["dim"] is None else str(r["dim"])
-        text = {True: "text", False: "image", None: "any"}[r["has_text"]]
-        typer.echo(f"{r['spec']:<28} dim={dim:<6} {text:<6} {r['description']}")
-    from t2c.indexer.encoders import FEATURE_MODES
-
+    for e in found:
+        dim = "-" if e.dim is None else str(e.dim)
+        text = {True: "text", False: "image", None: "any"}[e.has_text]
+        typer.echo(f"{e.spec:<28} dim={dim:<6} {text:<6} {e.description}")
     typer.echo("\noptions: ?weights=random|PATH&device=cpu|cuda&batch_size=N&threads=N&features=PART[+PART]")
-    for k, v in FEATURE_MODES.items():
+    for k, v in found.options.items():
         typer.echo(f"  features={k:<8} {v}")
 
 
@@ -44,19 +42,12 @@ def align(
     """Fit a linear aligner from an encoder into CLIP image space (closed-form ridge, held-out R²)."""
     import numpy as np
 
-    from t2c.data.errors import InvalidInput
-    from t2c.data.sources import walk_folder
-    from t2c.indexer.encoders import make_encoder
-    from t2c.indexer.pipeline import _spread, default_clip_for, fit_aligner_on_folder
+    import t2c
 
     if out.suffix != ".safetensors":
-        raise InvalidInput(f"--out {str(out)!r} must end in .safetensors")
-    enc = make_encoder(encoder, batch_size=batch_size, device=device)
-    files = walk_folder(images).files
-    paths = _spread([f.path for f in files], max_images)
-    al = fit_aligner_on_folder(enc, clip or default_clip_for(enc.spec), paths, progress=not as_json,
-                               batch_size=batch_size, device=device)
-    al.save(out)
+        raise t2c.InvalidInput(f"--out {str(out)!r} must end in .safetensors")
+    al = t2c.align(images, encoder=encoder, clip=clip, max_images=max_images, out=out, batch_size=batch_size,
+                   device=device, progress=not as_json)
     r = al.r2_per_dim
     summary = {"out": str(out), "encoder": al.meta["encoder"], "clip": al.meta["clip"],
                "n_train": al.meta["n_train"], "n_heldout": al.meta["n_heldout"],
@@ -95,23 +86,13 @@ def index(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Index a folder into a store: resumable after a kill, incremental on rerun."""
-    from t2c.data.errors import UnknownChoice
+    import t2c
 
-    common = dict(aligner=str(aligner) if aligner else None, fit_aligner=fit_aligner, clip=clip,
-                  follow_symlinks=follow_symlinks, batch_size=batch_size, device=device, threads=threads,
-                  max_pixels=max_pixels, memory_budget=memory_budget_mb << 20 if memory_budget_mb else None,
-                  progress=not (quiet or as_json), part_size=part_size)
-    if engine == "local":
-        from t2c.indexer.pipeline import index_folder
-
-        rep = index_folder(folder, store, encoder, workers=workers, **common)
-    elif engine == "ray":
-        from t2c.indexer.ray_engine import index_folder_ray
-
-        rep = index_folder_ray(folder, store, encoder, address=address, column=column, encoder_actors=actors,
-                               gpus_per_actor=gpus_per_actor, **common)
-    else:
-        raise UnknownChoice("engine", engine, ["local", "ray"])
+    rep = t2c.index(folder, store, encoder=encoder, aligner=aligner, fit_aligner=fit_aligner, clip=clip,
+                    progress=not (quiet or as_json), engine=engine, follow_symlinks=follow_symlinks, workers=workers,
+                    batch_size=batch_size, device=device, threads=threads, max_pixels=max_pixels,
+                    memory_budget_mb=memory_budget_mb, part_size=part_size, address=address, column=column,
+                    actors=actors, gpus_per_actor=gpus_per_actor)
     if as_json:
         _echo_json(rep.to_dict())
         return
@@ -141,16 +122,14 @@ def info(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Show a store's manifest summary (and its errors)."""
-    from t2c.data.store import open_store
+    import t2c
 
-    snap = open_store(store)
-    m = snap.manifest
-    out = {k: m.get(k) for k in ("snapshot", "created", "encoder", "clip", "dim", "feature_dim", "counts", "index",
-                                  "aligner", "roots")}
+    with t2c.open(store, refresh_interval=None) as st:
+        i = st.info(errors=errors)
+    out = {"snapshot": i.snapshot, "created": i.created, "encoder": i.encoder, "clip": i.clip, "dim": i.dim,
+           "feature_dim": i.feature_dim, "counts": i.counts, "index": i.index, "aligner": i.aligner, "roots": i.roots}
     if errors:
-        cur = snap.catalog()
-        out["errors"] = [dict(zip(("path", "reason", "message"), r))
-                         for r in cur.execute("SELECT path, reason, message FROM errors ORDER BY path").fetchall()]
+        out["errors"] = i.unreadable
     if as_json:
         _echo_json(out)
         return

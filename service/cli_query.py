@@ -23,12 +23,15 @@ def query(
 
     Example: t2c query photos.t2c 'red circle AND NOT square' -k 5 --explain
     """
-    from t2c.query.engine import Engine
+    import t2c
 
-    eng = Engine.for_store(store, verify=not no_verify)
-    res = eng.search(query_with_image(text, image), k=k, offset=offset, explain=explain)
+    if not text and image is None:
+        raise t2c.InvalidInput("give a QUERY, an --image FILE, or both", "e.g. t2c query STORE 'red circle'")
+    like = Path(image).expanduser().resolve() if image is not None else None
+    with t2c.open(store, verify=not no_verify, refresh_interval=None) as st:
+        res = st.search(text or None, like=like, k=k, offset=offset, explain=explain)
     if as_json:  # with --explain: the whole answer (total, estimate, plan, hits); else the list of hits
-        out = res.to_dict() if explain else [h.to_dict() for h in res.hits]
+        out = res.to_dict() if explain else [h.to_dict() for h in res]
         typer.echo(json.dumps(out, indent=2, default=str))
         return
     shown = f"{offset + 1}-{offset + len(res.hits)}" if res.hits else "none"
@@ -37,7 +40,7 @@ def query(
         typer.echo(_estimate_line(res.estimate))
     for w in res.warnings:
         typer.secho(f"note: {w}", fg=typer.colors.YELLOW, err=True)
-    for h in res.hits:
+    for h in res:
         typer.echo(f"{h.score:9.3f}  {h.id:>8}  {h.path}")
         for e in h.explanation or ():
             mark = "pass" if e["passed"] != e["negated"] else "FAIL"
@@ -58,20 +61,6 @@ def _estimate_line(est: dict | None) -> str:
                     for t, r in est.get("concepts", {}).items())
     return (f"estimated precision {_fmt(est.get('precision'))}, recall {_fmt(est.get('recall'))} "
             f"(from the calibration fits; per concept precision/recall: {per or 'none'})")
-
-
-def query_with_image(text: str | None, image: Path | None):
-    """The query tree: QUERY, ``like:"FILE"`` for --image, or both joined by AND."""
-    from t2c.data.errors import InvalidInput
-    from t2c.query.ast import Example, conj
-    from t2c.query.parse import parse
-
-    if not text and image is None:
-        raise InvalidInput("give a QUERY, an --image FILE, or both", "e.g. t2c query STORE 'red circle'")
-    parts = [Example(str(Path(image).expanduser().resolve()))] if image is not None else []
-    if text:
-        parts.append(parse(text))
-    return conj(parts)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,7 @@ import typer
 
 def resolve_api_key(env_var: str | None) -> str | None:
     """The API key from environment variable ``env_var``; an unset or empty variable is an error."""
-    from t2c.data.errors import InvalidInput
+    from t2c import InvalidInput
 
     if env_var is None:
         return None
@@ -33,12 +33,12 @@ def serve(
     """Serve a store over HTTP: search, thumbnails, audit, and a web page at http://HOST:PORT/."""
     import uvicorn
 
-    from t2c.data.store import open_store
+    import t2c
     from t2c.service.app import create_app
     from t2c.service.deps import Settings
 
     key = resolve_api_key(api_key_env)
-    open_store(store, verify=False).close()  # fail fast, with a typed error, on a missing or empty store
+    t2c.open(store, verify=False).close()  # fail fast, with a typed error, on a missing or empty store
     if host not in ("127.0.0.1", "localhost", "::1") and key is None:
         typer.secho(f"warning: serving on {host} without an API key; anyone who can reach it can query the store",
                     fg=typer.colors.YELLOW, err=True)

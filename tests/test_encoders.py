@@ -325,3 +325,28 @@ def test_features_build_a_new_encoder_from_what_the_source_declared():
     plain = make_encoder("world:pairnet")
     assert plain.stages and plain.classifier is not None  # declared at construction
     assert enc.dim > plain.dim and enc.spec == "world:pairnet?features=stages+probs"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_precision_option_is_part_of_the_identity_and_keeps_features_close(precision):
+    from t2c.indexer.encoders import make_encoder, parse_spec
+
+    base = "python:tests.tiny_encoders:tiny_cnn?image_size=32"
+    assert parse_spec(base + "&precision=fp32").identity == parse_spec(base).identity
+    fast = make_encoder(f"{base}&precision={precision}")
+    assert fast.spec == parse_spec(f"{base}&precision={precision}").identity != parse_spec(base).identity
+    x = np.random.default_rng(0).normal(size=(6, 3, 32, 32)).astype(np.float32)
+    a, b = make_encoder(base).encode_images(x), fast.encode_images(x)
+    assert b.dtype == np.float32 and b.shape == a.shape and not np.array_equal(a, b)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99
+
+
+def test_unknown_precision_and_encoders_without_a_module_are_refused():
+    from t2c.data.errors import EncoderError, UnknownChoice
+    from t2c.indexer.encoders import make_encoder
+
+    with pytest.raises(UnknownChoice, match="int4"):
+        make_encoder("python:tests.tiny_encoders:tiny_cnn?image_size=32&precision=int4")
+    with pytest.raises(EncoderError, match="torch module"):
+        make_encoder("python:tests.tiny_encoders:tiny_clip?precision=bf16")

@@ -15,7 +15,7 @@ from t2c.data.errors import InvalidInput, StoreError
 from t2c.data.store import open_store
 from t2c.indexer.pipeline import index_folder
 from t2c.service.app import create_app
-from t2c.service.deps import Settings, get_live
+from t2c.service.deps import Settings, get_store
 
 CLIP = "python:tests.tiny_encoders:tiny_clip"
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255),
@@ -197,35 +197,35 @@ def test_thumbnail_never_serves_outside_roots(store, tmp_path, monkeypatch):
     secret = tmp_path / "secret.png"
     Image.new("RGB", (8, 8), (1, 2, 3)).save(secret)
     with TestClient(create_app(store)) as c:
-        live = c.app.state.holder.get()
-        real_rows = live.snapshot.image_rows
-        root = live.snapshot.manifest["roots"][0]
+        served = c.app.state.store
+        real_image = served.image
+        root = served.info().roots[0]
 
         def rows_with(path):
-            def image_rows(ids):
-                rows = real_rows(ids)
-                return [dict(rows[0], path=path, content_hash="x" + path)]
-            return image_rows
+            def image(image_id):
+                img = real_image(image_id)
+                return type(img)(img.id, path, dict(img.metadata, path=path, content_hash="x" + path), img.roots)
+            return image
 
         for bad in (f"{root}/../{secret.name}", str(secret), f"{root}/../../../../../../etc/passwd"):
-            monkeypatch.setattr(live.snapshot, "image_rows", rows_with(bad))
+            monkeypatch.setattr(served, "image", rows_with(bad))
             assert_error(c.get("/api/images/0/thumb"), 403, "Forbidden")
         # a symlink inside the indexed folder pointing outside it
         link = Path(root) / "link.png"
         os.symlink(secret, link)
         try:
-            monkeypatch.setattr(live.snapshot, "image_rows", rows_with(str(link)))
+            monkeypatch.setattr(served, "image", rows_with(str(link)))
             assert_error(c.get("/api/images/0/thumb"), 403, "Forbidden")
         finally:
             link.unlink()
         # a catalogued file that has since been deleted
-        monkeypatch.setattr(live.snapshot, "image_rows", rows_with(f"{root}/gone.png"))
+        monkeypatch.setattr(served, "image", rows_with(f"{root}/gone.png"))
         assert_error(c.get("/api/images/0/thumb"), 404)
         # a catalogued file replaced by garbage: 422, not 500
         junk = Path(root) / "junk.png"
         junk.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
         try:
-            monkeypatch.setattr(live.snapshot, "image_rows", rows_with(str(junk)))
+            monkeypatch.setattr(served, "image", rows_with(str(junk)))
             assert_error(c.get("/api/images/0/thumb"), 422, "Unreadable")
         finally:
             junk.unlink()
@@ -322,14 +322,6 @@ def test_classify_and_describe(client, store):
         assert_error(client.get("/api/describe/9999"), 404, "NotFound")
 
 
-def test_missing_feature_module_is_501(client, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "t2c.query.audit", None)
-    body = assert_error(client.post("/api/audit", json={"concepts": ["red"]}), 501, "NotAvailable")
-    assert "audit" in body["message"]
-
-
 # ------------------------------------------------------------------------------------------- errors
 class _Boom:
     def __init__(self, exc):
@@ -340,14 +332,12 @@ class _Boom:
 
 
 def test_typed_errors_and_true_bugs(store):
-    from t2c.service.deps import Live
-
     app = create_app(store)
     with TestClient(app, raise_server_exceptions=False) as c:
-        app.dependency_overrides[get_live] = lambda: Live("x", None, _Boom(StoreError("store damaged", "re-index")))
+        app.dependency_overrides[get_store] = lambda: _Boom(StoreError("store damaged", "re-index"))
         body = assert_error(c.get("/api/search", params={"q": "red"}), 409, "StoreError")
         assert body["hint"] == "re-index"
-        app.dependency_overrides[get_live] = lambda: Live("x", None, _Boom(RuntimeError("secret detail")))
+        app.dependency_overrides[get_store] = lambda: _Boom(RuntimeError("secret detail"))
         r = c.get("/api/search", params={"q": "red"})
         body = assert_error(r, 500, "InternalError")
         assert "secret" not in r.text
@@ -360,6 +350,7 @@ def test_serves_through_reindex_and_sees_new_snapshot(tmp_path):
     index_folder(imgs, st, CLIP, workers=0)
     settings = Settings(store_path=st, reload_interval=0.05)
     with TestClient(create_app(st, settings=settings)) as c:
+        first_snapshot = c.get("/api/health").json()["snapshot"]
         first = c.get("/api/search", params={"q": "red@-1", "k": 50}).json()
         assert first["total"] == 6
         statuses, totals, stop = [], set(), threading.Event()
@@ -390,7 +381,7 @@ def test_serves_through_reindex_and_sees_new_snapshot(tmp_path):
         res = c.get("/api/search", params={"q": "red@-1", "k": 50}).json()
         assert res["total"] == 10 and {h["id"] for h in res["hits"]} >= {6, 7, 8, 9}
         assert c.get("/api/images/9").json()["relpath"] == "c009.png"
-        assert c.app.state.holder.reloads >= 1
+        assert c.get("/api/health").json()["snapshot"] == open_store(st).name != first_snapshot
 
 
 def test_warm_up_builds_the_text_encoder_once_and_swallows_errors(monkeypatch):
@@ -404,8 +395,8 @@ def test_warm_up_builds_the_text_encoder_once_and_swallows_errors(monkeypatch):
     built = []
     monkeypatch.setattr(t2c.indexer.encoders, "make_encoder", lambda spec: built.append(spec) or object())
     bank = ConceptBank("world:clip", templates=["{}"])
-    holder = SimpleNamespace(get=lambda: SimpleNamespace(engine=SimpleNamespace(bank=bank)))
-    threads = [threading.Thread(target=_warm_text_encoder, args=(holder,)) for _ in range(4)]
+    store = SimpleNamespace(warm_up=lambda: bank.encoder)
+    threads = [threading.Thread(target=_warm_text_encoder, args=(store,)) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -415,4 +406,4 @@ def test_warm_up_builds_the_text_encoder_once_and_swallows_errors(monkeypatch):
     def broken():
         raise RuntimeError("no live snapshot")
 
-    _warm_text_encoder(SimpleNamespace(get=broken))  # warm-up never raises; the first query reports errors
+    _warm_text_encoder(SimpleNamespace(warm_up=broken))  # warm-up never raises; the first query reports errors

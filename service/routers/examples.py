@@ -7,14 +7,15 @@ that pages through the same search with GET /api/search while the server runs.
 """
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from fastapi import APIRouter, Depends, Path as PathParam, Query, Request
+from starlette.concurrency import run_in_threadpool
 
-from t2c.data.errors import InvalidInput
-from t2c.service.deps import Live, Settings, get_live, get_settings, require_api_key
-from t2c.service.routers.search import check_paging, parse_text, run_search
+import t2c
+from t2c import InvalidInput
+from t2c.service.deps import Settings, get_settings, get_store, require_api_key
+from t2c.service.routers.search import check_paging, run_search
 
 router = APIRouter(prefix="/api", tags=["examples"], dependencies=[Depends(require_api_key)])
 MAX_ID = 2**63 - 1
@@ -34,19 +35,14 @@ def _int_field(form, name: str, default: int, lo: int) -> int:
     return out
 
 
-def _with_text(settings: Settings, example, q: str | None):
-    """The example leaf AND-ed with the parsed query text (when there is one)."""
-    from t2c.query.ast import conj
-
-    return conj([example] + ([parse_text(settings, q)] if q and q.strip() else []))
+def _text(q: Any) -> str | None:
+    """The optional query text AND-ed with an example (None when absent or blank)."""
+    return q if isinstance(q, str) and q.strip() else None
 
 
-async def search_upload(request: Request, settings: Settings, live: Live) -> dict[str, Any]:
+async def search_upload(request: Request, settings: Settings, store: t2c.Store) -> dict[str, Any]:
     """POST /api/search as multipart: ``image`` (file), optional ``q``, ``k``, ``offset``, ``explain``."""
     from starlette.datastructures import UploadFile
-
-    from t2c.query.ast import Example
-    from t2c.query.parse import format as fmt
 
     form = await request.form(max_files=1, max_fields=len(_FIELDS))
     extra = sorted(set(form.keys()) - set(_FIELDS))
@@ -59,16 +55,9 @@ async def search_upload(request: Request, settings: Settings, live: Live) -> dic
     explain = str(form.get("explain", "false")).lower() in ("1", "true", "yes", "on")
     check_paging(settings, k, offset)
     data = await image.read()
-    q = form.get("q")
-    q = q if isinstance(q, str) else None
-    node_text = q  # parse before the (costly) embedding, so a bad query fails fast
-    if node_text and node_text.strip():
-        parse_text(settings, node_text)
-    ref = live.engine.examples.add_upload(data, image.filename or "<upload>", max_pixels=settings.max_upload_pixels)
-    node = _with_text(settings, Example(ref), q)
-    out = run_search(live, node, k, offset, explain)
-    out["q"] = fmt(node)
-    return out
+    # the query text is parsed before the (costly) embedding, so a bad query fails fast
+    res = await run_in_threadpool(run_search, store, settings, _text(form.get("q")), k, offset, explain, data)
+    return dict(res.to_dict(), q=res.text)
 
 
 @router.get("/images/{image_id}/similar")
@@ -79,32 +68,16 @@ def similar(
     offset: int = Query(0, ge=0, description="index of the first hit"),
     explain: bool = Query(False, description="add per-constraint scores to each hit"),
     settings: Settings = Depends(get_settings),
-    live: Live = Depends(get_live),
+    store: t2c.Store = Depends(get_store),
 ) -> dict[str, Any]:
     """Images like an indexed one (``like:ID``), ranked by calibrated similarity; the example itself comes first."""
-    from t2c.query.ast import Example
-    from t2c.query.parse import format as fmt
-
     check_paging(settings, k, offset)
-    live.snapshot.rows_of([image_id])  # 404 for an unknown id
-    node = _with_text(settings, Example(image_id), q)
-    out = run_search(live, node, k, offset, explain)
-    out["q"] = fmt(node)
-    return out
-
-
-_DUPS: dict = {}
-_DUPS_LOCK = threading.Lock()
+    store.image(image_id)  # 404 for an unknown id
+    res = run_search(store, settings, _text(q), k, offset, explain, image_id)
+    return dict(res.to_dict(), q=res.text)
 
 
 @router.get("/duplicates")
-def duplicates(live: Live = Depends(get_live)) -> dict[str, Any]:
+def duplicates(store: t2c.Store = Depends(get_store)) -> dict[str, Any]:
     """Groups of exact and near-duplicate images in the live snapshot (computed once per snapshot)."""
-    from t2c.query.duplicates import find_duplicates
-
-    with _DUPS_LOCK:
-        hit = _DUPS.get(id(live.snapshot))
-        if hit is None or hit[0] is not live.snapshot:
-            _DUPS.clear()  # only the live snapshot's report is kept
-            hit = _DUPS[id(live.snapshot)] = (live.snapshot, find_duplicates(live.snapshot).to_dict())
-    return dict(hit[1], snapshot=live.name)
+    return store.duplicates().to_dict()

@@ -5,9 +5,11 @@ from typing import Any, Union
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
-from t2c.data.errors import InvalidInput
-from t2c.service.deps import Live, PayloadTooLarge, Settings, get_live, get_settings, require_api_key
+import t2c
+from t2c import InvalidInput
+from t2c.service.deps import PayloadTooLarge, Settings, get_settings, get_store, require_api_key
 
 router = APIRouter(prefix="/api", tags=["search"], dependencies=[Depends(require_api_key)])
 
@@ -52,31 +54,23 @@ def check_paging(settings: Settings, k: int, offset: int) -> None:
                                "narrow the query instead of paging this deep")
 
 
-def parse_text(settings: Settings, q: str):
-    """Parse a query string under the server's limits (413 for too long, 400 for syntax/too many terms)."""
-    from t2c.query.parse import parse
-
+def check_text(settings: Settings, q: str) -> None:
+    """Refuse a query string that is too long (413) or empty (400) before parsing it."""
     if len(q) > settings.max_query_chars:
         raise PayloadTooLarge(f"query is too long: {len(q)} characters (at most {settings.max_query_chars})",
                               "shorten the query")
     if not q.strip():
         raise InvalidInput("the query is empty", 'type a concept such as red circle, or a filter such as width>=512')
-    return parse(q, max_length=settings.max_query_chars, max_terms=settings.max_terms)
 
 
-def parse_tree(settings: Settings, tree: dict):
-    """Validate a JSON query tree under the server's term limit."""
-    from t2c.query.ast import from_json
-
-    return from_json(tree, max_terms=settings.max_terms)
-
-
-def run_search(live: Live, node, k: int, offset: int, explain: bool) -> dict:
-    """Run the engine and return its result dict (plus the snapshot it answered from)."""
-    res = live.engine.search(node, k=k, offset=offset, explain=explain)
-    out = res.to_dict()
-    out.setdefault("snapshot", live.name)
-    return out
+def run_search(store: t2c.Store, settings: Settings, query: str | dict | None, k: int, offset: int,
+               explain: bool, like: int | bytes | None = None) -> t2c.SearchResult:
+    """Check the request against the server's limits, then search (``like``: an example image id or upload)."""
+    check_paging(settings, k, offset)
+    if isinstance(query, str):
+        check_text(settings, query)
+    return store.search(query, like=like, k=k, offset=offset, explain=explain, max_terms=settings.max_terms,
+                        max_length=settings.max_query_chars, max_pixels=settings.max_upload_pixels)
 
 
 @router.get("/search")
@@ -86,12 +80,10 @@ def search_get(
     offset: int = Query(0, ge=0, description="index of the first hit"),
     explain: bool = Query(False, description="add per-constraint scores to each hit"),
     settings: Settings = Depends(get_settings),
-    live: Live = Depends(get_live),
+    store: t2c.Store = Depends(get_store),
 ) -> dict[str, Any]:
-    """Search with a query string; returns the engine's SearchResult as JSON."""
-    check_paging(settings, k, offset)
-    node = parse_text(settings, q)
-    return run_search(live, node, k, offset, explain)
+    """Search with a query string; returns the SearchResult as JSON."""
+    return run_search(store, settings, q, k, offset, explain).to_dict()
 
 
 _UPLOAD_FORM = {"type": "object", "properties": {
@@ -104,14 +96,13 @@ _UPLOAD_FORM = {"type": "object", "properties": {
     "application/json": {"schema": SearchBody.model_json_schema(ref_template="#/components/schemas/{model}")},
     "multipart/form-data": {"schema": _UPLOAD_FORM}}}})
 async def search_post(request: Request, settings: Settings = Depends(get_settings),
-                      live: Live = Depends(get_live)) -> dict[str, Any]:
+                      store: t2c.Store = Depends(get_store)) -> dict[str, Any]:
     """Search with a JSON query tree (``t2c.query.ast.to_json`` form) or a query string; or, as a multipart
     form, with an uploaded example image (field ``image``) and optional query text ``q`` (see ``examples``)."""
     if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         from t2c.service.routers.examples import search_upload
 
-        return await search_upload(request, settings, live)
+        return await search_upload(request, settings, store)
     body = await json_body(request, SearchBody)
-    check_paging(settings, body.k, body.offset)
-    node = parse_text(settings, body.query) if isinstance(body.query, str) else parse_tree(settings, body.query)
-    return run_search(live, node, body.k, body.offset, body.explain)
+    res = await run_in_threadpool(run_search, store, settings, body.query, body.k, body.offset, body.explain)
+    return res.to_dict()

@@ -91,14 +91,12 @@ def test_disk_full_in_duckdb_at_commit_keeps_the_live_snapshot(tmp_path, imgs, r
 
 
 def test_read_only_store_folder_is_one_clear_error_and_a_rerun_resumes(tmp_path, imgs, reference, monkeypatch):
-    calls = []
     real = store_mod.tempfile.mkstemp
 
-    def read_only(*a, dir=None, **k):  # noqa: A002 - mkstemp's own keyword
-        if len(calls) >= 3:  # run.json, then part 0 (features + rows); the rest cannot be written
+    def read_only(*a, dir=None, prefix="", **k):  # noqa: A002 - mkstemp's own keyword
+        if "part-000001" in prefix:  # part 0 is staged; then the folder turns read-only
             raise PermissionError(errno.EROFS, "Read-only file system", str(dir))
-        calls.append(dir)
-        return real(*a, dir=dir, **k)
+        return real(*a, dir=dir, prefix=prefix, **k)
 
     monkeypatch.setattr(store_mod.tempfile, "mkstemp", read_only)
     with pytest.raises(StoreNotWritable) as err:

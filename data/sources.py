@@ -133,6 +133,31 @@ def _inside(path: str, root_real: str) -> bool:
     return path == root_real or path.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
+def _walk_stat(entry: os.DirEntry, path: str, wanted: bool, follow_symlinks: bool,
+               result: WalkResult) -> tuple[os.stat_result, bool] | None:
+    """(stat, is_link) of a walked entry worth looking at; None when it is skipped, ignored or gone."""
+    try:
+        is_link = entry.is_symlink()
+        if is_link and not follow_symlinks:
+            if wanted or entry.is_dir(follow_symlinks=True):
+                result.skipped.append(Skipped(path, "symlink"))
+            return None
+        if not is_link and not wanted and not entry.is_dir(follow_symlinks=False):
+            result.n_ignored += 1  # no stat call for the (many) files we do not want
+            return None
+        try:
+            return entry.stat(follow_symlinks=True), is_link
+        except FileNotFoundError:
+            # a link that points nowhere (a plain entry that vanished meanwhile is simply gone);
+            # reported when it could have been an image or a folder
+            if is_link and (wanted or not os.path.splitext(entry.name)[1]):
+                result.skipped.append(Skipped(path, "broken_symlink"))
+            return None
+    except OSError as e:
+        result.skipped.append(Skipped(path, _os_reason(e)))
+        return None
+
+
 def walk_folder(
     root: str | os.PathLike,
     *,
@@ -182,26 +207,10 @@ def walk_folder(
             path = os.path.join(dirpath, entry.name)
             rel = os.path.join(reldir, entry.name) if reldir else entry.name
             wanted = has_extension(entry.name, exts)
-            try:
-                is_link = entry.is_symlink()
-                if is_link and not follow_symlinks:
-                    if wanted or entry.is_dir(follow_symlinks=True):
-                        result.skipped.append(Skipped(path, "symlink"))
-                    continue
-                if not is_link and not wanted and not entry.is_dir(follow_symlinks=False):
-                    result.n_ignored += 1  # no stat call for the (many) files we do not want
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=True)
-                except FileNotFoundError:
-                    # a link that points nowhere (a plain entry that vanished meanwhile is simply gone);
-                    # reported when it could have been an image or a folder
-                    if is_link and (wanted or not os.path.splitext(entry.name)[1]):
-                        result.skipped.append(Skipped(path, "broken_symlink"))
-                    continue
-            except OSError as e:
-                result.skipped.append(Skipped(path, _os_reason(e)))
+            found = _walk_stat(entry, path, wanted, follow_symlinks, result)
+            if found is None:
                 continue
+            st, is_link = found
             if stat_mod.S_ISDIR(st.st_mode):
                 key = (st.st_dev, st.st_ino)
                 if key in ancestors:

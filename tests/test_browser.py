@@ -5,6 +5,7 @@ Playwright-managed browsers are not used (``playwright install`` needs network).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -73,10 +74,10 @@ def brute_force_top(store, text, k):
     return [int(snap.ids[i]) for i in np.argsort(-s, kind="stable")[:k]]
 
 
-def test_type_query_see_expected_images(server):
+@contextlib.contextmanager
+def red_page(url):
+    """The page in headless Chromium after searching "red@-1" (12 hits); yields (page, page errors)."""
     sync_api = _needs()
-    url, store = server
-    expected = brute_force_top(store, "red", 12)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
@@ -89,33 +90,40 @@ def test_type_query_see_expected_images(server):
             page.fill("#q", "red@-1")
             page.click("#go")
             page.wait_for_function("document.querySelectorAll('[data-testid=hit]').length === 12")
-            ids = [int(x) for x in page.eval_on_selector_all("[data-testid=hit]", "els => els.map(e => e.dataset.id)")]
-            assert ids == expected
-            assert "30 matching images" in page.inner_text("#search-status")
-            # thumbnails loaded (blob URLs with real pixels) and explanations on hover
-            page.wait_for_function("[...document.querySelectorAll('.hit img')].every(i => i.complete && i.naturalWidth > 0)")
-            title = page.get_attribute("[data-testid=hit]", "title")
-            assert "red" in title and "threshold" in title
-            page.hover("[data-testid=hit]")
-            SHOT.parent.mkdir(exist_ok=True)
-            page.screenshot(path=str(SHOT), full_page=False)
-            # paging
-            page.click("#next")
-            page.wait_for_selector("#page-info:has-text('page 2 of 3')")
-            ids2 = [int(x) for x in page.eval_on_selector_all("[data-testid=hit]", "els => els.map(e => e.dataset.id)")]
-            assert ids2 == brute_force_top(store, "red", 24)[12:]
-            # a malformed query shows the error with its position, not a crash
-            page.fill("#q", "red AND (")
-            page.click("#go")
-            page.wait_for_selector("#search-status.error")
-            assert "QuerySyntaxError" in page.inner_text("#search-status") and "^" in page.inner_text("#search-status")
-            # audit view: bars with CI and example thumbnails
-            page.click("#tab-audit")
-            page.fill("#concepts", "red, blue")
-            page.click("#run-audit")
-            page.wait_for_function("document.querySelectorAll('[data-testid=audit-row]').length === 2")
-            assert page.locator(".audit-row .examples img").count() == 12
-            assert not errors, errors
+            yield page, errors
         finally:
             browser.close()
+
+
+def test_type_query_see_expected_images(server):
+    url, store = server
+    expected = brute_force_top(store, "red", 12)
+    with red_page(url) as (page, errors):
+        ids = [int(x) for x in page.eval_on_selector_all("[data-testid=hit]", "els => els.map(e => e.dataset.id)")]
+        assert ids == expected
+        assert "30 matching images" in page.inner_text("#search-status")
+        # thumbnails loaded (blob URLs with real pixels) and explanations on hover
+        page.wait_for_function("[...document.querySelectorAll('.hit img')].every(i => i.complete && i.naturalWidth > 0)")
+        title = page.get_attribute("[data-testid=hit]", "title")
+        assert "red" in title and "threshold" in title
+        page.hover("[data-testid=hit]")
+        SHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SHOT), full_page=False)
+        # paging
+        page.click("#next")
+        page.wait_for_selector("#page-info:has-text('page 2 of 3')")
+        ids2 = [int(x) for x in page.eval_on_selector_all("[data-testid=hit]", "els => els.map(e => e.dataset.id)")]
+        assert ids2 == brute_force_top(store, "red", 24)[12:]
+        # a malformed query shows the error with its position, not a crash
+        page.fill("#q", "red AND (")
+        page.click("#go")
+        page.wait_for_selector("#search-status.error")
+        assert "QuerySyntaxError" in page.inner_text("#search-status") and "^" in page.inner_text("#search-status")
+        # audit view: bars with CI and example thumbnails
+        page.click("#tab-audit")
+        page.fill("#concepts", "red, blue")
+        page.click("#run-audit")
+        page.wait_for_function("document.querySelectorAll('[data-testid=audit-row]').length === 2")
+        assert page.locator(".audit-row .examples img").count() == 12
+        assert not errors, errors
     assert SHOT.stat().st_size > 1000

@@ -3,31 +3,44 @@
 A CLIP scores "orange star" high on an image with an orange circle and a blue star: both words are there,
 bound to other objects. Zero-shot classification avoids such mistakes by comparing a class with the other
 classes; this module does the same for a concept made of an attribute word and an object word
-("orange star"), using the text tower alone (no labels):
+("orange star"), using the text tower alone (no labels). Two rules, by vocabulary:
 
-* the rivals are the concepts that share a word with it: the same attribute with the other objects
-  ("orange circle", "orange square", ...) and the same object with the other attributes ("blue star", ...);
-* the concept is present in an image when each of its words is present on its own (each word's calibrated
-  threshold), and it beats, on at least one side, every rival of that side:
-  ``margin = score - min(max(same-attribute rivals), max(same-object rivals)) >= 0``.
-  An image whose orange thing is a circle and whose star is blue has both kinds of rival above "orange
-  star"; an image with an orange star has at most one kind (an orange circle beside it, or a blue star).
+* **scene rule** (closed vocabularies, such as the concept world's colours and shapes): each image's present
+  words are read from their own calibrated thresholds ("orange", "blue", "circle", "star"); its *smallest
+  explanations* are the smallest sets of attribute-object pairs that use exactly those words ({orange circle,
+  blue star} or {orange star, blue circle}); the best explanation is the one whose pairs have the highest mean
+  score, and the concept is present when it is in it.
+  ``margin = best mean with the concept - best mean without it``. Images with more than ``MAX_SCENE_WORDS``
+  present words on one side fall back to the rival rule.
+* **rival rule** (open vocabularies, and the fallback): the rivals are the concepts that share a word with it,
+  the same attribute with the other objects ("orange circle", ...) and the same object with the other
+  attributes ("blue star", ...); the concept is present when each of its words passes its own threshold and
+  it beats, on at least one side, every rival of that side:
+  ``margin = score - min(max(same-attribute rivals), max(same-object rivals))``.
+
+Measured on a world collection of 1,500 images (collection seed 101, the tuning seed; ``bench/query_accuracy.py``
+reports other seeds) with world:clip, over the 48 colour-shape pairs: the rival rule reached precision 0.84
+at recall 0.94, the scene rule 0.94 at 0.93.
 
 Which words form attribute and object groups depends on the CLIP model (``word_groups``): the concept world's
 colours and shapes for ``world:`` models, and for open-vocabulary CLIPs the basic colour terms with the
-query's own noun (only the same-object side then: "red car" against "blue car", "green car", ...).
+query's own noun (only the same-object side of the rival rule then: "red car" against "blue car", ...).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["Binding", "binding_of", "word_groups", "bound_mask", "present_on", "BASIC_COLOURS"]
+__all__ = ["Binding", "binding_of", "word_groups", "bound_mask", "present_on", "BASIC_COLOURS", "MAX_SCENE_WORDS"]
 
 #: Colour terms for open-vocabulary CLIPs (Berlin and Kay's eleven basic colour terms).
 BASIC_COLOURS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown",
                                   "black", "white", "gray")
+#: Above this many present words on one side, an image's explanations are not enumerated (rival rule instead).
+MAX_SCENE_WORDS = 4
 
 
 @dataclass(frozen=True)
@@ -38,20 +51,31 @@ class Binding:
         text: the concept ("orange star"). words: its attribute and object words ("orange", "star").
         same_attribute: rivals with the same attribute and another object ("orange circle", ...).
         same_object: rivals with the same object and another attribute ("blue star", ...).
+        scene: (every attribute word, every object word) of a closed vocabulary, for the scene rule; None for
+            an open vocabulary (rival rule only).
     """
 
     text: str
     words: tuple[str, str]
     same_attribute: tuple[str, ...]
     same_object: tuple[str, ...]
+    scene: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+
+    def scene_words(self) -> list[str]:
+        """The words whose thresholds the rule needs: every scene word, or the concept's own two."""
+        return [*self.scene[0], *self.scene[1]] if self.scene else list(self.words)
 
     def texts(self) -> list[str]:
-        """Every concept whose score the rule needs: the concept, its two words, then the rivals."""
-        return [self.text, *self.words, *self.same_attribute, *self.same_object]
+        """Every concept whose score the rule needs: the concept, the words, the rivals, every scene pair."""
+        out = [self.text, *self.scene_words(), *self.same_attribute, *self.same_object]
+        if self.scene:
+            out += [f"{a} {o}" for a in self.scene[0] for o in self.scene[1]]
+        return list(dict.fromkeys(out))
 
     def to_dict(self) -> dict:
         """JSON-friendly summary (shown by ``--explain``)."""
-        return {"words": list(self.words), "rivals": len(self.same_attribute) + len(self.same_object)}
+        return {"words": list(self.words), "rivals": len(self.same_attribute) + len(self.same_object),
+                "rule": "scene" if self.scene else "rivals"}
 
 
 def word_groups(clip_spec: str) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
@@ -74,21 +98,67 @@ def binding_of(text: str, clip_spec: str) -> Binding | None:
         return None
     same_attribute = tuple(f"{a} {x}" for x in objects if x != o) if objects is not None else ()
     same_object = tuple(f"{x} {o}" for x in attrs if x != a)
-    return Binding(f"{a} {o}", (a, o), same_attribute, same_object)
+    return Binding(f"{a} {o}", (a, o), same_attribute, same_object,
+                   (tuple(attrs), tuple(objects)) if objects is not None else None)
+
+
+def _rival_margin(b: Binding, scores: dict) -> np.ndarray:
+    s = np.asarray(scores[b.text], np.float32)
+    sides = [np.max(np.stack([scores[r] for r in side]), 0) for side in (b.same_attribute, b.same_object) if side]
+    return s - (np.minimum(*sides) if len(sides) == 2 else sides[0])
+
+
+@lru_cache(maxsize=4096)
+def _smallest_explanations(n_a: int, n_o: int) -> np.ndarray:
+    """Every smallest set of (attribute, object) index pairs using all n_a attributes and all n_o objects.
+
+    Returns an int array (explanations, k, 2) with k = max(n_a, n_o): the larger side's words each take one
+    word of the smaller side, every word of which is taken at least once.
+    """
+    big, small = max(n_a, n_o), min(n_a, n_o)
+    out = []
+    for f in itertools.product(range(small), repeat=big):
+        if len(set(f)) == small:
+            out.append([(i, j) if n_a >= n_o else (j, i) for i, j in enumerate(f)])
+    return np.asarray(out, np.int64).reshape(len(out), big, 2)
+
+
+def _scene_margin(b: Binding, scores: dict, thresholds: dict, margin: np.ndarray, words_ok: np.ndarray) -> None:
+    """Overwrite ``margin`` with the scene rule's margin where an image's explanations can be enumerated."""
+    attrs, objs = b.scene
+    ia, io = attrs.index(b.words[0]), objs.index(b.words[1])
+    on_a = np.stack([np.asarray(scores[a]) >= thresholds[a] for a in attrs], 1)
+    on_o = np.stack([np.asarray(scores[o]) >= thresholds[o] for o in objs], 1)
+    pair = np.stack([np.stack([np.asarray(scores[f"{a} {o}"], np.float64) for o in objs], 1) for a in attrs], 1)
+    rows = np.flatnonzero(words_ok & (on_a.sum(1) <= MAX_SCENE_WORDS) & (on_o.sum(1) <= MAX_SCENE_WORDS))
+    if not len(rows):
+        return
+    key = on_a[rows] @ (1 << np.arange(len(attrs))) * (1 << len(objs)) + on_o[rows] @ (1 << np.arange(len(objs)))
+    for k in np.unique(key):
+        r = rows[key == k]
+        pa, po = np.flatnonzero(on_a[r[0]]), np.flatnonzero(on_o[r[0]])
+        ex = _smallest_explanations(len(pa), len(po))
+        ga, go = pa[ex[..., 0]], po[ex[..., 1]]                     # (explanations, k) word indices
+        mean = pair[r][:, ga, go].mean(2)                            # (rows, explanations)
+        has = ((ga == ia) & (go == io)).any(1)
+        if not has.all():
+            margin[r] = mean[:, has].max(1) - mean[:, ~has].max(1)
+        else:                                                        # nothing else explains the words
+            margin[r] = np.maximum(np.abs(margin[r]), 1e-6)
 
 
 def bound_mask(b: Binding, scores: dict, thresholds: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(present, margin) per row from the scores of ``b.texts()`` and the thresholds of its two words.
+    """(present, margin) per row from the scores of ``b.texts()`` and the thresholds of ``b.scene_words()``.
 
     Args:
         b: the binding. scores: text -> (m,) scores over the same rows. thresholds: word -> threshold.
     """
-    s = np.asarray(scores[b.text], np.float32)
-    sides = [np.max(np.stack([scores[r] for r in side]), 0) for side in (b.same_attribute, b.same_object) if side]
-    margin = s - (np.minimum(*sides) if len(sides) == 2 else sides[0])
-    words_ok = np.ones(len(s), bool)
+    margin = _rival_margin(b, scores).astype(np.float64)
+    words_ok = np.ones(len(margin), bool)
     for w in b.words:
         words_ok &= np.asarray(scores[w]) >= thresholds[w]
+    if b.scene:
+        _scene_margin(b, scores, thresholds, margin, words_ok)
     return words_ok & (margin >= 0), margin
 
 

@@ -507,7 +507,7 @@ def thresholds_for(snapshot, texts: Iterable[str], bank=None, *, binding: bool =
         binding: judge compositional concepts ("orange star") against their rivals
             (:mod:`t2c.query.binding`): their calibration then has method "bound", its threshold is the lowest
             score of a sampled image the binding rule calls present (the floor an index range search needs),
-            and ``params["word_thresholds"]`` holds the thresholds of its two words.
+            and ``params["word_thresholds"]`` holds the thresholds of the words its rule reads.
     Returns:
         ``{text: Calibration}``.
     """
@@ -542,7 +542,7 @@ def _bound_thresholds(snapshot, texts: list[str], bank, plain: dict) -> dict[str
                 vecs = bank.vectors(b.texts())
             except T2CError:  # a word or rival this text tower cannot embed: the plain calibration stands
                 continue
-            words = {w: c.for_search().threshold for w, c in _plain_thresholds(snapshot, list(b.words), bank).items()}
+            words = {w: c.for_search().threshold for w, c in _plain_thresholds(snapshot, b.scene_words(), bank).items()}
             rows = sample_rows(snapshot.vectors.shape[0])
             sc = concept_scores(snapshot, vecs, rows=rows)
             scores = {x: sc[:, j] for j, x in enumerate(b.texts())}

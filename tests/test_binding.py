@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from t2c.query.binding import BASIC_COLOURS, binding_of, bound_mask
+from t2c.query.binding import BASIC_COLOURS, MAX_SCENE_WORDS, Binding, binding_of, bound_mask
 from t2c.query.estimate import answer_estimate, bound_rates, concept_rates
 from t2c.query.lru import LRUCache
 
@@ -27,8 +27,58 @@ def test_binding_of_open_vocabulary_uses_colour_words_only():
     assert binding_of("fast car", "open_clip:ViT-B-32/openai") is None
 
 
-def test_bound_mask_rejects_images_where_both_kinds_of_rival_win():
+def test_world_pairs_use_the_scene_rule_and_open_vocabularies_the_rival_rule():
+    assert binding_of("red circle", "world:clip").to_dict()["rule"] == "scene"
     b = binding_of("red circle", "world:clip")
+    assert len(b.texts()) == len(set(b.texts())) == 1 + 14 + 48 - 1  # the pair itself is one of the 48
+    assert binding_of("red car", "open_clip:ViT-B-32/openai").to_dict()["rule"] == "rivals"
+
+
+def _scene_scores(b, n, present_words, pairs):
+    """Scores over n rows: every word of ``present_words[row]`` at 1, every (pair, row) of ``pairs`` set."""
+    scores = {t: np.zeros(n, np.float32) for t in b.texts()}
+    for row, words in enumerate(present_words):
+        for w in words:
+            scores[w][row] = 1.0
+    for (text, row), v in pairs.items():
+        scores[text][row] = v
+    return scores
+
+
+def test_scene_rule_picks_the_best_smallest_explanation_of_the_present_words():
+    b = binding_of("red circle", "world:clip")
+    thr = {w: 0.5 for w in b.scene_words()}
+    words = [("red", "blue", "circle", "square")] * 3 + [("red", "circle")]
+    pairs = {  # row 0: red square + blue circle; row 1: red circle + blue square; row 2: a close call
+        ("red square", 0): 0.6, ("blue circle", 0): 0.6, ("red circle", 0): 0.5, ("blue square", 0): 0.2,
+        ("red square", 1): 0.3, ("blue circle", 1): 0.3, ("red circle", 1): 0.5, ("blue square", 1): 0.5,
+        ("red square", 2): 0.41, ("blue circle", 2): 0.4, ("red circle", 2): 0.4, ("blue square", 2): 0.4,
+        ("red circle", 3): 0.1}  # row 3: one object, whatever its pair score
+    present, margin = bound_mask(b, _scene_scores(b, 4, words, pairs), thr)
+    assert present.tolist() == [False, True, False, True]
+    assert margin[0] == pytest.approx(0.35 - 0.6) and margin[1] == pytest.approx(0.5 - 0.3)
+    assert margin[2] == pytest.approx(-0.005, abs=1e-6) and margin[3] > 0
+    # a red square + blue circle whose circle looks a little red: "red circle" beats "blue circle", so the
+    # rival rule calls it present; the scene rule reads the whole image and does not
+    pairs = {("red square", 0): 0.6, ("blue circle", 0): 0.45, ("red circle", 0): 0.5, ("blue square", 0): 0.1}
+    scores = _scene_scores(b, 1, words[:1], pairs)
+    rivals = Binding(b.text, b.words, b.same_attribute, b.same_object)
+    assert bound_mask(rivals, scores, thr)[0].tolist() == [True]
+    assert bound_mask(b, scores, thr)[0].tolist() == [False]
+
+
+def test_scene_rule_falls_back_to_rivals_when_too_many_words_fire():
+    b = binding_of("red circle", "world:clip")
+    thr = {w: 0.5 for w in b.scene_words()}
+    every = [tuple(b.scene[0][:MAX_SCENE_WORDS + 1]) + ("circle",)]
+    scores = _scene_scores(b, 1, every, {("red circle", 0): 0.9})
+    rivals = Binding(b.text, b.words, b.same_attribute, b.same_object)
+    assert bound_mask(b, scores, thr)[1][0] == pytest.approx(bound_mask(rivals, scores, thr)[1][0])
+
+
+def test_bound_mask_rejects_images_where_both_kinds_of_rival_win():
+    w = binding_of("red circle", "world:clip")
+    b = Binding(w.text, w.words, w.same_attribute, w.same_object)  # the rival rule (as for open vocabularies)
     n = 3
     scores = {t: np.zeros(n, np.float32) for t in b.texts()}
     scores["red"][:] = scores["circle"][:] = 1.0

@@ -270,7 +270,7 @@ def audit(snapshot, concepts, top: int = 8, *, method: str = "mixture", bank=Non
     Example:
         >>> audit(open_store("demo.t2c"), ["red", "circle"]).to_dict()["concepts"][0]["prevalence"]  # doctest: +SKIP
     """
-    from t2c.query.calibrate import calibrate, present_score_of
+    from t2c.query.calibrate import calibrate, is_compositional, present_score_of
 
     concepts = parse_concept_list(concepts)
     if snapshot.count == 0:
@@ -284,7 +284,7 @@ def audit(snapshot, concepts, top: int = 8, *, method: str = "mixture", bank=Non
     rows = []
     for j, c in enumerate(concepts):
         col = S[:, j]
-        est = estimate_prevalence(col, calibrate(col, prior), method=method, n_boot=n_boot, level=level, seed=j)
+        est = estimate_prevalence(col, calibrate(col, prior, compositional=is_compositional(c)), method=method, n_boot=n_boot, level=level, seed=j)
         rows.append({"concept": c, "prevalence": est["prevalence"], "ci_low": est["ci_low"],
                      "ci_high": est["ci_high"], "count": est["count"], "threshold": est["threshold"],
                      "examples": _top_ids(snapshot, col, top), "method": est["method"],
@@ -324,7 +324,7 @@ def drift_from_scores(sa: np.ndarray, sb: np.ndarray, concepts: Sequence[str], *
                       correction: str = "bh", prior: float | None = None) -> list[dict]:
     """Per-concept drift rows (unranked) from score matrices (n_a, k) and (n_b, k); ``prior``: the CLIP
     model's own present score (see ``t2c.query.calibrate.calibrate``)."""
-    from t2c.query.calibrate import calibrate
+    from t2c.query.calibrate import calibrate, is_compositional
 
     if correction not in ("bh", "holm"):
         from t2c.data.errors import UnknownChoice
@@ -337,7 +337,7 @@ def drift_from_scores(sa: np.ndarray, sb: np.ndarray, concepts: Sequence[str], *
         pooled = np.concatenate([a, b])
         # one threshold for both; a concept whose scores form one population is compared above
         # median + 1 robust sigma (the strict audit tail would count ~0 on both sides and hide any shift)
-        cal = calibrate(pooled, prior).for_search()
+        cal = calibrate(pooled, prior, compositional=is_compositional(c)).for_search()
         thr = float(cal.threshold)
         ka, kb = int((a >= thr).sum()), int((b >= thr).sum())
         z, p = two_proportion_z(ka, na, kb, nb)

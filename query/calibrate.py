@@ -48,7 +48,7 @@ from t2c.data.store import atomic_save_npz, load_npz
 from t2c.query.lru import LRUCache
 
 __all__ = ["Calibration", "calibrate", "reference_threshold", "concept_scores", "thresholds_for",
-           "sample_rows", "clear_cache", "fit_gmm", "weighted_em", "present_score_of", "CALIBRATION_SAMPLE", "MIN_SEPARATION", "TAIL_K"]
+           "sample_rows", "clear_cache", "fit_gmm", "weighted_em", "present_score_of", "is_compositional", "CALIBRATION_SAMPLE", "MIN_SEPARATION", "TAIL_K"]
 
 CALIBRATION_SAMPLE = 200_000  # rows scored for calibration (evenly strided beyond this)
 EM_POINTS = 8_000  # points the mixtures are fitted on (evenly spaced order statistics beyond this)
@@ -282,12 +282,15 @@ def _rounded(p: dict) -> dict:
     return {k: ([round(v, 6) for v in val] if isinstance(val, list) else round(val, 6)) for k, val in p.items()}
 
 
-def _top_split(p: dict, min_w: float, prior: float | None = None) -> tuple[int, float] | None:
+def _top_split(p: dict, min_w: float, prior: float | None = None, compositional: bool = True) -> tuple[int, float] | None:
     """(lowest present component, separation) of the gap that splits present from absent, or None.
 
-    Without a prior: walking down from the top, the first separated gap. With the model's own present score
-    (``prior``): of the separated gaps whose two neighbouring means bracket it, the one whose posterior
-    crossing lies nearest to it (None if no gap brackets it).
+    With the model's own present score (``prior``): of the separated gaps whose two neighbouring means bracket
+    it, the one whose posterior crossing lies nearest to it (None if no gap brackets it). Without one: for a
+    compositional concept (several words), walking down from the top, the first separated gap (partial
+    matches stay below); for one word, the separated gap between the most distant neighbouring means (groups
+    above "present" are images where the thing dominates, a single large yellow object above yellow among
+    clutter, not a different concept).
     """
     w, m, s = p["weights"], p["means"], p["stds"]
     gaps = []
@@ -295,8 +298,10 @@ def _top_split(p: dict, min_w: float, prior: float | None = None) -> tuple[int, 
         d = float(abs(m[j] - m[j - 1]) / np.sqrt((s[j] ** 2 + s[j - 1] ** 2) / 2))
         if d >= MIN_SEPARATION and sum(w[j:]) >= min_w and sum(w[:j]) >= min_w:
             gaps.append((j, d))
-    if not gaps or prior is None:
-        return gaps[0] if gaps else None
+    if not gaps:
+        return None
+    if prior is None:
+        return gaps[0] if compositional else max(gaps, key=lambda g: m[g[0]] - m[g[0] - 1])
     gaps = [g for g in gaps if m[g[0] - 1] <= prior <= m[g[0]]]
     return min(gaps, key=lambda g: abs(_crossing(p, g[0] - 1, g[0]) - prior)) if gaps else None
 
@@ -307,7 +312,7 @@ def _order_stats(x_sorted: np.ndarray, k: int) -> np.ndarray:
     return x_sorted[np.linspace(0, len(x_sorted) - 1, k).round().astype(np.int64)]
 
 
-def calibrate(scores, prior: float | None = None) -> Calibration:
+def calibrate(scores, prior: float | None = None, *, compositional: bool = True) -> Calibration:
     """Calibrate one concept's threshold from its scores over a collection.
 
     Args:
@@ -315,7 +320,9 @@ def calibrate(scores, prior: float | None = None) -> Calibration:
         prior: the CLIP model's own "present" score when it has one (a pairwise-sigmoid head, as in SigLIP:
             the cosine at which it says 50%; ``Encoder.present_score``). It picks which separated gap of the
             collection's mixture is the present/absent split, and is the threshold when the collection's scores
-            show no separated groups. None: the top separated group is "present".
+            show no separated groups. None: the gap comes from the concept's kind (``compositional``).
+        compositional: without a prior, whether the concept has several words (the top separated group is
+            "present", partial matches below it) or one (the widest separated gap); see ``is_compositional``.
     Returns:
         A :class:`Calibration` (threshold, method "gmm" / "otsu" / "prior" / "tail" / "constant", prevalence,
         scale, fit params).
@@ -359,7 +366,7 @@ def calibrate(scores, prior: float | None = None) -> Calibration:
             if b < best_bic - BIC_MARGIN:
                 best, best_bic = k, b
         for k in ([best] if best else []) + ([2] if best != 2 else []):
-            split = _top_split(fits[k], min_w, prior)
+            split = _top_split(fits[k], min_w, prior, compositional)
             if split is not None:
                 j, sep = split
                 thr = _crossing(fits[k], j - 1, j)
@@ -437,14 +444,14 @@ def _code_id() -> str:
     return _CODE_ID[0]
 
 
-def _disk_key(snapshot, vec: np.ndarray, prior: float | None) -> str | None:
+def _disk_key(snapshot, vec: np.ndarray, prior: float | None, compositional: bool = True) -> str | None:
     """On-disk cache key of one concept's calibration over a snapshot's content, or None (no content id)."""
     manifest = getattr(snapshot, "manifest", None)
     info = (manifest or {}).get("files", {}).get("vectors.npy") if isinstance(manifest, dict) else None
     if not info or "digest" not in info:
         return None
     ident = json.dumps([info["digest"], info.get("size"), manifest.get("created"), getattr(snapshot, "name", ""),
-                        repr(prior), _code_id()])
+                        repr(prior), bool(compositional), _code_id()])
     h = hashlib.blake2b(ident.encode(), digest_size=16)
     h.update(np.ascontiguousarray(vec, np.float32).tobytes())
     return h.hexdigest()
@@ -575,7 +582,7 @@ def _plain_thresholds(snapshot, texts: list[str], bank) -> dict[str, Calibration
             out[t] = c
     if todo:
         prior = present_score_of(bank)
-        disk = {key: _disk_key(snapshot, v, prior) for _, key, v in todo}
+        disk = {key: _disk_key(snapshot, v, prior, is_compositional(t)) for t, key, v in todo}
         left = []
         for t, key, v in todo:
             c = _disk_get(disk[key])
@@ -590,9 +597,14 @@ def _plain_thresholds(snapshot, texts: list[str], bank) -> dict[str, Calibration
             rows = sample_rows(V.shape[0])
             sc = concept_scores(snapshot, np.stack([v for _, _, v in left]), rows=rows)
             for j, (t, key, _) in enumerate(left):
-                c = out[t] = _cache_put(snapshot, key, calibrate(sc[:, j], prior))
+                c = out[t] = _cache_put(snapshot, key, calibrate(sc[:, j], prior, compositional=is_compositional(t)))
                 _disk_put(disk[key], c)
     return out
+
+
+def is_compositional(text: str) -> bool:
+    """Whether a concept text has several words ("red circle", "a dog on a beach"): see ``calibrate``."""
+    return len(str(text).split()) > 1
 
 
 def present_score_of(bank) -> float | None:

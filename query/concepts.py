@@ -7,6 +7,17 @@ Templates depend on the text tower: ``open_clip:``/other CLIPs get a standard ph
 (``DEFAULT_TEMPLATES``); ``world:`` CLIPs only know the concept world's vocabulary, so they get templates made
 of words the world text tower was trained on (``t2c.data.world.vocab.PROMPT_TEMPLATES``, filtered to known words).
 
+**Centring.** A CLIP trained with a softmax (InfoNCE) loss, as OpenAI's and LAION's were, scores an image
+against texts up to a per-image offset: the softmax over texts does not change when every score of one image
+moves by the same amount, so nothing in training pins that offset, and cluttered images score lower against
+every text than single objects do. For such models (no "own cut", ``present_score`` None) the bank returns
+each concept vector minus the mean vector of a fixed reference vocabulary (``reference_words``): the score
+becomes the cosine minus the image's mean cosine to those words, which cancels the offset and stays one
+inner product, so indices search it unchanged. On world:clip-plain (1,500 images, seed 101) this lifted the
+best-threshold F1 of single words from 0.887 to 0.938 and the calibrated one from 0.46 to 0.78. Models with
+their own cut (sigmoid-trained, e.g. SigLIP, world:clip), classifier heads and vectors set with ``put`` are
+not centred.
+
 The text encoder (torch) is built lazily, only when a vector is not cached. Vectors are cached per
 (CLIP model, templates, text) in memory and, when ``cache_dir`` (or ``$T2C_CACHE_DIR``) names a writable
 directory, on disk as ``.npy`` files; stores are never written to (they may be read-only). The ``t2c`` CLI
@@ -28,7 +39,8 @@ from t2c.data.errors import EncoderError, InvalidInput
 from t2c.data.store import atomic_write_bytes
 from t2c.query.lru import LRUCache
 
-__all__ = ["DEFAULT_TEMPLATES", "WORLD_TEMPLATES", "templates_for", "ConceptBank", "concept_bank_for",
+__all__ = ["DEFAULT_TEMPLATES", "WORLD_TEMPLATES", "REFERENCE_WORDS", "reference_words", "templates_for",
+           "ConceptBank", "concept_bank_for",
            "clear_banks", "user_cache_dir", "cache_root"]
 
 
@@ -73,6 +85,28 @@ def _world_templates() -> tuple[str, ...]:
 WORLD_TEMPLATES: tuple[str, ...] = _world_templates()
 
 
+#: Reference vocabulary of open-vocabulary CLIPs for centring (the 80 COCO object categories).
+REFERENCE_WORDS: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush")
+
+
+def reference_words(clip_spec: str) -> tuple[str, ...]:
+    """The vocabulary whose mean vector centres a softmax-trained CLIP's concepts (see the module docstring)."""
+    if str(clip_spec or "").startswith("world:"):
+        from t2c.data.world import vocab
+
+        return tuple(vocab.COLORS) + tuple(vocab.SHAPES)
+    return REFERENCE_WORDS
+
+
 def templates_for(clip_spec: str) -> list[str]:
     """Prompt templates suited to a CLIP spec: world-vocabulary ones for ``world:``, else DEFAULT_TEMPLATES."""
     spec = str(clip_spec or "")
@@ -114,7 +148,8 @@ _UNSET = object()
 
 
 class ConceptBank:
-    """Concept text -> unit vector in the CLIP space of ``clip_spec`` (prompt ensemble, cached).
+    """Concept text -> vector in the CLIP space of ``clip_spec`` (prompt ensemble, cached; centred for
+    softmax-trained CLIPs, see the module docstring).
 
     Args:
         clip_spec: the CLIP spec whose text tower embeds concepts (a store's ``snapshot.clip``).
@@ -140,6 +175,9 @@ class ConceptBank:
         self._given: dict[str, np.ndarray] = {}  # vectors set with put() (kept: nothing could recompute them)
         self._dim: int | None = None
         self._present = _UNSET
+        self._centre = _UNSET
+        self._centre_lock = threading.RLock()
+        self._centring = False
         self._lock = threading.Lock()
         self._encoder_lock = threading.Lock()  # one build, even when a warm-up thread and a query race
         ident = _model_identity(self.clip_spec) + "\x00" + "\x01".join(self.templates)
@@ -216,7 +254,22 @@ class ConceptBank:
         return e.astype(np.float32)
 
     def vectors(self, texts: Iterable[str]) -> np.ndarray:
-        """(k, d) float32 unit vectors for concept texts (prompt ensemble; cached).
+        """(k, d) float32 vectors to score concept texts with: unit vectors, less the centre when the bank centres.
+
+        Raises:
+            InvalidInput / UnknownChoice: an empty text, or words the text tower does not know (world:clip).
+            EncoderError: the CLIP spec has no text tower.
+        """
+        texts = [t.strip() if isinstance(t, str) else t for t in texts]
+        out = self.unit_vectors(texts)
+        embedded = np.array([[t not in self._given] for t in texts], np.float32).reshape(-1, 1)
+        centre = self.centre if embedded.any() else None
+        if centre is not None:
+            out -= centre * embedded
+        return out
+
+    def unit_vectors(self, texts: Iterable[str]) -> np.ndarray:
+        """(k, d) float32 unit vectors for concept texts (prompt ensemble; cached), never centred.
 
         Raises:
             InvalidInput / UnknownChoice: an empty text, or words the text tower does not know (world:clip).
@@ -252,8 +305,36 @@ class ConceptBank:
         return np.stack([found[t] for t in texts]).astype(np.float32)
 
     def vector(self, text: str) -> np.ndarray:
-        """(d,) float32 unit vector of one concept."""
+        """(d,) float32 vector of one concept (a unit vector, less the centre when the bank centres)."""
         return self.vectors([text])[0]
+
+    @property
+    def centre(self) -> np.ndarray | None:
+        """The mean vector of ``reference_words`` that concept vectors are centred on, or None (not centred:
+        the model has its own cut, or no text tower here)."""
+        c = self._centre
+        if c is not _UNSET:
+            return c
+        with self._centre_lock:  # re-entrant: embedding the reference words asks for the centre again
+            if self._centre is not _UNSET:
+                return self._centre
+            if self._centring:  # this thread is embedding the reference words: those are not centred
+                return None
+            val, words = None, self.reference_words()
+            if words and self.present_score is None:
+                self._centring = True
+                try:
+                    val = self.unit_vectors(words).astype(np.float64).mean(0).astype(np.float32)
+                except (EncoderError, InvalidInput):
+                    val = None
+                finally:
+                    self._centring = False
+            self._centre = val
+            return val
+
+    def reference_words(self) -> tuple[str, ...]:
+        """The reference vocabulary for centring (empty: never centre)."""
+        return reference_words(self.clip_spec)
 
     @property
     def present_score(self) -> float | None:

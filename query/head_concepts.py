@@ -148,3 +148,7 @@ class HeadConceptBank(ConceptBank):
     def present_score(self) -> float | None:
         """A softmax head has no "present" cut of its own: calibration uses the collection's scores alone."""
         return None
+
+    def reference_words(self) -> tuple[str, ...]:
+        """Class rows are not centred (measured only for text towers)."""
+        return ()

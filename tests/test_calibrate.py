@@ -121,6 +121,22 @@ def test_compositional_concept_takes_the_top_group():
     assert wp == pytest.approx(0.075, abs=0.01) and m_pres == pytest.approx(0.52, abs=0.01) and m_abs < 0.3
 
 
+def test_one_word_takes_the_widest_gap_and_a_dominant_group_stays_present():
+    # "yellow" on a softmax-trained CLIP: images without yellow (cluttered ones, then single objects a little
+    # higher), yellow among clutter, and a tight group of single large yellow objects above that
+    rng = np.random.default_rng(9)
+    groups = [(0.207, 0.036, 7400), (0.284, 0.017, 4000), (0.42, 0.05, 3200), (0.53, 0.011, 500)]
+    s = np.concatenate([rng.normal(m, sd, n) for m, sd, n in groups])
+    truth = np.r_[np.zeros(11400, bool), np.ones(3700, bool)]
+    one, several = calibrate(s, compositional=False), calibrate(s, compositional=True)
+    assert 0.3 < one.threshold < 0.37  # between "no yellow" and "yellow among clutter"
+    assert several.threshold > 0.45  # the top-group rule would keep only the dominant images
+    pred = s >= one.threshold
+    assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.95
+    # a model with its own cut decides the gap whatever the kind of concept
+    assert calibrate(s, 0.5, compositional=False).threshold > 0.45
+
+
 def test_plain_concept_keeps_two_groups_under_skew():
     # a skewed absent bulk may take two components; the present group is still the whole upper mode
     rng = np.random.default_rng(8)

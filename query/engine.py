@@ -613,6 +613,8 @@ class Engine:
         if warnings:
             st.plan["warnings"] = warnings
         st.T, st.tindex = self.leaf_vectors([c for c, _ in st.leaves])
+        if any(self.bank_of(c) is self.bank for c, _ in st.leaves) and getattr(self.bank, "centre", None) is not None:
+            st.plan["centred_on"] = len(self.bank.reference_words())  # scores: cosine less the reference mean
 
     def _drivers(self, st: _Search) -> list:
         """Step 4a: selective necessary positive leaves (up to MAX_DRIVERS, most selective first), with the

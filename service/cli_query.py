@@ -38,6 +38,9 @@ def query(
     typer.echo(f"{res.total} matching images (showing {shown}) in {res.took_ms:.1f} ms")
     if explain:
         typer.echo(_estimate_line(res.estimate))
+        if res.plan.get("centred_on"):
+            typer.echo(f"scores: cosine less the image's mean cosine to {res.plan['centred_on']} reference words "
+                       "(the CLIP model has no cut of its own, so its scores are centred)")
     for w in res.warnings:
         typer.secho(f"note: {w}", fg=typer.colors.YELLOW, err=True)
     for h in res:

@@ -81,6 +81,8 @@ def test_index_info_query_realign_cycle(tmp_path):
     assert {"total", "estimate", "hits"} <= set(ans) and "red" in ans["estimate"]["concepts"]
     code, out, err = t2c("query", tmp_path / "st", "red", "-k", 3, "--explain")
     assert code == 0 and "estimated precision" in out, err
+    assert "mean cosine to 80 reference words" in out  # the tiny CLIP has no cut of its own: centred scores
+    assert ans["plan"]["centred_on"] == 80
     code, out, err = t2c("align", "-e", CNN, "--clip", CLIP, "--images", tmp_path / "imgs", "--max-images", 30,
                          "--out", tmp_path / "al.safetensors", "--json")
     assert code == 0, err

@@ -5,11 +5,12 @@ Method (``calibrate``): a concept's cosine scores over a collection are a mixtur
 images with neither word, with only the colour, with only the shape, and with the red circle itself. We fit
 1-D Gaussian mixtures of 1 to ``MAX_COMPONENTS`` components by EM (deterministic starts: the Otsu split for
 two, equal-mass quantiles refined by 1-D k-means for more), keep the number of components that BIC prefers
-(each extra component must gain ``BIC_MARGIN``), and take the *top* group as "present": walking down from the
-highest-mean component, the first gap between neighbours separated by Ashman's
-D = |m1 - m2| / sqrt((s1² + s2²) / 2) >= ``MIN_SEPARATION`` (and leaving at least ``max(5/n, 0.001)`` of the
-weight on each side) is where the threshold goes, at the score where the two neighbours' posteriors cross.
-Partial matches ("red" things that are not circles) thus stay below the threshold of "red circle".
+(each extra component must gain ``BIC_MARGIN``). The threshold goes into a gap between neighbours separated
+by Ashman's D = |m1 - m2| / sqrt((s1² + s2²) / 2) >= ``MIN_SEPARATION`` (leaving at least ``max(5/n, 0.001)``
+of the weight on each side), at the score where the two neighbours' posteriors cross. For a concept of several
+words the *top* group is "present" (walking down from the highest-mean component, the first such gap), so
+partial matches ("red" things that are not circles) stay below the threshold of "red circle"; for one word,
+the widest such gap (groups above "present" are images where the thing dominates the picture).
 When no gap is separated but the two-component fit is two-sided (separation >= ``WEAK_SEPARATION``, both
 weights >= 5%, and two components beat one Gaussian by ``BIC_MARGIN``) the two groups are still split, at
 Otsu's threshold (method "otsu", a weak-confidence flag). Otherwise the distribution is treated as one
@@ -19,7 +20,7 @@ as present. Constant scores give a threshold just above the constant (nothing pr
 
 A CLIP model trained with a pairwise sigmoid loss (SigLIP, world:clip) has its own cut: the cosine where it
 says "true" with probability 1/2 (``prior``). When given, it chooses among the separated gaps (the one whose
-neighbours' means bracket the cut, crossing nearest to it) instead of the top-group rule, because such a model
+neighbours' means bracket the cut, crossing nearest to it) instead of the rules above, because such a model
 also scores *within* "present" in steps (two red objects above one); with no such gap, the cut itself is the
 threshold (method "prior").
 

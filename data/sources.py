@@ -330,8 +330,8 @@ class SeenPaths:
     def _hash(paths: list[str]) -> np.ndarray:
         import hashlib
 
-        return np.array([int.from_bytes(hashlib.blake2b(p.encode("utf-8", "surrogateescape"), digest_size=8)
-                                        .digest(), "little") for p in paths], np.uint64)
+        return np.frombuffer(b"".join([hashlib.blake2b(p.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+                                       for p in paths]), "<u8").astype(np.uint64)
 
     def add_new(self, paths: list[str]) -> np.ndarray:
         """Add a batch; returns a mask of the paths seen for the first time (within the batch too)."""
@@ -345,7 +345,12 @@ class SeenPaths:
         run = np.sort(h[new])
         if len(run):
             while self.runs and len(self.runs[-1]) <= 2 * len(run):
-                run = np.union1d(self.runs.pop(), run)
+                # runs are disjoint (a run holds only hashes no other run has): a merge is a concatenation sorted
+                # in place, at most twice the merged size in memory (np.union1d needs about four times)
+                merged = np.concatenate([self.runs.pop(), run])
+                del run
+                merged.sort()
+                run = merged
             self.runs.append(run)
         return new
 
@@ -356,7 +361,8 @@ def iter_stat_paths(batches: Iterable[list[str]], *, base: str | os.PathLike | N
     base_path = os.path.abspath(os.fspath(base)) if base is not None else os.getcwd()
     seen = SeenPaths()
     for batch in batches:
-        norm = [os.path.normpath(os.path.join(base_path, os.path.expanduser(p))) for p in batch]
+        norm = [os.path.normpath(os.path.join(base_path, os.path.expanduser(p) if p[:1] == "~" else p))
+                for p in batch]
         for p, path, new in zip(batch, norm, seen.add_new(norm)):
             if new:
                 yield _stat_entry(p, path)

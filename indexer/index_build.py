@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from t2c.data.errors import InvalidInput
+from t2c.data.store import drop_pages
 
 EXACT_MAX = 200_000
 DEFAULT_BUDGET = 4 << 30  # bytes for the index's vectors/codes
@@ -44,15 +45,19 @@ def choose_index_type(n: int, d: int, *, memory_budget: int = DEFAULT_BUDGET, ex
     return {"type": "ivf_pq", "factory": f"{coarse},PQ{m}np", "nlist": nlist, "m": m}
 
 
-def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 16384) -> np.ndarray:
-    """Row positions of the exact top-k by inner product (blocked, numpy)."""
+def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 8192) -> np.ndarray:
+    """Row positions of the exact top-k by inner product (blocked, numpy; memory: one block's scores, not n's)."""
     k = min(k, len(vectors))
     best_s = np.full((len(queries), 0), -np.inf, np.float32)
     best_i = np.zeros((len(queries), 0), np.int64)
     for s in range(0, len(vectors), block):
         sc = queries @ np.asarray(vectors[s : s + block], np.float32).T
-        cs = np.concatenate([best_s, sc], 1)
-        ci = np.concatenate([best_i, np.arange(s, s + sc.shape[1])[None].repeat(len(queries), 0)], 1)
+        if s // block % 64 == 63:
+            drop_pages(vectors)  # a memory-mapped store is scanned, not loaded
+        kb = min(k, sc.shape[1])
+        top = np.argpartition(-sc, kb - 1, axis=1)[:, :kb]  # this block's own top-k first
+        cs = np.concatenate([best_s, np.take_along_axis(sc, top, 1)], 1)
+        ci = np.concatenate([best_i, top + s], 1)
         sel = np.argpartition(-cs, min(k, cs.shape[1] - 1), axis=1)[:, :k]
         best_s = np.take_along_axis(cs, sel, 1)
         best_i = np.take_along_axis(ci, sel, 1)
@@ -93,6 +98,7 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, *, memory_budget: int = DE
         rng = np.random.default_rng(seed)
         ntrain = min(n, max(choice["nlist"] * 40, 10_000))
         train = vectors[np.sort(rng.choice(n, ntrain, replace=False))]
+        drop_pages(vectors)
         clustering = None
         if "_HNSW" in choice["factory"]:
             # k-means assignments through an HNSW graph too (rebuilt each iteration): with ~10^4 lists the
@@ -100,10 +106,13 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, *, memory_budget: int = DE
             clustering = faiss.IndexHNSWFlat(d, 32)
             faiss.extract_index_ivf(index).clustering_index = clustering
         index.train(train)
+        del train
         if clustering is not None:
             faiss.extract_index_ivf(index).clustering_index = None  # never left pointing at a freed index
         for s in range(0, n, 262144):
             index.add_with_ids(vectors[s : s + 262144], ids[s : s + 262144])
+            drop_pages(vectors)  # memory-mapped vectors and ids: only the chunk being added is resident
+            drop_pages(ids)
         info = dict(choice, n=n, d=d)
         info.update(tune_nprobe(index, vectors, ids, target_recall=target_recall, seed=seed, n_eval=n_eval))
         if choice["type"] == "ivf_pq":
@@ -167,6 +176,7 @@ def tune_nprobe(index, vectors: np.ndarray, ids: np.ndarray, *, target_recall: f
     q = q + rng.normal(scale=0.05, size=q.shape).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     truth = ids[exact_topk(vectors, q, k)]
+    drop_pages(vectors)
     ivf = faiss.extract_index_ivf(index)
     quantised = not isinstance(ivf, faiss.IndexIVFFlat)
     rerank = (rerank or 10 * k) if quantised else None

@@ -15,6 +15,15 @@ Index: clustered synthetic unit vectors (a mixture of Gaussians, like real embed
   ``.npy`` in ``--work`` and the same full ``build_index`` runs over the memory map, so build time, bytes per
   vector and recall@10 (exact ground truth streamed from the map) are all measured, not projected. Peak
   anonymous memory is sampled separately from mapped file pages.
+
+Plan + commit (``--plan-rows 100000,1000000,10000000``): a parquet list of N distinct paths that exist is planned
+and committed in a fresh process (stat every path, catalog lookups, ids, work list; every part staged with
+synthetic features, no decoding and no model; catalog insert, vectors, index). The N paths cost about
+N / 1000 inodes: 1000 hard links to one small JPEG, reached through N / 1000 symlinks to their folder. Peak
+RSS (total, anonymous, file pages) is sampled per phase and per commit step; a line through the sizes run
+gives a projection to 100M rows, labelled as one.
+
+    .venv/bin/python bench/scale.py --skip-throughput --vectors "" --plan-rows 100000,300000,1000000,10000000
 """
 from __future__ import annotations
 
@@ -405,10 +414,17 @@ def plan_commit(n: int, work: Path, part_size: int) -> dict:
                     "commit (catalog insert, vectors, index) in a fresh process; no decoding, no model"}
 
 
-def project(points: list[dict], targets=(10_000_000, 100_000_000)) -> dict:
-    """Least-squares line through (rows, peak RSS) and (rows, seconds), evaluated at ``targets``: a projection."""
+def project(points: list[dict], targets=(10_000_000, 100_000_000), dim: int = 16) -> dict:
+    """Least-squares line through (rows, peak RSS) and (rows, seconds), evaluated at ``targets``: a projection.
+
+    The index's own bytes are projected apart (``index_bytes``): its type changes with size under the default
+    memory budget (IVF-Flat: ``4·dim + 8`` bytes a vector with its id; past the budget IVF-PQ: ``m + 8``), which a
+    line through IVF-Flat points cannot know.
+    """
     if len(points) < 2:
         return {}
+    from t2c.indexer.index_build import DEFAULT_BUDGET, choose_index_type
+
     x = np.array([p["rows"] for p in points], float)
     out = {}
     for key in ("peak_rss_gb", "peak_anon_rss_gb", "plan_seconds", "stage_seconds", "commit_seconds"):
@@ -416,6 +432,12 @@ def project(points: list[dict], targets=(10_000_000, 100_000_000)) -> dict:
         slope, icpt = np.polyfit(x, y, 1)
         out[key] = {"per_million_rows": round(float(slope) * 1e6, 3), "intercept": round(float(icpt), 3),
                     **{f"at_{t:.0e}": round(float(icpt + slope * t), 2) for t in targets}}
+    idx = {}
+    for t in targets:
+        c = choose_index_type(t, dim, memory_budget=DEFAULT_BUDGET)
+        per = 4 * dim + 8 if c["type"] != "ivf_pq" else c["m"] + 8
+        idx[f"at_{t:.0e}"] = {"type": c["type"], "factory": c["factory"], "gb": round(t * per / 2**30, 2)}
+    out["index_bytes"] = idx
     out["note"] = "PROJECTION from a line through the measured sizes, not a measurement"
     return out
 

@@ -83,6 +83,16 @@ def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 81
     return np.take_along_axis(best_i, order, 1)
 
 
+def gather_rows(vectors: np.ndarray, rows: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """``vectors[rows]`` (``rows`` sorted) a chunk of rows at a time, dropping the mapped pages after each chunk: a
+    sample spread over a memory-mapped file touches every page of it, and would otherwise map it all in."""
+    out = np.empty((len(rows), vectors.shape[1]), np.float32)
+    for s in range(0, len(rows), chunk):
+        out[s : s + chunk] = vectors[rows[s : s + chunk]]
+        drop_pages(vectors)
+    return out
+
+
 def build_index(vectors: np.ndarray, ids: np.ndarray, *, memory_budget: int = DEFAULT_BUDGET,
                 exact_max: int = EXACT_MAX, target_recall: float = 0.95, seed: int = 0, n_eval: int = 200):
     """Build a FAISS inner-product index over normalised ``vectors`` keyed by ``ids``.
@@ -115,8 +125,7 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, *, memory_budget: int = DE
         index = faiss.index_factory(d, choice["factory"], faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
         ntrain = min(n, max(choice["nlist"] * 40, 10_000))
-        train = vectors[np.sort(rng.choice(n, ntrain, replace=False))]
-        drop_pages(vectors)
+        train = gather_rows(vectors, np.sort(rng.choice(n, ntrain, replace=False)))
         clustering = None
         if "_HNSW" in choice["factory"]:
             # k-means assignments through an HNSW graph too (rebuilt each iteration): with ~10^4 lists the

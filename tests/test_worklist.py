@@ -223,3 +223,33 @@ def test_planning_memory_does_not_grow_with_the_list(tmp_path, monkeypatch):
     small, big = peak(20_000), peak(200_000)
     print("planning peak bytes", small, big)
     assert big < 1.5 * small, (small, big)  # 10x the files, not 10x the memory
+
+
+def test_replanning_a_list_gives_the_same_ids(tmp_path, monkeypatch):
+    """A killed run replans its list into the same work (same ids, so the same run id and its finished parts are
+    kept), also when the seen-path set spills to files and batches are small; duplicates get one id."""
+    from t2c.data.sources import SeenPaths
+    from t2c.data.store import StoreWriter
+
+    monkeypatch.setattr(pipeline, "PLAN_BATCH", 64)
+    monkeypatch.setattr(SeenPaths, "SPILL_ROWS", 128)
+    monkeypatch.setattr(SeenPaths, "CHUNK", 32)
+    lst = _path_list(tmp_path / "l", 1000, per_dir=50)
+    t = pq.read_table(lst)
+    paths = t.column("path").to_pylist()
+    pq.write_table(pa.table({"path": paths + paths[::7] + ["s0/missing.jpg"]}), lst)
+
+    def plan():
+        with StoreWriter(tmp_path / "st") as w:
+            p = pipeline.plan_entries(w, iter_stat_paths(iter_path_list(lst, batch_rows=100), base=lst.parent,
+                                                         spill_dir=w.root))
+            h = hashlib.sha256()
+            p.todo.digest_into(h)
+            items_ = [(t["id"], t["relpath"]) for t in p.todo]
+            p.todo.close()
+            return h.hexdigest(), items_, p.skipped, p.next_id
+
+    a, b = plan(), plan()
+    assert a == b
+    assert a[1] == list(enumerate(paths)) and a[3] == 1000
+    assert [r for _, r in a[2]] == ["not_found"]

@@ -68,9 +68,10 @@ def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 81
     k = min(k, len(vectors))
     best_s = np.full((len(queries), 0), -np.inf, np.float32)
     best_i = np.zeros((len(queries), 0), np.int64)
+    every = max(1, (32 << 20) // max(1, block * vectors.shape[1] * vectors.itemsize))  # blocks to ~32 MB
     for s in range(0, len(vectors), block):
         sc = queries @ np.asarray(vectors[s : s + block], np.float32).T
-        if s // block % 64 == 63:
+        if s // block % every == every - 1:
             drop_pages(vectors)  # a memory-mapped store is scanned, not loaded
         kb = min(k, sc.shape[1])
         top = np.argpartition(-sc, kb - 1, axis=1)[:, :kb]  # this block's own top-k first
@@ -160,7 +161,7 @@ def score_error(index, vectors: np.ndarray, *, seed: int = 0, n: int = 4096, n_q
     """
     rng = np.random.default_rng(seed + 2)
     sel = np.sort(rng.choice(len(vectors), min(n, len(vectors)), replace=False))
-    v = np.ascontiguousarray(vectors[sel], np.float32)
+    v = gather_rows(vectors, sel)
     err = index.sa_decode(index.sa_encode(v)) - v
     q = v[rng.choice(len(v), min(n_queries, len(v)), replace=False)]
     q = q + rng.normal(scale=0.05, size=q.shape).astype(np.float32)
@@ -202,7 +203,7 @@ def tune_nprobe(index, vectors: np.ndarray, ids: np.ndarray, *, target_recall: f
     import faiss
 
     rng = np.random.default_rng(seed + 1)
-    q = vectors[np.sort(rng.choice(len(vectors), min(n_eval, len(vectors)), replace=False))]
+    q = gather_rows(vectors, np.sort(rng.choice(len(vectors), min(n_eval, len(vectors)), replace=False)))
     q = q + rng.normal(scale=0.05, size=q.shape).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     truth = ids[exact_topk(vectors, q, k)]

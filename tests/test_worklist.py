@@ -253,3 +253,34 @@ def test_replanning_a_list_gives_the_same_ids(tmp_path, monkeypatch):
     assert a == b
     assert a[1] == list(enumerate(paths)) and a[3] == 1000
     assert [r for _, r in a[2]] == ["not_found"]
+
+
+def test_drop_pages_keeps_the_data_and_unmaps_it(tmp_path):
+    """Dropping a memory-mapped array's pages loses nothing written (dirty pages go back to the page cache) and
+    takes them out of the process's resident memory; a view finds its mapping; plain arrays are left alone."""
+    import os
+
+    from t2c.data.store import drop_pages
+
+    p = tmp_path / "v.npy"
+    v = np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=(1 << 18, 16))  # 16 MB
+    v[:] = np.arange(16, dtype=np.float32)
+    drop_pages(v)
+    v[:10] += 1
+    drop_pages(v[5:])
+    del v
+    r = np.load(p, mmap_mode="r")
+    assert r[0, 3] == 4 and r[-1, 3] == 3 and r[9, 0] == 1 and r[10, 0] == 0
+    drop_pages(np.zeros(3))
+    if not os.path.exists("/proc/self/status"):
+        return
+
+    def file_kb():
+        with open("/proc/self/status") as fh:
+            return int(next(ln for ln in fh if ln.startswith("RssFile")).split()[1])
+
+    before = file_kb()
+    float(r.sum())
+    touched = file_kb()
+    drop_pages(r)
+    assert touched - before > 8000 and file_kb() - before < 2000

@@ -438,6 +438,18 @@ def project(points: list[dict], targets=(10_000_000, 100_000_000), dim: int = 16
         per = 4 * dim + 8 if c["type"] != "ivf_pq" else c["m"] + 8
         idx[f"at_{t:.0e}"] = {"type": c["type"], "factory": c["factory"], "gb": round(t * per / 2**30, 2)}
     out["index_bytes"] = idx
+    # the index phase holds the driver's peak: what it adds over the commit's start is the index plus a share of
+    # it (list growth, tuning), measured at the largest size run; the other phases are flat in rows
+    big = max(points, key=lambda p: p["rows"])
+    ph = big.get("peak_by_phase", {})
+    if "commit:index" in ph and "commit" in ph:
+        index_gb = big["index_bytes"] / 2**30
+        extra = (ph["commit:index"]["rss_gb"] - ph["commit"]["rss_gb"]) / index_gb - 1
+        others = max(v["rss_gb"] for k, v in ph.items() if k != "commit:index")
+        out["peak_rss_gb_by_index"] = {
+            "model": "max(other phases at the largest size, commit RSS + index GB x (1 + overhead))",
+            "overhead_of_index": round(extra, 3), "others_gb": others,
+            **{k: round(max(others, ph["commit"]["rss_gb"] + v["gb"] * (1 + extra)), 2) for k, v in idx.items()}}
     out["note"] = "PROJECTION from a line through the measured sizes, not a measurement"
     return out
 

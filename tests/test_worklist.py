@@ -221,7 +221,6 @@ def test_planning_memory_does_not_grow_with_the_list(tmp_path, monkeypatch):
         return got
 
     small, big = peak(20_000), peak(200_000)
-    print("planning peak bytes", small, big)
     assert big < 1.5 * small, (small, big)  # 10x the files, not 10x the memory
 
 

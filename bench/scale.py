@@ -15,6 +15,15 @@ Index: clustered synthetic unit vectors (a mixture of Gaussians, like real embed
   ``.npy`` in ``--work`` and the same full ``build_index`` runs over the memory map, so build time, bytes per
   vector and recall@10 (exact ground truth streamed from the map) are all measured, not projected. Peak
   anonymous memory is sampled separately from mapped file pages.
+
+Plan + commit (``--plan-rows 100000,1000000,10000000``): a parquet list of N distinct paths that exist is planned
+and committed in a fresh process (stat every path, catalog lookups, ids, work list; every part staged with
+synthetic features, no decoding and no model; catalog insert, vectors, index). The N paths cost about
+N / 1000 inodes: 1000 hard links to one small JPEG, reached through N / 1000 symlinks to their folder. Peak
+RSS (total, anonymous, file pages) is sampled per phase and per commit step; a line through the sizes run
+gives a projection to 100M rows, labelled as one.
+
+    .venv/bin/python bench/scale.py --skip-throughput --vectors "" --plan-rows 100000,300000,1000000,10000000
 """
 from __future__ import annotations
 
@@ -219,6 +228,43 @@ class AnonPeak:
         return round(self.peak_kb / 2**20, 2)
 
 
+class PhasePeaks:
+    """Peak resident memory per phase, sampled from /proc/self/status every ``every`` s by a thread: total RSS
+    (VmRSS), anonymous (RssAnon: heap, the index, DuckDB's buffers) and file pages mapped in (RssFile: the
+    interpreter's libraries, memory-mapped arrays). ``phase()`` names the phase running now."""
+
+    def __init__(self, phase, every: float = 0.05):
+        import threading
+
+        self.phase, self.every, self.peaks = phase, every, {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        try:
+            kb = {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in
+                                                     Path("/proc/self/status").read_text().splitlines())
+                  if k in ("VmRSS", "RssAnon", "RssFile")}
+        except OSError:
+            return
+        p = self.peaks.setdefault(self.phase() or "other", {"rss_gb": 0.0, "anon_gb": 0.0, "file_gb": 0.0})
+        for key, k in (("rss_gb", "VmRSS"), ("anon_gb", "RssAnon"), ("file_gb", "RssFile")):
+            p[key] = max(p[key], round(kb.get(k, 0) / 2**20, 3))
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
 def index_on_disk(n: int, d: int, bpv: int, work: Path, chunk: int = 250_000) -> dict:
     """The full ``build_index`` over a memory-mapped ``vectors.npy`` written chunk by chunk (the raw vectors,
     20 GB at 10M × 512, exceed RAM): the same path a store takes when its vectors are memory-mapped."""
@@ -282,22 +328,36 @@ def make_path_list(work: Path, n: int, files_per_dir: int = 1000) -> Path:
 
 def _plan_commit_child(lst: str, store: str, part_size: int, q) -> None:
     """In a fresh process: plan the list, stage every part with synthetic features (no decoding or model: the
-    driver-side work only), commit; put timings and this process's peak RSS on ``q``."""
+    driver-side work only), commit; put timings, peak memory per phase and this process's peak RSS on ``q``."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
     from t2c.data.sources import iter_path_list, iter_stat_paths
     from t2c.data.store import StoreWriter
     from t2c.indexer.encoders import parse_spec
     from t2c.indexer.pipeline import finish_run, plan_entries, start_run
     from t2c.indexer.staging import ItemResult
+    import t2c.indexer.aligner  # noqa: F401 - imported up front (not lazily mid-run), so the measured code is
+    import t2c.indexer.index_build  # noqa: F401 - the code as it was when the run started
 
     out = {"rss_gb_after_imports": rss_gb()}
+    state = {"phase": "plan", "writer": None}
+
+    def phase():
+        w = state["writer"]
+        return f"commit:{w.phase}" if state["phase"] == "commit" and w is not None and w.phase else state["phase"]
+
     t0 = time.perf_counter()
-    with AnonPeak() as mem, StoreWriter(store) as writer:
+    with PhasePeaks(phase) as mem, StoreWriter(store) as writer:
+        state["writer"] = writer
         plan = plan_entries(writer, iter_stat_paths(iter_path_list(lst), base=Path(lst).parent))
         out["plan_seconds"] = round(time.perf_counter() - t0, 1)
         out["rss_gb_after_plan"] = rss_gb()
+        state["phase"] = "start"
         run = start_run(writer, parse_spec("python:tests.tiny_encoders:tiny_clip"), plan, t0, aligner=None,
                         fit_aligner=None, clip=None, fit_workers=0, progress=False, max_pixels=1 << 26,
                         batch_size=32, device=None, threads=1, part_size=part_size)
+        state["phase"] = "stage"
         t1 = time.perf_counter()
         rng = np.random.default_rng(0)
         for i, part in enumerate(run.parts):
@@ -306,10 +366,18 @@ def _plan_commit_child(lst: str, store: str, part_size: int, q) -> None:
                                    run.encoder.dim, {})
         out["stage_seconds"] = round(time.perf_counter() - t1, 1)
         out["rss_gb_after_staging"] = rss_gb()
+        state["phase"] = "commit"
         t2 = time.perf_counter()
         rep = finish_run(writer, run, plan, lst, None, 0, 0.0, t0)
         out["commit_seconds"] = round(time.perf_counter() - t2, 1)
-    out.update(added=rep.added, errors=rep.errors, peak_rss_gb=rss_gb(), peak_anon_rss_gb=mem.gb)
+        out["commit_step_seconds"] = dict(writer.commit_seconds)
+        state["phase"] = "end"
+        mem.sample()
+    snap = writer.current
+    out["index"] = {k: snap.manifest["index"].get(k) for k in ("type", "factory", "nlist", "nprobe", "recall_at_10")}
+    out["index_bytes"] = os.path.getsize(snap.path / "index.faiss")
+    out.update(added=rep.added, errors=rep.errors, peak_rss_gb=rss_gb(),
+               peak_anon_rss_gb=max(p["anon_gb"] for p in mem.peaks.values()), peak_by_phase=mem.peaks)
     q.put(out)
 
 
@@ -329,7 +397,15 @@ def plan_commit(n: int, work: Path, part_size: int) -> dict:
         q = ctx.Queue()
         p = ctx.Process(target=_plan_commit_child, args=(str(lst), str(work / "store"), part_size, q))
         p.start()
-        res = q.get()
+        import queue
+
+        while True:
+            try:
+                res = q.get(timeout=5)
+                break
+            except queue.Empty:
+                if not p.is_alive():
+                    raise RuntimeError(f"the plan + commit process died (exit code {p.exitcode})") from None
         p.join()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -338,17 +414,42 @@ def plan_commit(n: int, work: Path, part_size: int) -> dict:
                     "commit (catalog insert, vectors, index) in a fresh process; no decoding, no model"}
 
 
-def project(points: list[dict], targets=(10_000_000, 100_000_000)) -> dict:
-    """Least-squares line through (rows, peak RSS) and (rows, seconds), evaluated at ``targets``: a projection."""
+def project(points: list[dict], targets=(10_000_000, 100_000_000), dim: int = 16) -> dict:
+    """Least-squares line through (rows, peak RSS) and (rows, seconds), evaluated at ``targets``: a projection.
+
+    The index's own bytes are projected apart (``index_bytes``): its type changes with size under the default
+    memory budget (IVF-Flat: ``4·dim + 8`` bytes a vector with its id; past the budget IVF-PQ: ``m + 8``), which a
+    line through IVF-Flat points cannot know.
+    """
     if len(points) < 2:
         return {}
+    from t2c.indexer.index_build import DEFAULT_BUDGET, choose_index_type
+
     x = np.array([p["rows"] for p in points], float)
     out = {}
-    for key in ("peak_rss_gb", "plan_seconds", "commit_seconds"):
+    for key in ("peak_rss_gb", "peak_anon_rss_gb", "plan_seconds", "stage_seconds", "commit_seconds"):
         y = np.array([p[key] for p in points], float)
         slope, icpt = np.polyfit(x, y, 1)
         out[key] = {"per_million_rows": round(float(slope) * 1e6, 3), "intercept": round(float(icpt), 3),
                     **{f"at_{t:.0e}": round(float(icpt + slope * t), 2) for t in targets}}
+    idx = {}
+    for t in targets:
+        c = choose_index_type(t, dim, memory_budget=DEFAULT_BUDGET)
+        per = 4 * dim + 8 if c["type"] != "ivf_pq" else c["m"] + 8
+        idx[f"at_{t:.0e}"] = {"type": c["type"], "factory": c["factory"], "gb": round(t * per / 2**30, 2)}
+    out["index_bytes"] = idx
+    # the index phase holds the driver's peak: what it adds over the commit's start is the index plus a share of
+    # it (list growth, tuning), measured at the largest size run; the other phases are flat in rows
+    big = max(points, key=lambda p: p["rows"])
+    ph = big.get("peak_by_phase", {})
+    if "commit:index" in ph and "commit" in ph:
+        index_gb = big["index_bytes"] / 2**30
+        extra = (ph["commit:index"]["rss_gb"] - ph["commit"]["rss_gb"]) / index_gb - 1
+        others = max(v["rss_gb"] for k, v in ph.items() if k != "commit:index")
+        out["peak_rss_gb_by_index"] = {
+            "model": "max(other phases at the largest size, commit RSS + index GB x (1 + overhead))",
+            "overhead_of_index": round(extra, 3), "others_gb": others,
+            **{k: round(max(others, ph["commit"]["rss_gb"] + v["gb"] * (1 + extra)), 2) for k, v in idx.items()}}
     out["note"] = "PROJECTION from a line through the measured sizes, not a measurement"
     return out
 

@@ -317,21 +317,30 @@ def iter_path_list(parquet_path: str | os.PathLike, column: str = "path",
 
 
 class SeenPaths:
-    """Set membership for many paths in bounded memory: 8-byte hashes in sorted runs merged as they grow.
+    """Set membership for many paths in bounded memory: 8-byte hashes in sorted, disjoint runs merged as they grow.
 
+    Runs of ``SPILL_ROWS`` hashes or more live in files in ``folder`` (unlinked as soon as they are made, so
+    nothing is left behind; memory-mapped, their pages dropped after each use), so the process holds only the
+    small runs (under ``2 * SPILL_ROWS`` hashes in all) and one merge chunk, however many paths are listed.
     A 64-bit hash collision would wrongly call a new path a duplicate; among 10M distinct paths the chance
-    is about 3e-6 (n^2 / 2^65).
+    is about 3e-6 (n^2 / 2^65), among 100M about 3e-4.
     """
 
-    def __init__(self):
+    SPILL_ROWS = 1 << 21  # runs this long or longer go to disk (16 MB of hashes)
+    CHUNK = 1 << 20  # hashes merged at a time on disk
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        import tempfile
+
         self.runs: list[np.ndarray] = []
+        self.folder = os.fspath(folder) if folder is not None else tempfile.gettempdir()
 
     @staticmethod
     def _hash(paths: list[str]) -> np.ndarray:
         import hashlib
 
-        return np.array([int.from_bytes(hashlib.blake2b(p.encode("utf-8", "surrogateescape"), digest_size=8)
-                                        .digest(), "little") for p in paths], np.uint64)
+        return np.frombuffer(b"".join([hashlib.blake2b(p.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+                                       for p in paths]), "<u8").astype(np.uint64)
 
     def add_new(self, paths: list[str]) -> np.ndarray:
         """Add a batch; returns a mask of the paths seen for the first time (within the batch too)."""
@@ -340,23 +349,73 @@ class SeenPaths:
         new = np.zeros(len(h), bool)
         new[first] = True
         for r in self.runs:
-            pos = np.minimum(np.searchsorted(r, h), len(r) - 1)
-            new &= r[pos] != h
+            new &= ~self._member(r, h)
         run = np.sort(h[new])
         if len(run):
             while self.runs and len(self.runs[-1]) <= 2 * len(run):
-                run = np.union1d(self.runs.pop(), run)
+                run = self._merge(self.runs.pop(), run)
             self.runs.append(run)
         return new
 
+    @staticmethod
+    def _member(run: np.ndarray, h: np.ndarray, chunk: int = 8192) -> np.ndarray:
+        """Which of ``h`` are in the sorted ``run`` (a file-backed run is searched a chunk of keys at a time)."""
+        from t2c.data.store import drop_pages
 
-def iter_stat_paths(batches: Iterable[list[str]], *, base: str | os.PathLike | None = None
-                    ) -> Iterator[FileEntry | Skipped]:
-    """Streaming :func:`stat_paths`: the same entries, in list order, from batches of paths, in bounded memory."""
+        if not isinstance(run, np.memmap):
+            pos = np.minimum(np.searchsorted(run, h), len(run) - 1)
+            return run[pos] == h
+        order = np.argsort(h)
+        found = np.zeros(len(h), bool)
+        for s in range(0, len(h), chunk):
+            q = h[order[s : s + chunk]]
+            pos = np.minimum(np.searchsorted(run, q), len(run) - 1)
+            found[order[s : s + chunk]] = run[pos] == q
+            drop_pages(run)
+        return found
+
+    def _merge(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Merge two sorted disjoint runs: a concatenation sorted in place while small, else a chunked merge into a
+        new file (memory: two chunks, whatever the runs' sizes)."""
+        import tempfile
+
+        from t2c.data.store import drop_pages
+
+        n = len(a) + len(b)
+        if n < self.SPILL_ROWS:
+            m = np.concatenate([a, b])
+            m.sort()
+            return m
+        fd, path = tempfile.mkstemp(dir=self.folder, prefix=".seen-paths-", suffix=".u64")
+        os.close(fd)
+        try:
+            out = np.memmap(path, np.uint64, "w+", shape=(n,))
+        finally:
+            os.unlink(path)  # the mapping keeps the data until the run is dropped
+        i = j = o = 0
+        while i < len(a) or j < len(b):
+            ca, cb = np.asarray(a[i : i + self.CHUNK]), np.asarray(b[j : j + self.CHUNK])
+            if len(ca) and len(cb):  # both chunks up to the smaller last value: everything below it is here
+                cut = min(ca[-1], cb[-1])
+                ca, cb = ca[: np.searchsorted(ca, cut, "right")], cb[: np.searchsorted(cb, cut, "right")]
+            m = np.concatenate([ca, cb])
+            m.sort()
+            out[o : o + len(m)] = m
+            i, j, o = i + len(ca), j + len(cb), o + len(m)
+            for x in (a, b, out):
+                drop_pages(x)
+        return out
+
+
+def iter_stat_paths(batches: Iterable[list[str]], *, base: str | os.PathLike | None = None,
+                    spill_dir: str | os.PathLike | None = None) -> Iterator[FileEntry | Skipped]:
+    """Streaming :func:`stat_paths`: the same entries, in list order, from batches of paths, in bounded memory
+    (``spill_dir``: where the paths seen so far are kept once they are many; default: the temp folder)."""
     base_path = os.path.abspath(os.fspath(base)) if base is not None else os.getcwd()
-    seen = SeenPaths()
+    seen = SeenPaths(spill_dir)
     for batch in batches:
-        norm = [os.path.normpath(os.path.join(base_path, os.path.expanduser(p))) for p in batch]
+        norm = [os.path.normpath(os.path.join(base_path, os.path.expanduser(p) if p[:1] == "~" else p))
+                for p in batch]
         for p, path, new in zip(batch, norm, seen.add_new(norm)):
             if new:
                 yield _stat_entry(p, path)

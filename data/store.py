@@ -214,6 +214,23 @@ def load_npz(path: Path) -> dict:
         return {k: z[k] for k in z.files}
 
 
+def drop_pages(a) -> None:
+    """Unmap the resident pages of a memory-mapped array (``np.memmap`` / ``np.load(mmap_mode=...)`` or a view of
+    one; anything else is left alone). The data stays in the file and the page cache (dirty pages of a shared
+    mapping are written back as usual) and is read back on the next access, so scanning or filling a mapped file
+    far larger than RAM does not grow the process's resident memory."""
+    import mmap
+
+    b = a
+    while b is not None and not isinstance(b, mmap.mmap):
+        b = getattr(b, "_mmap", None) or getattr(b, "base", None)
+    if b is not None:
+        try:
+            b.madvise(mmap.MADV_DONTNEED)
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
 def file_digest(path: Path, quick: bool = False) -> str:
     """blake2b of a file; ``quick`` hashes size plus the first and last MiB only (for very large files)."""
     h = hashlib.blake2b(digest_size=16)
@@ -465,6 +482,9 @@ class StoreWriter:
                              "wait for the other `t2c index`/`realign` to finish")
         name = current_name(self.root)
         self.current = Snapshot(self.root, name, verify=False) if name else None
+        self.phase: str | None = None  # the commit step running now (catalog, ids, vectors, index, checksums)
+        self.commit_seconds: dict[str, float] = {}  # seconds per step of the last commit
+        self._phase_t = 0.0
 
     @property
     def staging(self) -> Path:
@@ -543,6 +563,7 @@ class StoreWriter:
         import duckdb
 
         prev = self.current
+        self._phase("catalog")
         seq = int(prev.name.split("-")[1]) + 1 if prev else 1
         name = f"s-{seq:06d}"
         tmpdir = Path(tempfile.mkdtemp(dir=self.root / "snapshots", prefix=".tmp-"))
@@ -560,23 +581,27 @@ class StoreWriter:
                     con.execute(stmt)
                 self._apply_catalog(con, changes)
                 con.execute("CHECKPOINT")
-                ids = np.asarray(con.execute("SELECT id FROM images ORDER BY id").fetchnumpy()["id"], np.int64)
+                self._phase("ids")
+                ids = self._write_ids(con, tmpdir / "ids.npy")
             finally:
                 con.close()
                 shutil.rmtree(tmpdir / ".duckdb-tmp", ignore_errors=True)
+            self._phase("vectors")
             shards = list(prev.manifest.get("feature_shards", [])) if prev else []
             shards += list(changes.feature_shards)
             shards = self._compact_shard_list(shards, ids)
             dim = self._project(shards, ids, vectors_for, manifest_fields, changes.feature_shards, reproject,
                                 tmpdir / "vectors.npy")
-            np.save(tmpdir / "ids.npy", ids)
             # memory-mapped: the aligned vectors of a large store never need to fit in RAM at once
+            self._phase("index")
             vectors = np.load(tmpdir / "vectors.npy", mmap_mode="r" if len(ids) else None, allow_pickle=False)
             index, index_info = build_index(vectors, ids)
             del vectors
             import faiss
 
             faiss.write_index(index, str(tmpdir / "index.faiss"))
+            del index
+            self._phase("checksums")
             files = {}
             for f in ("catalog.duckdb", "ids.npy", "vectors.npy", "index.faiss"):
                 p = tmpdir / f
@@ -592,7 +617,7 @@ class StoreWriter:
                 "snapshot": name,
                 "dim": int(dim),
                 "counts": {"images": int(len(ids)), "errors": self._count(cat, "errors")},
-                "next_id": int(max(next_id or 0, int(ids.max()) + 1 if len(ids) else 0,
+                "next_id": int(max(next_id or 0, int(ids[-1]) + 1 if len(ids) else 0,  # ids are sorted
                                    prev.manifest.get("next_id", 0) if prev else 0)),
                 "feature_shards": shards,
                 "index": index_info,
@@ -607,10 +632,45 @@ class StoreWriter:
             atomic_write_bytes(self.root / "CURRENT", name.encode())
         except BaseException:
             shutil.rmtree(tmpdir, ignore_errors=True)
+            self._phase(None)
             raise
         self.current = Snapshot(self.root, name, verify=False)
         self._gc()
+        self._phase(None)
         return self.current
+
+    def _phase(self, name: str | None) -> None:
+        """Mark the commit step now running (``self.phase``) and time the steps (``self.commit_seconds``), so a
+        caller (a benchmark, a progress display) can tell catalog, ids, vectors, index and checksums apart."""
+        import time
+
+        now = time.perf_counter()
+        if self.phase is not None:
+            self.commit_seconds[self.phase] = round(now - self._phase_t, 3)
+        elif name is not None:
+            self.commit_seconds = {}
+        self.phase, self._phase_t = name, now
+
+    @staticmethod
+    def _write_ids(con, path: Path) -> np.ndarray:
+        """Write the catalog's ids, sorted, to ``path`` (.npy) straight from DuckDB one chunk at a time and return
+        them memory-mapped: no step of the commit holds every id in RAM."""
+        n = int(con.execute("SELECT count(*) FROM images").fetchall()[0][0])
+        if n == 0:
+            np.save(path, np.zeros(0, np.int64))
+            return np.load(path, allow_pickle=False)
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(n,))
+        pos = 0
+        for rb in con.sql("SELECT id FROM images ORDER BY id").to_arrow_reader(COPY_CHUNK):
+            a = rb.column(0).to_numpy()
+            out[pos : pos + len(a)] = a
+            pos += len(a)
+            drop_pages(out)
+        if pos != n:
+            raise StoreError(f"catalog gave {pos} ids, expected {n}")
+        out.flush()
+        del out
+        return np.load(path, mmap_mode="r", allow_pickle=False)
 
     @staticmethod
     def _count(cat: Path, table: str) -> int:
@@ -624,19 +684,24 @@ class StoreWriter:
 
     def _apply_catalog(self, con, ch: Changes) -> None:
         now = utcnow()
+        # ids from the current next_id on were never in the catalog (ids are never reused): rows with such ids are
+        # appended without looking anything up, so a batch costs its own size, not the table's
+        first_new = self.next_id()
+        had_errors = bool(con.execute("SELECT count(*) FROM (SELECT 1 FROM errors LIMIT 1)").fetchall()[0][0])
         # one transaction per batch: the catalog is a private copy inside the new snapshot's temporary folder,
         # published (or thrown away) whole, so batches need not share a transaction, and DuckDB then keeps
         # one batch's undo state in memory instead of the whole run's
         if ch.rows:
             con.execute("BEGIN")
-            self._upsert_rows(con, ch.rows, now)
+            self._upsert_rows(con, ch.rows, now, first_new)
             con.execute("COMMIT")
         for batch in (ch.row_batches() if ch.row_batches is not None else ()):
             if batch:
                 con.execute("BEGIN")
-                self._upsert_rows(con, batch, now)
-                con.execute("DELETE FROM errors WHERE path IN (SELECT unnest(?::VARCHAR[]))",
-                            [[r["path"] for r in batch]])
+                self._upsert_rows(con, batch, now, first_new)
+                if had_errors:  # a file indexed now drops its old error row (errors are only added below)
+                    con.execute("DELETE FROM errors WHERE path IN (SELECT unnest(?::VARCHAR[]))",
+                                [[r["path"] for r in batch]])
                 con.execute("COMMIT")
         con.execute("BEGIN")
         # after the rows (ids are never reused, so the order does not matter): streamed batches add the ids of
@@ -657,22 +722,20 @@ class StoreWriter:
         con.execute("COMMIT")
 
     @staticmethod
-    def _upsert_rows(con, rows: list[dict], now) -> None:
-        """Insert or replace one batch of image rows (new user columns are added to the table)."""
+    def _upsert_rows(con, rows: list[dict], now, first_new: int = 0) -> None:
+        """Insert or replace one batch of image rows (new user columns are added to the table).
+
+        The rows go to DuckDB as one Arrow table; defaults (status 'ok', mtime from mtime_ns, added_at now) are
+        filled in SQL. Rows whose ids are all ``>= first_new`` are appended; otherwise rows that replace a
+        catalogued id keep its original added_at.
+        """
         import pyarrow as pa
+        import pyarrow.compute as pc
 
         existing = {r[0] for r in con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name='images'").fetchall()}
-        out = []
-        for r in rows:
-            r = dict(r)
-            r.setdefault("status", "ok")
-            r.setdefault("added_at", now)
-            if r.get("mtime_ns") is not None:
-                r.setdefault("mtime", _dt.datetime.fromtimestamp(r["mtime_ns"] / 1e9, _dt.timezone.utc).replace(tzinfo=None))
-            out.append(r)
-        rows = out
-        extra = sorted({k for r in rows for k in r} - set(IMAGE_COLUMNS))
+        keys = set().union(*rows)
+        extra = sorted(keys - set(IMAGE_COLUMNS) - {"_kind"})
         for col in extra:
             if col not in existing:
                 if not col.isidentifier():
@@ -682,18 +745,34 @@ class StoreWriter:
                     "DOUBLE" if isinstance(sample, (float, np.floating)) else "BOOLEAN" if isinstance(sample, bool) else "VARCHAR"
                 con.execute(f'ALTER TABLE images ADD COLUMN "{col}" {typ}')
         cols = list(IMAGE_COLUMNS) + extra
-        # keep the original added_at of updated rows
-        ids = [int(r["id"]) for r in rows]
-        old = dict(con.execute("SELECT id, added_at FROM images WHERE id IN (SELECT unnest(?::BIGINT[]))", [ids]).fetchall())
-        for r in rows:
-            if r["id"] in old:
-                r["added_at"] = old[r["id"]]
-        tbl = pa.table({c: [r.get(c) for r in rows] for c in cols})
-        con.execute("DELETE FROM images WHERE id IN (SELECT unnest(?::BIGINT[]))", [ids])
-        con.register("_new_rows", tbl)
+        tbl = pa.table({c: [r.get(c) for r in rows] for c in cols if c in keys})
+
+        def select(replacing: bool) -> str:
+            out = []
+            for c in cols:
+                own = f'n."{c}"' if c in keys else "NULL"
+                if c == "status":
+                    own = f"coalesce({own}, 'ok')"
+                elif c == "mtime":  # from mtime_ns, rounded to DuckDB's microseconds
+                    own = f"coalesce({own}, make_timestamp((n.mtime_ns + 500) // 1000))" if "mtime_ns" in keys else own
+                elif c == "added_at":  # a replaced row keeps its original added_at
+                    own = f"coalesce({'o.added_at, ' if replacing else ''}{own}, $now)"
+                out.append(f'{own} AS "{c}"')
+            return ", ".join(out)
+
         collist = ", ".join(f'"{c}"' for c in cols)
-        con.execute(f"INSERT INTO images ({collist}) SELECT {collist} FROM _new_rows")
-        con.unregister("_new_rows")
+        con.register("_new_rows", tbl)
+        try:
+            if tbl.num_rows and pc.min(tbl["id"]).as_py() >= first_new:
+                con.execute(f"INSERT INTO images ({collist}) SELECT {select(False)} FROM _new_rows n", {"now": now})
+                return
+            con.execute(f"CREATE OR REPLACE TEMP TABLE _upsert AS SELECT {select(True)} FROM _new_rows n "
+                        "LEFT JOIN images o ON o.id = n.id", {"now": now})
+            con.execute("DELETE FROM images WHERE id IN (SELECT id FROM _upsert)")
+            con.execute(f"INSERT INTO images ({collist}) SELECT {collist} FROM _upsert")
+            con.execute("DROP TABLE _upsert")
+        finally:
+            con.unregister("_new_rows")
 
     def _compact_shard_list(self, shards: list[str], live: np.ndarray) -> list[str]:
         """Drop shards none of whose rows are still the live version (``live``: sorted ids of the snapshot).
@@ -713,6 +792,7 @@ class StoreWriter:
             if (~claimed[pos]).any():
                 used.add(k)
             claimed[pos] = True
+            drop_pages(live)
         return [rel for k, rel in enumerate(shards) if k in used]
 
     def _project(self, shards, ids, vectors_for, manifest_fields, new_shards, reproject, out_path: Path) -> int:
@@ -741,6 +821,8 @@ class StoreWriter:
                 if ok.any():
                     out[pos[ok]] = prev.vectors[s + np.nonzero(ok)[0]]
                     filled[pos[ok]] = True
+                for a in (old_ids, prev.vectors, ids, out):
+                    drop_pages(a)
             todo = [s for s in shards if s in set(new_shards)]
         for rel in todo:  # oldest first: later shards overwrite
             z = load_npz(self.root / rel)
@@ -752,6 +834,9 @@ class StoreWriter:
             if ok.any():
                 out[pos[ok]] = vectors_for(z["ids"][ok], z["feats"][ok])
                 filled[pos[ok]] = True
+            del z
+            drop_pages(ids)
+            drop_pages(out)  # written pages go back to the page cache (and disk), not this process's memory
         out.flush()
         del out
         if not filled.all():

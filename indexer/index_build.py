@@ -22,10 +22,29 @@ import time
 import numpy as np
 
 from t2c.data.errors import InvalidInput
+from t2c.data.store import drop_pages
 
 EXACT_MAX = 200_000
 DEFAULT_BUDGET = 4 << 30  # bytes for the index's vectors/codes
 HNSW_COARSE_MIN = 8192  # lists from which the coarse quantizer is an HNSW graph
+
+
+_LIBC = []
+
+
+def release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere). Adding to an IVF index grows
+    each of its lists by reallocation, and the old buffers otherwise stay resident as holes in the heap (about a
+    third of the index's own size at 10M vectors)."""
+    if not _LIBC:
+        try:
+            import ctypes
+
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
 
 
 def choose_index_type(n: int, d: int, *, memory_budget: int = DEFAULT_BUDGET, exact_max: int = EXACT_MAX) -> dict:
@@ -44,20 +63,35 @@ def choose_index_type(n: int, d: int, *, memory_budget: int = DEFAULT_BUDGET, ex
     return {"type": "ivf_pq", "factory": f"{coarse},PQ{m}np", "nlist": nlist, "m": m}
 
 
-def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 16384) -> np.ndarray:
-    """Row positions of the exact top-k by inner product (blocked, numpy)."""
+def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 8192) -> np.ndarray:
+    """Row positions of the exact top-k by inner product (blocked, numpy; memory: one block's scores, not n's)."""
     k = min(k, len(vectors))
     best_s = np.full((len(queries), 0), -np.inf, np.float32)
     best_i = np.zeros((len(queries), 0), np.int64)
+    every = max(1, (32 << 20) // max(1, block * vectors.shape[1] * vectors.itemsize))  # blocks to ~32 MB
     for s in range(0, len(vectors), block):
         sc = queries @ np.asarray(vectors[s : s + block], np.float32).T
-        cs = np.concatenate([best_s, sc], 1)
-        ci = np.concatenate([best_i, np.arange(s, s + sc.shape[1])[None].repeat(len(queries), 0)], 1)
+        if s // block % every == every - 1:
+            drop_pages(vectors)  # a memory-mapped store is scanned, not loaded
+        kb = min(k, sc.shape[1])
+        top = np.argpartition(-sc, kb - 1, axis=1)[:, :kb]  # this block's own top-k first
+        cs = np.concatenate([best_s, np.take_along_axis(sc, top, 1)], 1)
+        ci = np.concatenate([best_i, top + s], 1)
         sel = np.argpartition(-cs, min(k, cs.shape[1] - 1), axis=1)[:, :k]
         best_s = np.take_along_axis(cs, sel, 1)
         best_i = np.take_along_axis(ci, sel, 1)
     order = np.argsort(-best_s, axis=1)
     return np.take_along_axis(best_i, order, 1)
+
+
+def gather_rows(vectors: np.ndarray, rows: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """``vectors[rows]`` (``rows`` sorted) a chunk of rows at a time, dropping the mapped pages after each chunk: a
+    sample spread over a memory-mapped file touches every page of it, and would otherwise map it all in."""
+    out = np.empty((len(rows), vectors.shape[1]), np.float32)
+    for s in range(0, len(rows), chunk):
+        out[s : s + chunk] = vectors[rows[s : s + chunk]]
+        drop_pages(vectors)
+    return out
 
 
 def build_index(vectors: np.ndarray, ids: np.ndarray, *, memory_budget: int = DEFAULT_BUDGET,
@@ -92,7 +126,7 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, *, memory_budget: int = DE
         index = faiss.index_factory(d, choice["factory"], faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
         ntrain = min(n, max(choice["nlist"] * 40, 10_000))
-        train = vectors[np.sort(rng.choice(n, ntrain, replace=False))]
+        train = gather_rows(vectors, np.sort(rng.choice(n, ntrain, replace=False)))
         clustering = None
         if "_HNSW" in choice["factory"]:
             # k-means assignments through an HNSW graph too (rebuilt each iteration): with ~10^4 lists the
@@ -100,10 +134,14 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, *, memory_budget: int = DE
             clustering = faiss.IndexHNSWFlat(d, 32)
             faiss.extract_index_ivf(index).clustering_index = clustering
         index.train(train)
+        del train
         if clustering is not None:
             faiss.extract_index_ivf(index).clustering_index = None  # never left pointing at a freed index
         for s in range(0, n, 262144):
             index.add_with_ids(vectors[s : s + 262144], ids[s : s + 262144])
+            drop_pages(vectors)  # memory-mapped vectors and ids: only the chunk being added is resident
+            drop_pages(ids)
+            release_free_heap()
         info = dict(choice, n=n, d=d)
         info.update(tune_nprobe(index, vectors, ids, target_recall=target_recall, seed=seed, n_eval=n_eval))
         if choice["type"] == "ivf_pq":
@@ -123,7 +161,7 @@ def score_error(index, vectors: np.ndarray, *, seed: int = 0, n: int = 4096, n_q
     """
     rng = np.random.default_rng(seed + 2)
     sel = np.sort(rng.choice(len(vectors), min(n, len(vectors)), replace=False))
-    v = np.ascontiguousarray(vectors[sel], np.float32)
+    v = gather_rows(vectors, sel)
     err = index.sa_decode(index.sa_encode(v)) - v
     q = v[rng.choice(len(v), min(n_queries, len(v)), replace=False)]
     q = q + rng.normal(scale=0.05, size=q.shape).astype(np.float32)
@@ -143,6 +181,8 @@ def search_reranked(index, vectors: np.ndarray, ids: np.ndarray, q: np.ndarray, 
         sc = np.asarray(vectors[pos], np.float32) @ q[j]
         top = np.argsort(-sc)[:k]
         out[j, : len(top)] = row[top]
+    drop_pages(vectors)
+    drop_pages(ids)
     return out
 
 
@@ -163,12 +203,15 @@ def tune_nprobe(index, vectors: np.ndarray, ids: np.ndarray, *, target_recall: f
     import faiss
 
     rng = np.random.default_rng(seed + 1)
-    q = vectors[np.sort(rng.choice(len(vectors), min(n_eval, len(vectors)), replace=False))]
+    q = gather_rows(vectors, np.sort(rng.choice(len(vectors), min(n_eval, len(vectors)), replace=False)))
     q = q + rng.normal(scale=0.05, size=q.shape).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     truth = ids[exact_topk(vectors, q, k)]
+    drop_pages(vectors)
     ivf = faiss.extract_index_ivf(index)
-    quantised = not isinstance(ivf, faiss.IndexIVFFlat)
+    # extract_index_ivf gives the IndexIVF base class: downcast before asking whether the codes are exact (without
+    # it every IVF-Flat index was tuned as if quantised, re-ranking candidates from the vectors for nothing)
+    quantised = not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat)
     rerank = (rerank or 10 * k) if quantised else None
     nprobe, prev, tried = 1, None, []
     while True:

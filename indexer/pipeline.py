@@ -165,7 +165,13 @@ def plan_entries(writer: StoreWriter, entries, *, remove_under: str | None = Non
             skipped += [tuple(f) for f in batch if isinstance(f, Skipped)]
             if remove_under is not None:
                 seen.append(pa.array([f.path for f in files], pa.string()))
-            known, known_err = writer.lookup([f.path for f in files])
+            paths = [f.path for f in files]
+            known, known_err = writer.lookup(paths)
+            if not known and not known_err:  # all new (e.g. a first run): ids in list order, no per-file checks
+                out.add_new(next_id, paths, [f.relpath for f in files], [f.size for f in files],
+                            [f.mtime_ns for f in files])
+                next_id += len(files)
+                continue
             for f in files:
                 k, e = known.get(f.path), known_err.get(f.path)
                 if (k is not None and k["size"] == f.size and k["mtime_ns"] == f.mtime_ns) or \

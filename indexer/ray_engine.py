@@ -136,7 +136,8 @@ def _resolve_source(source, column: str, base, follow_symlinks: bool, writer: St
     if p.is_file() and p.suffix.lower() in (".parquet", ".pq"):
         from t2c.data.sources import iter_path_list, iter_stat_paths
 
-        entries = iter_stat_paths(iter_path_list(p, column), base=base if base is not None else p.resolve().parent)
+        entries = iter_stat_paths(iter_path_list(p, column), base=base if base is not None else p.resolve().parent,
+                                  spill_dir=writer.root)
         return plan_entries(writer, entries), str(p.resolve())
     return plan_run(writer, p.resolve(), follow_symlinks=follow_symlinks), str(p.resolve())
 

@@ -49,15 +49,34 @@ class WorkListWriter:
         if len(b["id"]) >= self.batch_rows:
             self._flush()
 
+    def add_new(self, first_id: int, paths: list[str], relpaths: list[str], sizes: list[int],
+                mtimes_ns: list[int]) -> None:
+        """Append a batch of new files, numbered ``first_id, first_id + 1, ...`` in order."""
+        b = self._buf
+        b["id"].extend(range(first_id, first_id + len(paths)))
+        b["path"].extend(paths)
+        b["relpath"].extend(relpaths)
+        b["size"].extend(sizes)
+        b["mtime_ns"].extend(mtimes_ns)
+        b["changed"].extend([False] * len(paths))
+        self.n += len(paths)
+        while len(self._buf["id"]) >= self.batch_rows:
+            self._flush()
+
     def _flush(self) -> None:
-        if self._buf["id"]:
-            self._w.write_batch(pa.record_batch([pa.array(self._buf[k], SCHEMA.field(k).type)
-                                                 for k in SCHEMA.names], schema=SCHEMA))
-            self._buf = {k: [] for k in SCHEMA.names}
+        """Write the buffered items as record batches of exactly ``batch_rows`` rows (the last one may be short:
+        readers find item i in batch ``i // batch_rows``)."""
+        b = self._buf
+        if b["id"]:
+            k = min(len(b["id"]), self.batch_rows)
+            self._w.write_batch(pa.record_batch([pa.array(b[c][:k], SCHEMA.field(c).type) for c in SCHEMA.names],
+                                                schema=SCHEMA))
+            self._buf = {c: b[c][k:] for c in SCHEMA.names}
 
     def finish(self) -> "WorkList":
         """Close the file and open it for reading."""
-        self._flush()
+        while self._buf["id"]:
+            self._flush()
         self._w.close()
         self._sink.close()
         return WorkList(self.path, self.n, self.batch_rows)

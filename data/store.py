@@ -10,6 +10,9 @@ Layout::
         catalog.duckdb             images, errors, runs
         ids.npy                    int64 catalog ids, sorted
         vectors.npy                aligned, L2-normalised float32 vectors, row i ↔ ids[i]
+        vectors16.npy              (product-quantised indices only) the same vectors in float16: what top-k
+                                   searches re-rank candidates from (half the bytes to read); stores
+                                   written before it existed have none and re-rank from vectors.npy
         index.faiss                FAISS index over the same vectors, ids = catalog ids
       features/f-<run>-<seq>.npz   raw encoder features (ids, feats), immutable shards shared by snapshots
       staging/                     the running (or killed) index run's progress, see indexer.pipeline
@@ -256,6 +259,7 @@ class Snapshot:
         self._lock = threading.Lock()
         self._index = None
         self._vectors = None
+        self._vectors16 = None
         self._ids = None
         self._con = None
 
@@ -310,6 +314,23 @@ class Snapshot:
         if self._vectors is None:
             self._vectors = np.load(self.path / "vectors.npy", mmap_mode="r", allow_pickle=False)
         return self._vectors
+
+    @property
+    def vectors16(self) -> np.ndarray | None:
+        """The float16 copy of ``vectors`` (memory-mapped) kept beside product-quantised indices, else None
+        (other index types, and stores written before the copy existed)."""
+        if "vectors16.npy" not in self._files():
+            return None
+        with self._lock:
+            if self._vectors16 is None:
+                self._vectors16 = np.load(self.path / "vectors16.npy", mmap_mode="r", allow_pickle=False)
+        return self._vectors16
+
+    @property
+    def refine_vectors(self) -> np.ndarray:
+        """What approximate candidates are re-scored from: the float16 copy where there is one, else ``vectors``."""
+        v16 = self.vectors16
+        return self.vectors if v16 is None else v16
 
     @property
     def index(self):
@@ -573,13 +594,19 @@ class StoreWriter:
             # memory-mapped: the aligned vectors of a large store never need to fit in RAM at once
             vectors = np.load(tmpdir / "vectors.npy", mmap_mode="r" if len(ids) else None, allow_pickle=False)
             index, index_info = build_index(vectors, ids)
+            if index_info.get("type") == "ivf_pq":
+                # quantised codes: top-k searches re-rank deep candidate lists from a float16 copy
+                write_float16_copy(vectors, tmpdir / "vectors16.npy")
+                index_info = dict(index_info, refine="vectors16.npy")
             del vectors
             import faiss
 
             faiss.write_index(index, str(tmpdir / "index.faiss"))
             files = {}
-            for f in ("catalog.duckdb", "ids.npy", "vectors.npy", "index.faiss"):
+            for f in ("catalog.duckdb", "ids.npy", "vectors.npy", "vectors16.npy", "index.faiss"):
                 p = tmpdir / f
+                if f == "vectors16.npy" and not p.exists():
+                    continue
                 with open(p, "rb+") as fh:
                     os.fsync(fh.fileno())
                 files[f] = {"size": os.path.getsize(p), "digest": file_digest(p, os.path.getsize(p) > QUICK_VERIFY_BYTES)}
@@ -778,6 +805,23 @@ class StoreWriter:
             rel = f"features/{p.name}"
             if rel not in referenced:
                 p.unlink(missing_ok=True)
+
+
+def write_float16_copy(vectors: np.ndarray, path: Path, chunk: int = COPY_CHUNK) -> Path:
+    """Write ``vectors`` (any float array or memory map) to ``path`` as a float16 ``.npy``, chunk by chunk.
+
+    Not atomic on its own: callers write it inside a snapshot's temporary folder (renamed whole, fsynced
+    with the snapshot's other files). Unit vectors lose < 2**-11 of any inner product (relative rounding
+    of each component; Cauchy-Schwarz), far below the gaps re-ranking decides on.
+    """
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=tuple(vectors.shape))
+    try:
+        for s in range(0, len(vectors), chunk):
+            out[s : s + chunk] = np.asarray(vectors[s : s + chunk], np.float32)
+        out.flush()
+    finally:
+        del out
+    return path
 
 
 def new_feature_shard_name(run_id: str, seq: int) -> str:

@@ -324,6 +324,7 @@ class Snapshot:
         with self._lock:
             if self._vectors16 is None:
                 self._vectors16 = np.load(self.path / "vectors16.npy", mmap_mode="r", allow_pickle=False)
+                advise_random(self._vectors16)  # read a few scattered rows at a time: no read-ahead
         return self._vectors16
 
     @property
@@ -805,6 +806,26 @@ class StoreWriter:
             rel = f"features/{p.name}"
             if rel not in referenced:
                 p.unlink(missing_ok=True)
+
+
+def advise_random(vectors) -> bool:
+    """``madvise(MADV_RANDOM)`` on a numpy memory map: re-ranking reads scattered rows, and the kernel's
+    read-ahead (128 KiB around each 1-2 KiB row) would fill the page cache with rows nobody asked for.
+    Returns whether the advice was given (False for arrays in RAM, or where mmap has no ``madvise``)."""
+    import mmap
+
+    mm = getattr(vectors, "_mmap", None)
+    base = getattr(vectors, "base", None)
+    while mm is None and base is not None:  # np.load(mmap_mode=...) returns a memmap whose base is the mmap
+        mm = base if isinstance(base, mmap.mmap) else getattr(base, "_mmap", None)
+        base = getattr(base, "base", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_RANDOM"):
+        return False
+    try:
+        mm.madvise(mmap.MADV_RANDOM)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def write_float16_copy(vectors: np.ndarray, path: Path, chunk: int = COPY_CHUNK) -> Path:

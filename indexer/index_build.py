@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from t2c.data.errors import InvalidInput
+from t2c.data.store import advise_random  # noqa: F401 - re-exported: refinement reads memory maps
 
 EXACT_MAX = 200_000
 DEFAULT_BUDGET = 4 << 30  # bytes for the index's vectors/codes
@@ -165,26 +166,6 @@ def score_error(index, vectors: np.ndarray, *, seed: int = 0, n: int = 4096, n_q
     q = q + rng.normal(scale=0.05, size=q.shape).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     return float(np.quantile(np.abs(q @ err.T), quantile))
-
-
-def advise_random(vectors) -> bool:
-    """``madvise(MADV_RANDOM)`` on a numpy memory map: re-ranking reads scattered rows, and the kernel's
-    read-ahead (128 KiB around each 1-2 KiB row) would fill the page cache with rows nobody asked for.
-    Returns whether the advice was given (False for arrays in RAM, or where mmap has no ``madvise``)."""
-    import mmap
-
-    mm = getattr(vectors, "_mmap", None)
-    base = getattr(vectors, "base", None)
-    while mm is None and base is not None:  # np.load(mmap_mode=...) returns a memmap whose base is the mmap
-        mm = base if isinstance(base, mmap.mmap) else getattr(base, "_mmap", None)
-        base = getattr(base, "base", None)
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_RANDOM"):
-        return False
-    try:
-        mm.madvise(mmap.MADV_RANDOM)
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def rows_of_ids(ids: np.ndarray, cand: np.ndarray) -> np.ndarray:

@@ -160,13 +160,11 @@ def recall(got: np.ndarray, truth: np.ndarray) -> float:
 
 
 def measure_grid(index, v16, ids, queries, truth, nprobes, reranks, k: int = 10, timed: int = 100) -> list:
-    import faiss
-
-    from t2c.indexer.index_build import search_reranked
+    from t2c.indexer.index_build import ivf_params, search_reranked
 
     out = []
     for nprobe in nprobes:
-        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        params = ivf_params(index, nprobe)  # an HNSW coarse quantizer searches deep enough for nprobe lists
         # codes alone (no refinement), for reference
         row = {"nprobe": nprobe, "rerank": 0}
         for name, q in queries.items():
@@ -229,7 +227,8 @@ def run_one(kind: str, args) -> dict:
     del index
     rss_index = index_rss_bytes(ipath)
     index = faiss.read_index(str(ipath))
-    ipath.unlink()
+    if not args.keep:
+        ipath.unlink()
     advised = advise_random(v16)
 
     nprobes = [int(x) for x in args.nprobes.split(",")]
@@ -276,7 +275,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tune-queries", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=Path("/tmp/t2c-recall"))
-    ap.add_argument("--keep", action="store_true", help="keep the float16 files for a rerun")
+    ap.add_argument("--keep", action="store_true", help="keep the float16 files (and the index) for a rerun")
     ap.add_argument("--generate-only", action="store_true", help="write the float16 files (kept) and stop")
     args = ap.parse_args(argv)
     import faiss

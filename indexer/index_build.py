@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from t2c.data.errors import InvalidInput
-from t2c.data.store import advise_random  # noqa: F401 - re-exported: refinement reads memory maps
+from t2c.data.store import advise_random, ivf_params, quantizer_params  # noqa: F401 - re-exported
 
 EXACT_MAX = 200_000
 DEFAULT_BUDGET = 4 << 30  # bytes for the index's vectors/codes
@@ -272,13 +272,13 @@ def tune_nprobe(index, vectors: np.ndarray, ids: np.ndarray, *, target_recall: f
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     truth = ids[exact_topk(vectors, q, k)]
     ivf = faiss.extract_index_ivf(index)
-    quantised = not isinstance(ivf, faiss.IndexIVFFlat)
+    quantised = not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat)  # (extract_index_ivf gives the base type)
     ref = vectors if refine_vectors is None else refine_vectors
     tried = []
 
     def measure(nprobe, rr):
-        ivf.nprobe = nprobe
-        got = search_reranked(index, ref, ids, q, k, rr) if rr else index.search(q, k)[1]
+        params = ivf_params(index, nprobe)
+        got = search_reranked(index, ref, ids, q, k, rr, params=params) if rr else index.search(q, k, params=params)[1]
         recall = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(got, truth)]))
         tried.append((nprobe, rr, recall))
         return recall
@@ -295,8 +295,8 @@ def tune_nprobe(index, vectors: np.ndarray, ids: np.ndarray, *, target_recall: f
         cover_target = min(1.0, target_recall + (1 - target_recall) / 2)
         nprobe, coverage = 1, []
         while True:
-            ivf.nprobe = nprobe
-            _, probed = ivf.quantizer.search(q, nprobe)
+            qp = quantizer_params(index, nprobe)
+            _, probed = ivf.quantizer.search(q, nprobe, params=qp) if qp is not None else ivf.quantizer.search(q, nprobe)
             cov = float(np.mean([np.isin(t, p).mean() for t, p in zip(in_list, probed)]))
             coverage.append([nprobe, round(cov, 4)])
             if cov >= cover_target or nprobe >= ivf.nlist:
@@ -316,15 +316,19 @@ def tune_nprobe(index, vectors: np.ndarray, ids: np.ndarray, *, target_recall: f
     if recall < target_recall:
         best = max(r for _, _, r in tried)
         nprobe, rr, recall = next(t for t in tried if t[2] >= best - PLATEAU)
-    ivf.nprobe = nprobe
+    set_search_params(index, {"nprobe": nprobe})
     return {"nprobe": nprobe, "recall_at_10": round(recall, 4), "recall_queries": len(q), "rerank": rr,
             "target_reached": recall >= target_recall,
             "tried": [[a, b, round(c, 4)] for a, b, c in tried], **out}
 
 
 def set_search_params(index, info: dict) -> None:
-    """Apply the manifest's tuned nprobe to a loaded index."""
+    """Apply the manifest's tuned nprobe to a loaded index (and an HNSW coarse quantizer's matching search
+    depth, so that plain ``index.search`` calls find the lists they probe; see ``quantizer_params``)."""
     import faiss
 
     if info.get("nprobe"):
         faiss.extract_index_ivf(index).nprobe = int(info["nprobe"])
+        qp = quantizer_params(index, int(info["nprobe"]))
+        if qp is not None:
+            faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).hnsw.efSearch = int(qp.efSearch)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from t2c.data.errors import InvalidInput
+from t2c.data.store import ivf_params
 
 __all__ = ["find_duplicates", "duplicate_pairs", "calibrate_duplicates", "DuplicateReport", "PixelVerifier",
            "MATCH_CORRELATION", "MAX_RESIDUAL", "MAX_NEIGHBOURS"]
@@ -75,7 +76,7 @@ def _nn_similarity(index, V: np.ndarray, rows: np.ndarray, nprobe: int | None) -
     import faiss
 
     q = np.ascontiguousarray(V[rows], np.float32)
-    params = faiss.SearchParametersIVF(nprobe=nprobe) if nprobe else None
+    params = ivf_params(index, nprobe) if nprobe else None
     D, I = index.search(q, 2, params=params) if params else index.search(q, 2)
     self_first = I[:, 0] == rows
     return np.where(self_first, D[:, 1], D[:, 0]).astype(np.float64)
@@ -137,7 +138,7 @@ def duplicate_pairs(V: np.ndarray, threshold: float, *, index=None, nprobe: int 
 
     if index is None:
         index, nprobe = _audit_index(V)
-    params = faiss.SearchParametersIVF(nprobe=nprobe) if nprobe else None
+    params = ivf_params(index, nprobe) if nprobe else None
     out_p, out_s = [], []
     for s in range(0, len(V), block):
         q = np.ascontiguousarray(V[s:s + block], np.float32)

@@ -193,3 +193,31 @@ def test_build_index_from_float16_memory_map_with_explicit_factory(tmp_path):
     assert info["recall_at_10"] >= 0.95 and info["tried"][-1][2] == pytest.approx(info["recall_at_10"], abs=0.01)
     with pytest.raises(InvalidInput):
         build_index(v16, ids, factory="HNSW32")
+
+
+def test_hnsw_coarse_quantizer_searches_as_deep_as_nprobe():
+    """An HNSW coarse quantizer left at its build-time efSearch (16) finds neither the right lists nor all
+    of them when asked for many more; ivf_params / set_search_params make it search deep enough, so probing
+    every list really probes every list (search and range search)."""
+    import faiss
+
+    from t2c.indexer.index_build import ivf_params, quantizer_params
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(20000, 32)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    ids = np.arange(len(v), dtype=np.int64)
+    index = faiss.index_factory(32, "IVF512_HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(v)
+    index.add_with_ids(v, ids)
+    q = v[:20]
+    assert quantizer_params(index, 512).efSearch >= 1024
+    plain = index.range_search(q, -2.0, params=faiss.SearchParametersIVF(nprobe=512))[0][-1]
+    deep = index.range_search(q, -2.0, params=ivf_params(index, 512))[0][-1]
+    assert plain < 0.9 * len(q) * len(v) and deep == len(q) * len(v)  # every vector of every list
+    _, got = index.search(q, 10, params=ivf_params(index, 512))
+    np.testing.assert_array_equal(got, exact_topk(v, q, 10))
+    set_search_params(index, {"nprobe": 512})
+    np.testing.assert_array_equal(index.search(q, 10)[1], got)
+    flat = faiss.index_factory(32, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)
+    assert quantizer_params(flat, 8) is None

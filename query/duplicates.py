@@ -73,8 +73,6 @@ class DuplicateReport:
 # ------------------------------------------------------------------------------------- vector stage
 def _nn_similarity(index, V: np.ndarray, rows: np.ndarray, nprobe: int | None) -> np.ndarray:
     """Each sampled row's similarity to its nearest *other* vector."""
-    import faiss
-
     q = np.ascontiguousarray(V[rows], np.float32)
     params = ivf_params(index, nprobe) if nprobe else None
     D, I = index.search(q, 2, params=params) if params else index.search(q, 2)
@@ -134,8 +132,6 @@ def duplicate_pairs(V: np.ndarray, threshold: float, *, index=None, nprobe: int 
 
     Each row keeps its ``max_neighbours`` closest matches; searched in blocks of rows.
     """
-    import faiss
-
     if index is None:
         index, nprobe = _audit_index(V)
     params = ivf_params(index, nprobe) if nprobe else None

@@ -68,7 +68,8 @@ def synth_vectors(n: int, d: int, n_concepts: int, n_topics: int, seed: int):
     return out, dirs, count / n
 
 
-def build_store(path: Path, vectors: np.ndarray, *, exact_max: int, seed: int) -> float:
+def build_store(path: Path, vectors: np.ndarray, *, exact_max: int, seed: int, memory_budget: int | None = None,
+                factory: str | None = None) -> float:
     """Write a real store over the vectors (catalog with width/height/path/user column)."""
     from t2c.data.store import Changes, StoreWriter, atomic_save_npz, new_feature_shard_name
     from t2c.indexer.index_build import build_index
@@ -88,7 +89,8 @@ def build_store(path: Path, vectors: np.ndarray, *, exact_max: int, seed: int) -
         w.commit(Changes(rows, [rel], [], [], [], {"run_id": "bench", "command": "bench/query_latency.py"}),
                  manifest_fields={"dim": d, "feature_dim": 1, "encoder": "synthetic", "clip": "synthetic"},
                  vectors_for=lambda _ids, feats: vectors[feats[:, 0]],
-                 build_index=lambda v, i: build_index(v, i, exact_max=exact_max))
+                 build_index=lambda v, i: build_index(v, i, exact_max=exact_max, factory=factory,
+                                                      **({"memory_budget": memory_budget} if memory_budget else {})))
     return time.perf_counter() - t0
 
 
@@ -102,6 +104,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--exact-max", type=int, default=100_000,
                     help="largest store given an exact (flat) index; production default 200000")
+    ap.add_argument("--bytes-per-vector", type=int, default=None,
+                    help="index memory budget per vector (64 forces IVF-PQ with 64-byte codes; default: 4 GB budget)")
+    ap.add_argument("--factory", default=None, help="FAISS factory string overriding the choice by size and budget")
     ap.add_argument("--store", type=Path, default=None, help="store dir (reused if it exists; default: temporary)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="FAISS threads (set OMP_NUM_THREADS to match for BLAS)")
@@ -126,7 +131,8 @@ def main(argv=None) -> dict:
     gen_s = time.perf_counter() - t0
     build_s = None
     if not reuse:
-        build_s = build_store(store, vectors, exact_max=args.exact_max, seed=args.seed)
+        build_s = build_store(store, vectors, exact_max=args.exact_max, seed=args.seed, factory=args.factory,
+                              memory_budget=args.bytes_per_vector * args.n if args.bytes_per_vector else None)
     del vectors
     snap = open_store(store, verify=False)
     names = [f"c{j:02d}" for j in range(args.concepts)]
@@ -150,6 +156,7 @@ def main(argv=None) -> dict:
         eng.search(q, k=args.k)
         eng.reference_answer(q)
     lat, exact_lat, recalls, precisions, totals, nprobes, strategies = [], [], [], [], [], [], {}
+    rescored = []
     for q in queries:
         t = time.perf_counter()
         res = eng.search(q, k=args.k)
@@ -163,6 +170,7 @@ def main(argv=None) -> dict:
         precisions.append(len(got & ref) / len(got) if got else 1.0)
         totals.append(len(ref))
         nprobes.append(res.plan.get("nprobe"))
+        rescored.append(res.plan.get("rescored") or 0)
         strategies[res.plan.get("strategy", res.plan.get("exit"))] = strategies.get(
             res.plan.get("strategy", res.plan.get("exit")), 0) + 1
     p50, p95 = float(np.percentile(lat, 50)), float(np.percentile(lat, 95))
@@ -170,7 +178,8 @@ def main(argv=None) -> dict:
     out = {
         "n": args.n, "d": args.d, "concepts": args.concepts, "queries": len(queries), "k": args.k,
         "index": {k: v for k, v in snap.manifest["index"].items() if k in ("type", "factory", "nlist", "nprobe",
-                                                                              "recall_at_10", "build_seconds")},
+                                                                              "recall_at_10", "build_seconds",
+                                                                              "rerank", "refine", "score_error")},
         "latency_ms": {"p50": round(p50, 2), "p95": round(p95, 2), "mean": round(float(np.mean(lat)), 2)},
         "exact_ms": {"p50": round(e50, 2), "p95": round(float(np.percentile(exact_lat, 95)), 2)},
         "speedup_p50": round(e50 / p50, 1),
@@ -180,6 +189,7 @@ def main(argv=None) -> dict:
         "nprobe_used": {"median": (float(np.median([x for x in nprobes if x])) if any(nprobes) else None),
                         "max": max([x for x in nprobes if x], default=None)},
         "strategies": strategies,
+        "rescored_rows": {"median": float(np.median(rescored)), "max": int(np.max(rescored))},
         "calibration": {"seconds_all_concepts": round(calib_s, 2),
                         "methods": sorted({c.method for c in cals.values()})},
         "targets": {"p50_le_50ms": p50 <= 50, "recall_ge_0.95": float(np.mean(recalls)) >= 0.95,

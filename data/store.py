@@ -10,6 +10,9 @@ Layout::
         catalog.duckdb             images, errors, runs
         ids.npy                    int64 catalog ids, sorted
         vectors.npy                aligned, L2-normalised float32 vectors, row i ↔ ids[i]
+        vectors16.npy              (product-quantised indices only) the same vectors in float16: what top-k
+                                   searches re-rank candidates from (half the bytes to read); stores
+                                   written before it existed have none and re-rank from vectors.npy
         index.faiss                FAISS index over the same vectors, ids = catalog ids
       features/f-<run>-<seq>.npz   raw encoder features (ids, feats), immutable shards shared by snapshots
       staging/                     the running (or killed) index run's progress, see indexer.pipeline
@@ -273,6 +276,7 @@ class Snapshot:
         self._lock = threading.Lock()
         self._index = None
         self._vectors = None
+        self._vectors16 = None
         self._ids = None
         self._con = None
 
@@ -327,6 +331,24 @@ class Snapshot:
         if self._vectors is None:
             self._vectors = np.load(self.path / "vectors.npy", mmap_mode="r", allow_pickle=False)
         return self._vectors
+
+    @property
+    def vectors16(self) -> np.ndarray | None:
+        """The float16 copy of ``vectors`` (memory-mapped) kept beside product-quantised indices, else None
+        (other index types, and stores written before the copy existed)."""
+        if "vectors16.npy" not in self._files():
+            return None
+        with self._lock:
+            if self._vectors16 is None:
+                self._vectors16 = np.load(self.path / "vectors16.npy", mmap_mode="r", allow_pickle=False)
+                advise_random(self._vectors16)  # read a few scattered rows at a time: no read-ahead
+        return self._vectors16
+
+    @property
+    def refine_vectors(self) -> np.ndarray:
+        """What approximate candidates are re-scored from: the float16 copy where there is one, else ``vectors``."""
+        v16 = self.vectors16
+        return self.vectors if v16 is None else v16
 
     @property
     def index(self):
@@ -596,6 +618,10 @@ class StoreWriter:
             self._phase("index")
             vectors = np.load(tmpdir / "vectors.npy", mmap_mode="r" if len(ids) else None, allow_pickle=False)
             index, index_info = build_index(vectors, ids)
+            if index_info.get("type") == "ivf_pq":
+                # quantised codes: top-k searches re-rank deep candidate lists from a float16 copy
+                write_float16_copy(vectors, tmpdir / "vectors16.npy")
+                index_info = dict(index_info, refine="vectors16.npy")
             del vectors
             import faiss
 
@@ -603,8 +629,10 @@ class StoreWriter:
             del index
             self._phase("checksums")
             files = {}
-            for f in ("catalog.duckdb", "ids.npy", "vectors.npy", "index.faiss"):
+            for f in ("catalog.duckdb", "ids.npy", "vectors.npy", "vectors16.npy", "index.faiss"):
                 p = tmpdir / f
+                if f == "vectors16.npy" and not p.exists():
+                    continue
                 with open(p, "rb+") as fh:
                     os.fsync(fh.fileno())
                 files[f] = {"size": os.path.getsize(p), "digest": file_digest(p, os.path.getsize(p) > QUICK_VERIFY_BYTES)}
@@ -863,6 +891,75 @@ class StoreWriter:
             rel = f"features/{p.name}"
             if rel not in referenced:
                 p.unlink(missing_ok=True)
+
+
+HNSW_EF_PER_PROBE = 2  # an HNSW coarse quantizer searches at least this many candidates per probed list
+
+
+def quantizer_params(index, nprobe: int):
+    """Search parameters for an IVF index's coarse quantizer that find ``nprobe`` lists, or None.
+
+    An HNSW coarse quantizer keeps the efSearch it was built with (16): asked for more lists than that, it
+    returns the wrong ones (measured on 4,096 centroids: 36% of the true top 64 lists at efSearch 16, 93% at
+    128) or fewer (-1s past ~100), so probing more lists stops paying long before every list is probed.
+    Its search depth must follow nprobe: efSearch = max(efSearch, HNSW_EF_PER_PROBE * nprobe).
+    """
+    import faiss
+
+    q = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    if not isinstance(q, faiss.IndexHNSW):
+        return None
+    return faiss.SearchParametersHNSW(efSearch=int(max(q.hnsw.efSearch, HNSW_EF_PER_PROBE * int(nprobe))))
+
+
+def ivf_params(index, nprobe: int):
+    """Per-call ``SearchParametersIVF`` probing ``nprobe`` lists (the shared index is never mutated), with the
+    coarse quantizer's own parameters where it needs them (see ``quantizer_params``)."""
+    import faiss
+
+    p = faiss.SearchParametersIVF(nprobe=int(nprobe))
+    qp = quantizer_params(index, nprobe)
+    if qp is not None:
+        p.quantizer_params = qp
+        p.referenced_objects = [qp]  # SWIG holds a raw pointer: keep the object alive with p
+    return p
+
+
+def advise_random(vectors) -> bool:
+    """``madvise(MADV_RANDOM)`` on a numpy memory map: re-ranking reads scattered rows, and the kernel's
+    read-ahead (128 KiB around each 1-2 KiB row) would fill the page cache with rows nobody asked for.
+    Returns whether the advice was given (False for arrays in RAM, or where mmap has no ``madvise``)."""
+    import mmap
+
+    mm = getattr(vectors, "_mmap", None)
+    base = getattr(vectors, "base", None)
+    while mm is None and base is not None:  # np.load(mmap_mode=...) returns a memmap whose base is the mmap
+        mm = base if isinstance(base, mmap.mmap) else getattr(base, "_mmap", None)
+        base = getattr(base, "base", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_RANDOM"):
+        return False
+    try:
+        mm.madvise(mmap.MADV_RANDOM)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def write_float16_copy(vectors: np.ndarray, path: Path, chunk: int = COPY_CHUNK) -> Path:
+    """Write ``vectors`` (any float array or memory map) to ``path`` as a float16 ``.npy``, chunk by chunk.
+
+    Not atomic on its own: callers write it inside a snapshot's temporary folder (renamed whole, fsynced
+    with the snapshot's other files). Unit vectors lose < 2**-11 of any inner product (relative rounding
+    of each component; Cauchy-Schwarz), far below the gaps re-ranking decides on.
+    """
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=tuple(vectors.shape))
+    try:
+        for s in range(0, len(vectors), chunk):
+            out[s : s + chunk] = np.asarray(vectors[s : s + chunk], np.float32)
+        out.flush()
+    finally:
+        del out
+    return path
 
 
 def new_feature_shard_name(run_id: str, seq: int) -> str:

@@ -13,6 +13,13 @@ sample of queries reaches ``target_recall``; the chosen nprobe and the measured 
 Product-quantised indices also record ``score_error``: how far a code's inner product can stray from the
 exact one (the 99th percentile over sampled pairs), so that range searches widen their radius by it and lose
 no true match to quantisation (the engine rescores every candidate exactly).
+
+Top-k search over a product-quantised index refines: the top ``rerank`` candidates of the codes are re-scored
+exactly from a memory-mapped copy of the vectors (a store keeps a float16 one, ``vectors16.npy``, half the
+bytes of ``vectors.npy``), read in row order (``refine_topk``). Dense collections need deep lists (thousands
+of candidates: 64-byte codes cannot order the near neighbours inside a dense cluster), so tuning deepens the
+re-ranking up to ``MAX_RERANK``. ``vectors`` may be float32 or float16, in RAM or memory-mapped: every
+function here converts the rows it reads, block by block, and never loads a memory map whole.
 """
 from __future__ import annotations
 
@@ -22,11 +29,15 @@ import time
 import numpy as np
 
 from t2c.data.errors import InvalidInput
-from t2c.data.store import drop_pages
+from t2c.data.store import advise_random, drop_pages, ivf_params, quantizer_params  # noqa: F401 - re-exported
 
 EXACT_MAX = 200_000
 DEFAULT_BUDGET = 4 << 30  # bytes for the index's vectors/codes
 HNSW_COARSE_MIN = 8192  # lists from which the coarse quantizer is an HNSW graph
+# HNSW search depth when assigning vectors to lists (k-means and add): at FAISS's default 16, 1.4% of
+# clustered synthetic 512-d vectors went to a list of another cluster (4,096 lists), unreachable by probing
+# near lists; 32 misplaced 0.1% (~2.8x the assignment time), 64 none
+ASSIGN_EF = 32
 
 
 _LIBC = []
@@ -94,14 +105,22 @@ def gather_rows(vectors: np.ndarray, rows: np.ndarray, chunk: int = 65536) -> np
     return out
 
 
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float32)
+
+
 def build_index(vectors: np.ndarray, ids: np.ndarray, *, memory_budget: int = DEFAULT_BUDGET,
-                exact_max: int = EXACT_MAX, target_recall: float = 0.95, seed: int = 0, n_eval: int = 200):
+                exact_max: int = EXACT_MAX, target_recall: float = 0.95, seed: int = 0, n_eval: int = 200,
+                refine_vectors: np.ndarray | None = None, factory: str | None = None):
     """Build a FAISS inner-product index over normalised ``vectors`` keyed by ``ids``.
 
     Args:
         vectors: (n, d) float32, L2-normalised. ids: (n,) int64 catalog ids.
         memory_budget: bytes the index may use for vectors/codes. exact_max: largest exact index.
         target_recall: recall@10 that nprobe is tuned to reach on sampled queries.
+        refine_vectors: what product-quantised candidates are re-scored from while tuning (default
+            ``vectors``; a store passes its float16 copy, the file its searches will read).
+        factory: a FAISS factory string overriding the choice by size and budget (benchmarks).
 
     Returns:
         (faiss_index, info) where info holds type, factory, nprobe, recall_at_10, build_seconds.
@@ -111,16 +130,20 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, *, memory_budget: int = DE
     """
     import faiss
 
-    vectors = np.ascontiguousarray(vectors, np.float32)
+    # float32 or float16, possibly a memory map larger than RAM: rows are converted as they are read
+    if vectors.dtype not in (np.float32, np.float16):
+        vectors = _f32(vectors)
     ids = np.ascontiguousarray(ids, np.int64)
     if vectors.ndim != 2 or len(vectors) != len(ids):
         raise InvalidInput(f"vectors {vectors.shape} and ids {ids.shape} do not match")
     n, d = vectors.shape
     t0 = time.perf_counter()
     choice = choose_index_type(n, d, memory_budget=memory_budget, exact_max=exact_max)
+    if factory:
+        choice = _parse_factory(factory)
     if choice["type"] == "flat":
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
-        index.add_with_ids(vectors, ids)
+        index.add_with_ids(_f32(vectors), ids)
         info = dict(choice, n=n, d=d, nprobe=None, recall_at_10=1.0)
     else:
         index = faiss.index_factory(d, choice["factory"], faiss.METRIC_INNER_PRODUCT)
@@ -132,22 +155,45 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, *, memory_budget: int = DE
             # k-means assignments through an HNSW graph too (rebuilt each iteration): with ~10^4 lists the
             # exact assignment GEMM would dominate the whole build (spherical k-means: L2 order = IP order)
             clustering = faiss.IndexHNSWFlat(d, 32)
+            clustering.hnsw.efSearch = ASSIGN_EF
             faiss.extract_index_ivf(index).clustering_index = clustering
         index.train(train)
         del train
+        hnsw_q = None
         if clustering is not None:
             faiss.extract_index_ivf(index).clustering_index = None  # never left pointing at a freed index
+            hnsw_q = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+            ef0, hnsw_q.hnsw.efSearch = hnsw_q.hnsw.efSearch, ASSIGN_EF  # each vector into its nearest list
         for s in range(0, n, 262144):
-            index.add_with_ids(vectors[s : s + 262144], ids[s : s + 262144])
+            index.add_with_ids(_f32(vectors[s : s + 262144]), ids[s : s + 262144])
             drop_pages(vectors)  # memory-mapped vectors and ids: only the chunk being added is resident
             drop_pages(ids)
             release_free_heap()
+        if hnsw_q is not None:
+            hnsw_q.hnsw.efSearch = ef0  # searches set their own depth (quantizer_params)
         info = dict(choice, n=n, d=d)
-        info.update(tune_nprobe(index, vectors, ids, target_recall=target_recall, seed=seed, n_eval=n_eval))
+        info.update(tune_nprobe(index, vectors, ids, target_recall=target_recall, seed=seed, n_eval=n_eval,
+                                refine_vectors=refine_vectors))
         if choice["type"] == "ivf_pq":
             info["score_error"] = round(score_error(index, vectors, seed=seed), 6)
     info["build_seconds"] = round(time.perf_counter() - t0, 3)
     return index, info
+
+
+def _parse_factory(factory: str) -> dict:
+    """The ``choose_index_type`` dict of an explicit IVF factory string (``[OPQm,]IVFn[_HNSW32],PQm|Flat``)."""
+    import re
+
+    m = re.search(r"IVF(\d+)", factory)
+    if not m:
+        raise InvalidInput(f"index factory {factory!r} is not an IVF index", "use IVF{nlist}[_HNSW32],PQ{m} or ,Flat")
+    out = {"factory": factory, "nlist": int(m.group(1))}
+    pq = re.search(r",PQ(\d+)", factory)
+    if pq:
+        out.update(type="ivf_pq", m=int(pq.group(1)))
+    else:
+        out["type"] = "ivf_flat"
+    return out
 
 
 SCORE_ERROR_QUANTILE = 0.99
@@ -169,36 +215,101 @@ def score_error(index, vectors: np.ndarray, *, seed: int = 0, n: int = 4096, n_q
     return float(np.quantile(np.abs(q @ err.T), quantile))
 
 
-def search_reranked(index, vectors: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int, rerank: int):
-    """Top-k ids: ``rerank`` candidates from the (quantised) index, re-scored exactly from ``vectors``."""
-    _, cand = index.search(q, max(k, rerank))
+def rows_of_ids(ids: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Row positions of candidate ids (``ids`` sorted ascending, as a store keeps them)."""
+    n = len(ids)
+    if n and int(ids[0]) == 0 and int(ids[-1]) == n - 1:
+        return np.asarray(cand, np.int64)  # ids are row numbers
+    return np.searchsorted(ids, cand)
+
+
+def _top_of_rows(block: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, scores) of the top-k rows of ``block`` (float16 or float32, in RAM) by inner product with q,
+    best first. float16 rows are scored by FAISS's float16 scalar-quantizer kernel (F16C/AVX: ~10x numpy's
+    float16 -> float32 conversion), with float32 accumulation: the exact inner products of the stored values."""
+    import faiss
+
+    m, d = block.shape
+    k = min(k, m)
+    if block.dtype == np.float16:
+        sq = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        faiss.copy_array_to_vector(np.ascontiguousarray(block).view(np.uint8).ravel(), sq.codes)
+        sq.ntotal = m
+        D, I = sq.search(np.ascontiguousarray(q[None], np.float32), k)
+        return I[0].astype(np.int64), D[0]
+    sc = np.ascontiguousarray(block, np.float32) @ q
+    top = np.argpartition(-sc, k - 1)[:k] if k < m else np.arange(m)
+    top = top[np.lexsort((top, -sc[top]))]
+    return top, sc[top]
+
+
+def refine_topk(vectors: np.ndarray, ids: np.ndarray, q: np.ndarray, cand: np.ndarray, k: int):
+    """Exact top-k among candidate ids: (ids (nq, k), scores (nq, k)), -1 / -inf where fewer than k.
+
+    Each query's candidate rows are read from ``vectors`` (float32 or float16, in RAM or memory-mapped) in
+    ascending row order, so a memory map is read front to back (one pass, no seeks back), then scored exactly
+    (float16 rows by FAISS's SIMD float16 kernel, float32 rows by BLAS).
+    """
+    q = np.ascontiguousarray(q, np.float32)
     out = np.full((len(q), k), -1, np.int64)
-    for j, row in enumerate(cand):
+    scores = np.full((len(q), k), -np.inf, np.float32)
+    for j, row in enumerate(np.asarray(cand)):
         row = row[row >= 0]
         if not len(row):
             continue
-        pos = np.searchsorted(ids, row)
-        sc = np.asarray(vectors[pos], np.float32) @ q[j]
-        top = np.argsort(-sc)[:k]
-        out[j, : len(top)] = row[top]
-    drop_pages(vectors)
-    drop_pages(ids)
-    return out
+        pos = np.unique(rows_of_ids(ids, row))  # sorted, and a candidate listed twice is scored once
+        top, sc = _top_of_rows(vectors[pos], q[j], k)
+        out[j, : len(top)] = ids[pos[top]]
+        scores[j, : len(top)] = sc
+    return out, scores
 
 
-MAX_RERANK = 1600  # deepest exact re-ranking of PQ candidates that tuning tries
+def search_reranked(index, vectors: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int, rerank: int,
+                    params=None):
+    """Top-k ids: ``rerank`` candidates from the (quantised) index, re-scored exactly from ``vectors``
+    (float32 or float16, in RAM or memory-mapped; see ``refine_topk``)."""
+    q = np.ascontiguousarray(q, np.float32)
+    _, cand = index.search(q, max(k, rerank), params=params) if params is not None else index.search(q, max(k, rerank))
+    return refine_topk(vectors, ids, q, cand, k)[0]
+
+
+MAX_RERANK = 16384  # deepest exact re-ranking of PQ candidates that tuning tries (a dense cluster of a
+# 10M-vector collection holds ~5,000 vectors that 64-byte codes cannot order; float16 rows cost ~1 µs each)
 PLATEAU = 0.005  # a doubling of nprobe that gains less recall than this is a plateau
 
 
-def tune_nprobe(index, vectors: np.ndarray, ids: np.ndarray, *, target_recall: float = 0.95, seed: int = 0,
-                n_eval: int = 200, k: int = 10, rerank: int | None = None) -> dict:
-    """Raise nprobe until recall@k vs exact search on sampled queries reaches the target.
+def _lists_of_ids(ivf, wanted: np.ndarray) -> np.ndarray:
+    """The IVF list that holds each of ``wanted`` (ids; -1 for an id in no list), read from the inverted lists."""
+    import faiss
 
-    For product-quantised indices, the top ``rerank`` (default 10·k) approximate candidates are re-scored
-    exactly from the stored vectors: PQ codes alone rarely reach high recall on 512-d vectors. When doubling
-    nprobe stops paying (a plateau: the codes, not the probed lists, limit recall) the re-ranking depth is
-    doubled instead, up to ``MAX_RERANK``. If the target is never reached, the smallest setting within
-    ``PLATEAU`` of the best recall seen is kept, rather than probing every list for nothing.
+    flat = np.asarray(wanted, np.int64).ravel()
+    uniq, inv = np.unique(flat, return_inverse=True)
+    out = np.full(len(uniq), -1, np.int64)
+    for l in range(ivf.nlist):
+        sz = ivf.invlists.list_size(l)
+        if sz:
+            lid = faiss.rev_swig_ptr(ivf.invlists.get_ids(l), sz)
+            pos = np.searchsorted(uniq, lid)
+            hit = (pos < len(uniq)) & (uniq[np.minimum(pos, len(uniq) - 1)] == lid)
+            out[pos[hit]] = l
+    return out[inv].reshape(np.shape(wanted))
+
+
+def tune_nprobe(index, vectors: np.ndarray, ids: np.ndarray, *, target_recall: float = 0.95, seed: int = 0,
+                n_eval: int = 200, k: int = 10, rerank: int | None = None,
+                refine_vectors: np.ndarray | None = None) -> dict:
+    """Find nprobe (and, for product-quantised indices, the re-ranking depth) that reach recall@k ``target_recall``
+    against exact search on sampled queries.
+
+    IVF-Flat: nprobe doubles until the target is reached. Product-quantised codes rarely reach high recall on
+    512-d vectors alone, so the top ``rerank`` candidates are re-scored exactly from ``refine_vectors`` (default
+    ``vectors``), and the two limits are tuned apart: first nprobe, the fewest lists (doubling) whose union holds
+    ``target + (1 - target) / 2`` of the true neighbours (read from the inverted lists: no search needed), then
+    the re-ranking depth, doubling from ``rerank`` (default 10·k) up to ``MAX_RERANK``; only if the deepest
+    re-ranking still falls short are more lists probed. (Doubling nprobe with a shallow re-ranking confused
+    the two limits and probed half of all lists for nothing.) If the target is never reached, the first
+    (cheapest) setting within ``PLATEAU`` of the best recall seen is kept. Every setting tried is returned
+    (``tried``: [nprobe, rerank, recall]).
     """
     import faiss
 
@@ -209,34 +320,63 @@ def tune_nprobe(index, vectors: np.ndarray, ids: np.ndarray, *, target_recall: f
     truth = ids[exact_topk(vectors, q, k)]
     drop_pages(vectors)
     ivf = faiss.extract_index_ivf(index)
-    # extract_index_ivf gives the IndexIVF base class: downcast before asking whether the codes are exact (without
-    # it every IVF-Flat index was tuned as if quantised, re-ranking candidates from the vectors for nothing)
-    quantised = not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat)
-    rerank = (rerank or 10 * k) if quantised else None
-    nprobe, prev, tried = 1, None, []
-    while True:
-        ivf.nprobe = nprobe
-        got = search_reranked(index, vectors, ids, q, k, rerank) if rerank else index.search(q, k)[1]
+    quantised = not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat)  # (extract_index_ivf gives the base type)
+    ref = vectors if refine_vectors is None else refine_vectors
+    tried = []
+
+    def measure(nprobe, rr):
+        params = ivf_params(index, nprobe)
+        got = search_reranked(index, ref, ids, q, k, rr, params=params) if rr else index.search(q, k, params=params)[1]
         recall = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(got, truth)]))
-        tried.append((nprobe, rerank, recall))
-        if recall >= target_recall or nprobe >= ivf.nlist:
-            break
-        if rerank and prev is not None and recall - prev < PLATEAU and rerank < MAX_RERANK:
-            rerank, prev = min(MAX_RERANK, rerank * 2), None  # same nprobe, deeper re-ranking
-            continue
-        prev = recall
-        nprobe = min(ivf.nlist, nprobe * 2)
+        tried.append((nprobe, rr, recall))
+        return recall
+
+    out = {}
+    if not quantised:
+        nprobe = 1
+        while measure(nprobe, None) < target_recall and nprobe < ivf.nlist:
+            nprobe = min(ivf.nlist, nprobe * 2)
+        rr = None
+    else:
+        # 1. lists: the fewest (doubling) that hold enough of the true neighbours
+        in_list = _lists_of_ids(ivf, truth)
+        cover_target = min(1.0, target_recall + (1 - target_recall) / 2)
+        nprobe, coverage = 1, []
+        while True:
+            qp = quantizer_params(index, nprobe)
+            _, probed = ivf.quantizer.search(q, nprobe, params=qp) if qp is not None else ivf.quantizer.search(q, nprobe)
+            cov = float(np.mean([np.isin(t, p).mean() for t, p in zip(in_list, probed)]))
+            coverage.append([nprobe, round(cov, 4)])
+            if cov >= cover_target or nprobe >= ivf.nlist:
+                break
+            nprobe = min(ivf.nlist, nprobe * 2)
+        out["coverage"] = coverage
+        # 2. re-ranking depth, then (only if the deepest falls short) more lists
+        rr = min(rerank or 10 * k, MAX_RERANK)
+        while measure(nprobe, rr) < target_recall:
+            if rr < MAX_RERANK:
+                rr = min(MAX_RERANK, rr * 2)
+            elif nprobe < ivf.nlist:
+                nprobe = min(ivf.nlist, nprobe * 2)
+            else:
+                break
+    recall = tried[-1][2]
     if recall < target_recall:
         best = max(r for _, _, r in tried)
-        nprobe, rerank, recall = next(t for t in tried if t[2] >= best - PLATEAU)
-    ivf.nprobe = nprobe
-    return {"nprobe": nprobe, "recall_at_10": round(recall, 4), "recall_queries": len(q), "rerank": rerank,
-            "target_reached": recall >= target_recall}
+        nprobe, rr, recall = next(t for t in tried if t[2] >= best - PLATEAU)
+    set_search_params(index, {"nprobe": nprobe})
+    return {"nprobe": nprobe, "recall_at_10": round(recall, 4), "recall_queries": len(q), "rerank": rr,
+            "target_reached": recall >= target_recall,
+            "tried": [[a, b, round(c, 4)] for a, b, c in tried], **out}
 
 
 def set_search_params(index, info: dict) -> None:
-    """Apply the manifest's tuned nprobe to a loaded index."""
+    """Apply the manifest's tuned nprobe to a loaded index (and an HNSW coarse quantizer's matching search
+    depth, so that plain ``index.search`` calls find the lists they probe; see ``quantizer_params``)."""
     import faiss
 
     if info.get("nprobe"):
         faiss.extract_index_ivf(index).nprobe = int(info["nprobe"])
+        qp = quantizer_params(index, int(info["nprobe"]))
+        if qp is not None:
+            faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).hnsw.efSearch = int(qp.efSearch)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from t2c.data.errors import InvalidInput
+from t2c.data.store import ivf_params
 
 __all__ = ["find_duplicates", "duplicate_pairs", "calibrate_duplicates", "DuplicateReport", "PixelVerifier",
            "MATCH_CORRELATION", "MAX_RESIDUAL", "MAX_NEIGHBOURS"]
@@ -72,10 +73,8 @@ class DuplicateReport:
 # ------------------------------------------------------------------------------------- vector stage
 def _nn_similarity(index, V: np.ndarray, rows: np.ndarray, nprobe: int | None) -> np.ndarray:
     """Each sampled row's similarity to its nearest *other* vector."""
-    import faiss
-
     q = np.ascontiguousarray(V[rows], np.float32)
-    params = faiss.SearchParametersIVF(nprobe=nprobe) if nprobe else None
+    params = ivf_params(index, nprobe) if nprobe else None
     D, I = index.search(q, 2, params=params) if params else index.search(q, 2)
     self_first = I[:, 0] == rows
     return np.where(self_first, D[:, 1], D[:, 0]).astype(np.float64)
@@ -133,11 +132,9 @@ def duplicate_pairs(V: np.ndarray, threshold: float, *, index=None, nprobe: int 
 
     Each row keeps its ``max_neighbours`` closest matches; searched in blocks of rows.
     """
-    import faiss
-
     if index is None:
         index, nprobe = _audit_index(V)
-    params = faiss.SearchParametersIVF(nprobe=nprobe) if nprobe else None
+    params = ivf_params(index, nprobe) if nprobe else None
     out_p, out_s = [], []
     for s in range(0, len(V), block):
         q = np.ascontiguousarray(V[s:s + block], np.float32)

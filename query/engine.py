@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from t2c.data.errors import InvalidInput
+from t2c.data.store import ivf_params, quantizer_params
 from t2c.query import ast as qa
 from t2c.query.calibrate import Calibration, concept_scores, thresholds_for
 from t2c.query.sql import compile_filter, compile_filter_expr
@@ -502,7 +503,7 @@ class Engine:
             start, tries, last = nprobe, 0, -1
             while True:
                 # per-call parameters: the shared index is never mutated (safe for concurrent searches)
-                lims, D, I = index.range_search(q, radius - margin, params=faiss.SearchParametersIVF(nprobe=nprobe))
+                lims, D, I = index.range_search(q, radius - margin, params=ivf_params(index, nprobe))
                 found = int(lims[1]) if not margin else int((D[: lims[1]] > radius).sum())
                 tries += 1
                 # stop at the calibrated expectation, at the full index, or when doubling stops paying off
@@ -516,7 +517,8 @@ class Engine:
                 plan["radius_margin"] = round(margin, 6)
             # the lists that search probed (the quantizer's top-nprobe, the same call FAISS makes)
             ivf = faiss.extract_index_ivf(index)
-            _, probed_lists = ivf.quantizer.search(q, nprobe)
+            qp = quantizer_params(index, nprobe)
+            _, probed_lists = ivf.quantizer.search(q, nprobe, **({"params": qp} if qp is not None else {}))
             probed = np.zeros(nlist, bool)
             probed[probed_lists[0][probed_lists[0] >= 0]] = True
         else:

@@ -382,3 +382,39 @@ def test_reference_answer_with_hnsw_coarse_quantizer(tmp_path, monkeypatch):
         ref = set(eng.reference_answer(query).tolist())
         got = set(res.all_ids.tolist())
         assert got <= ref and len(got) >= 0.95 * len(ref)
+
+
+def test_ivf_pq_store_keeps_a_float16_copy_and_old_stores_without_it_still_search(tmp_path):
+    """Quantised stores write vectors16.npy (named and checksummed in the manifest); a store written before
+    that file existed (no file, no manifest entry) opens, verifies and searches, re-ranking from vectors.npy."""
+    import json
+
+    from t2c.indexer.index_build import search_reranked
+
+    v, dirs, _ = synth(6000, d=32, seed=7)
+    snap = write_store(tmp_path / "st", v, exact_max=1000, memory_budget=8 * len(v))
+    info = snap.manifest["index"]
+    assert info["type"] == "ivf_pq" and info["refine"] == "vectors16.npy"
+    assert "vectors16.npy" in snap.manifest["files"]
+    v16 = snap.vectors16
+    assert v16.dtype == np.float16 and v16.shape == v.shape
+    np.testing.assert_allclose(np.asarray(v16, np.float32), v, atol=1e-3)
+    assert snap.refine_vectors is v16
+    q = v[:5]
+    new = search_reranked(snap.index, snap.refine_vectors, np.asarray(snap.ids), q, 10, 6000)
+    np.testing.assert_array_equal(new[:, 0], np.asarray(snap.ids)[:5])
+    eng = Engine(snap, make_bank(dirs), exact_rows=0)
+    want = eng.search("dog AND beach AND NOT people", k=100).all_ids
+    snap.close()
+    # make it an old store: no float16 file, no manifest entry, no "refine"
+    (snap.path / "vectors16.npy").unlink()
+    m = json.loads((snap.path / "manifest.json").read_text())
+    del m["files"]["vectors16.npy"]
+    del m["index"]["refine"]
+    (snap.path / "manifest.json").write_text(json.dumps(m))
+    old = open_store(tmp_path / "st")  # verifies every file the manifest names
+    assert old.vectors16 is None and old.refine_vectors is old.vectors
+    got = search_reranked(old.index, old.refine_vectors, np.asarray(old.ids), q, 10, 6000)
+    np.testing.assert_array_equal(got, new)
+    np.testing.assert_array_equal(Engine(old, make_bank(dirs), exact_rows=0).search(
+        "dog AND beach AND NOT people", k=100).all_ids, want)

@@ -120,3 +120,104 @@ def test_pq_score_error_bounds_what_quantisation_loses_in_range_search():
             lost[margin] += len(truth - set(found[: lims[1]].tolist()))
     assert lost[0.0] > 0.02 * total  # the codes alone drop true matches near the threshold
     assert lost[info["score_error"]] <= 0.01 * total
+
+
+def _f16_map(tmp_path, v):
+    path = tmp_path / "v16.npy"
+    np.save(path, v.astype(np.float16))
+    return np.load(path, mmap_mode="r")
+
+
+@pytest.mark.parametrize("id_offset", [0, 1000])
+def test_refine_from_float16_map_is_the_exact_topk_of_the_candidates(tmp_path, id_offset):
+    """Refinement from a memory-mapped float16 file returns the exact top-k (of the stored float16 values)
+    among the candidates, in order, whatever order and duplicates the candidates come in."""
+    from t2c.indexer.index_build import advise_random, refine_topk
+
+    v = _clustered(5000, d=64, seed=3)
+    v16 = _f16_map(tmp_path, v)
+    assert advise_random(v16) and not advise_random(v)
+    ids = np.arange(len(v), dtype=np.int64) * (3 if id_offset else 1) + id_offset
+    rng = np.random.default_rng(1)
+    q = v[:6] + rng.normal(scale=0.05, size=(6, 64)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    rows = np.stack([rng.permutation(len(v))[:1500] for _ in q])
+    cand = ids[rows]
+    cand[:, -100:] = cand[:, :100]  # duplicates
+    cand[0, :50] = -1  # FAISS pads short lists with -1
+    got, sc = refine_topk(v16, ids, q, cand, 10)
+    exact = np.asarray(v16, np.float32)
+    for j in range(len(q)):
+        r = np.unique(rows[j][rows[j] >= 0] if j else rows[j][50:])
+        s = exact[r] @ q[j]
+        want = r[np.argsort(-s, kind="stable")[:10]]
+        np.testing.assert_array_equal(got[j], ids[want])
+        np.testing.assert_allclose(sc[j], np.sort(s)[::-1][:10], rtol=1e-5, atol=1e-6)
+    # float32 rows in RAM give the same answer
+    np.testing.assert_array_equal(refine_topk(exact, ids, q, cand, 10)[0], got)
+    # fewer candidates than k: padded with -1
+    short, ssc = refine_topk(v16, ids, q[:1], cand[:1, 60:63], 5)
+    assert (short[0, 3:] == -1).all() and np.isneginf(ssc[0, 3:]).all() and set(short[0, :3]) == set(cand[0, 60:63])
+
+
+def test_deep_refinement_from_float16_reaches_the_exact_answer(tmp_path):
+    """A PQ index whose codes alone lose neighbours: re-ranking every probed candidate from the float16 map
+    gives the exact top-10 (those candidates include the true neighbours: every list is probed)."""
+    import faiss
+
+    from t2c.indexer.index_build import MAX_RERANK, search_reranked
+
+    assert MAX_RERANK >= 8192
+    v = _clustered(6000, d=64, seed=2)
+    ids = np.arange(len(v), dtype=np.int64)
+    index = faiss.index_factory(64, "IVF16,PQ8np", faiss.METRIC_INNER_PRODUCT)
+    index.train(v)
+    index.add_with_ids(v, ids)
+    v16 = _f16_map(tmp_path, v)
+    q = v[:20]
+    truth = exact_topk(np.asarray(v16, np.float32), q, 10)
+    params = faiss.SearchParametersIVF(nprobe=16)
+    codes_only = index.search(q, 10, params=params)[1]
+    assert np.mean([len(set(a) & set(b)) for a, b in zip(codes_only, truth)]) < 9  # the codes lose some
+    got = search_reranked(index, v16, ids, q, 10, len(v), params=params)
+    np.testing.assert_array_equal(got, ids[truth])
+
+
+def test_build_index_from_float16_memory_map_with_explicit_factory(tmp_path):
+    """build_index reads float16 memory maps block by block (never whole) and accepts a factory string."""
+    v = _clustered(20000, d=32)
+    v16 = _f16_map(tmp_path, v)
+    ids = np.arange(len(v), dtype=np.int64)
+    index, info = build_index(v16, ids, exact_max=0, factory="IVF64,PQ8np", refine_vectors=v16)
+    assert info["type"] == "ivf_pq" and info["nlist"] == 64 and info["m"] == 8
+    assert info["recall_at_10"] >= 0.95 and info["tried"][-1][2] == pytest.approx(info["recall_at_10"], abs=0.01)
+    with pytest.raises(InvalidInput):
+        build_index(v16, ids, factory="HNSW32")
+
+
+def test_hnsw_coarse_quantizer_searches_as_deep_as_nprobe():
+    """An HNSW coarse quantizer left at its build-time efSearch (16) finds neither the right lists nor all
+    of them when asked for many more; ivf_params / set_search_params make it search deep enough, so probing
+    every list really probes every list (search and range search)."""
+    import faiss
+
+    from t2c.indexer.index_build import ivf_params, quantizer_params
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(20000, 32)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    ids = np.arange(len(v), dtype=np.int64)
+    index = faiss.index_factory(32, "IVF512_HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(v)
+    index.add_with_ids(v, ids)
+    q = v[:20]
+    assert quantizer_params(index, 512).efSearch >= 1024
+    plain = index.range_search(q, -2.0, params=faiss.SearchParametersIVF(nprobe=512))[0][-1]
+    deep = index.range_search(q, -2.0, params=ivf_params(index, 512))[0][-1]
+    assert plain < 0.9 * len(q) * len(v) and deep == len(q) * len(v)  # every vector of every list
+    _, got = index.search(q, 10, params=ivf_params(index, 512))
+    np.testing.assert_array_equal(got, exact_topk(v, q, 10))
+    set_search_params(index, {"nprobe": 512})
+    np.testing.assert_array_equal(index.search(q, 10)[1], got)
+    flat = faiss.index_factory(32, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)
+    assert quantizer_params(flat, 8) is None

@@ -14,9 +14,9 @@ Targets (issue 19): at ``--precision bf16|int8`` the whole run reaches >= 1.5x t
 (``ratio``); at fp32 the pipeline's encode loop (decoding overlapped) reaches >= 0.95x it
 (``encode_loop_ratio``), and start-up plus commit take <= 3 s (``startup_commit_seconds``). Stage shares:
 decode (all images decoded in one process), encode (the forward pass at the pipeline's precision), align (the
-aligner over those features), start (process start-up, torch import and model build, less the decoding done
-meanwhile is not subtracted), commit. The load average is printed beside the figures: compare only figures
-of one run.
+aligner over those features), start (the run's process start, imports, planning and model build: the decode
+workers are already decoding then), commit. The load average is printed beside the figures: compare only
+figures of one run.
 
     python bench/index_throughput.py [--n 400] [--encoder 'open_clip:ViT-B-32?weights=random'] [--precision bf16]
 """

@@ -79,11 +79,12 @@ PRECISIONS = {
     "bf16": "bfloat16 weights and activations (fast on CPUs with AVX512-BF16/AMX and on GPUs)",
     "int8": "dynamic int8 quantisation of the Linear layers (CPU only; for ViT/CLIP image towers)",
 }
-#: ``runtime=``: what runs the image tower; a run-time choice (not in the identity: features agree to float or
-#: bfloat16 rounding). "auto" (the default): OpenVINO for precision=bf16 on the CPU when it is installed (the
-#: `fast` extra) and the tower converts, else torch; "torch" and "openvino" force one (openvino: fp32 or bf16)
+#: ``runtime=``: what runs the image tower; a run-time choice (not in the identity: features agree with torch's to
+#: float rounding at fp32, to bfloat16 rounding at bf16). "auto": OpenVINO on the CPU at fp32 or bf16 when it is
+#: installed (the `fast` extra) and the tower converts, else torch. Without the option: "auto" for bf16 and in
+#: the indexing pipeline (`t2c index`), "torch" elsewhere (fp32 features for one-off uses need no conversion).
 RUNTIMES = {
-    "auto": "OpenVINO for precision=bf16 on the CPU when installed (the `fast` extra), else torch",
+    "auto": "OpenVINO on the CPU at fp32/bf16 when installed (the `fast` extra) and the tower converts, else torch",
     "torch": "eager PyTorch",
     "openvino": "OpenVINO (CPU; precision fp32 or bf16; the `fast` extra)",
 }
@@ -402,8 +403,8 @@ def make_encoder(spec: str | EncoderSpec, **overrides) -> Encoder:
     """Build an encoder from a spec string.
 
     Args:
-        spec: ``SOURCE:NAME[?weights=random|PATH&device=cpu&batch_size=64&threads=2]``.
-        **overrides: runtime options (device, batch_size, threads) that win over the spec's.
+        spec: ``SOURCE:NAME[?weights=random|PATH&device=cpu&batch_size=64&threads=2&runtime=auto]``.
+        **overrides: run-time options (device, batch_size, threads, runtime) that win over the spec's.
 
     Returns:
         An :class:`Encoder` whose ``spec`` is the normalised spec string.
@@ -433,12 +434,13 @@ def make_encoder(spec: str | EncoderSpec, **overrides) -> Encoder:
         kw["device"] = runtime["device"]
     if "threads" in runtime:
         kw["threads"] = int(runtime["threads"])
-    precision, runtime_name = parsed.options.get("precision", "fp32"), runtime.get("runtime", "auto")
+    precision = parsed.options.get("precision", "fp32")
+    runtime_name = runtime.get("runtime") or ("auto" if precision == "bf16" else "torch")
     if runtime_name not in RUNTIMES:
         raise UnknownChoice("runtime", runtime_name, sorted(RUNTIMES))
     if precision not in PRECISIONS:
         raise UnknownChoice("precision", precision, sorted(PRECISIONS))
-    openvino = runtime_name == "openvino" or (runtime_name == "auto" and precision == "bf16")
+    openvino = runtime_name == "openvino" or (runtime_name == "auto" and precision in ("fp32", "bf16"))
     if openvino:  # converted before: no torch model to build (its text tower, if any, is built when first used)
         from t2c.indexer.fastpath import cached_encoder
 

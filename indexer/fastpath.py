@@ -10,13 +10,15 @@ the runtime is a run-time option, the precision is part of the spec's identity.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 from pathlib import Path
 
-from t2c.data.errors import EncoderError
+import numpy as np
+
+from t2c.data.errors import EncoderError, InvalidInput
+from t2c.indexer.encoders import Encoder
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 FAST_HINT = 'install the fast extra: pip install "text2concept[fast]"'
@@ -219,10 +221,13 @@ def remember(spec, enc) -> None:
 
 
 def cached_encoder(spec, precision: str, kw: dict):
-    """An encoder whose image features run from a converted model in the cache, built without its torch module
-    (its text tower, if any, is built on first use); None when the cache has none for this spec."""
+    """An encoder whose image features run from a converted model in the cache, made without building (or even
+    importing) torch; its text tower, if any, is the real model's, built on first use. None when the cache has
+    nothing for this spec, or the encoder would not run on the CPU."""
     if precision not in OV_PRECISION or cache_dir() is None or not openvino_available():
         return None
+    if (kw.get("device") or ("cuda" if _maybe_gpu() else "cpu")) != "cpu":
+        return None  # the model decides between cuda and cpu as usual
     key = spec_key(spec)
     meta_path = cache_dir() / f"spec-{key}.json" if key else None
     if meta_path is None or not meta_path.is_file():
@@ -236,47 +241,56 @@ def cached_encoder(spec, precision: str, kw: dict):
 
         if precision == "bf16" and not _has_bf16():
             return None
-        enc = _CachedEncoder(spec, meta, **kw)
-        if enc.device != "cpu":
-            return None
+        config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if kw.get("threads"):
+            config["INFERENCE_NUM_THREADS"] = int(kw["threads"])
         core = ov.Core()
-        import torch
-
-        compiled = core.compile_model(core.read_model(str(xml)), "CPU", {
-            "INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "INFERENCE_NUM_THREADS": int(torch.get_num_threads()),
-            "PERFORMANCE_HINT": "LATENCY"})
+        compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
     except Exception:  # noqa: BLE001 - an unreadable cache entry: build the model as usual
         return None
-    enc._forward_images = _Runner(compiled)
-    enc.runtime = f"openvino/{OV_PRECISION[precision]}"
-    return enc
+    return CachedEncoder(spec, meta, compiled, f"openvino/{OV_PRECISION[precision]}",
+                         batch_size=int(kw.get("batch_size", 64)))
 
 
-@functools.cache
-def _cached_encoder_class():
-    from t2c.indexer.encoders import Encoder
-
-    class CachedEncoder(Encoder):
-        """An encoder restored from the cache: image features from OpenVINO; texts from the real model."""
-
-        def __init__(self, spec, meta: dict, **kw):
-            super().__init__(**kw)
-            self._parsed, self._full = spec, None
-            self.spec, self.dim, self.has_text = meta["spec"], int(meta["dim"]), bool(meta["has_text"])
-            self.present_score = meta.get("present_score")
-            cfg = meta["preprocess"]
-            self.image_size, self.mean, self.std = int(cfg["image_size"]), tuple(cfg["mean"]), tuple(cfg["std"])
-            self.resize_mode, self.crop_pct = cfg.get("resize_mode", "shorter"), cfg.get("crop_pct")
-
-        def _forward_texts(self, texts):
-            if self._full is None:  # the text tower is the torch model's own (fp32), built once when asked
-                from t2c.indexer.encoders import make_encoder
-
-                self._full = make_encoder(self._parsed, runtime="torch", batch_size=self.batch_size)
-            return self._full._forward_texts(texts)
-
-    return CachedEncoder
+def _maybe_gpu() -> bool:
+    """Whether torch might find a CUDA device (told without importing torch)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
 
 
-def _CachedEncoder(spec, meta: dict, **kw):  # noqa: N802 - the class is made when first needed (torch import)
-    return _cached_encoder_class()(spec, meta, **kw)
+class CachedEncoder(Encoder):
+    """An encoder restored from the cache: image features from OpenVINO (no torch), texts from the real model."""
+
+    def __init__(self, spec, meta: dict, compiled, runtime: str, batch_size: int = 64):
+        # Encoder.__init__ is not called: it imports torch, which only the text tower needs
+        self.device, self.batch_size, self.runtime = "cpu", int(batch_size), runtime
+        self._parsed, self._full = spec, None
+        self.spec, self.dim, self.has_text = meta["spec"], int(meta["dim"]), bool(meta["has_text"])
+        self.present_score = meta.get("present_score")
+        cfg = meta["preprocess"]
+        self.image_size, self.mean, self.std = int(cfg["image_size"]), tuple(cfg["mean"]), tuple(cfg["std"])
+        self.resize_mode, self.crop_pct = cfg.get("resize_mode", "shorter"), cfg.get("crop_pct")
+        self._request = compiled.create_infer_request()
+
+    def encode_images(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch, dtype=np.float32)
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise InvalidInput(f"expected an (N, 3, H, W) batch, got shape {batch.shape}")
+        out = []
+        for i in range(0, len(batch), self.batch_size):
+            self._request.infer({0: np.ascontiguousarray(batch[i : i + self.batch_size])})
+            out.append(np.array(self._request.get_output_tensor(0).data, dtype=np.float32))
+        if not out:
+            return np.zeros((0, self.dim), np.float32)
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        if not self.has_text:
+            raise EncoderError(f"encoder {self.spec} has no text tower",
+                               "use a CLIP-like encoder (open_clip:..., world:clip) for text")
+        if self._full is None:  # the text tower is the torch model's own (fp32), built once when asked for
+            from t2c.indexer.encoders import make_encoder
+
+            self._full = make_encoder(self._parsed, runtime="torch", batch_size=self.batch_size)
+        return self._full.encode_texts(texts)

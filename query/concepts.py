@@ -192,7 +192,8 @@ class ConceptBank:
                 if self._encoder is None:
                     from t2c.indexer.encoders import make_encoder
 
-                    self._encoder = make_encoder(self.clip_spec)
+                    # texts only: the image tower is never converted for a faster runtime here
+                    self._encoder = make_encoder(self.clip_spec, runtime="torch")
         return self._encoder
 
     # -- cache --

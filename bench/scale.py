@@ -196,14 +196,33 @@ def index_full(n: int, d: int, bpv: int, chunk: int = 250_000) -> dict:
             "recall_at_10": info.get("recall_at_10"), "nprobe": info.get("nprobe"), "peak_rss_gb": rss_gb()}
 
 
-class AnonPeak:
-    """Peak anonymous (heap) resident memory, sampled from /proc every 0.2 s; file pages are not counted."""
+class _Sampler:
+    """A daemon thread calling ``_run`` from ``with`` entry until exit (``_stop`` tells it to end)."""
 
     def __init__(self):
         import threading
 
-        self.peak_kb, self._stop = 0, threading.Event()
+        self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+class AnonPeak(_Sampler):
+    """Peak anonymous (heap) resident memory, sampled from /proc every 0.2 s; file pages are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak_kb = 0
 
     def _run(self):
         while not self._stop.is_set():
@@ -215,30 +234,19 @@ class AnonPeak:
                 return
             self._stop.wait(0.2)
 
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-
     @property
     def gb(self) -> float:
         return round(self.peak_kb / 2**20, 2)
 
 
-class PhasePeaks:
+class PhasePeaks(_Sampler):
     """Peak resident memory per phase, sampled from /proc/self/status every ``every`` s by a thread: total RSS
     (VmRSS), anonymous (RssAnon: heap, the index, DuckDB's buffers) and file pages mapped in (RssFile: the
     interpreter's libraries, memory-mapped arrays). ``phase()`` names the phase running now."""
 
     def __init__(self, phase, every: float = 0.05):
-        import threading
-
+        super().__init__()
         self.phase, self.every, self.peaks = phase, every, {}
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
         try:
@@ -255,14 +263,6 @@ class PhasePeaks:
         while not self._stop.is_set():
             self.sample()
             self._stop.wait(self.every)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 def index_on_disk(n: int, d: int, bpv: int, work: Path, chunk: int = 250_000) -> dict:

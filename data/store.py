@@ -614,31 +614,10 @@ class StoreWriter:
             shards = self._compact_shard_list(shards, ids)
             dim = self._project(shards, ids, vectors_for, manifest_fields, changes.feature_shards, reproject,
                                 tmpdir / "vectors.npy")
-            # memory-mapped: the aligned vectors of a large store never need to fit in RAM at once
             self._phase("index")
-            vectors = np.load(tmpdir / "vectors.npy", mmap_mode="r" if len(ids) else None, allow_pickle=False)
-            index, index_info = build_index(vectors, ids)
-            if index_info.get("type") == "ivf_pq":
-                # quantised codes: top-k searches re-rank deep candidate lists from a float16 copy
-                write_float16_copy(vectors, tmpdir / "vectors16.npy")
-                index_info = dict(index_info, refine="vectors16.npy")
-            del vectors
-            import faiss
-
-            faiss.write_index(index, str(tmpdir / "index.faiss"))
-            del index
+            index_info = self._write_index(tmpdir, ids, build_index)
             self._phase("checksums")
-            files = {}
-            for f in ("catalog.duckdb", "ids.npy", "vectors.npy", "vectors16.npy", "index.faiss"):
-                p = tmpdir / f
-                if f == "vectors16.npy" and not p.exists():
-                    continue
-                with open(p, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                files[f] = {"size": os.path.getsize(p), "digest": file_digest(p, os.path.getsize(p) > QUICK_VERIFY_BYTES)}
-            for rel in list(shards) + list(extra_files):
-                p = self.root / rel
-                files["../" + rel] = {"size": os.path.getsize(p), "digest": file_digest(p, os.path.getsize(p) > QUICK_VERIFY_BYTES)}
+            files = self._checksums(tmpdir, list(shards) + list(extra_files))
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "created": utcnow().isoformat(timespec="seconds"),
@@ -666,6 +645,38 @@ class StoreWriter:
         self._gc()
         self._phase(None)
         return self.current
+
+    @staticmethod
+    def _write_index(tmpdir: Path, ids: np.ndarray, build_index: Callable) -> dict:
+        """Build the FAISS index over the new snapshot's vectors, write it (and, for product-quantised codes, the
+        float16 copy that top-k searches re-rank from) into ``tmpdir``; returns the index info."""
+        import faiss
+
+        # memory-mapped: the aligned vectors of a large store never need to fit in RAM at once
+        vectors = np.load(tmpdir / "vectors.npy", mmap_mode="r" if len(ids) else None, allow_pickle=False)
+        index, index_info = build_index(vectors, ids)
+        if index_info.get("type") == "ivf_pq":
+            # quantised codes: top-k searches re-rank deep candidate lists from a float16 copy
+            write_float16_copy(vectors, tmpdir / "vectors16.npy")
+            index_info = dict(index_info, refine="vectors16.npy")
+        del vectors
+        faiss.write_index(index, str(tmpdir / "index.faiss"))
+        return index_info
+
+    def _checksums(self, tmpdir: Path, shared: list[str]) -> dict:
+        """The manifest's ``files``: the snapshot's own files (fsynced first) and the shared ones it names."""
+        files = {}
+        for f in ("catalog.duckdb", "ids.npy", "vectors.npy", "vectors16.npy", "index.faiss"):
+            p = tmpdir / f
+            if f == "vectors16.npy" and not p.exists():
+                continue
+            with open(p, "rb+") as fh:
+                os.fsync(fh.fileno())
+            files[f] = {"size": os.path.getsize(p), "digest": file_digest(p, os.path.getsize(p) > QUICK_VERIFY_BYTES)}
+        for rel in shared:
+            p = self.root / rel
+            files["../" + rel] = {"size": os.path.getsize(p), "digest": file_digest(p, os.path.getsize(p) > QUICK_VERIFY_BYTES)}
+        return files
 
     def _phase(self, name: str | None) -> None:
         """Mark the commit step now running (``self.phase``) and time the steps (``self.commit_seconds``), so a

@@ -393,7 +393,7 @@ def test_warm_up_builds_the_text_encoder_once_and_swallows_errors(monkeypatch):
     from t2c.service.app import _warm_text_encoder
 
     built = []
-    monkeypatch.setattr(t2c.indexer.encoders, "make_encoder", lambda spec: built.append(spec) or object())
+    monkeypatch.setattr(t2c.indexer.encoders, "make_encoder", lambda spec, **kw: built.append(spec) or object())
     bank = ConceptBank("world:clip", templates=["{}"])
     store = SimpleNamespace(warm_up=lambda: bank.encoder)
     threads = [threading.Thread(target=_warm_text_encoder, args=(store,)) for _ in range(4)]

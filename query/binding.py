@@ -129,17 +129,19 @@ def _scene_margin(b: Binding, scores: dict, thresholds: dict, margin: np.ndarray
     ia, io = attrs.index(b.words[0]), objs.index(b.words[1])
     on_a = np.stack([np.asarray(scores[a]) >= thresholds[a] for a in attrs], 1)
     on_o = np.stack([np.asarray(scores[o]) >= thresholds[o] for o in objs], 1)
-    pair = np.stack([np.stack([np.asarray(scores[f"{a} {o}"], np.float64) for o in objs], 1) for a in attrs], 1)
     rows = np.flatnonzero(words_ok & (on_a.sum(1) <= MAX_SCENE_WORDS) & (on_o.sum(1) <= MAX_SCENE_WORDS))
     if not len(rows):
         return
+    # (rows, attributes, objects) pair scores of the rows the rule reads
+    pair = np.stack([np.stack([np.asarray(scores[f"{a} {o}"], np.float64)[rows] for o in objs], 1) for a in attrs], 1)
     key = on_a[rows] @ (1 << np.arange(len(attrs))) * (1 << len(objs)) + on_o[rows] @ (1 << np.arange(len(objs)))
     for k in np.unique(key):
-        r = rows[key == k]
+        sel = np.flatnonzero(key == k)
+        r = rows[sel]
         pa, po = np.flatnonzero(on_a[r[0]]), np.flatnonzero(on_o[r[0]])
         ex = _smallest_explanations(len(pa), len(po))
         ga, go = pa[ex[..., 0]], po[ex[..., 1]]                     # (explanations, k) word indices
-        mean = pair[r][:, ga, go].mean(2)                            # (rows, explanations)
+        mean = pair[sel][:, ga, go].mean(2)                          # (rows, explanations)
         has = ((ga == ia) & (go == io)).any(1)
         if not has.all():
             margin[r] = mean[:, has].max(1) - mean[:, ~has].max(1)

@@ -224,14 +224,23 @@ def drop_pages(a) -> None:
     far larger than RAM does not grow the process's resident memory."""
     import mmap
 
-    b = a
-    while b is not None and not isinstance(b, mmap.mmap):
-        b = getattr(b, "_mmap", None) or getattr(b, "base", None)
+    b = mmap_of(a)
     if b is not None:
         try:
             b.madvise(mmap.MADV_DONTNEED)
         except (AttributeError, OSError, ValueError):
             pass
+
+
+def mmap_of(a):
+    """The ``mmap.mmap`` behind a numpy memory map (``np.memmap``, ``np.load(mmap_mode=...)`` or a view of one),
+    or None for an array in RAM."""
+    import mmap
+
+    b = a
+    while b is not None and not isinstance(b, mmap.mmap):
+        b = getattr(b, "_mmap", None) or getattr(b, "base", None)
+    return b
 
 
 def file_digest(path: Path, quick: bool = False) -> str:
@@ -942,11 +951,7 @@ def advise_random(vectors) -> bool:
     Returns whether the advice was given (False for arrays in RAM, or where mmap has no ``madvise``)."""
     import mmap
 
-    mm = getattr(vectors, "_mmap", None)
-    base = getattr(vectors, "base", None)
-    while mm is None and base is not None:  # np.load(mmap_mode=...) returns a memmap whose base is the mmap
-        mm = base if isinstance(base, mmap.mmap) else getattr(base, "_mmap", None)
-        base = getattr(base, "base", None)
+    mm = mmap_of(vectors)
     if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_RANDOM"):
         return False
     try:

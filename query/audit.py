@@ -270,7 +270,7 @@ def audit(snapshot, concepts, top: int = 8, *, method: str = "mixture", bank=Non
     Example:
         >>> audit(open_store("demo.t2c"), ["red", "circle"]).to_dict()["concepts"][0]["prevalence"]  # doctest: +SKIP
     """
-    from t2c.query.calibrate import calibrate, is_compositional, present_score_of
+    from t2c.query.calibrate import calibrate, collection_cut, is_compositional, present_score_of
 
     concepts = parse_concept_list(concepts)
     if snapshot.count == 0:
@@ -280,11 +280,12 @@ def audit(snapshot, concepts, top: int = 8, *, method: str = "mixture", bank=Non
 
         bank = concept_bank_for(snapshot)
     S = score_matrix(snapshot, concepts, bank)
-    prior = present_score_of(bank)
+    prior, cut = present_score_of(bank), collection_cut(snapshot, bank)
     rows = []
     for j, c in enumerate(concepts):
         col = S[:, j]
-        est = estimate_prevalence(col, calibrate(col, prior, compositional=is_compositional(c)), method=method, n_boot=n_boot, level=level, seed=j)
+        est = estimate_prevalence(col, calibrate(col, prior, compositional=is_compositional(c), cut=cut),
+                                  method=method, n_boot=n_boot, level=level, seed=j)
         rows.append({"concept": c, "prevalence": est["prevalence"], "ci_low": est["ci_low"],
                      "ci_high": est["ci_high"], "count": est["count"], "threshold": est["threshold"],
                      "examples": _top_ids(snapshot, col, top), "method": est["method"],
@@ -321,9 +322,9 @@ def check_same_space(a, b) -> None:
 
 
 def drift_from_scores(sa: np.ndarray, sb: np.ndarray, concepts: Sequence[str], *, alpha: float = 0.05,
-                      correction: str = "bh", prior: float | None = None) -> list[dict]:
+                      correction: str = "bh", prior: float | None = None, cut: float | None = None) -> list[dict]:
     """Per-concept drift rows (unranked) from score matrices (n_a, k) and (n_b, k); ``prior``: the CLIP
-    model's own present score (see ``t2c.query.calibrate.calibrate``)."""
+    model's own present score, ``cut``: the pooled stores' estimated cut (see ``t2c.query.calibrate.calibrate``)."""
     from t2c.query.calibrate import calibrate, is_compositional
 
     if correction not in ("bh", "holm"):
@@ -337,7 +338,7 @@ def drift_from_scores(sa: np.ndarray, sb: np.ndarray, concepts: Sequence[str], *
         pooled = np.concatenate([a, b])
         # one threshold for both; a concept whose scores form one population is compared above
         # median + 1 robust sigma (the strict audit tail would count ~0 on both sides and hide any shift)
-        cal = calibrate(pooled, prior, compositional=is_compositional(c)).for_search()
+        cal = calibrate(pooled, prior, compositional=is_compositional(c), cut=cut).for_search()
         thr = float(cal.threshold)
         ka, kb = int((a >= thr).sum()), int((b >= thr).sum())
         z, p = two_proportion_z(ka, na, kb, nb)
@@ -391,10 +392,11 @@ def drift(snapshot_a, snapshot_b, concepts, top: int = 4, *, alpha: float = 0.05
 
         bank = concept_bank_for(snapshot_a)
     vecs = concept_vectors(snapshot_a, concepts, bank)
-    from t2c.query.calibrate import concept_scores, present_score_of
+    from t2c.query.calibrate import concept_scores, pooled_cut, present_score_of
 
     sa, sb = concept_scores(snapshot_a, vecs), concept_scores(snapshot_b, vecs)
-    rows = drift_from_scores(sa, sb, concepts, alpha=alpha, correction=correction, prior=present_score_of(bank))
+    rows = drift_from_scores(sa, sb, concepts, alpha=alpha, correction=correction, prior=present_score_of(bank),
+                             cut=pooled_cut([snapshot_a, snapshot_b], bank))
     for j, r in enumerate(rows):
         r["examples_a"] = _top_ids(snapshot_a, sa[:, j], top)
         r["examples_b"] = _top_ids(snapshot_b, sb[:, j], top)

@@ -18,6 +18,17 @@ population (the concept is absent everywhere, or present everywhere — the two 
 alone) and a robust upper-tail rule applies: ``median + TAIL_K · 1.4826 · MAD``, so only clear outliers count
 as present. Constant scores give a threshold just above the constant (nothing present).
 
+A CLIP model trained with a softmax loss alone (OpenAI's and LAION's CLIPs, world:clip-plain) has no such
+cut, and its scores for a concept it sees only among clutter (a shape among two or three objects) are not two
+clean groups: the mixture's gaps then fall at "the thing dominates the picture" or inside the absent bulk. For
+such models the collection's own **estimated cut** stands in (``cut``, from :func:`estimate_cut`): over the
+reference vocabulary the bank centres on (``ConceptBank.reference_words``), the concepts whose split is clean
+(Ashman's D >= ``CLEAN_SEPARATION``) show where a concept that is really there scores, and the cut is the
+median of their present group's lower ``CUT_Z``-sigma point (97.5% of clearly present images score above it).
+A concept whose own split is clean keeps it; any other (an overlapping split, one population) takes the cut
+(method "cut"). No labels are used. On world:clip-plain (tuning seeds 101 and 102, colours and shapes) this
+raised the calibrated F1 of single words from 0.865 to 0.93 against a label-chosen 0.935.
+
 A CLIP model trained with a pairwise sigmoid loss (SigLIP, world:clip) has its own cut: the cosine where it
 says "true" with probability 1/2 (``prior``). When given, it chooses among the separated gaps (the one whose
 neighbours' means bracket the cut, crossing nearest to it) instead of the rules above, because such a model
@@ -40,7 +51,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -49,7 +60,8 @@ from t2c.data.store import atomic_save_npz, load_npz
 from t2c.query.lru import LRUCache
 
 __all__ = ["Calibration", "calibrate", "reference_threshold", "concept_scores", "thresholds_for",
-           "sample_rows", "clear_cache", "fit_gmm", "weighted_em", "present_score_of", "is_compositional", "CALIBRATION_SAMPLE", "MIN_SEPARATION", "TAIL_K"]
+           "sample_rows", "clear_cache", "fit_gmm", "weighted_em", "present_score_of", "is_compositional", "CALIBRATION_SAMPLE", "MIN_SEPARATION", "TAIL_K",
+           "estimate_cut", "cut_from_scores", "collection_cut", "pooled_cut", "CLEAN_SEPARATION"]
 
 CALIBRATION_SAMPLE = 200_000  # rows scored for calibration (evenly strided beyond this)
 EM_POINTS = 8_000  # points the mixtures are fitted on (evenly spaced order statistics beyond this)
@@ -57,6 +69,10 @@ MAX_COMPONENTS = 4  # mixtures of up to this many components are compared by BIC
 MIN_SEPARATION = 2.0  # Ashman's D needed to accept the two-component fit
 WEAK_SEPARATION = 0.9  # below MIN_SEPARATION but above this (and both weights >= 5%): Otsu split ...
 BIC_MARGIN = 10.0  # BIC gain each extra component must bring (a plain normal sample does not reach it)
+CLEAN_SEPARATION = 4.5  # Ashman's D of a split clean enough to trust alone (else a model without its own cut
+#                        takes the collection's estimated cut)
+CUT_Z = 1.96  # the estimated cut: a clearly present concept's lower 97.5% point ...
+MIN_CLEAN = 3  # ... over at least this many clean reference concepts (else no estimated cut)
 TAIL_K = 4.0  # robust sigmas above the median for the one-population fallback (audits: "clearly present")
 SEARCH_TAIL_K = 1.0  # ... and for searches, which should not come back empty for an inseparable concept
 _SORTED_KEEP = 4096  # order statistics kept to estimate prevalence at any threshold
@@ -69,7 +85,8 @@ class Calibration:
     Attributes:
         threshold: cosine score above which (>=) the concept counts as present.
         method: "gmm" (mixture; posteriors of the top group and its lower neighbour cross), "otsu" (overlapping
-            groups, Otsu split), "prior" (no separated groups; the CLIP model's own present score),
+            groups, Otsu split), "prior" (no separated groups; the CLIP model's own present score), "cut" (no
+            clean split, no own cut: the collection's estimated cut, see :func:`estimate_cut`),
             "tail" (one population, robust upper tail),
             "constant" (all scores equal) or "override" (given by the query).
         prevalence: fraction of the calibration scores at or above the threshold.
@@ -313,7 +330,8 @@ def _order_stats(x_sorted: np.ndarray, k: int) -> np.ndarray:
     return x_sorted[np.linspace(0, len(x_sorted) - 1, k).round().astype(np.int64)]
 
 
-def calibrate(scores, prior: float | None = None, *, compositional: bool = True) -> Calibration:
+def calibrate(scores, prior: float | None = None, *, compositional: bool = True,
+              cut: float | None = None) -> Calibration:
     """Calibrate one concept's threshold from its scores over a collection.
 
     Args:
@@ -324,17 +342,63 @@ def calibrate(scores, prior: float | None = None, *, compositional: bool = True)
             show no separated groups. None: the gap comes from the concept's kind (``compositional``).
         compositional: without a prior, whether the concept has several words (the top separated group is
             "present", partial matches below it) or one (the widest separated gap); see ``is_compositional``.
+        cut: without a prior, the collection's estimated cut (:func:`estimate_cut`): unless the concept's own
+            split is clean (separation >= ``CLEAN_SEPARATION``), it is the threshold (method "cut").
     Returns:
-        A :class:`Calibration` (threshold, method "gmm" / "otsu" / "prior" / "tail" / "constant", prevalence,
-        scale, fit params).
+        A :class:`Calibration` (threshold, method "gmm" / "otsu" / "prior" / "cut" / "tail" / "constant",
+        prevalence, scale, fit params).
     Raises:
-        InvalidInput: no finite scores.
+        InvalidInput: no finite scores, a prior or cut that is not a finite number.
     Example:
         >>> rng = np.random.default_rng(0)
         >>> s = np.r_[rng.normal(0.1, 0.03, 9000), rng.normal(0.4, 0.05, 1000)]
         >>> 0.2 < calibrate(s).threshold < 0.3
         True
     """
+    if cut is not None and not np.isfinite(cut):
+        raise InvalidInput(f"the estimated cut must be a finite number, got {cut!r}", "pass None for no cut")
+    own = _calibrate(scores, prior, compositional)
+    if cut is None or prior is not None or (own.method == "gmm" and own.params.get("separation", 0) >= CLEAN_SEPARATION):
+        return own
+    return _at_cut(own, float(cut))
+
+
+def _at_cut(own: Calibration, cut: float) -> Calibration:
+    """``own`` moved to the estimated cut: its fit kept, the components at or above the cut called present."""
+    p = own.params
+    fit = p if "means" in p else (p.get("weak_fit") or p.get("rejected_fit") or {})
+    params = {"cut": round(cut, 6), "own_method": own.method, "own_threshold": round(float(own.threshold), 6)}
+    if "means" in fit and "weights" in fit and "stds" in fit:
+        m = list(fit["means"])
+        above = [k for k, v in enumerate(m) if v >= cut]
+        params.update({k: fit[k] for k in ("weights", "means", "stds")},
+                      present_from=above[0] if above else len(m) - 1)
+    return Calibration(cut, "cut", own.prevalence_at(cut), own.scale, own.n, params, own.sorted_sample)
+
+
+def estimate_cut(calibrations: Iterable[Calibration]) -> float | None:
+    """The score a concept that is really there reaches, from calibrations alone (no labels), or None.
+
+    Over the calibrations whose split is clean (method "gmm", separation >= ``CLEAN_SEPARATION``): the
+    median of their lowest present component's ``mean - CUT_Z * std``. None with fewer than ``MIN_CLEAN``.
+    """
+    pts = []
+    for c in calibrations:
+        p = c.params
+        if c.method == "gmm" and p.get("separation", 0) >= CLEAN_SEPARATION and "means" in p:
+            j = int(p.get("present_from", 1))
+            pts.append(float(p["means"][j]) - CUT_Z * float(p["stds"][j]))
+    return float(np.median(pts)) if len(pts) >= MIN_CLEAN else None
+
+
+def cut_from_scores(scores: np.ndarray, words: Sequence[str]) -> float | None:
+    """:func:`estimate_cut` over the columns of an (n, k) score matrix of reference ``words``."""
+    S = np.asarray(scores)
+    return estimate_cut(calibrate(S[:, j], compositional=is_compositional(w)) for j, w in enumerate(words))
+
+
+def _calibrate(scores, prior: float | None, compositional: bool) -> Calibration:
+    """:func:`calibrate` without the estimated cut."""
     x = np.asarray(scores, np.float64).reshape(-1)
     x = np.sort(x[np.isfinite(x)])
     n = len(x)
@@ -445,14 +509,15 @@ def _code_id() -> str:
     return _CODE_ID[0]
 
 
-def _disk_key(snapshot, vec: np.ndarray, prior: float | None, compositional: bool = True) -> str | None:
+def _disk_key(snapshot, vec: np.ndarray, prior: float | None, compositional: bool = True,
+              cut: float | None = None) -> str | None:
     """On-disk cache key of one concept's calibration over a snapshot's content, or None (no content id)."""
     manifest = getattr(snapshot, "manifest", None)
     info = (manifest or {}).get("files", {}).get("vectors.npy") if isinstance(manifest, dict) else None
     if not info or "digest" not in info:
         return None
     ident = json.dumps([info["digest"], info.get("size"), manifest.get("created"), getattr(snapshot, "name", ""),
-                        repr(prior), bool(compositional), _code_id()])
+                        repr(prior), bool(compositional), repr(cut), _code_id()])
     h = hashlib.blake2b(ident.encode(), digest_size=16)
     h.update(np.ascontiguousarray(vec, np.float32).tobytes())
     return h.hexdigest()
@@ -535,8 +600,8 @@ def thresholds_for(snapshot, texts: Iterable[str], bank=None, *, binding: bool =
 def _bound_thresholds(snapshot, texts: list[str], bank, plain: dict) -> dict[str, Calibration]:
     """Calibrations of the compositional concepts among ``texts`` under the binding rule (cached)."""
     from t2c.data.errors import T2CError
-    from t2c.query.binding import binding_of, bound_mask
-    from t2c.query.estimate import bound_rates, concept_rates
+    from t2c.query.binding import MIN_BINDING, binding_of, binding_strength, bound_mask, reading_share
+    from t2c.query.estimate import bound_rates, concept_rates, reading_rates
 
     out = {}
     for t in texts:
@@ -557,22 +622,61 @@ def _bound_thresholds(snapshot, texts: list[str], bank, plain: dict) -> dict[str
             present, margin = bound_mask(b, scores, words)
             words_ok = np.logical_and(*(scores[w] >= words[w] for w in b.words))
             s = scores[t]
+            strength = binding_strength(margin, words_ok, s)
+            binds = strength is None or strength >= MIN_BINDING
+            word_rates = [concept_rates(c.for_search()) for c in _plain_thresholds(snapshot, list(b.words), bank).values()]
+            if binds:
+                rates = bound_rates(margin, words_ok, present, word_rates)
+            else:  # a bag-of-words text tower: its words alone decide
+                present = words_ok
+                rates = reading_rates(reading_share(b, scores, words), words_ok, word_rates)
             floor = float(s[present].min()) - 1e-6 if present.any() else float(np.nextafter(s.max(), np.inf)) + 1e-6
             raw = plain[t]
-            word_rates = [concept_rates(c.for_search()) for c in _plain_thresholds(snapshot, list(b.words), bank).values()]
             c = Calibration(floor, "bound", float(present.mean()), raw.scale, raw.n,
-                            {"binding": b.to_dict(), "word_thresholds": words, "plain": raw.to_dict(),
-                             "rates": bound_rates(margin, words_ok, present, word_rates)}, raw.sorted_sample)
+                            {"binding": dict(b.to_dict(), rule=b.to_dict()["rule"] if binds else "words"),
+                             "binds": bool(binds), "binding_strength": None if strength is None else round(strength, 4),
+                             "word_thresholds": words, "plain": raw.to_dict(), "rates": rates}, raw.sorted_sample)
             c = _cache_put(snapshot, key, c)
         out[t] = c
     return out
 
 
-def _plain_thresholds(snapshot, texts: list[str], bank) -> dict[str, Calibration]:
-    """Per-concept mixture calibrations (memory cache, then disk cache, then fitted)."""
+def collection_cut(snapshot, bank) -> float | None:
+    """The store's estimated cut for a bank without its own (:func:`estimate_cut` over the calibrations of the
+    bank's reference words), or None: the model has its own cut, or the bank does not centre."""
+    if present_score_of(bank) is not None or getattr(bank, "centre", None) is None:
+        return None
+    words = [w for w in dict.fromkeys(bank.reference_words())]
+    if not words:
+        return None
+    key = (_snap_key(snapshot), "cut", hashlib.blake2b(np.asarray(bank.centre, np.float32).tobytes(),
+                                                      digest_size=12).hexdigest())
+    hit = _CACHE.get(key)
+    if hit is None:
+        hit = _CACHE.setdefault(key, (estimate_cut(_plain_thresholds(snapshot, words, bank, cut=None).values()),),
+                                scope=key[0][0], generation=key[0][1])
+    return hit[0]
+
+
+def pooled_cut(snapshots: Sequence, bank) -> float | None:
+    """:func:`collection_cut` over several stores pooled (drift compares two with one threshold per concept)."""
+    if present_score_of(bank) is None and getattr(bank, "centre", None) is not None:
+        words = list(dict.fromkeys(bank.reference_words()))
+        if words:
+            vecs = bank.vectors(words)
+            sc = [concept_scores(s, vecs, rows=sample_rows(s.vectors.shape[0])) for s in snapshots]
+            return cut_from_scores(np.concatenate(sc), words)
+    return None
+
+
+def _plain_thresholds(snapshot, texts: list[str], bank, *, cut: float | None | str = "auto") -> dict[str, Calibration]:
+    """Per-concept mixture calibrations (memory cache, then disk cache, then fitted); ``cut``: the estimated
+    cut ("auto": :func:`collection_cut`)."""
     vecs = bank.vectors(texts)
+    if isinstance(cut, str):
+        cut = collection_cut(snapshot, bank)
     sk = _snap_key(snapshot)
-    keys = [(sk, t, hashlib.blake2b(v.tobytes(), digest_size=12).hexdigest()) for t, v in zip(texts, vecs)]
+    keys = [(sk, t, hashlib.blake2b(v.tobytes(), digest_size=12).hexdigest(), cut) for t, v in zip(texts, vecs)]
     out: dict[str, Calibration] = {}
     todo = []
     for t, key, v in zip(texts, keys, vecs):
@@ -583,7 +687,7 @@ def _plain_thresholds(snapshot, texts: list[str], bank) -> dict[str, Calibration
             out[t] = c
     if todo:
         prior = present_score_of(bank)
-        disk = {key: _disk_key(snapshot, v, prior, is_compositional(t)) for t, key, v in todo}
+        disk = {key: _disk_key(snapshot, v, prior, is_compositional(t), cut) for t, key, v in todo}
         left = []
         for t, key, v in todo:
             c = _disk_get(disk[key])
@@ -598,7 +702,8 @@ def _plain_thresholds(snapshot, texts: list[str], bank) -> dict[str, Calibration
             rows = sample_rows(V.shape[0])
             sc = concept_scores(snapshot, np.stack([v for _, _, v in left]), rows=rows)
             for j, (t, key, _) in enumerate(left):
-                c = out[t] = _cache_put(snapshot, key, calibrate(sc[:, j], prior, compositional=is_compositional(t)))
+                c = out[t] = _cache_put(snapshot, key, calibrate(sc[:, j], prior, compositional=is_compositional(t),
+                                                                 cut=cut))
                 _disk_put(disk[key], c)
     return out
 

@@ -9,7 +9,9 @@ where the threshold t lies, so with ``Q_k = P(score >= t | component k)``:
 
 A concept judged with binding ("bound") is judged on its binding margin over the images where both of its
 words pass: the rule splits them at zero, each side is summarised by a normal over its close calls, and an
-image's chance of being bound is that side's posterior (``bound_rates``).
+image's chance of being bound is that side's posterior (``bound_rates``). A concept whose text tower does not
+bind its words is judged by the words alone; an image where both pass holds it with the share of its word
+readings that contain it (``reading_rates``).
 Concepts without a fit (one population, or the model's cut) have no estimate.
 
 For the whole answer, each scored image gets, for each concept, P(present) = precision when it passed and
@@ -25,7 +27,7 @@ import numpy as np
 
 from t2c.query import ast as qa
 
-__all__ = ["concept_rates", "answer_estimate"]
+__all__ = ["concept_rates", "answer_estimate", "bound_rates", "reading_rates"]
 
 
 def _q(t: float, m: float, s: float) -> float:
@@ -85,6 +87,19 @@ def bound_rates(margin: np.ndarray, words_ok: np.ndarray, present: np.ndarray, w
     n_fail = len(present) - int(np.sum(present))
     return {"precision": float(post[on].mean()) * words_p, "recall": float(post[on].sum() / total) if total else 1.0,
             "miss": float(post[~on].sum() / n_fail) if n_fail else 0.0}
+
+
+def reading_rates(share: np.ndarray, words_ok: np.ndarray, word_rates: list) -> dict | None:
+    """Rates of a concept judged by its words alone (a text tower that does not bind): an image where both
+    words pass holds the concept with the share of its word readings that contain it (every reading equally
+    likely, ``t2c.query.binding.reading_share``)."""
+    ok = np.asarray(words_ok, bool)
+    if not ok.any() or not word_rates or not all(word_rates):
+        return None
+    sh = np.asarray(share, np.float64)
+    return {"precision": float(sh[ok].mean()) * float(np.prod([r["precision"] for r in word_rates])),
+            "recall": float(np.prod([r["recall"] for r in word_rates])),
+            "miss": float(np.clip(sum(r["miss"] for r in word_rates), 0.0, 1.0))}
 
 
 class _Prob(qa.Visitor):

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from t2c.query.binding import BASIC_COLOURS, MAX_SCENE_WORDS, Binding, binding_of, bound_mask
-from t2c.query.estimate import answer_estimate, bound_rates, concept_rates
+from t2c.query.binding import (BASIC_COLOURS, MAX_SCENE_WORDS, MIN_BINDING, Binding, binding_of, binding_strength,
+                               bound_mask, reading_share)
+from t2c.query.estimate import answer_estimate, bound_rates, concept_rates, reading_rates
 from t2c.query.lru import LRUCache
 
 
@@ -65,6 +66,31 @@ def test_scene_rule_picks_the_best_smallest_explanation_of_the_present_words():
     rivals = Binding(b.text, b.words, b.same_attribute, b.same_object)
     assert bound_mask(rivals, scores, thr)[0].tolist() == [True]
     assert bound_mask(b, scores, thr)[0].tolist() == [False]
+
+
+def test_a_tower_that_does_not_bind_is_judged_by_its_words_with_reading_shares():
+    b = binding_of("red circle", "world:clip-plain")
+    thr = {w: 0.5 for w in b.scene_words()}
+    words = [("red", "blue", "circle", "square")] * 2 + [("red", "circle"), ("red", "square")]
+    # a bag-of-words tower: every reading of rows 0 and 1 scores (almost) the same
+    pairs = {("red square", 0): 0.401, ("blue circle", 0): 0.401, ("red circle", 0): 0.4, ("blue square", 0): 0.4,
+             ("red square", 1): 0.4, ("blue circle", 1): 0.4, ("red circle", 1): 0.401, ("blue square", 1): 0.401}
+    scores = _scene_scores(b, 4, words, pairs)
+    bound, margin = bound_mask(b, scores, thr)
+    assert bound.tolist() == [False, True, True, False]  # the scene rule follows the noise
+    by_words, margin2 = bound_mask(b, scores, thr, binds=False)
+    assert by_words.tolist() == [True, True, True, False] and np.array_equal(margin, margin2)
+    assert reading_share(b, scores, thr).tolist() == [0.5, 0.5, 1.0, 0.0]
+    ok = by_words
+    strength = binding_strength(margin, ok, scores["red circle"])
+    assert strength is None  # fewer than 5 rows where both words pass: no verdict
+    rng = np.random.default_rng(0)
+    many = rng.normal(0, 0.3, 200)
+    assert binding_strength(rng.normal(0, 0.001, 200), np.ones(200, bool), many) < MIN_BINDING
+    assert binding_strength(rng.normal(0, 0.3, 200), np.ones(200, bool), many) > MIN_BINDING
+    rates = reading_rates(np.array([0.5, 0.5, 1.0, 0.0]), ok, [{"precision": 1.0, "recall": 0.9, "miss": 0.01}] * 2)
+    assert rates["precision"] == pytest.approx(2 / 3) and rates["recall"] == pytest.approx(0.81)
+    assert reading_rates(np.zeros(4), np.zeros(4, bool), [{"precision": 1, "recall": 1, "miss": 0}]) is None
 
 
 def test_scene_rule_falls_back_to_rivals_when_too_many_words_fire():
@@ -182,7 +208,37 @@ def world_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("bind")
     generate(root / "w", 400, 31337)
     index_folder(root / "w" / "images", root / "st", "world:clip", workers=0, batch_size=200)
+    index_folder(root / "w" / "images", root / "plain", "world:clip-plain", workers=0, batch_size=200)
     return root
+
+
+def test_a_plain_clip_gets_the_collection_cut_and_judges_pairs_by_their_words(world_store):
+    """world:clip-plain (no own cut, a bag-of-words text tower): estimated cut, words rule; world:clip: neither."""
+    from t2c.data.store import open_store
+    from t2c.query.calibrate import collection_cut
+    from t2c.query.engine import Engine
+
+    plain = Engine(open_store(world_store / "plain", verify=False))
+    cut = collection_cut(plain.snapshot, plain.bank)
+    assert cut is not None and 0 < cut < 0.3
+    q = '"red circle" AND NOT star'
+    def by_text(eng):
+        from t2c.query import ast as qa
+
+        node = eng.parse_query(q)
+        cals = eng.calibrations(node)
+        return {leaf.text: cals[id(leaf)] for leaf in qa.scored(node)}
+
+    cals = by_text(plain)
+    assert cals["red circle"].method == "bound" and cals["red circle"].params["binds"] is False
+    assert cals["red circle"].params["binding"]["rule"] == "words"
+    assert cals["star"].method in ("cut", "gmm") and (cals["star"].method == "gmm" or cals["star"].threshold == cut)
+    res = plain.search(q, k=10_000, explain=True)
+    assert np.array_equal(np.sort(res.all_ids), plain.reference_answer(q))
+    assert 0 < res.estimate["concepts"]["red circle"]["precision"] <= 1
+    clip = Engine(open_store(world_store / "st", verify=False))
+    assert collection_cut(clip.snapshot, clip.bank) is None
+    assert by_text(clip)["red circle"].params["binds"] is True
 
 
 def test_bound_concepts_on_world_clip_agree_with_brute_force_and_carry_estimates(world_store):
@@ -202,3 +258,21 @@ def test_bound_concepts_on_world_clip_agree_with_brute_force_and_carry_estimates
         assert all(h.explanation for h in res.hits)
         plain = Engine(snap, binding=False)
         assert "bound" not in {c.method for c in plain.calibrations(plain.parse_query(q)).values()}
+
+
+def test_audits_on_a_plain_clip_use_the_estimated_cut(world_store):
+    from t2c.data.store import open_store
+    from t2c.query.audit import audit, drift
+    from t2c.query.calibrate import collection_cut, pooled_cut
+    from t2c.query.concepts import concept_bank_for
+
+    snap = open_store(world_store / "plain", verify=False)
+    bank = concept_bank_for(snap)
+    cut = collection_cut(snap, bank)
+    rows = {r["concept"]: r for r in audit(snap, ["star", "red"], n_boot=20).to_dict()["concepts"]}
+    assert rows["star"]["calibration"] in ("cut", "gmm") and rows["red"]["calibration"] == "gmm"
+    if rows["star"]["calibration"] == "cut":
+        assert rows["star"]["threshold"] == pytest.approx(cut)
+    assert pooled_cut([snap, snap], bank) == pytest.approx(cut, abs=0.02)
+    same = drift(snap, snap, ["star", "red"]).to_dict()
+    assert not any(r["significant"] for r in same["concepts"])

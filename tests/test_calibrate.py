@@ -229,3 +229,86 @@ def test_thresholds_are_kept_on_disk_per_snapshot_content(tmp_path, monkeypatch)
     with pytest.raises(pytest.fail.Exception):
         qc.thresholds_for(Snap(V, "d2"), ["thing"], bank=bank)
     qc.clear_cache()
+
+
+# ------------------------------------------------------------------------------ estimated cut (no own cut)
+def _clean(seed, m_pres=0.15, s_pres=0.035):
+    return _mixture([(3000, -0.07, 0.03), (1000, m_pres, s_pres)], seed)
+
+
+def test_estimate_cut_is_the_clean_concepts_lower_present_point():
+    from t2c.query.calibrate import estimate_cut
+
+    cals = [calibrate(_clean(s), compositional=False) for s in range(4)]
+    assert all(c.method == "gmm" and c.params["separation"] >= 4.5 for c in cals)
+    cut = estimate_cut(cals)
+    assert cut == pytest.approx(0.15 - 1.96 * 0.035, abs=0.01)
+    # too few clean concepts: no estimate (an overlapping one does not count)
+    overlapped = calibrate(_mixture([(3000, 0.0, 0.04), (1000, 0.08, 0.04)], 5), compositional=False)
+    assert estimate_cut(cals[:2] + [overlapped]) is None
+
+
+def test_an_overlapping_concept_takes_the_cut_and_a_clean_one_keeps_its_split():
+    # a shape among clutter on a softmax CLIP: absent, "present among others" overlapping it, and a tight
+    # group of images where it dominates; its widest gap is the dominant one, far above most true images
+    rng = np.random.default_rng(11)
+    absent = np.r_[rng.normal(-0.02, 0.03, 2000), rng.normal(0.06, 0.03, 700)]
+    present = np.r_[rng.normal(0.11, 0.035, 1000), rng.normal(0.18, 0.01, 200)]
+    x, truth = np.r_[absent, present], np.r_[np.zeros(len(absent), bool), np.ones(len(present), bool)]
+    own = calibrate(x, compositional=False)
+    cal = calibrate(x, compositional=False, cut=0.075)
+    assert cal.method == "cut" and cal.threshold == 0.075 and cal.params["own_method"] == own.method
+
+    def f1(t):
+        p = x >= t
+        return 2 * (p & truth).sum() / (p.sum() + truth.sum())
+
+    assert f1(cal.threshold) > f1(own.threshold) + 0.05
+    assert cal.prevalence == pytest.approx((x >= 0.075).mean(), abs=0.01)
+    clean = _clean(3)
+    assert calibrate(clean, compositional=False, cut=0.5) == calibrate(clean, compositional=False)
+    # a model with its own cut ignores the estimated one; a concept absent everywhere takes it too
+    assert calibrate(x, 0.1, cut=0.075).method != "cut"
+    flat = calibrate(np.random.default_rng(2).normal(-0.1, 0.02, 3000), cut=0.075)
+    assert flat.method == "cut" and flat.prevalence == 0.0 and flat.for_search().threshold == 0.075
+    with pytest.raises(InvalidInput, match="cut"):
+        calibrate(x, cut=float("inf"))
+
+
+def test_thresholds_for_a_bank_without_own_cut_use_the_collection_cut():
+    """A centring bank (no present score): its reference words' clean splits set the cut its other concepts use."""
+    import t2c.query.calibrate as qc
+
+    rng = np.random.default_rng(4)
+    n, d, words = 4000, 32, ["w0", "w1", "w2", "w3"]
+    V = rng.normal(size=(n, d)).astype(np.float32) * 0.02
+    for j in range(len(words)):  # each reference word clearly present in a quarter of the images
+        V[rng.random(n) < 0.25, j] += 0.15
+    shape = rng.random(n) < 0.3  # a concept seen among clutter: present images spread over absent ones
+    V[:, 5] += np.where(shape, rng.normal(0.10, 0.04, n), rng.normal(0.0, 0.04, n))
+
+    class Bank:
+        present_score, clip_spec = None, "tests:plain"
+        centre = np.zeros(d, np.float32)
+
+        @staticmethod
+        def reference_words():
+            return tuple(words)
+
+        @staticmethod
+        def vectors(texts):
+            return np.stack([np.eye(d, dtype=np.float32)[5 if t == "shape" else int(t[1])] for t in texts])
+
+    class Snap:
+        vectors, name, root, manifest = V, "s-000001", "/nonexistent/cut-test", None
+
+    qc.clear_cache()
+    cut = qc.collection_cut(Snap, Bank)
+    assert cut == pytest.approx(0.15 - 1.96 * 0.02, abs=0.015)
+    cals = qc.thresholds_for(Snap, ["shape", "w1"], bank=Bank)
+    assert cals["shape"].method == "cut" and cals["shape"].threshold == pytest.approx(cut)
+    assert cals["w1"].method == "gmm"  # its own clean split
+    Bank.present_score = 0.3  # a model with its own cut: no estimated cut
+    qc.clear_cache()
+    assert qc.collection_cut(Snap, Bank) is None and qc.thresholds_for(Snap, ["shape"], bank=Bank)["shape"].method != "cut"
+    qc.clear_cache()

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 FAMILIES = ("single", "pair", "pair_not", "two_pairs", "or_group", "filters", "rare")
-TUNING_SEEDS = {"collection": [101], "query": [0]}  # what the binding and calibration settings were tuned on
+TUNING_SEEDS = {"collection": [101, 102], "query": [0, 4]}  # what the binding and calibration settings were tuned on
 CLIP = "world:clip"
 DEFAULT_ENCODERS = ("world:clip", "world:clip-plain", "world:pairnet", "world:pairnet?features=stages+probs")
 

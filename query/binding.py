@@ -43,7 +43,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["Binding", "binding_of", "word_groups", "bound_mask", "present_on", "binding_strength", "reading_share",
+__all__ = ["Binding", "binding_of", "word_groups", "bound_mask", "present_on", "binding_strength", "reading_share", "words_pass",
            "BASIC_COLOURS", "MAX_SCENE_WORDS", "MIN_BINDING"]
 
 #: Colour terms for open-vocabulary CLIPs (Berlin and Kay's eleven basic colour terms).
@@ -217,7 +217,8 @@ def reading_share(b: Binding, scores: dict, thresholds: dict) -> np.ndarray:
 
 
 def present_on(snapshot, bank, text: str, cal, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(present, margin) of a concept calibrated with method "bound" on the given sorted rows.
+    """(present, margin) of a concept calibrated with method "bound" on the given sorted rows (margin 0 where
+    its words alone decide).
 
     Args:
         snapshot: the store snapshot. bank: its ConceptBank. text: the concept.
@@ -226,7 +227,10 @@ def present_on(snapshot, bank, text: str, cal, rows: np.ndarray) -> tuple[np.nda
     from t2c.query.calibrate import concept_scores
 
     b = binding_of(text, getattr(bank, "clip_spec", ""))
-    texts = b.texts()
+    binds = cal.params.get("binds", True)
+    texts = b.texts() if binds else [b.text, *b.words]  # judged by its words: no rival or scene score needed
     sc = concept_scores(snapshot, bank.vectors(texts), rows=np.asarray(rows, np.int64))
-    return bound_mask(b, {t: sc[:, j] for j, t in enumerate(texts)}, cal.params["word_thresholds"],
-                      binds=cal.params.get("binds", True))
+    scores = {t: sc[:, j] for j, t in enumerate(texts)}
+    if not binds:
+        return words_pass(b, scores, cal.params["word_thresholds"]), np.zeros(len(sc))
+    return bound_mask(b, scores, cal.params["word_thresholds"])

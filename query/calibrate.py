@@ -72,7 +72,9 @@ BIC_MARGIN = 10.0  # BIC gain each extra component must bring (a plain normal sa
 CLEAN_SEPARATION = 4.5  # Ashman's D of a split clean enough to trust alone (else a model without its own cut
 #                        takes the collection's estimated cut)
 CUT_Z = 1.96  # the estimated cut: a clearly present concept's lower 97.5% point ...
-MIN_CLEAN = 3  # ... over at least this many clean reference concepts (else no estimated cut)
+MIN_CLEAN = 3  # ... over at least this many clean reference concepts (else no estimated cut) ...
+MIN_CUT_GROUP = 10  # ... whose present and absent groups each hold at least this many calibration images ...
+MIN_CUT_IMAGES = 200  # ... out of at least this many (a few dozen images make spuriously clean splits)
 TAIL_K = 4.0  # robust sigmas above the median for the one-population fallback (audits: "clearly present")
 SEARCH_TAIL_K = 1.0  # ... and for searches, which should not come back empty for an inseparable concept
 _SORTED_KEEP = 4096  # order statistics kept to estimate prevalence at any threshold
@@ -379,15 +381,19 @@ def _at_cut(own: Calibration, cut: float) -> Calibration:
 def estimate_cut(calibrations: Iterable[Calibration]) -> float | None:
     """The score a concept that is really there reaches, from calibrations alone (no labels), or None.
 
-    Over the calibrations whose split is clean (method "gmm", separation >= ``CLEAN_SEPARATION``): the
-    median of their lowest present component's ``mean - CUT_Z * std``. None with fewer than ``MIN_CLEAN``.
+    Over the calibrations whose split is clean (method "gmm", separation >= ``CLEAN_SEPARATION``, fitted on at
+    least ``MIN_CUT_IMAGES`` images with ``MIN_CUT_GROUP`` on each side: a few dozen images make spuriously
+    clean splits): the median of their
+    lowest present component's ``mean - CUT_Z * std``. None with fewer than ``MIN_CLEAN`` such calibrations.
     """
     pts = []
     for c in calibrations:
         p = c.params
         if c.method == "gmm" and p.get("separation", 0) >= CLEAN_SEPARATION and "means" in p:
             j = int(p.get("present_from", 1))
-            pts.append(float(p["means"][j]) - CUT_Z * float(p["stds"][j]))
+            present = float(np.sum(p["weights"][j:])) * c.n
+            if c.n >= MIN_CUT_IMAGES and min(present, c.n - present) >= MIN_CUT_GROUP:
+                pts.append(float(p["means"][j]) - CUT_Z * float(p["stds"][j]))
     return float(np.median(pts)) if len(pts) >= MIN_CLEAN else None
 
 

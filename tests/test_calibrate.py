@@ -246,6 +246,9 @@ def test_estimate_cut_is_the_clean_concepts_lower_present_point():
     # too few clean concepts: no estimate (an overlapping one does not count)
     overlapped = calibrate(_mixture([(3000, 0.0, 0.04), (1000, 0.08, 0.04)], 5), compositional=False)
     assert estimate_cut(cals[:2] + [overlapped]) is None
+    # a few dozen images make spuriously clean splits: too small a sample gives no estimate
+    small = [calibrate(_clean(s)[::40], compositional=False) for s in range(4)]
+    assert all(c.n < 200 for c in small) and estimate_cut(small) is None
 
 
 def test_an_overlapping_concept_takes_the_cut_and_a_clean_one_keeps_its_split():

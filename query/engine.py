@@ -56,8 +56,9 @@ MAX_DRIVERS = 3  # necessary positive concepts whose index candidates are united
 # IVF-PQ: a code score settles a leaf when it lies more than (below, above) score_errors under / over the threshold.
 # Below is wider: 64-byte codes cannot encode a concept that is rare in a vector's IVF list, so they under-score
 # such a present concept by up to ~5 score_errors (1M x 512 synthetic, bench/query_latency.py), and the images
-# that match rare combinations of concepts are exactly those; over-scoring has the light tail score_error measures.
-SETTLE_BAND = (3.0, 1.0)
+# that match rare combinations of concepts are exactly those. Over-scoring has a lighter tail (score_error is its
+# 99th percentile): twice it keeps false passes out (tests/test_engine.py).
+SETTLE_BAND = (3.0, 2.0)
 
 
 @dataclass
@@ -703,12 +704,19 @@ class Engine:
         plan["strategy"] = "index_candidates"
         plan["drivers"] = []
         found = []
+        # IVF-PQ: a driver proposes the rows its codes put over threshold - score_error; the rest of its (wider)
+        # range result only settles the leaf on rows another driver proposes (see SETTLE_BAND)
+        info = self.snapshot.manifest.get("index", {})
+        propose = float(info.get("score_error") or 0.0) if info.get("type") == "ivf_pq" else None
         for c, expected in drivers:
             dc = st.cals[id(c)]
             ids_c, d_c, probed, cplan = self._range_candidates(st.T[st.tindex[c.key]], dc, expected)
+            st.resolved[(c.key, dc.threshold)] = (ids_c, d_c, probed)
+            if propose is not None and self.settle_band is not None:
+                ids_c = ids_c[d_c > float(dc.threshold) - 1e-5 - propose]
+                cplan["candidates"] = int(len(ids_c))
             plan["drivers"].append(dict(concept=c.text, threshold=round(dc.threshold, 6),
                                         expected=round(float(expected), 1), **cplan))
-            st.resolved[(c.key, dc.threshold)] = (ids_c, d_c, probed)
             found.append(ids_c)
         plan["driver"] = plan["drivers"][0]
         plan["nprobe"] = max((d.get("nprobe") or 0) for d in plan["drivers"]) or None

@@ -16,18 +16,25 @@ Plan for one query (``Engine.search``):
      still growing. With no selective necessary positive concept (only-negative or OR-of-concepts
      queries), or at most ``exact_rows`` allowed rows, every allowed row is scored exactly instead
      (vectorised, blockwise). No candidate: early exit.
-  5. Exact scores of every concept on the candidates: flat / IVF-Flat indices keep raw vectors, so the range
+  5. Every concept settled on every candidate: flat / IVF-Flat indices keep raw vectors, so the range
      results already carry exact scores; for IVF-Flat the candidates' lists are scanned for every other
      concept (``range_search_preassigned``: contiguous and exact, no random gathers from the memmap).
-     Anything not settled that way (IVF-PQ) is rescored from the memory-mapped vectors. Filters that sit
-     inside the tree are evaluated per candidate in DuckDB; the boolean tree is evaluated over the arrays.
+     IVF-PQ: the same searches and list scans over the codes, at a radius widened by the codes' error, give
+     code scores; a concept is settled where its code score lies outside a band around the threshold
+     (``SETTLE_BAND`` × the index's measured ``score_error``; wider below, where the codes under-score
+     concepts that are rare in a vector's list), and a driver proposes as candidates only the rows its
+     codes put over threshold - score_error. Filters that sit inside the tree are evaluated per candidate
+     in DuckDB. A three-valued evaluation of the tree finds the candidates whose answer still depends on an
+     unsettled concept; only those are rescored exactly, from the memory-mapped vectors (only the pages
+     their rows sit on, requested at once: ``Snapshot.read_rows``). The tree is evaluated over the arrays.
   6. Ranking score (``score`` of a hit), with margin_i = (score_i - threshold_i) / scale_i, scale_i the
      spread of concept i's "absent" scores from calibration:
         weighted mean of margin_i over the positive-polarity concepts (under an even number of NOTs) that
         passed, weights from the query (``2*"sunset"``); when none passed (only-negative queries), the
         weighted mean of -margin_i over the negative-polarity concepts (how clearly they are absent).
      Ties break by ascending id. Pagination: ``hits = ranked[offset : offset + k]``; ``total`` counts all
-     matches.
+     matches. IVF-PQ: matches ranked on code scores that could reach the page are rescored first (the page,
+     then those within score_error / scale of its exact cut), so a page's hits and scores are exact.
   7. ``explain=True`` adds per hit, per concept leaf: concept, score, threshold, passed, weight, negated,
      margin, method.
 Example leaves (``like:ID``, ``like:"file"``) are scored leaves like concepts: their vectors come from the

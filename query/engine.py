@@ -591,6 +591,13 @@ class Engine:
         plan["candidates"] = int(len(ids))
         return ids[o], D[o], probed, plan
 
+    def _settles(self) -> bool:
+        """Whether leaves are settled by IVF-PQ code scores: a quantised index with a measured score_error
+        (stores built before it was recorded rescore every candidate) and ``settle_band`` not None."""
+        info = self.snapshot.manifest.get("index", {})
+        return (info.get("type") == "ivf_pq" and self.settle_band is not None
+                and float(info.get("score_error") or 0.0) > 0)
+
     def _band(self, side: int = 0) -> float:
         """How far under (side 0) / over (side 1) its threshold an IVF-PQ code score may hide a pass / a fail
         (``score_error`` × ``settle_band[side]``; 0 for indices that keep raw vectors)."""
@@ -598,7 +605,7 @@ class Engine:
         if info.get("type") != "ivf_pq":
             return 0.0
         err = float(info.get("score_error") or 0.0)
-        return err if self.settle_band is None else err * self.settle_band[side]
+        return err * self.settle_band[side] if self._settles() else err
 
     # -- search --
     def search(self, query, k: int = 20, offset: int = 0, explain: bool = False) -> SearchResult:
@@ -714,13 +721,12 @@ class Engine:
         found = []
         # IVF-PQ: a driver proposes the rows its codes put over threshold - score_error; the rest of its (wider)
         # range result only settles the leaf on rows another driver proposes (see SETTLE_BAND)
-        info = self.snapshot.manifest.get("index", {})
-        propose = float(info.get("score_error") or 0.0) if info.get("type") == "ivf_pq" else None
+        propose = float(self.snapshot.manifest["index"]["score_error"]) if self._settles() else None
         for c, expected in drivers:
             dc = st.cals[id(c)]
             ids_c, d_c, probed, cplan = self._range_candidates(st.T[st.tindex[c.key]], dc, expected)
             st.resolved[(c.key, dc.threshold)] = (ids_c, d_c, probed)
-            if propose is not None and self.settle_band is not None:
+            if propose is not None:
                 ids_c = ids_c[d_c > float(dc.threshold) - 1e-5 - propose]
                 cplan["candidates"] = int(len(ids_c))
             plan["drivers"].append(dict(concept=c.text, threshold=round(dc.threshold, 6),
@@ -752,7 +758,7 @@ class Engine:
         shape = (len(st.rows), len(st.leaves))
         st.lscores = np.full(shape, np.nan, np.float32)
         st.sure = np.zeros(shape, bool)
-        settle_pq = itype == "ivf_pq" and self.settle_band is not None
+        settle_pq = self._settles()
         if itype not in ("flat", "ivf_flat") and not settle_pq:
             return
         if settle_pq:

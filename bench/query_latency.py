@@ -101,12 +101,10 @@ def build_store(path: Path, vectors: np.ndarray, *, exact_max: int, seed: int, m
 
 def evict_vectors(snap) -> None:
     """Drop a snapshot's vector files from this process's mappings and from the page cache (cold reads)."""
-    from t2c.data.store import drop_pages
-
-    for name, arr in (("vectors.npy", snap.vectors), ("vectors16.npy", snap.vectors16)):
-        if arr is None:
+    snap.drop_vector_pages()  # mapped pages are not evicted while mapped
+    for name in ("vectors.npy", "vectors16.npy"):
+        if not (snap.path / name).exists():
             continue
-        drop_pages(arr)  # mapped pages are not evicted while mapped
         fd = os.open(snap.path / name, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -370,6 +370,13 @@ class Snapshot:
         prefetch_rows(self._scattered, rows)
         return np.asarray(self._scattered[rows], np.float32)
 
+    def drop_vector_pages(self) -> None:
+        """Unmap the resident pages of every vector mapping this snapshot opened (``vectors``, ``vectors16``,
+        the ``read_rows`` one): the data stays in the files (and the page cache) and is read back on use."""
+        for arr in (self._vectors, self._vectors16, self._scattered):
+            if arr is not None:
+                drop_pages(arr)
+
     @property
     def refine_vectors(self) -> np.ndarray:
         """What approximate candidates are re-scored from: the float16 copy where there is one, else ``vectors``."""
@@ -983,18 +990,19 @@ PREFETCH_GAP_PAGES = 8  # rows whose pages are at most this many pages apart are
 
 def prefetch_rows(a, rows: np.ndarray) -> bool:
     """Ask the kernel (``MADV_WILLNEED``) to read now the pages that ``rows`` (sorted) of a memory-mapped,
-    C-contiguous array sit on: one request per run of nearby pages, all issued before any row is touched, so
-    the reads proceed in parallel instead of one page fault at a time. Returns whether the advice was given
-    (False for arrays in RAM or views, and where mmap has no ``madvise``)."""
+    C-contiguous array (or contiguous view of one) sit on: one request per run of nearby pages, all issued
+    before any row is touched, so the reads proceed in parallel instead of one page fault at a time. Returns
+    whether the advice was given (False for arrays in RAM, non-contiguous views, and where mmap has no
+    ``madvise``)."""
     import mmap
 
     mm = mmap_of(a)
-    if (mm is None or not isinstance(a, np.memmap) or not a.flags["C_CONTIGUOUS"] or not len(rows)
+    if (mm is None or not isinstance(a, np.ndarray) or not a.flags["C_CONTIGUOUS"] or not len(rows)
             or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_WILLNEED")):
         return False
-    start = a.offset - a.offset % mmap.ALLOCATIONGRANULARITY  # where numpy's mapping of the file begins
+    at = a.ctypes.data - np.frombuffer(mm, np.uint8, count=1).ctypes.data  # a's first byte in the mapping
     row_bytes = int(np.prod(a.shape[1:], dtype=np.int64)) * a.itemsize
-    first = a.offset - start + np.asarray(rows, np.int64) * row_bytes
+    first = at + np.asarray(rows, np.int64) * row_bytes
     page = mmap.PAGESIZE
     lo, hi = first // page, (first + row_bytes - 1) // page  # page span of each row
     brk = np.nonzero(lo[1:] > hi[:-1] + PREFETCH_GAP_PAGES)[0] + 1

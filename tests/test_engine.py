@@ -498,3 +498,18 @@ def test_three_valued_tree_is_settled_only_where_every_completion_agrees():
             assert (must[r] == may[r]) == (len(outcomes) == 1), (text, r)
             if len(outcomes) == 1:
                 assert must[r] == outcomes.pop()
+
+
+def test_snapshot_read_rows_gives_the_exact_rows(tmp_path):
+    """Snapshot.read_rows (the reader for rescoring scattered candidates) returns vectors[rows] in float32,
+    exactly, through its own mapping (the whole-scan mapping keeps its read-ahead)."""
+    v, dirs, _ = synth(3000, d=16, seed=8)
+    snap = write_store(tmp_path / "st", v, exact_max=1000, memory_budget=8 * len(v))
+    for rows in (np.array([0]), np.array([2999]), np.arange(0, 3000, 13), np.array([5, 6, 7, 2000])):
+        got = snap.read_rows(rows)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, np.asarray(snap.vectors)[rows])
+    assert snap.read_rows(np.zeros(0, np.int64)).shape == (0, 16)
+    assert snap._scattered is not snap.vectors
+    snap.drop_vector_pages()
+    np.testing.assert_array_equal(snap.read_rows(np.array([7])), np.asarray(snap.vectors)[[7]])

@@ -750,9 +750,10 @@ class Engine:
 
         Flat / IVF-Flat store raw vectors: a candidate in a leaf's range result has its exact score; one in a
         list that search probed but not in the result is below the threshold (-1 stands for it). IVF-PQ: the
-        same searches over the codes, at a radius widened by the codes' error (``_band``), give code scores; a
-        leaf is settled where its code score is further than that error from the threshold (-1: below the
-        widened radius), and stays unsure in the band around it. Everything else stays NaN (unsure).
+        same searches and list scans over the codes, at a radius widened by the codes' error (``_band``), give
+        code scores; a leaf is settled where its code score lies outside the band ``SETTLE_BAND`` puts around
+        the threshold (-1: below the widened radius), and stays unsure (``st.sure`` False) inside it.
+        Everything else stays NaN (unsure).
         """
         itype = self.snapshot.manifest.get("index", {}).get("type")
         shape = (len(st.rows), len(st.leaves))
@@ -820,9 +821,9 @@ class Engine:
     def _undetermined(self, st: _Search) -> np.ndarray:
         """Candidates whose answer still depends on an unsure leaf (three-valued evaluation of the tree).
 
-        A sure leaf passes or fails by its score; an unsure one may do either. A leaf calibrated with
-        binding ("bound") can only surely fail before its rivals are checked. Filters inside the tree are
-        exact (evaluated in DuckDB)."""
+        A sure leaf passes or fails by its score; an unsure one may do either. Filters inside the tree are
+        exact (evaluated in DuckDB). A leaf calibrated with binding ("bound") is settled by its score too: its
+        rivals are checked afterwards, in ``_match``, on every row its score passes, whatever the source."""
         li_of = {id(leaf): li for li, (leaf, _) in enumerate(st.leaves)}
         self._filters_in_tree(st)
 
@@ -830,8 +831,7 @@ class Engine:
             li = li_of[id(leaf)]
             sure = st.sure[:, li]
             ok = st.lscores[:, li] >= st.cals[id(leaf)].threshold
-            must = sure & ok if st.cals[id(leaf)].method != "bound" else np.zeros(len(ok), bool)
-            return must, ~sure | ok
+            return sure & ok, ~sure | ok
 
         must, may = _Kleene(leaf_state, lambda f: st.fpass[id(f)]).visit(st.rest)
         return np.broadcast_to(must != may, (len(st.rows),))

@@ -361,12 +361,17 @@ class Snapshot:
         kernel's read-ahead for whole scans): only the pages the rows sit on are read, all requested at once
         (``prefetch_rows``) so that a disk serves them in parallel. On a 1M x 512 store whose vectors were not
         in the page cache, 400 scattered rows took 1.3 s through the first mapping (128 KiB read-ahead each),
-        30 ms through this one, 6 ms with the prefetch (``bench/query_latency.py --cold``)."""
+        30 ms through this one, 6 ms with the prefetch (``bench/query_latency.py --cold``). Many rows at once
+        (``READ_ROWS_SCATTERED`` or more: a prefiltered subset, a calibration sample) go through the first
+        mapping, whose read-ahead serves dense row sets well, and whose prefetch would cost more than it saves
+        when the pages are already cached."""
+        rows = np.asarray(rows, np.int64)
+        if len(rows) >= READ_ROWS_SCATTERED:
+            return np.asarray(self.vectors[rows], np.float32)
         with self._lock:
             if self._scattered is None:
                 self._scattered = np.load(self.path / "vectors.npy", mmap_mode="r", allow_pickle=False)
                 advise_random(self._scattered)
-        rows = np.asarray(rows, np.int64)
         prefetch_rows(self._scattered, rows)
         return np.asarray(self._scattered[rows], np.float32)
 
@@ -985,13 +990,16 @@ def advise_random(vectors) -> bool:
     return True
 
 
+READ_ROWS_SCATTERED = 16384  # Snapshot.read_rows: from this many rows on, read through the read-ahead mapping
 PREFETCH_GAP_PAGES = 8  # rows whose pages are at most this many pages apart are requested as one range
+PREFETCH_MAX_RUNS = 4096  # at most this many requests per call: many rows merge over wider gaps instead
 
 
 def prefetch_rows(a, rows: np.ndarray) -> bool:
     """Ask the kernel (``MADV_WILLNEED``) to read now the pages that ``rows`` (sorted) of a memory-mapped,
     C-contiguous array (or contiguous view of one) sit on: one request per run of nearby pages, all issued
-    before any row is touched, so the reads proceed in parallel instead of one page fault at a time. Returns
+    before any row is touched, so the reads proceed in parallel instead of one page fault at a time (at most
+    ``PREFETCH_MAX_RUNS`` requests: for many rows, nearby ones merge over wider gaps). Returns
     whether the advice was given (False for arrays in RAM, non-contiguous views, and where mmap has no
     ``madvise``)."""
     import mmap
@@ -1005,7 +1013,11 @@ def prefetch_rows(a, rows: np.ndarray) -> bool:
     first = at + np.asarray(rows, np.int64) * row_bytes
     page = mmap.PAGESIZE
     lo, hi = first // page, (first + row_bytes - 1) // page  # page span of each row
-    brk = np.nonzero(lo[1:] > hi[:-1] + PREFETCH_GAP_PAGES)[0] + 1
+    gaps = lo[1:] - hi[:-1] - 1
+    gap = PREFETCH_GAP_PAGES
+    if len(gaps) >= PREFETCH_MAX_RUNS:  # one syscall per run: bound them (dense rows read a little more)
+        gap = max(gap, int(np.partition(gaps, len(gaps) - PREFETCH_MAX_RUNS + 1)[len(gaps) - PREFETCH_MAX_RUNS + 1]))
+    brk = np.nonzero(gaps > gap)[0] + 1
     lo, hi = lo[np.r_[0, brk]], hi[np.r_[brk - 1, len(hi) - 1]]
     try:
         for a0, b0 in zip(lo.tolist(), hi.tolist()):

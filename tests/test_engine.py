@@ -513,3 +513,12 @@ def test_snapshot_read_rows_gives_the_exact_rows(tmp_path):
     assert snap._scattered is not snap.vectors
     snap.drop_vector_pages()
     np.testing.assert_array_equal(snap.read_rows(np.array([7])), np.asarray(snap.vectors)[[7]])
+    import t2c.data.store as store_mod
+
+    many = np.arange(0, 3000, 2)  # many rows at once: through the read-ahead mapping, same values
+    old = store_mod.READ_ROWS_SCATTERED
+    store_mod.READ_ROWS_SCATTERED = 100
+    try:
+        np.testing.assert_array_equal(snap.read_rows(many), np.asarray(snap.vectors)[many])
+    finally:
+        store_mod.READ_ROWS_SCATTERED = old

@@ -472,7 +472,8 @@ def concept_scores(snapshot, vecs, rows=None, block: int = 65536) -> np.ndarray:
     Args:
         snapshot: a Snapshot (or any object with ``.vectors``, or an (n, d) array).
         vecs: (k, d) or (d,) concept vectors (unit length).
-        rows: optional sorted row positions to score instead of all rows.
+        rows: optional sorted row positions to score instead of all rows (read with ``Snapshot.read_rows``:
+            only the pages they sit on).
     """
     V = snapshot if isinstance(snapshot, np.ndarray) else snapshot.vectors
     T = np.asarray(vecs, np.float32)
@@ -487,6 +488,8 @@ def concept_scores(snapshot, vecs, rows=None, block: int = 65536) -> np.ndarray:
     for s in range(0, m, block):
         if rows is None:
             blk = np.asarray(V[s : s + block], np.float32)
+        elif hasattr(snapshot, "read_rows"):  # scattered rows: only their pages, requested at once
+            blk = snapshot.read_rows(rows[s : s + block])
         else:
             blk = np.asarray(V[rows[s : s + block]], np.float32)
         np.matmul(blk, TT, out=out[s : s + len(blk)])

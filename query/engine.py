@@ -16,18 +16,25 @@ Plan for one query (``Engine.search``):
      still growing. With no selective necessary positive concept (only-negative or OR-of-concepts
      queries), or at most ``exact_rows`` allowed rows, every allowed row is scored exactly instead
      (vectorised, blockwise). No candidate: early exit.
-  5. Exact scores of every concept on the candidates: flat / IVF-Flat indices keep raw vectors, so the range
+  5. Every concept settled on every candidate: flat / IVF-Flat indices keep raw vectors, so the range
      results already carry exact scores; for IVF-Flat the candidates' lists are scanned for every other
      concept (``range_search_preassigned``: contiguous and exact, no random gathers from the memmap).
-     Anything not settled that way (IVF-PQ) is rescored from the memory-mapped vectors. Filters that sit
-     inside the tree are evaluated per candidate in DuckDB; the boolean tree is evaluated over the arrays.
+     IVF-PQ: the same searches and list scans over the codes, at a radius widened by the codes' error, give
+     code scores; a concept is settled where its code score lies outside a band around the threshold
+     (``SETTLE_BAND`` × the index's measured ``score_error``; wider below, where the codes under-score
+     concepts that are rare in a vector's list), and a driver proposes as candidates only the rows its
+     codes put over threshold - score_error. Filters that sit inside the tree are evaluated per candidate
+     in DuckDB. A three-valued evaluation of the tree finds the candidates whose answer still depends on an
+     unsettled concept; only those are rescored exactly, from the memory-mapped vectors (only the pages
+     their rows sit on, requested at once: ``Snapshot.read_rows``). The tree is evaluated over the arrays.
   6. Ranking score (``score`` of a hit), with margin_i = (score_i - threshold_i) / scale_i, scale_i the
      spread of concept i's "absent" scores from calibration:
         weighted mean of margin_i over the positive-polarity concepts (under an even number of NOTs) that
         passed, weights from the query (``2*"sunset"``); when none passed (only-negative queries), the
         weighted mean of -margin_i over the negative-polarity concepts (how clearly they are absent).
      Ties break by ascending id. Pagination: ``hits = ranked[offset : offset + k]``; ``total`` counts all
-     matches.
+     matches. IVF-PQ: matches ranked on code scores that could reach the page are rescored first (the page,
+     then those within score_error / scale of its exact cut), so a page's hits and scores are exact.
   7. ``explain=True`` adds per hit, per concept leaf: concept, score, threshold, passed, weight, negated,
      margin, method.
 Example leaves (``like:ID``, ``like:"file"``) are scored leaves like concepts: their vectors come from the
@@ -53,6 +60,13 @@ MAX_K = 10_000
 EXACT_ROWS = 2_000  # score allowed rows exactly (no index) when there are at most this many
 MAX_RANGE_GROWTH = 6  # nprobe doublings for IVF range search
 MAX_DRIVERS = 3  # necessary positive concepts whose index candidates are united
+# IVF-PQ: a code score settles a leaf when it lies more than (below, above) score_errors under / over the threshold.
+# Below is wider: 64-byte codes cannot encode a concept that is rare in a vector's IVF list, so they under-score
+# such a present concept by up to ~5 score_errors (4.7 seen on 1M x 512 synthetic vectors, bench/query_latency.py),
+# and the images that match rare combinations of concepts are exactly those: at 3 the bench's 60 queries lost 1 match
+# of 6 in one query that rescoring every candidate finds, at 4 none. Over-scoring has a lighter tail (score_error is
+# its 99th percentile): twice it keeps false passes out (tests/test_engine.py).
+SETTLE_BAND = (4.0, 2.0)
 
 
 @dataclass
@@ -184,6 +198,30 @@ class _TreeEvaluator(qa.Visitor):
         return out
 
 
+class _Kleene(qa.Visitor):
+    """Three-valued evaluation: (surely holds, possibly holds) bool arrays of a tree, from the same pair per
+    leaf. Where the two agree the tree's value is settled whatever the unknown leaves turn out to be."""
+
+    def __init__(self, leaf_state, filter_pass):
+        self.leaf_state, self.filter_pass = leaf_state, filter_pass
+
+    def visit_scored(self, node):
+        return self.leaf_state(node)
+
+    def visit_filter(self, node):
+        f = self.filter_pass(node)
+        return f, f
+
+    def visit_not(self, node):
+        must, may = self.visit(node.child)
+        return ~may, ~must
+
+    def visit_bool(self, node):
+        kids = [self.visit(c) for c in node.children]
+        join = np.logical_and if isinstance(node, qa.And) else np.logical_or
+        return join.reduce([m for m, _ in kids]), join.reduce([m for _, m in kids])
+
+
 def evaluate_tree(node, concept_pass, filter_pass, n: int) -> np.ndarray:
     """Evaluate the tree over n items; ``concept_pass(leaf)`` (any scored leaf) / ``filter_pass(leaf)`` give
     bool arrays."""
@@ -242,8 +280,12 @@ class _Search:
     resolved: dict = field(default_factory=dict)  # (key, threshold) -> (sorted ids, scores, probed lists)
     rows: np.ndarray | None = None  # candidate rows
     lscores: np.ndarray | None = None  # (len(rows), len(leaves)) scores; NaN: not known yet
+    sure: np.ndarray | None = None  # (len(rows), len(leaves)) bool: the leaf's pass/fail there is certain
+    approx: np.ndarray | None = None  # (len(rows), len(leaves)) bool: lscores holds a code's score (IVF-PQ)
+    band: float = 0.0  # IVF-PQ: how far under its threshold a code score may hide a pass (0: scores are exact)
+    band_above: float = 0.0  # IVF-PQ: how far over its threshold a code score may hide a fail
     passed: dict = field(default_factory=dict)  # id(leaf) -> bool array over rows
-    fpass: dict = field(default_factory=dict)  # id(filter leaf) -> bool array over rows (filters inside the tree)
+    fpass: dict | None = None  # id(filter leaf) -> bool array over rows (filters inside the tree)
 
 
 # ------------------------------------------------------------------------------------------------ engine
@@ -254,6 +296,12 @@ class Engine:
         snapshot: an open :class:`t2c.data.store.Snapshot`.
         bank: a ConceptBank (default: ``concept_bank_for(snapshot)``, built lazily: torch is imported only
             when a concept vector is not cached).
+        settle_band: IVF-PQ stores: (below, above): a leaf is settled by its code score when that score lies
+            more than ``below`` × the index's measured ``score_error`` under the threshold (failed; range
+            searches are widened by as much) or more than ``above`` × ``score_error`` over it (passed); only
+            candidates whose answer still depends on an unsettled leaf, and matches that could reach the page,
+            are rescored exactly. None: rescore every candidate exactly (range searches widened by
+            ``score_error``).
 
     Example:
         >>> eng = Engine.for_store("photos.t2c")  # doctest: +SKIP
@@ -261,9 +309,19 @@ class Engine:
         >>> [(h.id, h.path, h.score) for h in res.hits]  # doctest: +SKIP
     """
 
-    def __init__(self, snapshot, bank=None, *, exact_rows: int = EXACT_ROWS, examples=None, binding: bool = True):
+    def __init__(self, snapshot, bank=None, *, exact_rows: int = EXACT_ROWS, examples=None, binding: bool = True,
+                 settle_band: tuple[float, float] | None = SETTLE_BAND):
         self.snapshot = snapshot
         self.exact_rows = int(exact_rows)
+        if settle_band is not None:
+            try:
+                below, above = (float(x) for x in settle_band)
+            except (TypeError, ValueError):
+                below = above = float("nan")
+            if not (below >= 0 and above >= 0):
+                raise InvalidInput(f"settle_band must be None or two numbers >= 0 (below, above), got {settle_band!r}")
+            settle_band = (below, above)
+        self.settle_band = settle_band
         self.binding = bool(binding)
         self._bank = bank
         self._examples = examples
@@ -438,8 +496,9 @@ class Engine:
             self._row_list = out
         return self._row_list
 
-    def _range_in_lists(self, vec: np.ndarray, thr: float, lists: np.ndarray):
-        """(sorted ids, exact scores) of vectors scoring >= thr - 1e-5 inside the given IVF lists."""
+    def _range_in_lists(self, vec: np.ndarray, radius: float, lists: np.ndarray):
+        """(sorted ids, scores) of vectors scoring > radius inside the given IVF lists (exact scores for
+        IVF-Flat, the codes' scores for IVF-PQ)."""
         import faiss
 
         ivf = faiss.extract_index_ivf(self.snapshot.index)
@@ -447,10 +506,10 @@ class Engine:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         q = np.ascontiguousarray(vec[None], np.float32)
         iq = np.ascontiguousarray(lists[None].astype(np.int64))
-        dq = np.zeros(iq.shape, np.float32)  # coarse distances are unused by IVF-Flat scanning
+        dq = np.ascontiguousarray((self._ivf_layout()[0][lists] @ q[0])[None], np.float32)  # coarse scores
         res = faiss.RangeSearchResult(1)
         params = faiss.SearchParametersIVF(nprobe=len(lists))  # per call: the shared index is not mutated
-        ivf.range_search_preassigned_c(1, faiss.swig_ptr(q), float(thr) - 1e-5, faiss.swig_ptr(iq),
+        ivf.range_search_preassigned_c(1, faiss.swig_ptr(q), float(radius), faiss.swig_ptr(iq),
                                        faiss.swig_ptr(dq), res, False, params)
         nd = int(faiss.rev_swig_ptr(res.lims, 2)[1])
         ids = faiss.rev_swig_ptr(res.labels, nd).copy().astype(np.int64)
@@ -492,9 +551,10 @@ class Engine:
         info = dict(self.snapshot.manifest.get("index", {}))
         q = np.ascontiguousarray(vec[None], np.float32)
         radius = float(cal.threshold) - 1e-5  # FAISS IP range keeps score > radius; a hair lower, rescoring decides
-        # quantised codes (IVF-PQ) score with an error: widen the radius by it (every candidate is rescored
-        # exactly), and count only the ones the codes put above the threshold when judging the probe depth
-        margin = float(info.get("score_error") or 0.0)
+        # quantised codes (IVF-PQ) score with an error: widen the radius by it (candidates near the threshold
+        # are rescored exactly), and count only the ones the codes put above the threshold when judging the
+        # probe depth
+        margin = self._band()
         if info.get("nprobe"):
             import faiss
 
@@ -530,6 +590,22 @@ class Engine:
         o = np.argsort(ids)  # each vector sits in one list: no duplicates
         plan["candidates"] = int(len(ids))
         return ids[o], D[o], probed, plan
+
+    def _settles(self) -> bool:
+        """Whether leaves are settled by IVF-PQ code scores: a quantised index with a measured score_error
+        (stores built before it was recorded rescore every candidate) and ``settle_band`` not None."""
+        info = self.snapshot.manifest.get("index", {})
+        return (info.get("type") == "ivf_pq" and self.settle_band is not None
+                and float(info.get("score_error") or 0.0) > 0)
+
+    def _band(self, side: int = 0) -> float:
+        """How far under (side 0) / over (side 1) its threshold an IVF-PQ code score may hide a pass / a fail
+        (``score_error`` × ``settle_band[side]``; 0 for indices that keep raw vectors)."""
+        info = self.snapshot.manifest.get("index", {})
+        if info.get("type") != "ivf_pq":
+            return 0.0
+        err = float(info.get("score_error") or 0.0)
+        return err * self.settle_band[side] if self._settles() else err
 
     # -- search --
     def search(self, query, k: int = 20, offset: int = 0, explain: bool = False) -> SearchResult:
@@ -592,11 +668,14 @@ class Engine:
         else:
             self._exact_scan(st)
         sel = self._match(st)
+        scores = self._rank(st, sel) if len(sel) else np.zeros(0)
+        if len(sel) and st.approx is not None and st.approx[sel].any():
+            sel, scores = self._exact_page(st, sel, scores)
         st.plan["estimate"] = self._estimate(st, sel)
         if not len(sel):
             st.plan["exit"] = "no_match"
             return empty
-        return st.rows[sel], self._rank(st, sel)
+        return st.rows[sel], scores
 
     def _prefilter(self, st: _Search) -> bool:
         """Step 2: split off the pure-filter conjuncts and run them as a WHERE prefilter; False when none passes."""
@@ -640,12 +719,18 @@ class Engine:
         plan["strategy"] = "index_candidates"
         plan["drivers"] = []
         found = []
+        # IVF-PQ: a driver proposes the rows its codes put over threshold - score_error; the rest of its (wider)
+        # range result only settles the leaf on rows another driver proposes (see SETTLE_BAND)
+        propose = float(self.snapshot.manifest["index"]["score_error"]) if self._settles() else None
         for c, expected in drivers:
             dc = st.cals[id(c)]
             ids_c, d_c, probed, cplan = self._range_candidates(st.T[st.tindex[c.key]], dc, expected)
+            st.resolved[(c.key, dc.threshold)] = (ids_c, d_c, probed)
+            if propose is not None:
+                ids_c = ids_c[d_c > float(dc.threshold) - 1e-5 - propose]
+                cplan["candidates"] = int(len(ids_c))
             plan["drivers"].append(dict(concept=c.text, threshold=round(dc.threshold, 6),
                                         expected=round(float(expected), 1), **cplan))
-            st.resolved[(c.key, dc.threshold)] = (ids_c, d_c, probed)
             found.append(ids_c)
         plan["driver"] = plan["drivers"][0]
         plan["nprobe"] = max((d.get("nprobe") or 0) for d in plan["drivers"]) or None
@@ -661,20 +746,31 @@ class Engine:
         return bool(len(rows))
 
     def _settle_from_index(self, st: _Search) -> None:
-        """Step 5a: the scores the index searches already settled exactly (flat / IVF-Flat store raw vectors).
+        """Step 5a: what the index searches already settled, leaf by leaf, on every candidate.
 
-        A candidate in a leaf's range result has its exact score; one in a list that search probed but not in
-        the result is below the threshold (-1 stands for it). Everything else stays NaN for rescoring.
+        Flat / IVF-Flat store raw vectors: a candidate in a leaf's range result has its exact score; one in a
+        list that search probed but not in the result is below the threshold (-1 stands for it). IVF-PQ: the
+        same searches and list scans over the codes, at a radius widened by the codes' error (``_band``), give
+        code scores; a leaf is settled where its code score lies outside the band ``SETTLE_BAND`` puts around
+        the threshold (-1: below the widened radius), and stays unsure (``st.sure`` False) inside it.
+        Everything else stays NaN (unsure).
         """
         itype = self.snapshot.manifest.get("index", {}).get("type")
-        st.lscores = np.full((len(st.rows), len(st.leaves)), np.nan, np.float32)
-        if itype not in ("flat", "ivf_flat"):
+        shape = (len(st.rows), len(st.leaves))
+        st.lscores = np.full(shape, np.nan, np.float32)
+        st.sure = np.zeros(shape, bool)
+        settle_pq = self._settles()
+        if itype not in ("flat", "ivf_flat") and not settle_pq:
             return
+        if settle_pq:
+            st.band, st.band_above = self._band(0), self._band(1)
+            st.approx = np.zeros(shape, bool)
         rows = st.rows
         cids = np.asarray(self.snapshot.ids[rows], np.int64) if not self._ids_are_rows else rows
-        lists = self._range_other_leaves(st) if itype == "ivf_flat" else self._range_flat_leaves(st)
+        lists = self._range_flat_leaves(st) if itype == "flat" else self._range_other_leaves(st)
         for li, (leaf, _) in enumerate(st.leaves):
-            ids_c, d_c, probed = st.resolved[(leaf.key, st.cals[id(leaf)].threshold)]
+            thr = st.cals[id(leaf)].threshold
+            ids_c, d_c, probed = st.resolved[(leaf.key, thr)]
             col = st.lscores[:, li]
             if probed is None:
                 col[:] = -1.0
@@ -684,6 +780,11 @@ class Engine:
                 pos = np.minimum(np.searchsorted(ids_c, cids), len(ids_c) - 1)
                 hit = ids_c[pos] == cids
                 col[hit] = d_c[pos[hit]]
+                if settle_pq:
+                    st.approx[hit, li] = True
+            st.sure[:, li] = ~np.isnan(col)
+            if settle_pq:  # a code score decides only when it is clear of the threshold by more than its error
+                st.sure[:, li] &= ~st.approx[:, li] | (col < thr - st.band) | (col > thr + st.band_above)
 
     def _range_flat_leaves(self, st: _Search) -> None:
         """Flat index: range-search every leaf the drivers did not (exact: every vector is compared)."""
@@ -695,8 +796,9 @@ class Engine:
                 st.resolved[key] = (ids_c, d_c, probed)
 
     def _range_other_leaves(self, st: _Search) -> np.ndarray:
-        """IVF-Flat: settle every leaf on every candidate by scanning the candidates' lists (contiguous and
-        exact) instead of gathering candidate rows from the memory-mapped vectors. Returns each row's list."""
+        """IVF: settle every leaf on every candidate by scanning the candidates' lists (contiguous: exact
+        scores for IVF-Flat, code scores for IVF-PQ at the radius widened by ``st.band``) instead of
+        gathering candidate rows from the memory-mapped vectors. Returns each row's list."""
         lists = self._list_of_rows()[st.rows]
         needed = np.zeros(len(self._ivf_layout()[1]), bool)
         needed[lists[lists >= 0]] = True
@@ -707,7 +809,8 @@ class Engine:
                                                        np.zeros_like(needed)))
             todo = np.nonzero(needed & ~probed)[0]
             if len(todo):
-                more_i, more_d = self._range_in_lists(st.T[st.tindex[leaf.key]], c.threshold, todo)
+                radius = float(c.threshold) - 1e-5 - st.band
+                more_i, more_d = self._range_in_lists(st.T[st.tindex[leaf.key]], radius, todo)
                 ids_c, d_c = np.concatenate([ids_c, more_i]), np.concatenate([d_c, more_d])
                 o = np.argsort(ids_c, kind="stable")
                 ids_c, d_c = ids_c[o], d_c[o]
@@ -715,14 +818,75 @@ class Engine:
             st.resolved[key] = (ids_c, d_c, probed)
         return lists
 
+    def _undetermined(self, st: _Search) -> np.ndarray:
+        """Candidates whose answer still depends on an unsure leaf (three-valued evaluation of the tree).
+
+        A sure leaf passes or fails by its score; an unsure one may do either. Filters inside the tree are
+        exact (evaluated in DuckDB). A leaf calibrated with binding ("bound") is settled by its score too: its
+        rivals are checked afterwards, in ``_match``, on every row its score passes, whatever the source."""
+        li_of = {id(leaf): li for li, (leaf, _) in enumerate(st.leaves)}
+        self._filters_in_tree(st)
+
+        def leaf_state(leaf):
+            li = li_of[id(leaf)]
+            sure = st.sure[:, li]
+            ok = st.lscores[:, li] >= st.cals[id(leaf)].threshold
+            return sure & ok, ~sure | ok
+
+        must, may = _Kleene(leaf_state, lambda f: st.fpass[id(f)]).visit(st.rest)
+        return np.broadcast_to(must != may, (len(st.rows),))
+
+    def _rescore(self, st: _Search, mask: np.ndarray) -> None:
+        """Exact scores of every leaf on the candidates in ``mask``, from the memory-mapped vectors."""
+        S = concept_scores(self.snapshot, st.T, rows=st.rows[mask])
+        for li, (leaf, _) in enumerate(st.leaves):
+            st.lscores[mask, li] = S[:, st.tindex[leaf.key]]
+        st.sure[mask] = True
+        if st.approx is not None:
+            st.approx[mask] = False
+
     def _rescore_unknown(self, st: _Search) -> None:
-        """Step 5b: exact scores, from the memory-mapped vectors, of every candidate the index left unsettled."""
-        unknown = np.isnan(st.lscores).any(1)
-        st.plan["rescored"] = int(unknown.sum())
-        if unknown.any():
-            S = concept_scores(self.snapshot, st.T, rows=st.rows[unknown])
-            for li, (leaf, _) in enumerate(st.leaves):
-                st.lscores[unknown, li] = S[:, st.tindex[leaf.key]]
+        """Step 5b: exact scores, from the memory-mapped vectors, of the candidates whose answer the index left
+        undecided (every leaf of such a row: reading the row is the cost, not the inner products)."""
+        need = self._undetermined(st)
+        st.plan["rescored"] = int(need.sum())
+        if need.any():
+            self._rescore(st, need)
+
+    def _exact_page(self, st: _Search, sel: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Step 6b (IVF-PQ): the page is ranked on exact scores.
+
+        Matches ranked on code scores are rescored in two rounds: the page's rows by the code-score ranking
+        (every match, when the page takes them all), then the others whose code-score ranking lies within
+        ``score_error / scale`` (how far a code score strays, in the ranking's margin units) of the page's
+        exact cut. After each round the rows are matched and ranked again (a rescored row whose code score
+        strayed past its band leaves the answer)."""
+        end = st.offset + st.k
+        scales = [st.cals[id(leaf)].scale for leaf, pos in st.leaves if pos] or [1.0]
+        err = float(self.snapshot.manifest.get("index", {}).get("score_error") or 0.0)
+        slack = err / max(min(scales), 1e-6)
+        rescored = 0
+        for round_ in (0, 1):
+            approx = st.approx[sel].any(1)
+            if round_ == 0 and len(sel) > end:  # the page by code scores
+                head = np.zeros(len(sel), bool)
+                head[np.argpartition(-scores, end - 1)[:end]] = True
+                approx &= head
+            elif round_ == 1:  # the rows that could still beat the page's exact cut
+                if len(sel) <= end:
+                    break
+                cut = -np.partition(-scores, end - 1)[end - 1]
+                approx &= scores >= cut - slack
+            if not approx.any():
+                continue
+            mask = np.zeros(len(st.rows), bool)
+            mask[sel[approx]] = True
+            rescored += int(approx.sum())
+            self._rescore(st, mask)
+            sel = self._match(st)
+            scores = self._rank(st, sel) if len(sel) else np.zeros(0)
+        st.plan["rescored_page"] = rescored
+        return sel, scores
 
     def _exact_scan(self, st: _Search) -> None:
         """Steps 4-5 without the index: every allowed row (or every row) scored exactly, blockwise."""
@@ -740,10 +904,15 @@ class Engine:
         st.passed = {id(leaf): st.lscores[:, li] >= st.cals[id(leaf)].threshold
                      for li, (leaf, _) in enumerate(st.leaves)}
         self._apply_binding(st.leaves, st.cals, st.passed, st.rows)
-        flist = qa.filters(st.rest)
-        st.fpass = self._tree_filters(flist, st.rows) if flist else {}
+        self._filters_in_tree(st)
         match = evaluate_tree(st.rest, lambda c: st.passed[id(c)], lambda f: st.fpass[id(f)], len(st.rows))
         return np.nonzero(match)[0]
+
+    def _filters_in_tree(self, st: _Search) -> None:
+        """Filters that sit inside the tree, evaluated once per search on the candidates (``st.fpass``)."""
+        if st.fpass is None:
+            flist = qa.filters(st.rest)
+            st.fpass = self._tree_filters(flist, st.rows) if flist else {}
 
     def _estimate(self, st: _Search, sel: np.ndarray) -> dict:
         """Step 5d: estimated precision and recall of the answer and of each concept (mixture fits, no labels)."""

@@ -357,14 +357,16 @@ def test_reference_answer_ivf_pq_widens_the_range_by_the_codes_error(tmp_path):
     v, dirs, _ = synth(8000, d=32, seed=5)
     snap = write_store(tmp_path / "st", v, exact_max=1000, memory_budget=8 * len(v))
     assert snap.manifest["index"]["type"] == "ivf_pq" and snap.manifest["index"]["score_error"] > 0
-    eng = Engine(snap, make_bank(dirs), exact_rows=0)
-    for query in ("dog AND beach AND NOT people", "sunset AND dog AND NOT car", "beach AND NOT tree"):
-        res = eng.search(query, k=10_000)
-        assert res.plan["strategy"] == "index_candidates"
-        assert res.plan["driver"]["radius_margin"] == pytest.approx(snap.manifest["index"]["score_error"])
-        ref = set(eng.reference_answer(query).tolist())
-        got = set(res.all_ids.tolist())
-        assert got <= ref and len(got) >= 0.93 * len(ref)
+    err = snap.manifest["index"]["score_error"]
+    for band, margin in ((None, err), ((3.0, 1.0), 3.0 * err)):  # rescore every candidate / settle by the codes
+        eng = Engine(snap, make_bank(dirs), exact_rows=0, settle_band=band)
+        for query in ("dog AND beach AND NOT people", "sunset AND dog AND NOT car", "beach AND NOT tree"):
+            res = eng.search(query, k=10_000)
+            assert res.plan["strategy"] == "index_candidates"
+            assert res.plan["driver"]["radius_margin"] == pytest.approx(margin)
+            ref = set(eng.reference_answer(query).tolist())
+            got = set(res.all_ids.tolist())
+            assert got <= ref and len(got) >= 0.93 * len(ref)
 
 
 def test_reference_answer_with_hnsw_coarse_quantizer(tmp_path, monkeypatch):
@@ -418,3 +420,105 @@ def test_ivf_pq_store_keeps_a_float16_copy_and_old_stores_without_it_still_searc
     np.testing.assert_array_equal(got, new)
     np.testing.assert_array_equal(Engine(old, make_bank(dirs), exact_rows=0).search(
         "dog AND beach AND NOT people", k=100).all_ids, want)
+
+
+def test_ivf_pq_settling_by_the_codes_gives_the_answer_of_rescoring_everything(tmp_path):
+    """IVF-PQ: leaves settled by their code scores outside the error band, and only undecided candidates
+    rescored, give the answers of rescoring every candidate exactly (a few more: the band widens the range
+    searches), never a row outside the exact answer, and the page the exact ranking of the answer gives,
+    with exact scores, while rescoring far fewer rows."""
+    v, dirs, _ = synth(8000, d=32, seed=5)
+    snap = write_store(tmp_path / "st", v, exact_max=1000, memory_budget=16 * len(v))
+    assert snap.manifest["index"]["type"] == "ivf_pq"
+    bank = make_bank(dirs)
+    settled = Engine(snap, bank, exact_rows=0)
+    everything = Engine(snap, bank, exact_rows=0, settle_band=None)
+    V = np.asarray(snap.vectors)
+    fewer = 0
+    for query in ("dog AND beach AND NOT people", "sunset AND dog AND NOT car", "beach AND NOT tree",
+                  "sunset AND (dog OR beach) AND NOT car", "sunset AND NOT (car OR width>=900)",
+                  "sunset AND split=val AND NOT people", "2*beach AND dog AND NOT (people OR car)"):
+        a, b = settled.search(query, k=10), everything.search(query, k=10)
+        assert a.plan["strategy"] == b.plan["strategy"] == "index_candidates"
+        got, want = set(a.all_ids.tolist()), set(b.all_ids.tolist())
+        assert want <= got <= set(settled.reference_answer(query).tolist()), query
+        assert len(got) <= 1.05 * len(want)
+        full = settled.search(query, k=10_000)  # the page takes every match: all rescored, ranked exactly
+        assert set(full.all_ids.tolist()) == got and "rescored_page" in full.plan
+        assert [h.id for h in a.hits] == [h.id for h in full.hits[:10]], query
+        np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in full.hits[:10]], atol=1e-6)
+        page2 = settled.search(query, k=10, offset=10)
+        assert [h.id for h in page2.hits] == [h.id for h in full.hits[10:20]], query
+        assert a.plan["rescored"] + a.plan.get("rescored_page", 0) <= b.plan["rescored"]
+        fewer += a.plan["rescored"] + a.plan.get("rescored_page", 0) < 0.5 * b.plan["rescored"]
+        ex = settled.search(query, k=5, explain=True)  # explanations stay exact
+        for h in ex.hits:
+            for e in h.explanation:
+                assert e["score"] == pytest.approx(float(V[h.id] @ bank.vector(e["concept"])), abs=1e-5)
+    assert fewer >= 5  # most queries read less than half the rows
+
+
+def test_ivf_pq_settle_band_is_checked(tmp_path):
+    v, dirs, _ = synth(3000, d=16, seed=6)
+    snap = write_store(tmp_path / "st", v, exact_max=1000, memory_budget=8 * len(v))
+    for bad in (-1.0, (1.0,), (1.0, -0.5), ("a", 1.0), (float("nan"), 1.0), 2.0):
+        with pytest.raises(InvalidInput):
+            Engine(snap, make_bank(dirs), settle_band=bad)
+    eng = Engine(snap, make_bank(dirs), exact_rows=0, settle_band=(0, 0))  # trust the codes outright
+    res = eng.search("sunset AND dog AND NOT car", k=10)
+    assert "radius_margin" not in res.plan["driver"] and res.plan["rescored"] == 0
+    # a store built before score_error was recorded: nothing is settled by the codes, every candidate rescored
+    snap.manifest["index"].pop("score_error")
+    res = Engine(snap, make_bank(dirs), exact_rows=0).search("sunset AND dog AND NOT car", k=10)
+    assert "radius_margin" not in res.plan["driver"] and res.plan["rescored"] == res.plan["candidates"]
+
+
+def test_three_valued_tree_is_settled_only_where_every_completion_agrees():
+    """The engine rescores a candidate only when some unsure leaf could change its answer."""
+    from itertools import product
+
+    from t2c.query.engine import _Kleene
+    from t2c.query.parse import parse
+
+    rng = np.random.default_rng(0)
+    for text in ("a AND b AND NOT c", "a AND NOT (b OR c)", "(a AND b) OR (c AND NOT a)", "a AND (b OR NOT c)"):
+        node = parse(text)
+        leaves = qa.scored(node)
+        n = 64
+        value = {id(c): rng.random(n) < 0.5 for c in leaves}
+        sure = {id(c): rng.random(n) < 0.6 for c in leaves}
+        must, may = _Kleene(lambda c: (sure[id(c)] & value[id(c)], ~sure[id(c)] | value[id(c)]), None).visit(node)
+        for r in range(n):
+            unsure = [c for c in leaves if not sure[id(c)][r]]
+            outcomes = set()
+            for bits in product([False, True], repeat=len(unsure)):
+                pick = {id(c): b for c, b in zip(unsure, bits)}
+                outcomes.add(bool(evaluate_tree(node, lambda c: np.array([pick.get(id(c), value[id(c)][r])]),
+                                                None, 1)[0]))
+            assert (must[r] == may[r]) == (len(outcomes) == 1), (text, r)
+            if len(outcomes) == 1:
+                assert must[r] == outcomes.pop()
+
+
+def test_snapshot_read_rows_gives_the_exact_rows(tmp_path):
+    """Snapshot.read_rows (the reader for rescoring scattered candidates) returns vectors[rows] in float32,
+    exactly, through its own mapping (the whole-scan mapping keeps its read-ahead)."""
+    v, dirs, _ = synth(3000, d=16, seed=8)
+    snap = write_store(tmp_path / "st", v, exact_max=1000, memory_budget=8 * len(v))
+    for rows in (np.array([0]), np.array([2999]), np.arange(0, 3000, 13), np.array([5, 6, 7, 2000])):
+        got = snap.read_rows(rows)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, np.asarray(snap.vectors)[rows])
+    assert snap.read_rows(np.zeros(0, np.int64)).shape == (0, 16)
+    assert snap._scattered is not snap.vectors
+    snap.drop_vector_pages()
+    np.testing.assert_array_equal(snap.read_rows(np.array([7])), np.asarray(snap.vectors)[[7]])
+    import t2c.data.store as store_mod
+
+    many = np.arange(0, 3000, 2)  # many rows at once: through the read-ahead mapping, same values
+    old = store_mod.READ_ROWS_SCATTERED
+    store_mod.READ_ROWS_SCATTERED = 100
+    try:
+        np.testing.assert_array_equal(snap.read_rows(many), np.asarray(snap.vectors)[many])
+    finally:
+        store_mod.READ_ROWS_SCATTERED = old

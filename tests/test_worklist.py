@@ -283,3 +283,28 @@ def test_drop_pages_keeps_the_data_and_unmaps_it(tmp_path):
     touched = file_kb()
     drop_pages(r)
     assert touched - before > 8000 and file_kb() - before < 2000
+
+
+def test_prefetch_rows_requests_the_rows_pages_and_leaves_the_data_alone(tmp_path):
+    """prefetch_rows advises MADV_WILLNEED on the pages of the given rows of a memory-mapped .npy (any dtype,
+    any row order it is given sorted in, the first and the last row included); arrays in RAM and views are
+    refused (False), and the rows read back unchanged."""
+    import mmap
+
+    from t2c.data.store import prefetch_rows
+
+    p = tmp_path / "v.npy"
+    v = np.lib.format.open_memmap(p, mode="w+", dtype=np.float16, shape=(5000, 24))
+    v[:] = np.arange(5000, dtype=np.float16)[:, None]
+    v.flush()
+    del v
+    r = np.load(p, mmap_mode="r")
+    if not hasattr(mmap, "MADV_WILLNEED"):
+        return
+    for rows in (np.array([0]), np.array([4999]), np.arange(0, 5000, 7), np.array([3, 4, 5, 900, 4998])):
+        assert prefetch_rows(r, rows)
+        np.testing.assert_array_equal(r[rows][:, 0], np.arange(5000, dtype=np.float16)[rows])
+    assert not prefetch_rows(r, np.zeros(0, np.int64))
+    assert not prefetch_rows(np.zeros((10, 4)), np.array([1, 2]))
+    assert not prefetch_rows(r[:, :3], np.array([1, 2]))  # a non-contiguous view
+    assert prefetch_rows(r[4000:], np.array([0, 999]))  # a contiguous view: its own rows' pages

@@ -852,16 +852,25 @@ def _keep_tensor(tensor, *args, **kwargs):
     return tensor
 
 
+ALIGN = 64  # bytes: torch's CPU allocator aligns every tensor so, and BLAS kernels may round differently without
+
+
 def _assigning_loads(model):
-    """Make ``model.load_state_dict`` assign the checkpoint's tensors (memory-mapped from a safetensors file: no
-    copy) instead of copying them into the model's; each tensor keeps the model's dtype. Undo with
-    ``del model.load_state_dict``."""
+    """Make ``model.load_state_dict`` assign the checkpoint's tensors instead of copying them into the model's
+    (whose random init was skipped). Each tensor keeps the model's dtype, and one that does not start on a
+    64-byte boundary (a tensor inside a memory-mapped safetensors file) is copied to memory that does, as torch
+    allocates it: the weights sit where a plain load puts them, so the features are the same to the bit.
+    Undo with ``del model.load_state_dict``."""
     own = {k: v.dtype for k, v in model.state_dict().items()}
     plain = model.load_state_dict
 
+    def fit(k, v):
+        if k in own and v.dtype != own[k]:
+            return v.to(own[k])
+        return v if v.data_ptr() % ALIGN == 0 else v.clone()
+
     def load(state_dict, strict: bool = True, assign: bool = True):
-        sd = {k: v.to(own[k]) if k in own and v.dtype != own[k] else v for k, v in state_dict.items()}
-        return plain(sd, strict=strict, assign=True)
+        return plain({k: fit(k, v) for k, v in state_dict.items()}, strict=strict, assign=True)
 
     model.load_state_dict = load
     return model

@@ -739,35 +739,219 @@ def _torchvision(spec: EncoderSpec, kw: dict) -> Encoder:
     return ModuleEncoder(spec.identity, model, image_size=224, classifier=classifier, **kw)
 
 
-def _open_clip_hint(spec: EncoderSpec) -> dict | None:
-    """Input size and normalisation from open_clip's own model config file, without importing open_clip (seconds
-    of imports); None with a pretrained tag or a checkpoint, whose settings may differ from the config's."""
+def _open_clip_config(name: str) -> dict | None:
+    """A built-in open_clip model config, read from open_clip's config folder without importing open_clip (seconds
+    of imports); None for a name it does not ship (e.g. one added with ``open_clip.add_model_config``)."""
     import importlib.util
     import json
 
-    name, _, tag = spec.name.partition("/")
-    if tag or spec.weights_mode != "random":
-        return None
     found = importlib.util.find_spec("open_clip")
     if found is None or not found.submodule_search_locations:
         return None
     path = Path(list(found.submodule_search_locations)[0]) / "model_configs" / f"{name}.json"
-    if not path.is_file():
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _open_clip_hint(spec: EncoderSpec) -> dict | None:
+    """Input size and normalisation from open_clip's own model config file, without importing open_clip; None with
+    a pretrained tag, whose settings may differ from the config's (a checkpoint file keeps the config's)."""
+    name, _, tag = spec.name.partition("/")
+    if tag or spec.weights_mode == "default":
         return None
-    cfg = json.loads(path.read_text())
+    cfg = _open_clip_config(name)
+    if cfg is None:
+        return None
     size = cfg["vision_cfg"]["image_size"]
     pp = cfg.get("preprocess_cfg") or {}
     return _plain_hint(size[0] if isinstance(size, (list, tuple)) else size, pp.get("mean") or CLIP_MEAN,
                        pp.get("std") or CLIP_STD)
 
 
+def _open_clip_needs(cfg: dict) -> set[str]:
+    """The optional libraries an open_clip model config builds with: transformers (a Hugging Face text tower or
+    tokenizer, CoCa's decoder) and timm (a timm image tower)."""
+    text, vision = cfg.get("text_cfg") or {}, cfg.get("vision_cfg") or {}
+    needs = set()
+    if "hf_model_name" in text or "hf_tokenizer_name" in text or "multimodal_cfg" in cfg:
+        needs.add("transformers")
+    if "timm_model_name" in vision:
+        needs.add("timm")
+    return needs
+
+
+#: open_clip's modules that import an optional library at their own import (and keep None when it is absent)
+_OPEN_CLIP_ADAPTERS = {"transformers": ("open_clip.hf_model", "open_clip.coca_model"),
+                       "timm": ("open_clip.timm_model",)}
+
+
+def import_open_clip(name: str | None = None):
+    """``import open_clip``, leaving out the optional libraries model ``name`` does not use.
+
+    open_clip imports transformers and timm when it is imported (about a second), only to offer Hugging Face text
+    towers and timm image towers. For a built-in model whose config uses neither (ViT-B-32 and most CLIPs), they
+    are hidden while open_clip imports, so its adapters note them as absent; a later model that needs one reloads
+    the adapter modules (:data:`_OPEN_CLIP_ADAPTERS`), so every model builds as with a plain ``import open_clip``.
+    """
+    import importlib.util
+    import sys
+
+    if "open_clip" not in sys.modules:
+        cfg = _open_clip_config(name.partition("/")[0]) if name else None
+        hide = [] if cfg is None else [lib for lib in _OPEN_CLIP_ADAPTERS
+                                       if lib not in _open_clip_needs(cfg) and lib not in sys.modules]
+        for lib in hide:
+            sys.modules[lib] = None  # `import lib` raises ImportError, which open_clip's adapters catch
+        try:
+            import open_clip  # noqa: F401
+        finally:
+            for lib in hide:
+                if sys.modules.get(lib, False) is None:
+                    del sys.modules[lib]
+    import open_clip
+
+    cfg = open_clip.get_model_config(name.partition("/")[0]) if name else None
+    for lib in _open_clip_needs(cfg or {}):
+        for mod in _OPEN_CLIP_ADAPTERS[lib]:
+            m = sys.modules.get(mod)
+            if m is not None and getattr(m, lib, True) is None and importlib.util.find_spec(lib) is not None:
+                importlib.reload(m)  # imported while the library was hidden: import it now
+    if cfg and "multimodal_cfg" in cfg and getattr(sys.modules.get("open_clip.coca_model"), "_has_transformers",
+                                                   True) is False and importlib.util.find_spec("transformers"):
+        importlib.reload(sys.modules["open_clip.coca_model"])
+    return open_clip
+
+
+#: the torch.nn.init functions that fill parameters (a module's default initialisation, open_clip's own)
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+
+
+class _SkipInit:
+    """Within it, ``torch.nn.init``'s fill functions leave tensors as allocated: a model whose every parameter is
+    then loaded from a checkpoint (strict) skips its random initialisation (seconds for a CLIP). Buffers a module
+    computes in ``__init__`` (masks, position tables) are computed as usual."""
+
+    def __enter__(self):
+        import torch
+
+        self.saved = {f: getattr(torch.nn.init, f) for f in _INIT_FUNCTIONS if hasattr(torch.nn.init, f)}
+        for f in self.saved:
+            setattr(torch.nn.init, f, _keep_tensor)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        for f, fn in self.saved.items():
+            setattr(torch.nn.init, f, fn)
+        return False
+
+
+def _keep_tensor(tensor, *args, **kwargs):
+    return tensor
+
+
+ALIGN = 64  # bytes: torch's CPU allocator aligns every tensor so, and BLAS kernels may round differently without
+
+
+def _assigning_loads(model):
+    """Make ``model.load_state_dict`` assign the checkpoint's tensors instead of copying them into the model's
+    (whose random init was skipped). Each tensor keeps the model's dtype, and one that does not start on a
+    64-byte boundary (a tensor inside a memory-mapped safetensors file) is copied to memory that does, as torch
+    allocates it: the weights sit where a plain load puts them, so the features are the same to the bit.
+    Undo with ``del model.load_state_dict``."""
+    own = {k: v.dtype for k, v in model.state_dict().items()}
+    plain = model.load_state_dict
+
+    def fit(k, v):
+        if k in own and v.dtype != own[k]:
+            return v.to(own[k])
+        return v if v.data_ptr() % ALIGN == 0 else v.clone()
+
+    def load(state_dict, strict: bool = True, assign: bool = True):
+        return plain({k: fit(k, v) for k, v in state_dict.items()}, strict=strict, assign=True)
+
+    model.load_state_dict = load
+    return model
+
+
+def _random_weights_file(name: str, cfg: dict) -> Path | None:
+    """Where the seeded random init of open_clip model ``name`` is kept ($T2C_CACHE_DIR/weights; None when the
+    cache folder is unset): named by everything the init depends on (library versions, the CPU kernels torch
+    picks, the model config), so a file found there holds the very weights the init would draw."""
+    import hashlib
+    import importlib.metadata as md
+    import json
+
+    import torch
+
+    root = os.environ.get("T2C_CACHE_DIR") or None
+    if root is None:
+        return None
+    what = [torch.__version__, md.version("open_clip_torch"), torch.backends.cpu.get_cpu_capability(),
+            name, cfg, "seed=0"]
+    key = hashlib.blake2b(json.dumps(what, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+    return Path(root).expanduser() / "weights" / f"open_clip-{name}-random-{key}.safetensors"
+
+
+def _save_random_weights(model, path: Path) -> None:
+    """Keep a seeded random init for later builds (best effort: a cache)."""
+    from safetensors.torch import save_file
+
+    from t2c.data.store import atomic_write_file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        atomic_write_file(path, lambda tmp: save_file(sd, tmp), sync=False)
+    except OSError:
+        pass
+
+
+def _build_open_clip(open_clip, name: str, spec: EncoderSpec, pretrained):
+    """open_clip's model for ``spec``: built, then filled from a checkpoint without drawing a random init first
+    (a local checkpoint, or a seeded random init kept in the cache), or as open_clip builds it."""
+    import logging
+
+    cfg = open_clip.get_model_config(name)
+    kept = _random_weights_file(name, cfg) if spec.weights_mode == "random" and cfg else None
+    path = spec.weights_path if spec.weights_mode == "file" else (str(kept) if kept and kept.is_file() else None)
+    if path is None:
+        model = open_clip.create_model(name, pretrained=pretrained, device="cpu")
+        if kept is not None:
+            _save_random_weights(model, kept)
+        return model
+    log = logging.getLogger()
+    level = log.level
+    log.setLevel(max(level, logging.ERROR))  # "No pretrained weights loaded ... initialized randomly": not so
+    try:
+        with _SkipInit():
+            model = open_clip.create_model(name, pretrained=None, device="cpu")
+    finally:
+        log.setLevel(level)
+    try:
+        open_clip.load_checkpoint(_assigning_loads(model), path, strict=True)
+    except Exception:
+        if spec.weights_mode == "file":
+            raise
+        import torch
+
+        torch.manual_seed(0)  # an unreadable cache file: draw the init as make_encoder seeds it, and keep it again
+        drawn = open_clip.create_model(name, pretrained=None, device="cpu")
+        _save_random_weights(drawn, kept)
+        return drawn
+    finally:
+        del model.load_state_dict
+    return model
+
+
 @register_source("open_clip", "open_clip CLIP models: open_clip:ViT-B-32/openai (image + text)", has_text=True,
                  options={}, preprocess_hint=_open_clip_hint)
 def _open_clip(spec: EncoderSpec, kw: dict) -> Encoder:
     """open_clip models (image and text towers); NAME/TAG selects the pretrained tag."""
-    import open_clip
-
     name, _, tag = spec.name.partition("/")
+    open_clip = import_open_clip(name)
     models = open_clip.list_models()
     if name not in models:
         raise UnknownChoice("open_clip model", name, models)
@@ -781,24 +965,30 @@ def _open_clip(spec: EncoderSpec, kw: dict) -> Encoder:
             raise UnknownChoice(f"pretrained tag for {name}", tag, tags or ["(none: use ?weights=PATH)"])
         pretrained = tag or None
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device="cpu")
+        if spec.weights_mode == "default":
+            model = open_clip.create_model_and_transforms(name, pretrained=pretrained, device="cpu")[0]
+        else:
+            model = _build_open_clip(open_clip, name, spec, pretrained)
     except Exception as e:  # noqa: BLE001
         raise EncoderError(f"cannot build open_clip model {spec.name!r}: {e}",
                            "offline? pass ?weights=PATH to a local checkpoint, or ?weights=random")
-    tokenizer = open_clip.get_tokenizer(name)
     visual = model.visual
     size = visual.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     mean = getattr(visual, "image_mean", None) or CLIP_MEAN
     std = getattr(visual, "image_std", None) or CLIP_STD
+    tokenizer = []  # built on first use: indexing never needs it
 
     def text_fn(texts):
-        return model.encode_text(tokenizer(texts).to(next(model.parameters()).device))
+        if not tokenizer:
+            tokenizer.append(open_clip.get_tokenizer(name))
+        return model.encode_text(tokenizer[0](texts).to(next(model.parameters()).device))
 
     bias = getattr(model, "logit_bias", None)  # SigLIP-style models: logits = exp(logit_scale) * cos + bias
     present = None if bias is None else float(-bias.detach().float() / model.logit_scale.detach().float().exp())
-    return ModuleEncoder(spec.identity, _ImageTower(model, "encode_image"), dim=None, image_size=size, mean=mean,
-                         std=std, text_fn=text_fn, present_score=present, **kw)
+    dim = getattr(visual, "output_dim", None)  # the image embedding's width; else found by a forward pass
+    return ModuleEncoder(spec.identity, _ImageTower(model, "encode_image"), dim=dim if isinstance(dim, int) else None,
+                         image_size=size, mean=mean, std=std, text_fn=text_fn, present_score=present, **kw)
 
 
 def _world_weights(name: str):

@@ -57,5 +57,34 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
+def cli() -> None:
+    """The ``t2c`` console script and ``python -m t2c``: :func:`main`, then the process ends at once.
+
+    Once torch is loaded, tearing the interpreter down (freeing every module, a last garbage collection) takes a
+    second or more after the command is done. Everything a command writes is closed and synced before it
+    returns, so the process runs the atexit handlers, flushes its standard streams and exits with the command's
+    status without that teardown. In-process callers use :func:`main`, which returns (or raises SystemExit).
+    """
+    code: int | str | None = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    if "torch" not in sys.modules:  # nothing slow to tear down: the usual exit
+        sys.exit(code)
+    import atexit
+
+    atexit._run_exitfuncs()
+    if isinstance(code, str):  # sys.exit("message") prints it and exits 1
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(int(code or 0))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

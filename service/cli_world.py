@@ -47,7 +47,7 @@ def train_cmd(
     seed: int = typer.Option(0, "--seed", help="Data and initialisation seed."),
     n: int = typer.Option(20000, "--n", help="Training images."),
 ) -> None:
-    """Retrain the world models from scratch (about 40 minutes on 2 CPU cores) and save safetensors."""
+    """Retrain the world models from scratch (about an hour on 2 CPU cores) and save safetensors."""
     from t2c.indexer.world.models import WORLD_MODELS
     from t2c.indexer.world.train import TrainConfig, train_all
 

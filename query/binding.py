@@ -136,17 +136,16 @@ def _smallest_explanations(n_a: int, n_o: int) -> np.ndarray:
     return np.asarray(out, np.int64).reshape(len(out), big, 2)
 
 
-def _scene_margin(b: Binding, scores: dict, thresholds: dict, margin: np.ndarray, words_ok: np.ndarray) -> None:
-    """Overwrite ``margin`` with the scene rule's margin where an image's explanations can be enumerated."""
+def _scene_groups(b: Binding, scores: dict, thresholds: dict, ok: np.ndarray):
+    """The enumerable rows among ``ok`` (at most ``MAX_SCENE_WORDS`` present words a side), grouped by their
+    present words: yields (positions into ``rows``, rows, explanations as (explanations, k) attribute and object
+    indices, whether each explanation holds the concept), after first yielding ``rows`` itself."""
     attrs, objs = b.scene
     ia, io = attrs.index(b.words[0]), objs.index(b.words[1])
     on_a = np.stack([np.asarray(scores[a]) >= thresholds[a] for a in attrs], 1)
     on_o = np.stack([np.asarray(scores[o]) >= thresholds[o] for o in objs], 1)
-    rows = np.flatnonzero(words_ok & (on_a.sum(1) <= MAX_SCENE_WORDS) & (on_o.sum(1) <= MAX_SCENE_WORDS))
-    if not len(rows):
-        return
-    # (rows, attributes, objects) pair scores of the rows the rule reads
-    pair = np.stack([np.stack([np.asarray(scores[f"{a} {o}"], np.float64)[rows] for o in objs], 1) for a in attrs], 1)
+    rows = np.flatnonzero(ok & (on_a.sum(1) <= MAX_SCENE_WORDS) & (on_o.sum(1) <= MAX_SCENE_WORDS))
+    yield rows
     key = on_a[rows] @ (1 << np.arange(len(attrs))) * (1 << len(objs)) + on_o[rows] @ (1 << np.arange(len(objs)))
     for k in np.unique(key):
         sel = np.flatnonzero(key == k)
@@ -154,8 +153,20 @@ def _scene_margin(b: Binding, scores: dict, thresholds: dict, margin: np.ndarray
         pa, po = np.flatnonzero(on_a[r[0]]), np.flatnonzero(on_o[r[0]])
         ex = _smallest_explanations(len(pa), len(po))
         ga, go = pa[ex[..., 0]], po[ex[..., 1]]                     # (explanations, k) word indices
+        yield sel, r, ga, go, ((ga == ia) & (go == io)).any(1)
+
+
+def _scene_margin(b: Binding, scores: dict, thresholds: dict, margin: np.ndarray, words_ok: np.ndarray) -> None:
+    """Overwrite ``margin`` with the scene rule's margin where an image's explanations can be enumerated."""
+    attrs, objs = b.scene
+    groups = _scene_groups(b, scores, thresholds, words_ok)
+    rows = next(groups)
+    if not len(rows):
+        return
+    # (rows, attributes, objects) pair scores of the rows the rule reads
+    pair = np.stack([np.stack([np.asarray(scores[f"{a} {o}"], np.float64)[rows] for o in objs], 1) for a in attrs], 1)
+    for sel, r, ga, go, has in groups:
         mean = pair[sel][:, ga, go].mean(2)                          # (rows, explanations)
-        has = ((ga == ia) & (go == io)).any(1)
         if not has.all():
             margin[r] = mean[:, has].max(1) - mean[:, ~has].max(1)
         else:                                                        # nothing else explains the words
@@ -200,8 +211,12 @@ def reading_share(b: Binding, scores: dict, thresholds: dict) -> np.ndarray:
     explains them, or where explanations are not enumerated; 0 where a word fails)."""
     ok = words_pass(b, scores, thresholds)
     share = ok.astype(np.float64)
-    if not b.scene:
-        return share
+    if b.scene:
+        groups = _scene_groups(b, scores, thresholds, ok)
+        next(groups)
+        for _, r, _, _, has in groups:
+            share[r] = float(has.mean())
+    return share
     attrs, objs = b.scene
     ia, io = attrs.index(b.words[0]), objs.index(b.words[1])
     on_a = np.stack([np.asarray(scores[a]) >= thresholds[a] for a in attrs], 1)

@@ -609,7 +609,7 @@ def thresholds_for(snapshot, texts: Iterable[str], bank=None, *, binding: bool =
 def _bound_thresholds(snapshot, texts: list[str], bank, plain: dict) -> dict[str, Calibration]:
     """Calibrations of the compositional concepts among ``texts`` under the binding rule (cached)."""
     from t2c.data.errors import T2CError
-    from t2c.query.binding import MIN_BINDING, binding_of, binding_strength, bound_mask, reading_share
+    from t2c.query.binding import MIN_BINDING, binding_of, binding_strength, bound_mask, reading_share, words_pass
     from t2c.query.estimate import bound_rates, concept_rates, reading_rates
 
     out = {}
@@ -629,7 +629,7 @@ def _bound_thresholds(snapshot, texts: list[str], bank, plain: dict) -> dict[str
             sc = concept_scores(snapshot, vecs, rows=rows)
             scores = {x: sc[:, j] for j, x in enumerate(b.texts())}
             present, margin = bound_mask(b, scores, words)
-            words_ok = np.logical_and(*(scores[w] >= words[w] for w in b.words))
+            words_ok = words_pass(b, scores, words)
             s = scores[t]
             strength = binding_strength(margin, words_ok, s)
             binds = strength is None or strength >= MIN_BINDING

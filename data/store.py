@@ -350,9 +350,14 @@ class Snapshot:
             return None
         with self._lock:
             if self._vectors16 is None:
-                self._vectors16 = np.load(self.path / "vectors16.npy", mmap_mode="r", allow_pickle=False)
-                advise_random(self._vectors16)  # read a few scattered rows at a time: no read-ahead
+                self._vectors16 = self._random_map("vectors16.npy")
         return self._vectors16
+
+    def _random_map(self, name: str) -> np.ndarray:
+        """``name`` memory-mapped for a few scattered rows at a time (``MADV_RANDOM``: no read-ahead)."""
+        a = np.load(self.path / name, mmap_mode="r", allow_pickle=False)
+        advise_random(a)
+        return a
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """``vectors[rows]`` as float32, for a few scattered sorted rows (rescoring candidates).
@@ -370,8 +375,7 @@ class Snapshot:
             return np.asarray(self.vectors[rows], np.float32)
         with self._lock:
             if self._scattered is None:
-                self._scattered = np.load(self.path / "vectors.npy", mmap_mode="r", allow_pickle=False)
-                advise_random(self._scattered)
+                self._scattered = self._random_map("vectors.npy")
         prefetch_rows(self._scattered, rows)
         return np.asarray(self._scattered[rows], np.float32)
 

@@ -624,7 +624,8 @@ def _bound_thresholds(snapshot, texts: list[str], bank, plain: dict) -> dict[str
                 vecs = bank.vectors(b.texts())
             except T2CError:  # a word or rival this text tower cannot embed: the plain calibration stands
                 continue
-            words = {w: c.for_search().threshold for w, c in _plain_thresholds(snapshot, b.scene_words(), bank).items()}
+            word_cals = _plain_thresholds(snapshot, b.scene_words(), bank)  # b.words among them
+            words = {w: c.for_search().threshold for w, c in word_cals.items()}
             rows = sample_rows(snapshot.vectors.shape[0])
             sc = concept_scores(snapshot, vecs, rows=rows)
             scores = {x: sc[:, j] for j, x in enumerate(b.texts())}
@@ -633,7 +634,7 @@ def _bound_thresholds(snapshot, texts: list[str], bank, plain: dict) -> dict[str
             s = scores[t]
             strength = binding_strength(margin, words_ok, s)
             binds = strength is None or strength >= MIN_BINDING
-            word_rates = [concept_rates(c.for_search()) for c in _plain_thresholds(snapshot, list(b.words), bank).values()]
+            word_rates = [concept_rates(word_cals[w].for_search()) for w in b.words]
             if binds:
                 rates = bound_rates(margin, words_ok, present, word_rates)
             else:  # a bag-of-words text tower: its words alone decide
@@ -653,9 +654,7 @@ def _bound_thresholds(snapshot, texts: list[str], bank, plain: dict) -> dict[str
 def collection_cut(snapshot, bank) -> float | None:
     """The store's estimated cut for a bank without its own (:func:`estimate_cut` over the calibrations of the
     bank's reference words), or None: the model has its own cut, or the bank does not centre."""
-    if present_score_of(bank) is not None or getattr(bank, "centre", None) is None:
-        return None
-    words = [w for w in dict.fromkeys(bank.reference_words())]
+    words = _cut_words(bank)
     if not words:
         return None
     key = (_snap_key(snapshot), "cut", hashlib.blake2b(np.asarray(bank.centre, np.float32).tobytes(),
@@ -667,15 +666,22 @@ def collection_cut(snapshot, bank) -> float | None:
     return hit[0]
 
 
+def _cut_words(bank) -> list[str]:
+    """The reference words an estimated cut is taken from: none when the model has its own cut or the bank
+    does not centre."""
+    if present_score_of(bank) is not None or getattr(bank, "centre", None) is None:
+        return []
+    return list(dict.fromkeys(bank.reference_words()))
+
+
 def pooled_cut(snapshots: Sequence, bank) -> float | None:
     """:func:`collection_cut` over several stores pooled (drift compares two with one threshold per concept)."""
-    if present_score_of(bank) is None and getattr(bank, "centre", None) is not None:
-        words = list(dict.fromkeys(bank.reference_words()))
-        if words:
-            vecs = bank.vectors(words)
-            sc = [concept_scores(s, vecs, rows=sample_rows(s.vectors.shape[0])) for s in snapshots]
-            return cut_from_scores(np.concatenate(sc), words)
-    return None
+    words = _cut_words(bank)
+    if not words:
+        return None
+    vecs = bank.vectors(words)
+    sc = [concept_scores(s, vecs, rows=sample_rows(s.vectors.shape[0])) for s in snapshots]
+    return cut_from_scores(np.concatenate(sc), words)
 
 
 def _plain_thresholds(snapshot, texts: list[str], bank, *, cut: float | None | str = "auto") -> dict[str, Calibration]:

@@ -16,6 +16,13 @@ from t2c.data.errors import DamagedArtefact, NotFound
 from t2c.data.store import SHARED_MODE, atomic_write_bytes
 
 
+def cache_root() -> Path | None:
+    """The on-disk cache folder named by ``$T2C_CACHE_DIR`` (None: unset or empty, no disk cache). Concept
+    vectors, calibrations, converted models and kept random inits live under it."""
+    root = os.environ.get("T2C_CACHE_DIR") or None
+    return Path(root).expanduser() if root else None
+
+
 def write_artefact(path: str | os.PathLike, tensors: Mapping, metadata: Mapping[str, str] | None = None) -> Path:
     """Write tensors (numpy arrays, or torch tensors) and string metadata as one safetensors file, atomically.
 

@@ -886,13 +886,15 @@ def _random_weights_file(name: str, cfg: dict) -> Path | None:
 
     import torch
 
-    root = os.environ.get("T2C_CACHE_DIR") or None
+    from t2c.data.artefacts import cache_root
+
+    root = cache_root()
     if root is None:
         return None
     what = [torch.__version__, md.version("open_clip_torch"), torch.backends.cpu.get_cpu_capability(),
             name, cfg, "seed=0"]
     key = hashlib.blake2b(json.dumps(what, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
-    return Path(root).expanduser() / "weights" / f"open_clip-{name}-random-{key}.safetensors"
+    return root / "weights" / f"open_clip-{name}-random-{key}.safetensors"
 
 
 def _save_random_weights(model, path: Path) -> None:

@@ -27,8 +27,10 @@ FAST_HINT = 'install the fast extra: pip install "text2concept[fast]"'
 def cache_dir() -> Path | None:
     """Where converted models are kept: ``$T2C_CACHE_DIR/openvino`` (None when ``$T2C_CACHE_DIR`` is unset or
     empty: every build converts again; the CLI sets it to the per-user cache folder)."""
-    root = os.environ.get("T2C_CACHE_DIR") or None
-    return Path(root).expanduser() / "openvino" if root else None
+    from t2c.data.artefacts import cache_root
+
+    root = cache_root()
+    return root / "openvino" if root else None
 
 
 def openvino_available() -> bool:

@@ -35,6 +35,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from t2c.data.artefacts import cache_root
 from t2c.data.errors import EncoderError, InvalidInput
 from t2c.data.store import atomic_write_bytes
 from t2c.query.lru import LRUCache
@@ -50,10 +51,6 @@ def user_cache_dir() -> Path:
     return Path(base) / "t2c"
 
 
-def cache_root() -> Path | None:
-    """The on-disk cache folder named by ``$T2C_CACHE_DIR`` (None: unset or empty, no disk cache)."""
-    root = os.environ.get("T2C_CACHE_DIR") or None
-    return Path(root).expanduser() if root else None
 
 #: Standard CLIP prompt ensemble (a subset of the open_clip ImageNet templates that suits open vocabularies).
 DEFAULT_TEMPLATES: tuple[str, ...] = (

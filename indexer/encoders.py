@@ -12,6 +12,7 @@ Heavy imports (torch, timm, open_clip, torchvision) are deferred until an encode
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -24,6 +25,7 @@ import numpy as np
 
 from t2c.data.artefacts import read_artefact
 from t2c.data.errors import DamagedArtefact, EncoderError, InvalidInput, NotFound, UnknownChoice
+from t2c.indexer.import_shells import package_shells
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -791,6 +793,8 @@ def import_open_clip(name: str | None = None):
     towers and timm image towers. For a built-in model whose config uses neither (ViT-B-32 and most CLIPs), they
     are hidden while open_clip imports, so its adapters note them as absent; a later model that needs one reloads
     the adapter modules (:data:`_OPEN_CLIP_ADAPTERS`), so every model builds as with a plain ``import open_clip``.
+    For such a model torchvision's two packages are shells while open_clip imports (:func:`package_shells`): only
+    the transforms and ``ops.misc`` it uses load, not all of torchvision and ``torch._dynamo`` (about 1.4 s).
     """
     import importlib.util
     import sys
@@ -799,10 +803,14 @@ def import_open_clip(name: str | None = None):
         cfg = _open_clip_config(name.partition("/")[0]) if name else None
         hide = [] if cfg is None else [lib for lib in _OPEN_CLIP_ADAPTERS
                                        if lib not in _open_clip_needs(cfg) and lib not in sys.modules]
+        # a model that needs neither builds from open_clip's own modules: torchvision's package __init__ (and the
+        # torch._dynamo it imports, ~1.4 s) is left for whoever uses torchvision itself (see import_shells)
+        shells = ("torchvision", "torchvision.ops") if cfg is not None and not _open_clip_needs(cfg) else ()
         for lib in hide:
             sys.modules[lib] = None  # `import lib` raises ImportError, which open_clip's adapters catch
         try:
-            import open_clip  # noqa: F401
+            with package_shells("torchvision", shells) if shells else contextlib.nullcontext():
+                import open_clip  # noqa: F401
         finally:
             for lib in hide:
                 if sys.modules.get(lib, False) is None:

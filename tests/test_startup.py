@@ -50,6 +50,61 @@ def test_open_clip_imports_without_transformers_and_timm_for_models_that_use_nei
     assert coca == plain.stdout.strip()
 
 
+def test_open_clip_imports_torchvision_leaves_only_and_torchvision_still_imports_whole_later():
+    """For ViT-B-32 open_clip loads torchvision's transforms and ops.misc, not torchvision's __init__ (nor
+    torch._dynamo); a later ``import torchvision`` is the whole library, sharing those same leaf modules."""
+    code = ("import sys, torch\nfrom t2c.indexer.encoders import import_open_clip\n"
+            "oc = import_open_clip('ViT-B-32')\n"
+            "print('torch._dynamo' in sys.modules, 'torchvision' in sys.modules, 'torchvision.ops' in sys.modules,"
+            " 'torchvision.transforms' in sys.modules)\n"
+            "m = oc.create_model('ViT-B-32')\n"
+            "with torch.no_grad(): print(tuple(m.encode_image(torch.zeros(1, 3, 224, 224)).shape))\n"
+            "print('torch._dynamo' in sys.modules)\n"
+            "import torchvision, torchvision.models\n"
+            "print(torchvision.transforms.Resize is oc.transform.Resize,"
+            " torchvision.ops.misc.FrozenBatchNorm2d is oc.utils.FrozenBatchNorm2d,"
+            " torchvision.transforms.InterpolationMode is oc.transform.InterpolationMode)\n"
+            "boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.]])\n"
+            "print(torchvision.ops.nms(boxes, torch.tensor([1., .9]), .5).tolist(), hasattr(torchvision, '__version__'),"
+            " type(torchvision.models.resnet18()).__name__, 'torch._dynamo' in sys.modules)")
+    p = _python(code)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().split("\n")
+    assert lines[0].split() == ["False", "False", "False", "True"]
+    assert lines[1] == "(1, 512)" and lines[2] == "False"
+    assert lines[3].split() == ["True", "True", "True"]
+    assert lines[4] == "[0] True ResNet True"
+
+
+def test_package_shells_load_leaves_without_the_package_init(tmp_path, monkeypatch):
+    from t2c.indexer.import_shells import package_shells
+
+    pkg = tmp_path / "shellpkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import shellpkg.sub\nINIT_RAN = True\nfrom shellpkg import leaf\n")
+    (pkg / "leaf.py").write_text("from .sub.inner import X\nY = X + 1\n")
+    (pkg / "sub" / "__init__.py").write_text("raise RuntimeError('sub/__init__ ran')\n")
+    (pkg / "sub" / "inner.py").write_text("X = 41\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [n for n in sys.modules if n.startswith("shellpkg")]:
+        monkeypatch.delitem(sys.modules, name)
+    with package_shells("shellpkg", ("shellpkg", "shellpkg.sub")):
+        from shellpkg.leaf import Y
+    assert Y == 42
+    assert "shellpkg" not in sys.modules and "shellpkg.sub" not in sys.modules
+    leaf, inner = sys.modules["shellpkg.leaf"], sys.modules["shellpkg.sub.inner"]
+    (pkg / "sub" / "__init__.py").write_text("SUB_INIT_RAN = True\n")
+    import shellpkg  # the real package __init__ now runs, with the loaded leaves attached to it
+
+    assert shellpkg.INIT_RAN and shellpkg.leaf is leaf and shellpkg.sub.SUB_INIT_RAN and shellpkg.sub.inner is inner
+    assert not any(type(f).__name__ == "_ReattachLeaves" for f in sys.meta_path)
+    with package_shells("shellpkg", ("shellpkg",)):  # nothing to do for an imported or a missing package
+        with package_shells("no_such_package_t2c", ("no_such_package_t2c",)):
+            assert sys.modules["shellpkg"] is shellpkg and "no_such_package_t2c" not in sys.modules
+    for name in [n for n in sys.modules if n.startswith("shellpkg")]:
+        del sys.modules[name]
+
+
 def _tiny_config(tmp_path):
     import open_clip
 

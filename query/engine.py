@@ -988,15 +988,21 @@ class Engine:
             out.append(expl)
         return out
 
-    def reference_answer(self, query) -> np.ndarray:
+    def reference_answer(self, query, scores: dict | None = None) -> np.ndarray:
         """Brute-force answer (sorted catalog ids): every concept scored on every row, the tree evaluated
-        over all rows with the same thresholds, filters evaluated in DuckDB. For tests and benchmarks."""
+        over all rows with the same thresholds, filters evaluated in DuckDB. For tests and benchmarks.
+
+        ``scores``: optional {leaf key (kind, text): its scores over every row}, computed once for many queries
+        (a benchmark over a store too large to scan once per query); leaves it lacks are scored here."""
         node = self.parse_query(query)
         n = len(self.snapshot.ids)
         leaves = qa.scored(node)
         cals = self.calibrations(node) if leaves else {}
         T, ti = self.leaf_vectors(leaves) if leaves else (None, {})
-        S = concept_scores(self.snapshot, T) if leaves else np.zeros((n, 0), np.float32)
+        if leaves and scores is not None and all(k in scores for k in ti):
+            S = np.stack([np.asarray(scores[k], np.float32) for k in sorted(ti, key=ti.get)], 1)
+        else:
+            S = concept_scores(self.snapshot, T) if leaves else np.zeros((n, 0), np.float32)
         flist = qa.filters(node)
         fpass = self._tree_filters(flist, np.arange(n, dtype=np.int64)) if flist else {}
         passed = {id(c): S[:, ti[c.key]] >= cals[id(c)].threshold for c in leaves}

@@ -123,6 +123,30 @@ def test_reference_answer_flat(flat_store, query):
         assert set(eng.reference_answer(query).tolist()) == got
 
 
+def test_reference_answer_from_precomputed_scores(flat_store):
+    """Scores computed once for many queries give the same answers; they are really the ones used."""
+    from t2c.query import ast as qa
+    from t2c.query.calibrate import concept_scores
+
+    snap, bank, _ = flat_store
+    eng = Engine(snap, bank)
+    changed = 0
+    for query in QUERIES:
+        leaves = qa.scored(eng.parse_query(query))
+        if not leaves:
+            continue
+        T, ti = eng.leaf_vectors(leaves)
+        S = concept_scores(snap, T)
+        scores = {k: S[:, j] for k, j in ti.items()}
+        assert np.array_equal(eng.reference_answer(query, scores=scores), eng.reference_answer(query))
+        first = min(ti, key=ti.get)
+        low = {**scores, first: np.full(len(S), -2.0, np.float32)}  # nothing passes the first leaf
+        changed += not np.array_equal(eng.reference_answer(query, scores=low), eng.reference_answer(query))
+    assert changed >= len(QUERIES) // 2
+    partial = {}  # leaves missing from the mapping are scored as usual
+    assert np.array_equal(eng.reference_answer(QUERIES[0], scores=partial), eng.reference_answer(QUERIES[0]))
+
+
 @pytest.mark.parametrize("query", QUERIES[:8])
 def test_reference_answer_ivf(ivf_store, query):
     snap, bank, _ = ivf_store

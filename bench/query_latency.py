@@ -21,6 +21,13 @@ Usage:
     .venv/bin/python bench/query_latency.py --n 200000            # ~2 minutes on 2 cores
     .venv/bin/python bench/query_latency.py                       # n = 1,000,000 (several minutes)
     .venv/bin/python bench/query_latency.py --store /tmp/st --factory IVF4096,PQ64np --threads 1 --cold
+    .venv/bin/python bench/query_latency.py --n 10000000 --store /big/st --factory IVF4096_HNSW32,PQ64np \
+        --threads 1 --queries 40       # 10M: ~31 GB on disk, the set drawn block by block (LazySynth)
+
+Above ``--lazy-over-gb`` (4 GB of float32 vectors) the set is never held in RAM: ``LazySynth`` draws each
+50,000-row block from its own seed while the store is written (other draws than the in-memory set, the same
+distribution), catalog rows are inserted in batches, and the exact answers come from one scoring pass over the
+store (``Engine.reference_answer(scores=)``) instead of one pass per query.
 """
 from __future__ import annotations
 
@@ -42,15 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 
-def synth_vectors(n: int, d: int, n_concepts: int, n_topics: int, seed: int, out_path: Path | None = None):
-    """(vectors float32 (n, d) normalised, concept directions (C, d), prevalences (C,)).
+BLOCK = 50_000  # rows generated at a time
 
-    Like real embeddings, concepts are topical: concept j is common (25-65%) in a few "home" topics
-    (2-12 of ``n_topics``) and rare (0.02%) elsewhere, so its positives concentrate in part of the space.
-    With ``out_path`` the vectors are written to that .npy file through a memory map (a 10M x 512 set is
-    20 GB) and the map is returned; the values are the same either way.
-    """
-    rng = np.random.default_rng(seed)
+
+def _params(d: int, n_concepts: int, n_topics: int, rng):
+    """Concept directions, topic directions and per-topic concept probabilities."""
     dirs = rng.normal(size=(n_concepts, d)).astype(np.float32)
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     topics = rng.normal(size=(n_topics, d)).astype(np.float32)
@@ -59,23 +62,60 @@ def synth_vectors(n: int, d: int, n_concepts: int, n_topics: int, seed: int, out
     for j in range(n_concepts):
         home = rng.choice(n_topics, int(rng.integers(2, 13)), replace=False)
         tp[home, j] = rng.uniform(0.25, 0.65, len(home))
-    out = (np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(n, d)) if out_path is not None
-           else np.empty((n, d), np.float32))
+    return dirs, topics, tp
+
+
+def _block(m: int, dirs, topics, tp, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(m normalised vectors, per-concept presence counts) drawn from ``rng``."""
+    d = dirs.shape[1]
+    t = rng.integers(0, len(topics), m)
+    pres = rng.random((m, len(dirs))) < tp[t]
+    amp = rng.uniform(0.8, 1.2, (m, len(dirs))).astype(np.float32)
+    v = topics[t] * 1.2 + (pres * amp) @ dirs
+    v += rng.normal(scale=0.8 / np.sqrt(d), size=(m, d)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return v, pres.sum(0)
+
+
+def synth_vectors(n: int, d: int, n_concepts: int, n_topics: int, seed: int):
+    """(vectors float32 (n, d) normalised, concept directions (C, d), prevalences (C,)).
+
+    Like real embeddings, concepts are topical: concept j is common (25-65%) in a few "home" topics
+    (2-12 of ``n_topics``) and rare (0.02%) elsewhere, so its positives concentrate in part of the space.
+    """
+    rng = np.random.default_rng(seed)
+    dirs, topics, tp = _params(d, n_concepts, n_topics, rng)
+    out = np.empty((n, d), np.float32)
     count = np.zeros(n_concepts)
-    block = 50_000
-    for s in range(0, n, block):
-        m = min(block, n - s)
-        t = rng.integers(0, n_topics, m)
-        pres = rng.random((m, n_concepts)) < tp[t]
-        count += pres.sum(0)
-        amp = rng.uniform(0.8, 1.2, (m, n_concepts)).astype(np.float32)
-        v = topics[t] * 1.2 + (pres * amp) @ dirs
-        v += rng.normal(scale=0.8 / np.sqrt(d), size=(m, d)).astype(np.float32)
-        v /= np.linalg.norm(v, axis=1, keepdims=True)
-        out[s : s + m] = v
-    if out_path is not None:
-        out.flush()
+    for s in range(0, n, BLOCK):
+        out[s : s + BLOCK], c = _block(min(BLOCK, n - s), dirs, topics, tp, rng)
+        count += c
     return out, dirs, count / n
+
+
+class LazySynth:
+    """The same kind of set drawn block by block on demand, never held whole (a 10M x 512 set is 20 GB): block
+    b comes from its own generator (seed, b), so any rows can be drawn in any order. ``self[rows]`` gives the
+    vectors of the given row numbers."""
+
+    def __init__(self, n: int, d: int, n_concepts: int, n_topics: int, seed: int):
+        self.shape = (n, d)
+        self.seed = seed
+        self.dirs, self.topics, self.tp = _params(d, n_concepts, n_topics, np.random.default_rng(seed))
+
+    def block(self, b: int) -> np.ndarray:
+        """Rows [b * BLOCK, (b + 1) * BLOCK) (fewer for the last block)."""
+        m = min(BLOCK, self.shape[0] - b * BLOCK)
+        return _block(m, self.dirs, self.topics, self.tp, np.random.default_rng([self.seed, b]))[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.shape[1]), np.float32)
+        blocks = rows // BLOCK
+        for b in np.unique(blocks):
+            sel = np.flatnonzero(blocks == b)
+            out[sel] = self.block(int(b))[rows[sel] - b * BLOCK]
+        return out
 
 
 ROW_BATCH = 200_000  # catalog rows built and inserted per batch (never all at once)
@@ -110,7 +150,7 @@ def build_store(path: Path, vectors: np.ndarray, *, exact_max: int, seed: int, m
         w.commit(Changes([], shards, [], [], [], {"run_id": "bench", "command": "bench/query_latency.py"},
                          row_batches=row_batches),
                  manifest_fields={"dim": d, "feature_dim": 1, "encoder": "synthetic", "clip": "synthetic"},
-                 vectors_for=lambda _ids, feats: np.asarray(vectors[feats[:, 0]]),
+                 vectors_for=lambda _ids, feats: vectors[feats[:, 0]],
                  build_index=lambda v, i: build_index(v, i, exact_max=exact_max, factory=factory,
                                                       **({"memory_budget": memory_budget} if memory_budget else {})))
     return time.perf_counter() - t0
@@ -150,10 +190,10 @@ def main(argv=None) -> dict:
                          "code-score settling) instead of settling leaves by their code scores")
     ap.add_argument("--cold", action="store_true",
                     help="drop the store's vector files from the page cache before every timed query")
-    ap.add_argument("--memmap-over-gb", type=float, default=4.0,
-                    help="above this many GB of float32 vectors, generate them into a file next to the store "
-                         "(memory-mapped, deleted after the build) and compute every exact answer from one "
-                         "scoring pass over the store instead of one pass per query")
+    ap.add_argument("--lazy-over-gb", type=float, default=4.0,
+                    help="above this many GB of float32 vectors, draw them block by block while the store is "
+                         "written (LazySynth: other draws than the in-memory set, same distribution) and compute "
+                         "every exact answer from one scoring pass over the store instead of one per query")
     args = ap.parse_args(argv)
 
     import faiss
@@ -171,22 +211,18 @@ def main(argv=None) -> dict:
         store = tmp / "store"
     t0 = time.perf_counter()
     reuse = (store / "CURRENT").exists()  # a kept store from an earlier run with the same arguments
-    large = args.n * args.d * 4 > args.memmap_over_gb * 1e9
-    vec_file = store.parent / f"{store.name}.synthetic-vectors.npy" if large and not reuse else None
-    if vec_file is not None:
-        store.parent.mkdir(parents=True, exist_ok=True)
-    vectors, dirs, prev = synth_vectors(1000 if reuse else args.n, args.d, args.concepts, args.topics, args.seed,
-                                        out_path=vec_file)
+    large = args.n * args.d * 4 > args.lazy_over_gb * 1e9
+    if large:  # drawn block by block while the store is written
+        vectors = LazySynth(args.n, args.d, args.concepts, args.topics, args.seed)
+        dirs = vectors.dirs
+    else:
+        vectors, dirs, _ = synth_vectors(1000 if reuse else args.n, args.d, args.concepts, args.topics, args.seed)
     gen_s = time.perf_counter() - t0
     build_s = None
-    try:
-        if not reuse:
-            build_s = build_store(store, vectors, exact_max=args.exact_max, seed=args.seed, factory=args.factory,
-                                  memory_budget=args.bytes_per_vector * args.n if args.bytes_per_vector else None)
-    finally:
-        del vectors
-        if vec_file is not None:
-            vec_file.unlink(missing_ok=True)
+    if not reuse:
+        build_s = build_store(store, vectors, exact_max=args.exact_max, seed=args.seed, factory=args.factory,
+                              memory_budget=args.bytes_per_vector * args.n if args.bytes_per_vector else None)
+    del vectors
     snap = open_store(store, verify=False)
     names = [f"c{j:02d}" for j in range(args.concepts)]
     bank = ConceptBank("synthetic", templates=["{}"])

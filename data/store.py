@@ -44,7 +44,12 @@ from t2c.data.errors import DiskFull, InvalidInput, NotFound, StoreError, StoreN
 FORMAT_VERSION = 1
 KEEP_SNAPSHOTS = 3
 QUICK_VERIFY_BYTES = 256 << 20
-CATALOG_MEMORY = "512MB"  # DuckDB's memory limit while a commit writes the catalog (it spills beyond it)
+CATALOG_MEMORY = 512 << 20  # DuckDB's working memory while a commit writes the catalog (it spills beyond it)
+# DuckDB holds a table's key indexes (ART: the id key and the unique path) in memory while it writes to the table,
+# and they count against its memory limit: about 55 MB per million rows with 28-character paths, so a fixed
+# 512 MB failed a commit at 9.2M rows. The limit is the working memory plus the indexes, measured after every
+# batch; before the first, the catalog's rows times this (paths longer than those measured make bigger indexes).
+CATALOG_INDEX_BYTES_PER_ROW = 96
 COPY_CHUNK = 262_144  # rows of previous vectors copied at a time when committing
 SHARED_MODE = 0o644  # files others read (artefacts, shipped weights, generated worlds)
 
@@ -638,7 +643,7 @@ class StoreWriter:
                 shutil.copyfile(prev.path / "catalog.duckdb", cat)
             con = duckdb.connect(str(cat))
             try:
-                con.execute(f"SET memory_limit='{CATALOG_MEMORY}'")
+                self._catalog_memory(con, first=True)
                 spill = str(tmpdir / ".duckdb-tmp").replace("'", "''")
                 con.execute(f"SET temp_directory='{spill}'")
                 for stmt in SCHEMA:
@@ -773,11 +778,13 @@ class StoreWriter:
         # published (or thrown away) whole, so batches need not share a transaction, and DuckDB then keeps
         # one batch's undo state in memory instead of the whole run's
         if ch.rows:
+            self._catalog_memory(con, len(ch.rows))
             con.execute("BEGIN")
             self._upsert_rows(con, ch.rows, now, first_new)
             con.execute("COMMIT")
         for batch in (ch.row_batches() if ch.row_batches is not None else ()):
             if batch:
+                self._catalog_memory(con, len(batch))
                 con.execute("BEGIN")
                 self._upsert_rows(con, batch, now, first_new)
                 if had_errors:  # a file indexed now drops its old error row (errors are only added below)
@@ -801,6 +808,21 @@ class StoreWriter:
                      run.get("started_at", now), now, run.get("added", 0), run.get("updated", 0),
                      run.get("removed", 0), len(ch.errors)])
         con.execute("COMMIT")
+
+    @staticmethod
+    def _catalog_memory(con, adding: int = 0, first: bool = False) -> None:
+        """Set DuckDB's memory limit to ``CATALOG_MEMORY`` plus the catalog's key indexes, before ``adding`` rows
+        (see ``CATALOG_INDEX_BYTES_PER_ROW``); ``first``: before the schema exists (working memory alone)."""
+        index = 0
+        if not first:
+            rows = con.execute("SELECT count(*) FROM images").fetchone()[0]
+            held = con.execute("SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory() "
+                               "WHERE tag = 'ART_INDEX'").fetchone()[0]
+            # the indexes after this batch: measured growth per row where enough is held, else the estimate
+            per_row = max(CATALOG_INDEX_BYTES_PER_ROW, held / rows) if rows >= 100_000 and held else \
+                CATALOG_INDEX_BYTES_PER_ROW
+            index = int(max(held, per_row * rows) + per_row * adding)
+        con.execute(f"SET memory_limit='{(CATALOG_MEMORY + index) >> 20}MB'")
 
     @staticmethod
     def _upsert_rows(con, rows: list[dict], now, first_new: int = 0) -> None:

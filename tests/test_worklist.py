@@ -308,3 +308,46 @@ def test_prefetch_rows_requests_the_rows_pages_and_leaves_the_data_alone(tmp_pat
     assert not prefetch_rows(np.zeros((10, 4)), np.array([1, 2]))
     assert not prefetch_rows(r[:, :3], np.array([1, 2]))  # a non-contiguous view
     assert prefetch_rows(r[4000:], np.array([0, 999]))  # a contiguous view: its own rows' pages
+
+
+def _commit_rows(path, n: int, batch: int = 50_000):
+    """Commit ``n`` catalog rows, streamed in batches, with 4-d vectors (the catalog is what is under test)."""
+    from t2c.data.store import Changes, StoreWriter, atomic_save_npz, new_feature_shard_name
+    from t2c.indexer.index_build import build_index
+
+    def row_batches():
+        for s in range(0, n, batch):
+            yield [{"id": i, "path": f"/photos/{2018 + i % 8}/img{i:07d}.jpg", "relpath": f"img{i:07d}.jpg",
+                    "content_hash": f"{i:016x}", "size": 1000, "width": 64, "height": 48,
+                    "mtime_ns": 1_600_000_000_000_000_000 + i} for i in range(s, min(n, s + batch))]
+
+    ids = np.arange(n, dtype=np.int64)
+    with StoreWriter(path) as w:
+        rel = new_feature_shard_name("t", 0)
+        atomic_save_npz(w.root / rel, ids=ids, feats=ids[:, None])
+        vecs = np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        w.commit(Changes([], [rel], [], [], [], {"run_id": "t"}, row_batches=row_batches),
+                 manifest_fields={"dim": 4, "feature_dim": 1, "encoder": "t", "clip": "t"},
+                 vectors_for=lambda _ids, feats: vecs[feats[:, 0]], build_index=build_index)
+
+
+def test_catalog_memory_limit_grows_with_the_key_indexes(tmp_path, monkeypatch):
+    """DuckDB keeps the catalog's key indexes in memory while it writes, counted against its limit: a commit
+    whose indexes outgrow the working memory still succeeds (the limit follows them), where a fixed limit of the
+    same working memory fails."""
+    import duckdb
+
+    from t2c.data import store as st
+
+    n = 500_000  # key indexes ~27 MB against 16 MB of working memory
+    monkeypatch.setattr(st, "CATALOG_MEMORY", 16 << 20)
+    _commit_rows(tmp_path / "grows", n)
+    snap = open_store(tmp_path / "grows")
+    assert snap.catalog().execute("SELECT count(*), count(DISTINCT path) FROM images").fetchone() == (n, n)
+    assert len(snap.ids) == n
+
+    monkeypatch.setattr(st.StoreWriter, "_catalog_memory",
+                        staticmethod(lambda con, adding=0, first=False: con.execute("SET memory_limit='16MB'")))
+    with pytest.raises(duckdb.Error, match="memory"):
+        _commit_rows(tmp_path / "fixed", n)

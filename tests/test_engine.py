@@ -546,3 +546,13 @@ def test_snapshot_read_rows_gives_the_exact_rows(tmp_path):
         np.testing.assert_array_equal(snap.read_rows(many), np.asarray(snap.vectors)[many])
     finally:
         store_mod.READ_ROWS_SCATTERED = old
+
+
+def test_union_sorted_equals_unique_of_the_concatenation():
+    from t2c.query.engine import union_sorted
+
+    rng = np.random.default_rng(3)
+    for sizes in ([0], [5], [0, 7], [100, 80, 3], [1, 1]):
+        arrays = [np.sort(rng.choice(300, n, replace=False)).astype(np.int64) for n in sizes]
+        got = union_sorted(arrays)
+        assert got.dtype == np.int64 and np.array_equal(got, np.unique(np.concatenate(arrays)))

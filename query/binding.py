@@ -217,18 +217,6 @@ def reading_share(b: Binding, scores: dict, thresholds: dict) -> np.ndarray:
         for _, r, _, _, has in groups:
             share[r] = float(has.mean())
     return share
-    attrs, objs = b.scene
-    ia, io = attrs.index(b.words[0]), objs.index(b.words[1])
-    on_a = np.stack([np.asarray(scores[a]) >= thresholds[a] for a in attrs], 1)
-    on_o = np.stack([np.asarray(scores[o]) >= thresholds[o] for o in objs], 1)
-    rows = np.flatnonzero(ok & (on_a.sum(1) <= MAX_SCENE_WORDS) & (on_o.sum(1) <= MAX_SCENE_WORDS))
-    key = on_a[rows] @ (1 << np.arange(len(attrs))) * (1 << len(objs)) + on_o[rows] @ (1 << np.arange(len(objs)))
-    for k in np.unique(key):
-        r = rows[key == k]
-        pa, po = np.flatnonzero(on_a[r[0]]), np.flatnonzero(on_o[r[0]])
-        ex = _smallest_explanations(len(pa), len(po))
-        share[r] = float(((pa[ex[..., 0]] == ia) & (po[ex[..., 1]] == io)).any(1).mean())
-    return share
 
 
 def present_on(snapshot, bank, text: str, cal, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

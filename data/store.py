@@ -791,6 +791,7 @@ class StoreWriter:
                     con.execute("DELETE FROM errors WHERE path IN (SELECT unnest(?::VARCHAR[]))",
                                 [[r["path"] for r in batch]])
                 con.execute("COMMIT")
+        self._catalog_memory(con)  # removals and error rows touch the key indexes too
         con.execute("BEGIN")
         # after the rows (ids are never reused, so the order does not matter): streamed batches add the ids of
         # changed files that failed to read

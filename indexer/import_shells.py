@@ -26,7 +26,7 @@ from pathlib import Path
 
 __all__ = ["package_shells"]
 
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: a package imported under one root's shells may stand shells of its own
 
 
 class _ReattachLeaves(importlib.abc.MetaPathFinder):

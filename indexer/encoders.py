@@ -12,7 +12,6 @@ Heavy imports (torch, timm, open_clip, torchvision) are deferred until an encode
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import re
@@ -809,7 +808,7 @@ def import_open_clip(name: str | None = None):
         for lib in hide:
             sys.modules[lib] = None  # `import lib` raises ImportError, which open_clip's adapters catch
         try:
-            with package_shells("torchvision", shells) if shells else contextlib.nullcontext():
+            with package_shells("torchvision", shells):
                 import open_clip  # noqa: F401
         finally:
             for lib in hide:

@@ -64,7 +64,7 @@ def package_shells(root: str, packages: tuple[str, ...]):
     """While the block runs, ``packages`` (``root`` and sub-packages of it) are empty shells in ``sys.modules``.
 
     Importing ``root.sub.leaf`` inside the block loads only that leaf (and what it imports), not the packages'
-    ``__init__`` files. Nothing is done when ``root`` is already imported or not installed.
+    ``__init__`` files. Nothing is done when ``packages`` is empty or ``root`` is already imported or not installed.
 
     Args:
         root: the top-level package, e.g. ``"torchvision"``.
@@ -74,7 +74,7 @@ def package_shells(root: str, packages: tuple[str, ...]):
         >>> with package_shells("torchvision", ("torchvision", "torchvision.ops")):  # doctest: +SKIP
         ...     import open_clip
     """
-    found = None if root in sys.modules else importlib.util.find_spec(root)
+    found = None if not packages or root in sys.modules else importlib.util.find_spec(root)
     if found is None or not found.submodule_search_locations:
         yield
         return

@@ -580,8 +580,10 @@ class StoreWriter:
             return {}, {}
         import pyarrow as pa
 
+        from t2c.data.arrow_build import strings
+
         cur = self.current.catalog()
-        cur.register("_ask", pa.table({"path": pa.array(paths, pa.string())}))
+        cur.register("_ask", pa.table({"path": strings(paths)}))
         try:
             known = {r[0]: {"id": r[1], "size": r[2], "mtime_ns": r[3]} for r in cur.execute(
                 "SELECT i.path, i.id, i.size, i.mtime_ns FROM images i JOIN _ask a ON i.path = a.path").fetchall()}
@@ -598,9 +600,11 @@ class StoreWriter:
             return [], []
         import pyarrow as pa
 
+        from t2c.data.arrow_build import strings
+
         cur = self.current.catalog()
         cur.register("_seen", pa.table({"path": seen}))
-        cur.register("_skip", pa.table({"path": pa.array(list(skipped), pa.string())}))
+        cur.register("_skip", pa.table({"path": strings(list(skipped))}))
         try:
             ids = [r[0] for r in cur.execute(
                 "SELECT id FROM images WHERE starts_with(path, ?) AND path NOT IN (SELECT path FROM _seen) "
@@ -741,6 +745,8 @@ class StoreWriter:
     def _write_ids(con, path: Path) -> np.ndarray:
         """Write the catalog's ids, sorted, to ``path`` (.npy) straight from DuckDB one chunk at a time and return
         them memory-mapped: no step of the commit holds every id in RAM."""
+        from t2c.data.arrow_build import values
+
         n = int(con.execute("SELECT count(*) FROM images").fetchall()[0][0])
         if n == 0:
             np.save(path, np.zeros(0, np.int64))
@@ -748,7 +754,7 @@ class StoreWriter:
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(n,))
         pos = 0
         for rb in con.sql("SELECT id FROM images ORDER BY id").to_arrow_reader(COPY_CHUNK):
-            a = rb.column(0).to_numpy()
+            a = values(rb.column(0))
             out[pos : pos + len(a)] = a
             pos += len(a)
             drop_pages(out)
@@ -836,6 +842,8 @@ class StoreWriter:
         import pyarrow as pa
         import pyarrow.compute as pc
 
+        from t2c.data.arrow_build import column
+
         existing = {r[0] for r in con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name='images'").fetchall()}
         keys = set().union(*rows)
@@ -849,7 +857,7 @@ class StoreWriter:
                     "DOUBLE" if isinstance(sample, (float, np.floating)) else "BOOLEAN" if isinstance(sample, bool) else "VARCHAR"
                 con.execute(f'ALTER TABLE images ADD COLUMN "{col}" {typ}')
         cols = list(IMAGE_COLUMNS) + extra
-        tbl = pa.table({c: [r.get(c) for r in rows] for c in cols if c in keys})
+        tbl = pa.table({c: column([r.get(c) for r in rows]) for c in cols if c in keys})
 
         def select(replacing: bool) -> str:
             out = []

@@ -242,6 +242,7 @@ def plan_entries(writer: StoreWriter, entries, *, remove_under: str | None = Non
     memory: files are looked up in the catalog ``PLAN_BATCH`` at a time and the work list goes to disk."""
     import pyarrow as pa
 
+    from t2c.data.arrow_build import strings
     from t2c.data.sources import Skipped
 
     out = WorkListWriter(writer.root)
@@ -251,7 +252,7 @@ def plan_entries(writer: StoreWriter, entries, *, remove_under: str | None = Non
             files = [f for f in batch if not isinstance(f, Skipped)]
             skipped += [tuple(f) for f in batch if isinstance(f, Skipped)]
             if remove_under is not None:
-                seen.append(pa.array([f.path for f in files], pa.string()))
+                seen.append(strings([f.path for f in files]))
             paths = [f.path for f in files]
             known, known_err = writer.lookup(paths)
             if not known and not known_err:  # all new (e.g. a first run): ids in list order, no per-file checks
@@ -271,7 +272,7 @@ def plan_entries(writer: StoreWriter, entries, *, remove_under: str | None = Non
                         k is not None)
         removed, cleared = [], []
         if remove_under is not None:
-            seen_arr = pa.chunked_array(seen, pa.string()) if seen else pa.array([], pa.string())
+            seen_arr = pa.chunked_array(seen, pa.string()) if seen else strings([])
             removed, cleared = writer.gone_under(remove_under, seen_arr, [p for p, _ in skipped])
     except BaseException:
         out.abort()

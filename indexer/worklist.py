@@ -19,6 +19,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
+from t2c.data.arrow_build import column, values
+
 BATCH_ROWS = 65536
 SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.large_string()), ("relpath", pa.large_string()),
                     ("size", pa.int64()), ("mtime_ns", pa.int64()), ("changed", pa.bool_())])
@@ -69,7 +71,7 @@ class WorkListWriter:
         b = self._buf
         if b["id"]:
             k = min(len(b["id"]), self.batch_rows)
-            self._w.write_batch(pa.record_batch([pa.array(b[c][:k], SCHEMA.field(c).type) for c in SCHEMA.names],
+            self._w.write_batch(pa.record_batch([column(b[c][:k], SCHEMA.field(c).type) for c in SCHEMA.names],
                                                 schema=SCHEMA))
             self._buf = {c: b[c][k:] for c in SCHEMA.names}
 
@@ -151,7 +153,7 @@ class WorkList:
         for b in range(self._reader.num_record_batches):
             rb = self._reader.get_batch(b)
             for k in ("id", "size", "mtime_ns"):
-                h.update(np.asarray(rb.column(k)).tobytes())
+                h.update(values(rb.column(k)).tobytes())
             for buf in rb.column("path").buffers()[1:]:
                 h.update(memoryview(buf) if buf is not None else b"")
 

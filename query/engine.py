@@ -16,7 +16,10 @@ Plan for one query (``Engine.search``):
      still growing. With no selective necessary positive concept (only-negative or OR-of-concepts
      queries), or at most ``exact_rows`` allowed rows, every allowed row is scored exactly instead
      (vectorised, blockwise). No candidate: early exit.
-  5. Every concept settled on every candidate: flat / IVF-Flat indices keep raw vectors, so the range
+  5. IVF with several drivers: each driver's search is first extended to every candidate's list, and the
+     candidates outside any driver's result are dropped (they fail a necessary positive; the union of two
+     drivers' results is mostly such rows). Then every concept is settled on every candidate (positions found
+     through ``t2c.query.rowmap``): flat / IVF-Flat indices keep raw vectors, so the range
      results already carry exact scores; for IVF-Flat the candidates' lists are scanned for every other
      concept (``range_search_preassigned``: contiguous and exact, no random gathers from the memmap).
      IVF-PQ: the same searches and list scans over the codes, at a radius widened by the codes' error, give
@@ -52,6 +55,7 @@ from t2c.data.errors import InvalidInput
 from t2c.data.store import ivf_params, quantizer_params
 from t2c.query import ast as qa
 from t2c.query.calibrate import Calibration, concept_scores, thresholds_for
+from t2c.query.rowmap import RowPositions
 from t2c.query.sql import compile_filter, compile_filter_expr
 
 __all__ = ["Engine", "SearchResult", "Hit", "evaluate_tree", "MAX_K"]
@@ -292,7 +296,8 @@ class _Search:
     cals: dict = field(default_factory=dict)  # id(leaf) -> Calibration
     T: np.ndarray | None = None  # the leaves' vectors, one row per distinct text
     tindex: dict = field(default_factory=dict)  # leaf key (kind, text) -> row of T
-    resolved: dict = field(default_factory=dict)  # (key, threshold) -> (sorted ids, scores, probed lists)
+    resolved: dict = field(default_factory=dict)  # (key, threshold) -> (ids, scores, probed lists)
+    drivers: list = field(default_factory=list)  # the leaves whose range searches proposed the candidates
     rows: np.ndarray | None = None  # candidate rows
     lscores: np.ndarray | None = None  # (len(rows), len(leaves)) scores; NaN: not known yet
     sure: np.ndarray | None = None  # (len(rows), len(leaves)) bool: the leaf's pass/fail there is certain
@@ -343,6 +348,7 @@ class Engine:
         self._columns: dict | None = None
         self._ivf = None
         self._row_list = None
+        self._rowpos: RowPositions | None = None
         self._ids: np.ndarray | None = None
         self._ids_are_rows = False
 
@@ -432,12 +438,16 @@ class Engine:
             return np.zeros(0, np.int64)
         return self._rows_of_known(np.sort(ids))
 
-    def _rows_of_known(self, ids: np.ndarray) -> np.ndarray:
-        """Row positions of the given sorted ids that are in the store (unknown ids dropped)."""
+    def _load_ids(self) -> None:
+        """The store's sorted ids, read once; notes whether they are 0..n-1 (the id is the row)."""
         if self._ids is None:
             self._ids = np.asarray(self.snapshot.ids, np.int64)
             n = len(self._ids)
             self._ids_are_rows = bool(n == 0 or (self._ids[0] == 0 and self._ids[-1] == n - 1))
+
+    def _rows_of_known(self, ids: np.ndarray) -> np.ndarray:
+        """Row positions of the given sorted ids that are in the store (unknown ids dropped)."""
+        self._load_ids()
         if self._ids_are_rows:  # sorted unique ids 0..n-1: the id is the row
             return ids[(ids >= 0) & (ids < len(self._ids))]
         all_ids = self._ids
@@ -512,7 +522,7 @@ class Engine:
         return self._row_list
 
     def _range_in_lists(self, vec: np.ndarray, radius: float, lists: np.ndarray):
-        """(sorted ids, scores) of vectors scoring > radius inside the given IVF lists (exact scores for
+        """(ids, scores) of vectors scoring > radius inside the given IVF lists, list by list (exact scores for
         IVF-Flat, the codes' scores for IVF-PQ)."""
         import faiss
 
@@ -529,8 +539,7 @@ class Engine:
         nd = int(faiss.rev_swig_ptr(res.lims, 2)[1])
         ids = faiss.rev_swig_ptr(res.labels, nd).copy().astype(np.int64)
         D = faiss.rev_swig_ptr(res.distances, nd).copy().astype(np.float32)
-        o = np.argsort(ids)
-        return ids[o], D[o]
+        return ids, D
 
     def _start_nprobe(self, vec: np.ndarray, cal: Calibration, base: int) -> int:
         """Lists to probe so that ~98% of the concept's estimated positives are covered.
@@ -739,6 +748,7 @@ class Engine:
         # IVF-PQ: a driver proposes the rows its codes put over threshold - score_error; the rest of its (wider)
         # range result only settles the leaf on rows another driver proposes (see SETTLE_BAND)
         propose = float(self.snapshot.manifest["index"]["score_error"]) if self._settles() else None
+        st.drivers = [c for c, _ in drivers]
         for c, expected in drivers:
             dc = st.cals[id(c)]
             ids_c, d_c, probed, cplan = self._range_candidates(st.T[st.tindex[c.key]], dc, expected)
@@ -773,35 +783,54 @@ class Engine:
         Everything else stays NaN (unsure).
         """
         itype = self.snapshot.manifest.get("index", {}).get("type")
-        shape = (len(st.rows), len(st.leaves))
-        st.lscores = np.full(shape, np.nan, np.float32)
-        st.sure = np.zeros(shape, bool)
         settle_pq = self._settles()
+        if settle_pq:
+            st.band, st.band_above = self._band(0), self._band(1)
+        if itype == "ivf_flat" or settle_pq:
+            self._drop_driver_fails(st)
+        shape = (len(st.rows), len(st.leaves))
+        st.lscores = np.full(shape, np.nan, np.float32, order="F")  # columns (leaves) contiguous
+        st.sure = np.zeros(shape, bool, order="F")
         if itype not in ("flat", "ivf_flat") and not settle_pq:
             return
         if settle_pq:
-            st.band, st.band_above = self._band(0), self._band(1)
-            st.approx = np.zeros(shape, bool)
-        rows = st.rows
-        cids = np.asarray(self.snapshot.ids[rows], np.int64) if not self._ids_are_rows else rows
+            st.approx = np.zeros(shape, bool, order="F")
         lists = self._range_flat_leaves(st) if itype == "flat" else self._range_other_leaves(st)
-        for li, (leaf, _) in enumerate(st.leaves):
-            thr = st.cals[id(leaf)].threshold
-            ids_c, d_c, probed = st.resolved[(leaf.key, thr)]
-            col = st.lscores[:, li]
-            if probed is None:
-                col[:] = -1.0
-            else:
-                col[probed[lists]] = -1.0  # below threshold (exact value not needed)
-            if len(ids_c):
-                pos = np.minimum(np.searchsorted(ids_c, cids), len(ids_c) - 1)
-                hit = ids_c[pos] == cids
-                col[hit] = d_c[pos[hit]]
-                if settle_pq:
-                    st.approx[hit, li] = True
-            st.sure[:, li] = ~np.isnan(col)
-            if settle_pq:  # a code score decides only when it is clear of the threshold by more than its error
-                st.sure[:, li] &= ~st.approx[:, li] | (col < thr - st.band) | (col > thr + st.band_above)
+        with self._positions().over(st.rows) as find:
+            for li, (leaf, _) in enumerate(st.leaves):
+                thr = st.cals[id(leaf)].threshold
+                ids_c, d_c, probed = st.resolved[(leaf.key, thr)]
+                col = st.lscores[:, li]
+                if probed is None:
+                    col[:] = -1.0
+                else:
+                    col[probed[lists]] = -1.0  # below threshold (exact value not needed)
+                if len(ids_c):
+                    pos, hit = find(self._hit_rows(ids_c))
+                    pos = pos[hit]
+                    col[pos] = d_c[hit]
+                    if settle_pq:
+                        st.approx[pos, li] = True
+                st.sure[:, li] = ~np.isnan(col)
+                if settle_pq:  # a code score decides only when it is clear of the threshold by more than its error
+                    st.sure[:, li] &= ~st.approx[:, li] | (col < thr - st.band) | (col > thr + st.band_above)
+
+    def _positions(self) -> RowPositions:
+        """The pool of row -> candidate position maps over this store's rows."""
+        if self._rowpos is None:
+            self._rowpos = RowPositions(len(self.snapshot.ids))
+        return self._rowpos
+
+    def _hit_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row numbers of index hits given by id, in any order (-1 for an id the store does not hold)."""
+        self._load_ids()
+        if self._ids_are_rows:
+            return ids
+        all_ids = self._ids
+        if not len(all_ids):
+            return np.full(len(ids), -1, np.int64)
+        pos = np.minimum(np.searchsorted(all_ids, ids), len(all_ids) - 1)
+        return np.where(all_ids[pos] == ids, pos, -1)
 
     def _range_flat_leaves(self, st: _Search) -> None:
         """Flat index: range-search every leaf the drivers did not (exact: every vector is compared)."""
@@ -812,14 +841,42 @@ class Engine:
                 ids_c, d_c, probed, _ = self._range_candidates(st.T[st.tindex[leaf.key]], c, 0)
                 st.resolved[key] = (ids_c, d_c, probed)
 
+    def _drop_driver_fails(self, st: _Search) -> None:
+        """IVF with several drivers: settle the drivers first, on every candidate, and keep only the candidates
+        that every driver may pass.
+
+        Drivers are necessary positives, so a candidate one of them fails cannot match, whatever the other
+        leaves say. Each driver proposes the rows of its own lists, so the union of two drivers' results is
+        mostly rows the other fails (two drivers of 100k candidates each may share a few hundred answers).
+        Once a driver's search covers every candidate's list, a candidate outside its (widened) result scores
+        under the radius: settling the other leaves, ranking and the tree then run on the survivors only."""
+        if len(st.drivers) < 2 or not len(st.rows):
+            return
+        self._scan_lists(st, st.drivers, self._list_of_rows()[st.rows])
+        keep = np.ones(len(st.rows), bool)
+        with self._positions().over(st.rows) as find:
+            for leaf in st.drivers:
+                ids_c = st.resolved[(leaf.key, st.cals[id(leaf)].threshold)][0]
+                pos, hit = find(self._hit_rows(ids_c))
+                inside = np.zeros(len(st.rows), bool)
+                inside[pos[hit]] = True
+                keep &= inside
+        st.rows = st.rows[keep]
+        st.plan["candidates_kept"] = int(len(st.rows))
+
     def _range_other_leaves(self, st: _Search) -> np.ndarray:
         """IVF: settle every leaf on every candidate by scanning the candidates' lists (contiguous: exact
         scores for IVF-Flat, code scores for IVF-PQ at the radius widened by ``st.band``) instead of
         gathering candidate rows from the memory-mapped vectors. Returns each row's list."""
         lists = self._list_of_rows()[st.rows]
+        self._scan_lists(st, [leaf for leaf, _ in st.leaves], lists)
+        return lists
+
+    def _scan_lists(self, st: _Search, leaves, lists: np.ndarray) -> None:
+        """Extend each leaf's range result (``st.resolved``) to every list in ``lists`` that it has not probed."""
         needed = np.zeros(len(self._ivf_layout()[1]), bool)
         needed[lists[lists >= 0]] = True
-        for leaf, _ in st.leaves:
+        for leaf in leaves:
             c = st.cals[id(leaf)]
             key = (leaf.key, c.threshold)
             ids_c, d_c, probed = st.resolved.get(key, (np.zeros(0, np.int64), np.zeros(0, np.float32),
@@ -828,12 +885,9 @@ class Engine:
             if len(todo):
                 radius = float(c.threshold) - 1e-5 - st.band
                 more_i, more_d = self._range_in_lists(st.T[st.tindex[leaf.key]], radius, todo)
-                ids_c, d_c = np.concatenate([ids_c, more_i]), np.concatenate([d_c, more_d])
-                o = np.argsort(ids_c, kind="stable")
-                ids_c, d_c = ids_c[o], d_c[o]
+                ids_c, d_c = np.concatenate([ids_c, more_i]), np.concatenate([d_c, more_d])  # no longer sorted
                 probed = probed | needed
             st.resolved[key] = (ids_c, d_c, probed)
-        return lists
 
     def _undetermined(self, st: _Search) -> np.ndarray:
         """Candidates whose answer still depends on an unsure leaf (three-valued evaluation of the tree).

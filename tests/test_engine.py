@@ -29,14 +29,15 @@ def synth(n, d=16, seed=0):
     return v.astype(np.float32), dirs, present
 
 
-def write_store(path, vectors, *, exact_max=200_000, seed=0, memory_budget=None):
-    """A real store (StoreWriter + build_index) over given vectors, with a catalog incl. a user column."""
+def write_store(path, vectors, *, exact_max=200_000, seed=0, memory_budget=None, id_step=1):
+    """A real store (StoreWriter + build_index) over given vectors, with a catalog incl. a user column; ids
+    0, id_step, 2·id_step... (id_step > 1: ids are not row numbers, as after removals)."""
     n, d = vectors.shape
-    ids = np.arange(n, dtype=np.int64)
+    ids = np.arange(n, dtype=np.int64) * id_step
     rng = np.random.default_rng(seed)
     with StoreWriter(path) as w:
         rel = new_feature_shard_name("r1", 0)
-        atomic_save_npz(w.root / rel, ids=ids, feats=ids[:, None])
+        atomic_save_npz(w.root / rel, ids=ids, feats=np.arange(n, dtype=np.int64)[:, None])
         rows = [{"id": int(i), "path": f"/photos/{2020 + i % 3}/img{i:05d}.png", "relpath": f"img{i:05d}.png",
                  "content_hash": f"h{i}", "size": 1000 + int(i), "width": int(rng.integers(16, 1024)),
                  "height": 64, "mtime_ns": 1_700_000_000_000_000_000 + int(i), "split": ["train", "val"][i % 2]}
@@ -556,3 +557,59 @@ def test_union_sorted_equals_unique_of_the_concatenation():
         arrays = [np.sort(rng.choice(300, n, replace=False)).astype(np.int64) for n in sizes]
         got = union_sorted(arrays)
         assert got.dtype == np.int64 and np.array_equal(got, np.unique(np.concatenate(arrays)))
+
+
+@pytest.mark.parametrize("pq,id_step", [(False, 1), (True, 1), (True, 3)])
+def test_candidates_a_driver_fails_are_dropped_early_with_the_same_answer(tmp_path, monkeypatch, pq, id_step):
+    """With two drivers, candidates outside either driver's range result are dropped before the other leaves
+    are settled: the same answers, pages, scores and explanations as settling every candidate, on IVF-Flat
+    and IVF-PQ stores, with ids that are row numbers and ids that are not."""
+    v, dirs, _ = synth(8000, d=32, seed=5)
+    snap = write_store(tmp_path / "st", v, exact_max=1000, memory_budget=16 * len(v) if pq else None,
+                       id_step=id_step)
+    assert snap.manifest["index"]["type"] == ("ivf_pq" if pq else "ivf_flat")
+    bank = make_bank(dirs)
+    queries = ("sunset AND beach AND NOT people", "2*beach AND sunset AND NOT (people OR car)",
+               "sunset AND beach AND dog AND split=val", "beach AND sunset@0.3", "dog AND beach AND NOT people")
+    eng = Engine(snap, bank, exact_rows=0)
+    got = {q: eng.search(q, k=30, explain=True) for q in queries}
+    monkeypatch.setattr(Engine, "_drop_driver_fails", lambda self, st: None)
+    every = Engine(snap, bank, exact_rows=0)
+    dropped = 0
+    for q, a in got.items():
+        b = every.search(q, k=30, explain=True)
+        assert a.total == b.total and np.array_equal(np.sort(a.all_ids), np.sort(b.all_ids)), q
+        assert [h.id for h in a.hits] == [h.id for h in b.hits], q
+        np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits], atol=1e-6)
+        assert [h.explanation for h in a.hits] == [h.explanation for h in b.hits], q
+        if len(a.plan.get("drivers", [])) > 1:
+            assert a.plan["candidates_kept"] <= a.plan["candidates"]
+            dropped += a.plan["candidates_kept"] < 0.5 * a.plan["candidates"]
+        else:
+            assert "candidates_kept" not in a.plan
+    assert dropped >= 2
+
+
+def test_row_positions_find_candidates_whatever_the_map_held_before():
+    """The map is never cleared: stale entries from an earlier search, hits outside the store and hits that
+    are not candidates are all reported as not found; two searches at once get separate maps."""
+    from t2c.query.rowmap import RowPositions
+
+    rng = np.random.default_rng(0)
+    pool = RowPositions(1000)
+    with pool.over(np.arange(1000)) as find:  # fill the map with positions of every row
+        pos, ok = find(np.array([5, 999]))
+        assert ok.all() and list(pos) == [5, 999]
+    for _ in range(5):
+        rows = np.sort(rng.choice(1000, 50, replace=False))
+        hits = np.concatenate([rng.integers(-5, 1010, 300), rows[::-1]])
+        with pool.over(rows) as find:
+            pos, ok = find(hits)
+        want = np.isin(hits, rows)
+        assert np.array_equal(ok, want)
+        assert np.array_equal(rows[pos[ok]], hits[ok])
+    with pool.over(np.array([], np.int64)) as find:
+        assert not find(np.array([1, 2]))[1].any()
+    with pool.over(np.array([3])) as f1, pool.over(np.array([4])) as f2:
+        assert f1(np.array([3, 4]))[1].tolist() == [True, False]
+        assert f2(np.array([3, 4]))[1].tolist() == [False, True]

@@ -13,7 +13,7 @@ Plan for one query (``Engine.search``):
      starts at the estimate from centroid scores (a list's centroid score is the mean of its members'
      scores, so it reveals the fraction of positives in the list; see ``_start_nprobe``), never below the
      manifest's nprobe, and doubles while the result count is short of the calibrated expectation and
-     still growing. With no selective necessary positive concept (only-negative or OR-of-concepts
+     still growing (each doubling scans only the lists the shallower tries did not). With no selective necessary positive concept (only-negative or OR-of-concepts
      queries), or at most ``exact_rows`` allowed rows, every allowed row is scored exactly instead
      (vectorised, blockwise). No candidate: early exit.
   5. IVF with several drivers: each driver's search is first extended to every candidate's list, and the
@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from t2c.data.errors import InvalidInput
-from t2c.data.store import ivf_params, quantizer_params
+from t2c.data.store import quantizer_params
 from t2c.query import ast as qa
 from t2c.query.calibrate import Calibration, concept_scores, thresholds_for
 from t2c.query.rowmap import RowPositions
@@ -224,21 +224,6 @@ class _Kleene(qa.Visitor):
         kids = [self.visit(c) for c in node.children]
         join = np.logical_and if isinstance(node, qa.And) else np.logical_or
         return join.reduce([m for m, _ in kids]), join.reduce([m for _, m in kids])
-
-
-def union_sorted(arrays) -> np.ndarray:
-    """The sorted union of sorted, duplicate-free integer arrays (candidate ids of several range searches).
-
-    A stable sort merges the sorted runs in linear time; ``np.unique`` hashes first and was 60x slower on two
-    runs of 200k ids (318 ms against 5 ms, numpy 2.4).
-    """
-    x = np.sort(np.concatenate(arrays), kind="stable")
-    if len(x) < 2:
-        return x
-    keep = np.empty(len(x), bool)
-    keep[0] = True
-    np.not_equal(x[1:], x[:-1], out=keep[1:])
-    return x[keep]
 
 
 def evaluate_tree(node, concept_pass, filter_pass, n: int) -> np.ndarray:
@@ -570,52 +555,54 @@ class Engine:
         return int(max(base, min(len(sizes), np.ceil(need * 1.25))))
 
     def _range_candidates(self, vec: np.ndarray, cal: Calibration, expected: float):
-        """(sorted ids, their scores, probed-list mask or None, plan) of a FAISS range search at the threshold."""
+        """(ids, their scores, probed-list mask or None, plan) of a FAISS range search at the threshold."""
         index = self.snapshot.index
         info = dict(self.snapshot.manifest.get("index", {}))
         q = np.ascontiguousarray(vec[None], np.float32)
         radius = float(cal.threshold) - 1e-5  # FAISS IP range keeps score > radius; a hair lower, rescoring decides
+        if not info.get("nprobe"):
+            lims, D, I = index.range_search(q, radius)
+            ids = np.asarray(I[: lims[1]], np.int64)
+            # exact index: every vector was compared (no probed-list mask)
+            return ids, np.asarray(D[: lims[1]], np.float32), None, {"source": "faiss_range",
+                                                                        "candidates": int(len(ids))}
+        import faiss
+
         # quantised codes (IVF-PQ) score with an error: widen the radius by it (candidates near the threshold
         # are rescored exactly), and count only the ones the codes put above the threshold when judging the
         # probe depth
         margin = self._band()
-        if info.get("nprobe"):
-            import faiss
-
-            nlist = int(faiss.extract_index_ivf(index).nlist)
-            nprobe = min(self._start_nprobe(q[0], cal, int(info["nprobe"])), nlist)
-            start, tries, last = nprobe, 0, -1
-            while True:
-                # per-call parameters: the shared index is never mutated (safe for concurrent searches)
-                lims, D, I = index.range_search(q, radius - margin, params=ivf_params(index, nprobe))
-                found = int(lims[1]) if not margin else int((D[: lims[1]] > radius).sum())
-                tries += 1
-                # stop at the calibrated expectation, at the full index, or when doubling stops paying off
-                if (found >= 0.95 * expected or nprobe >= nlist or tries > MAX_RANGE_GROWTH
-                        or (last >= 0 and found >= 0.5 * expected and found - last <= 0.02 * found)):
-                    break
-                last = found
-                nprobe = min(2 * nprobe, nlist)
-            plan = {"source": "faiss_range", "nprobe_start": int(start), "nprobe": int(nprobe), "tries": tries}
-            if margin:
-                plan["radius_margin"] = round(margin, 6)
-            # the lists that search probed (the quantizer's top-nprobe, the same call FAISS makes)
-            ivf = faiss.extract_index_ivf(index)
+        ivf = faiss.extract_index_ivf(index)
+        nlist = int(ivf.nlist)
+        nprobe = min(self._start_nprobe(q[0], cal, int(info["nprobe"])), nlist)
+        start, tries, last, found = nprobe, 0, -1, 0
+        probed = np.zeros(nlist, bool)
+        got_i, got_d = [], []
+        while True:
+            # the quantizer's top-nprobe lists (the call FAISS itself makes; per-call parameters, so the shared
+            # index is never mutated), of which only those an earlier, shallower try did not scan
             qp = quantizer_params(index, nprobe)
-            _, probed_lists = ivf.quantizer.search(q, nprobe, **({"params": qp} if qp is not None else {}))
-            probed = np.zeros(nlist, bool)
-            probed[probed_lists[0][probed_lists[0] >= 0]] = True
-        else:
-            lims, D, I = index.range_search(q, radius)
-            plan = {"source": "faiss_range"}
-            probed = None  # exact index: every vector was compared
-        ids = np.asarray(I[: lims[1]], np.int64)
-        D = np.asarray(D[: lims[1]], np.float32)
-        # each vector sits in one list: no duplicates; a list holds its ids in the order they were added (mostly
-        # ascending), so the result is a few sorted runs, which a stable (merging) sort orders fastest
-        o = np.argsort(ids, kind="stable")
-        plan["candidates"] = int(len(ids))
-        return ids[o], D[o], probed, plan
+            _, top = ivf.quantizer.search(q, nprobe, **({"params": qp} if qp is not None else {}))
+            top = top[0][top[0] >= 0]
+            new = top[~probed[top]]
+            probed[new] = True
+            more_i, more_d = self._range_in_lists(q[0], radius - margin, new)
+            got_i.append(more_i)
+            got_d.append(more_d)
+            found += int(len(more_d)) if not margin else int((more_d > radius).sum())
+            tries += 1
+            # stop at the calibrated expectation, at the full index, or when doubling stops paying off
+            if (found >= 0.95 * expected or nprobe >= nlist or tries > MAX_RANGE_GROWTH
+                    or (last >= 0 and found >= 0.5 * expected and found - last <= 0.02 * found)):
+                break
+            last = found
+            nprobe = min(2 * nprobe, nlist)
+        ids, D = np.concatenate(got_i), np.concatenate(got_d)  # each vector sits in one list: no duplicates
+        plan = {"source": "faiss_range", "nprobe_start": int(start), "nprobe": int(nprobe), "tries": tries,
+                "candidates": int(len(ids))}
+        if margin:
+            plan["radius_margin"] = round(margin, 6)
+        return ids, D, probed, plan
 
     def _settles(self) -> bool:
         """Whether leaves are settled by IVF-PQ code scores: a quantised index with a measured score_error
@@ -761,16 +748,36 @@ class Engine:
             found.append(ids_c)
         plan["driver"] = plan["drivers"][0]
         plan["nprobe"] = max((d.get("nprobe") or 0) for d in plan["drivers"]) or None
-        cand_ids = found[0] if len(found) == 1 else union_sorted(found)
-        plan["candidates"] = int(len(cand_ids))
         # an exact (non-IVF) driver with no result proves there is no answer
-        if not len(cand_ids) or any(not len(f) and r[2] is None for f, r in zip(found, st.resolved.values())):
+        if any(not len(f) and r[2] is None for f, r in zip(found, st.resolved.values())):
+            plan["candidates"] = 0
             return False
-        rows = self._rows_of_known(cand_ids)
+        rows = self._union_rows([self._hit_rows(f) for f in found])
+        plan["candidates"] = int(len(rows))
+        rows = rows[rows >= 0]  # ids the store does not hold
         if st.allowed is not None:
             rows = rows[np.isin(rows, st.allowed, assume_unique=True)]
-        st.rows = rows
+        if len(st.drivers) > 1 and len(rows) and self._index_is_ivf():
+            if self._settles():
+                st.band, st.band_above = self._band(0), self._band(1)
+            rows = self._drop_driver_fails(st, rows)
+            plan["candidates_kept"] = int(len(rows))
+        st.rows = np.sort(rows)
         return bool(len(rows))
+
+    def _index_is_ivf(self) -> bool:
+        """Whether the store's index is partitioned into lists (IVF-Flat, or IVF-PQ settled by its codes)."""
+        return self.snapshot.manifest.get("index", {}).get("type") == "ivf_flat" or self._settles()
+
+    def _union_rows(self, parts: list) -> np.ndarray:
+        """The union of row arrays that are each free of duplicates, in no particular order (one gather per
+        part through the row -> position map, instead of sorting them all)."""
+        out = parts[0]
+        for part in parts[1:]:
+            with self._positions().over(out[out >= 0]) as find:
+                _, seen = find(part)
+            out = np.concatenate([out, part[~seen]])
+        return out
 
     def _settle_from_index(self, st: _Search) -> None:
         """Step 5a: what the index searches already settled, leaf by leaf, on every candidate.
@@ -786,8 +793,6 @@ class Engine:
         settle_pq = self._settles()
         if settle_pq:
             st.band, st.band_above = self._band(0), self._band(1)
-        if itype == "ivf_flat" or settle_pq:
-            self._drop_driver_fails(st)
         shape = (len(st.rows), len(st.leaves))
         st.lscores = np.full(shape, np.nan, np.float32, order="F")  # columns (leaves) contiguous
         st.sure = np.zeros(shape, bool, order="F")
@@ -841,28 +846,24 @@ class Engine:
                 ids_c, d_c, probed, _ = self._range_candidates(st.T[st.tindex[leaf.key]], c, 0)
                 st.resolved[key] = (ids_c, d_c, probed)
 
-    def _drop_driver_fails(self, st: _Search) -> None:
-        """IVF with several drivers: settle the drivers first, on every candidate, and keep only the candidates
-        that every driver may pass.
+    def _drop_driver_fails(self, st: _Search, rows: np.ndarray) -> np.ndarray:
+        """IVF with several drivers: the candidate rows that every driver may pass.
 
         Drivers are necessary positives, so a candidate one of them fails cannot match, whatever the other
         leaves say. Each driver proposes the rows of its own lists, so the union of two drivers' results is
         mostly rows the other fails (two drivers of 100k candidates each may share a few hundred answers).
-        Once a driver's search covers every candidate's list, a candidate outside its (widened) result scores
-        under the radius: settling the other leaves, ranking and the tree then run on the survivors only."""
-        if len(st.drivers) < 2 or not len(st.rows):
-            return
-        self._scan_lists(st, st.drivers, self._list_of_rows()[st.rows])
-        keep = np.ones(len(st.rows), bool)
-        with self._positions().over(st.rows) as find:
+        Once a driver's search is extended to every candidate's list, a candidate outside its (widened) result
+        scores under the radius: settling the other leaves, ranking and the tree then run on the survivors."""
+        self._scan_lists(st, st.drivers, self._list_of_rows()[rows])
+        keep = np.ones(len(rows), bool)
+        with self._positions().over(rows) as find:
             for leaf in st.drivers:
                 ids_c = st.resolved[(leaf.key, st.cals[id(leaf)].threshold)][0]
                 pos, hit = find(self._hit_rows(ids_c))
-                inside = np.zeros(len(st.rows), bool)
+                inside = np.zeros(len(rows), bool)
                 inside[pos[hit]] = True
                 keep &= inside
-        st.rows = st.rows[keep]
-        st.plan["candidates_kept"] = int(len(st.rows))
+        return rows[keep]
 
     def _range_other_leaves(self, st: _Search) -> np.ndarray:
         """IVF: settle every leaf on every candidate by scanning the candidates' lists (contiguous: exact

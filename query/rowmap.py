@@ -47,10 +47,10 @@ class RowPositions:
             hits = np.asarray(hits, np.int64)
             if not m or not len(hits):
                 return np.zeros(len(hits), np.int64), np.zeros(len(hits), bool)
-            inside = (hits >= 0) & (hits < self.n)
-            pos = buf[np.where(inside, hits, 0)]
+            # out-of-range hits read a clipped slot; like stale slots, the check below rejects them
+            pos = np.take(buf, hits, mode="clip")
             np.clip(pos, 0, m - 1, out=pos)
-            return pos, inside & (rows[pos] == hits)
+            return pos, np.take(rows, pos) == hits
 
         try:
             yield find

@@ -549,14 +549,17 @@ def test_snapshot_read_rows_gives_the_exact_rows(tmp_path):
         store_mod.READ_ROWS_SCATTERED = old
 
 
-def test_union_sorted_equals_unique_of_the_concatenation():
-    from t2c.query.engine import union_sorted
-
-    rng = np.random.default_rng(3)
-    for sizes in ([0], [5], [0, 7], [100, 80, 3], [1, 1]):
-        arrays = [np.sort(rng.choice(300, n, replace=False)).astype(np.int64) for n in sizes]
-        got = union_sorted(arrays)
-        assert got.dtype == np.int64 and np.array_equal(got, np.unique(np.concatenate(arrays)))
+def test_union_rows_equals_union1d(ivf_store):
+    """The candidates of several drivers: each part free of duplicates, their union in any order."""
+    snap, bank, _ = ivf_store
+    eng = Engine(snap, bank)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        parts = [rng.permutation(rng.choice(len(snap.ids), int(rng.integers(0, 400)), replace=False))
+                 for _ in range(int(rng.integers(1, 4)))]
+        got = eng._union_rows(parts)
+        assert len(got) == len(np.unique(got))
+        assert np.array_equal(np.sort(got), np.unique(np.concatenate(parts)))
 
 
 @pytest.mark.parametrize("pq,id_step", [(False, 1), (True, 1), (True, 3)])
@@ -573,7 +576,7 @@ def test_candidates_a_driver_fails_are_dropped_early_with_the_same_answer(tmp_pa
                "sunset AND beach AND dog AND split=val", "beach AND sunset@0.3", "dog AND beach AND NOT people")
     eng = Engine(snap, bank, exact_rows=0)
     got = {q: eng.search(q, k=30, explain=True) for q in queries}
-    monkeypatch.setattr(Engine, "_drop_driver_fails", lambda self, st: None)
+    monkeypatch.setattr(Engine, "_drop_driver_fails", lambda self, st, rows: rows)
     every = Engine(snap, bank, exact_rows=0)
     dropped = 0
     for q, a in got.items():

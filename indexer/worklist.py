@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pyarrow as pa
 
 from t2c.data.arrow_build import column, values

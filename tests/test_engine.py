@@ -616,3 +616,28 @@ def test_row_positions_find_candidates_whatever_the_map_held_before():
     with pool.over(np.array([3])) as f1, pool.over(np.array([4])) as f2:
         assert f1(np.array([3, 4]))[1].tolist() == [True, False]
         assert f2(np.array([3, 4]))[1].tolist() == [False, True]
+
+
+def test_deeper_probing_scans_each_list_once_and_finds_what_one_search_at_that_depth_finds(ivf_store):
+    """nprobe doublings scan only the lists a shallower try did not: the result is FAISS's own range search at
+    the final depth (same rows, same scores), and the probed mask is its lists."""
+    import faiss
+
+    from t2c.data.store import ivf_params
+
+    snap, bank, _ = ivf_store
+    eng = Engine(snap, bank, exact_rows=0)
+    cal = eng.calibrations(eng.parse_query("sunset"))
+    cal = next(iter(cal.values()))
+    vec = np.asarray(bank.vector("sunset"), np.float32)
+    ids, d, probed, plan = eng._range_candidates(vec, cal, expected=10 * len(snap.ids))  # never reached
+    assert plan["tries"] > 1 and plan["nprobe"] > plan["nprobe_start"]
+    q = vec[None]
+    lims, D, I = snap.index.range_search(q, float(cal.threshold) - 1e-5, params=ivf_params(snap.index, plan["nprobe"]))
+    assert len(ids) == len(np.unique(ids)) == lims[1]
+    o, p = np.argsort(ids), np.argsort(I[: lims[1]])
+    assert np.array_equal(ids[o], I[: lims[1]][p])
+    np.testing.assert_allclose(d[o], D[: lims[1]][p], atol=1e-5)
+    ivf = faiss.extract_index_ivf(snap.index)
+    _, top = ivf.quantizer.search(q, plan["nprobe"])
+    assert np.array_equal(np.nonzero(probed)[0], np.sort(top[0]))

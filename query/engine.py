@@ -13,9 +13,10 @@ Plan for one query (``Engine.search``):
      starts at the estimate from centroid scores (a list's centroid score is the mean of its members'
      scores, so it reveals the fraction of positives in the list; see ``_start_nprobe``), never below the
      manifest's nprobe, and doubles while the result count is short of the calibrated expectation and
-     still growing (each doubling scans only the lists the shallower tries did not). With no selective necessary positive concept (only-negative or OR-of-concepts
-     queries), or at most ``exact_rows`` allowed rows, every allowed row is scored exactly instead
-     (vectorised, blockwise). No candidate: early exit.
+     still growing (each doubling scans only the lists the shallower tries did not). With no selective
+     necessary positive concept (only-negative or OR-of-concepts queries), or at most ``exact_rows``
+     allowed rows, every allowed row is scored exactly instead (vectorised, blockwise). No candidate:
+     early exit.
   5. IVF with several drivers: each driver's search is first extended to every candidate's list, and the
      candidates outside any driver's result are dropped (they fail a necessary positive; the union of two
      drivers' results is mostly such rows). Then every concept is settled on every candidate (positions found

@@ -7,7 +7,8 @@ at the candidates' rows answers each hit with one gather instead.
 
 The maps are never cleared: a stale entry is caught by checking that the candidate at the position read back
 is the row asked for (candidates are unique, so a match is the position). Maps are pooled, one per search
-running at the same time, so searches on several threads never share one.
+running at the same time, so searches on several threads never share one; at most ``KEEP_MAPS`` are kept
+between searches.
 """
 from __future__ import annotations
 
@@ -20,11 +21,17 @@ import numpy as np
 __all__ = ["RowPositions"]
 
 
+#: Maps kept for reuse after their search ends (each is 4 bytes a row: 40 MB at 10M rows); searches beyond
+#: this many at once get a map of their own that is freed afterwards.
+KEEP_MAPS = 4
+
+
 class RowPositions:
     """A pool of uninitialised ``int32`` maps over ``n`` rows (4 bytes a row each, pages touched on use)."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, keep: int = KEEP_MAPS):
         self.n = int(n)
+        self.keep = int(keep)
         self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
 
@@ -56,4 +63,5 @@ class RowPositions:
             yield find
         finally:
             with self._lock:
-                self._free.append(buf)
+                if len(self._free) < self.keep:
+                    self._free.append(buf)

@@ -616,6 +616,10 @@ def test_row_positions_find_candidates_whatever_the_map_held_before():
     with pool.over(np.array([3])) as f1, pool.over(np.array([4])) as f2:
         assert f1(np.array([3, 4]))[1].tolist() == [True, False]
         assert f2(np.array([3, 4]))[1].tolist() == [False, True]
+    small = RowPositions(10, keep=1)  # maps beyond `keep` are freed once their search ends
+    with small.over(np.array([1])), small.over(np.array([2])), small.over(np.array([3])):
+        pass
+    assert len(small._free) == 1
 
 
 def test_deeper_probing_scans_each_list_once_and_finds_what_one_search_at_that_depth_finds(ivf_store):

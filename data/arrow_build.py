@@ -31,7 +31,8 @@ def strings(values: Sequence[str], type: pa.DataType = pa.string()) -> pa.Array:
 
 
 def infer_type(values) -> pa.DataType | None:
-    """The type ``pa.array`` infers for a list of one kind of scalar (str, bool, int, float); None otherwise."""
+    """The type ``pa.array`` infers for a list of one kind of Python scalar (str, bool, int, float); None
+    otherwise. numpy scalars count as their Python kind, so they widen to 64 bits (pyarrow keeps ``float32``)."""
     kinds = {bool if isinstance(v, (bool, np.bool_)) else int if isinstance(v, (int, np.integer)) else
              float if isinstance(v, (float, np.floating)) else str if isinstance(v, str) else object for v in values}
     if len(kinds) != 1:
@@ -45,7 +46,7 @@ def column(values, type: pa.DataType | None = None) -> pa.Array:
     Args:
         values: a list (or numpy array) of Python values of ``type``.
         type: the Arrow type of the column; None infers it as ``pa.array`` does for a list of one kind of
-            scalar (str, bool, int, float) and leaves anything else to ``pa.array``.
+            Python scalar (str, bool, int, float; see ``infer_type``) and leaves anything else to ``pa.array``.
 
     Returns:
         The array; equal to ``pa.array(values, type)``.

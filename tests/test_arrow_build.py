@@ -42,6 +42,11 @@ def test_inferred_column_equals_pyarrows_inference(vals):
     assert column(vals).equals(pa.array(vals))
 
 
+def test_numpy_scalars_are_inferred_as_their_python_kind():
+    assert column([np.float32(1.5), 2.0]).type == pa.float64() and column([np.int32(3)]).type == pa.int64()
+    assert column([np.float32(1.5)]).to_pylist() == [1.5]
+
+
 def test_infer_type_takes_one_kind_of_scalar_only():
     assert infer_type(["a"]) == pa.string() and infer_type([True]) == pa.bool_() and infer_type([1, 2]) == pa.int64()
     assert infer_type([1, 2.0]) is None and infer_type([]) is None and infer_type([None]) is None

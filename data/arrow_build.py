@@ -1,7 +1,7 @@
 """Arrow arrays from Python lists without pyarrow's first-call pandas import.
 
 ``pa.array`` imports pandas the first time it runs: pyarrow 26 probes every input for pandas types, and has
-no switch to skip the probe. That import costs 0.2 s, which is a twelfth of the indexer's start-up, so the
+no switch to skip the probe. That import costs 0.2 s, a fifteenth of a 3 s indexer start-up, so the
 start-up path (planning, the work list, catalog lookups) builds its arrays from buffers instead. Values the
 buffer path does not handle (nulls, nested or temporal types) go through ``pa.array`` as before.
 """

@@ -956,10 +956,28 @@ class Engine:
             mask[sel[approx]] = True
             rescored += int(approx.sum())
             self._rescore(st, mask)
-            sel = self._match(st)
-            scores = self._rank(st, sel) if len(sel) else np.zeros(0)
+            sel, scores = self._rematch(st, sel, scores, approx)
         st.plan["rescored_page"] = rescored
         return sel, scores
+
+    def _rematch(self, st: _Search, sel: np.ndarray, scores: np.ndarray,
+                 changed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The matches and their scores after the matches ``sel[changed]`` were rescored: what ``_match`` and
+        ``_rank`` give over every candidate, computed on the rescored rows only (only their scores moved, and
+        a row's pass, binding, filters and rank depend on that row alone). A rescored row may leave the answer;
+        no other row can join it."""
+        at = np.nonzero(changed)[0]
+        idx = sel[at]
+        sub = {id(leaf): st.lscores[idx, li] >= st.cals[id(leaf)].threshold for li, (leaf, _) in enumerate(st.leaves)}
+        self._apply_binding(st.leaves, st.cals, sub, st.rows[idx])
+        for key, passed in sub.items():
+            st.passed[key][idx] = passed
+        ok = evaluate_tree(st.rest, lambda c: sub[id(c)], lambda f: st.fpass[id(f)][idx], len(idx))
+        scores = scores.copy()
+        scores[at[ok]] = self._rank(st, idx[ok])
+        keep = np.ones(len(sel), bool)
+        keep[at[~ok]] = False
+        return sel[keep], scores[keep]
 
     def _exact_scan(self, st: _Search) -> None:
         """Steps 4-5 without the index: every allowed row (or every row) scored exactly, blockwise."""

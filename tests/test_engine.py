@@ -645,3 +645,47 @@ def test_deeper_probing_scans_each_list_once_and_finds_what_one_search_at_that_d
     ivf = faiss.extract_index_ivf(snap.index)
     _, top = ivf.quantizer.search(q, plan["nprobe"])
     assert np.array_equal(np.nonzero(probed)[0], np.sort(top[0]))
+
+
+@pytest.mark.parametrize("band", [None, (0.0, 0.0)])
+def test_page_rescoring_updates_only_the_rescored_rows_with_the_answer_of_a_full_rematch(tmp_path, monkeypatch,
+                                                                                          band):
+    """IVF-PQ page rescoring re-evaluates only the rescored matches (``_rematch``): the same answers, totals,
+    pages, scores and explanations as matching and ranking every candidate again after each round, with
+    filters inside the tree and weights. With no settling band, code scores decide every leaf, so rescoring
+    the page drops rows whose exact scores fail."""
+    v, dirs, _ = synth(8000, d=32, seed=5)
+    snap = write_store(tmp_path / "st", v, exact_max=1000, memory_budget=16 * len(v))
+    assert snap.manifest["index"]["type"] == "ivf_pq"
+    bank = make_bank(dirs)
+    queries = ("dog AND beach AND NOT people", "2*beach AND dog AND NOT (people OR car)",
+               "sunset AND (dog OR width>=900) AND NOT car", "beach AND NOT (tree OR split=val)")
+    pages = [(10, 0), (10, 10), (300, 0)]
+    kw = {"exact_rows": 0, **({"settle_band": band} if band else {})}
+    eng = Engine(snap, bank, **kw)
+    dropped = []
+    incremental = Engine._rematch
+
+    def counting(self, st, sel, scores, changed):
+        out = incremental(self, st, sel, scores, changed)
+        dropped.append(len(sel) - len(out[0]))
+        return out
+
+    monkeypatch.setattr(Engine, "_rematch", counting)
+    got = {(q, k, o): eng.search(q, k=k, offset=o, explain=True) for q in queries for k, o in pages}
+    if band:
+        assert sum(dropped) > 0
+
+    def full(self, st, sel, scores, changed):
+        sel = self._match(st)
+        return sel, self._rank(st, sel)
+
+    monkeypatch.setattr(Engine, "_rematch", full)
+    ref = Engine(snap, bank, **kw)
+    for (q, k, o), a in got.items():
+        b = ref.search(q, k=k, offset=o, explain=True)
+        assert a.plan.get("rescored_page") == b.plan.get("rescored_page") and a.plan["rescored_page"] > 0, q
+        assert a.total == b.total and np.array_equal(np.sort(a.all_ids), np.sort(b.all_ids)), q
+        assert [h.id for h in a.hits] == [h.id for h in b.hits], (q, k, o)
+        np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits], atol=1e-9)
+        assert [h.explanation for h in a.hits] == [h.explanation for h in b.hits], q

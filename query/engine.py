@@ -968,8 +968,7 @@ class Engine:
         no other row can join it."""
         at = np.nonzero(changed)[0]
         idx = sel[at]
-        sub = {id(leaf): st.lscores[idx, li] >= st.cals[id(leaf)].threshold for li, (leaf, _) in enumerate(st.leaves)}
-        self._apply_binding(st.leaves, st.cals, sub, st.rows[idx])
+        sub = self._leaf_passes(st, idx)
         for key, passed in sub.items():
             st.passed[key][idx] = passed
         ok = evaluate_tree(st.rest, lambda c: sub[id(c)], lambda f: st.fpass[id(f)][idx], len(idx))
@@ -992,12 +991,17 @@ class Engine:
     def _match(self, st: _Search) -> np.ndarray:
         """Step 5c: thresholds applied, filters inside the tree evaluated in DuckDB, the tree evaluated;
         the positions (into ``st.rows``) that match."""
-        st.passed = {id(leaf): st.lscores[:, li] >= st.cals[id(leaf)].threshold
-                     for li, (leaf, _) in enumerate(st.leaves)}
-        self._apply_binding(st.leaves, st.cals, st.passed, st.rows)
+        st.passed = self._leaf_passes(st)
         self._filters_in_tree(st)
         match = evaluate_tree(st.rest, lambda c: st.passed[id(c)], lambda f: st.fpass[id(f)], len(st.rows))
         return np.nonzero(match)[0]
+
+    def _leaf_passes(self, st: _Search, at=slice(None)) -> dict:
+        """Each scored leaf's pass/fail on the candidates at positions ``at`` (all of them by default): its
+        threshold, then, for leaves calibrated with binding, its rivals. {id(leaf): bool array}"""
+        passed = {id(leaf): st.lscores[at, li] >= st.cals[id(leaf)].threshold for li, (leaf, _) in enumerate(st.leaves)}
+        self._apply_binding(st.leaves, st.cals, passed, st.rows[at])
+        return passed
 
     def _filters_in_tree(self, st: _Search) -> None:
         """Filters that sit inside the tree, evaluated once per search on the candidates (``st.fpass``)."""

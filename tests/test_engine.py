@@ -72,6 +72,15 @@ def ivf_store(tmp_path_factory):
     return snap, make_bank(dirs), present
 
 
+@pytest.fixture(scope="module")
+def pq_store(tmp_path_factory):
+    """An IVF-PQ store (16 B/vector) of 8,000 synthetic 32-d vectors, with its concept bank."""
+    v, dirs, _ = synth(8000, d=32, seed=5)
+    snap = write_store(tmp_path_factory.mktemp("pq") / "st", v, exact_max=1000, memory_budget=16 * len(v))
+    assert snap.manifest["index"]["type"] == "ivf_pq"
+    return snap, make_bank(dirs)
+
+
 QUERIES = [
     "dog",
     "dog AND beach",
@@ -447,15 +456,12 @@ def test_ivf_pq_store_keeps_a_float16_copy_and_old_stores_without_it_still_searc
         "dog AND beach AND NOT people", k=100).all_ids, want)
 
 
-def test_ivf_pq_settling_by_the_codes_gives_the_answer_of_rescoring_everything(tmp_path):
+def test_ivf_pq_settling_by_the_codes_gives_the_answer_of_rescoring_everything(pq_store):
     """IVF-PQ: leaves settled by their code scores outside the error band, and only undecided candidates
     rescored, give the answers of rescoring every candidate exactly (a few more: the band widens the range
     searches), never a row outside the exact answer, and the page the exact ranking of the answer gives,
     with exact scores, while rescoring far fewer rows."""
-    v, dirs, _ = synth(8000, d=32, seed=5)
-    snap = write_store(tmp_path / "st", v, exact_max=1000, memory_budget=16 * len(v))
-    assert snap.manifest["index"]["type"] == "ivf_pq"
-    bank = make_bank(dirs)
+    snap, bank = pq_store
     settled = Engine(snap, bank, exact_rows=0)
     everything = Engine(snap, bank, exact_rows=0, settle_band=None)
     V = np.asarray(snap.vectors)
@@ -648,16 +654,12 @@ def test_deeper_probing_scans_each_list_once_and_finds_what_one_search_at_that_d
 
 
 @pytest.mark.parametrize("band", [None, (0.0, 0.0)])
-def test_page_rescoring_updates_only_the_rescored_rows_with_the_answer_of_a_full_rematch(tmp_path, monkeypatch,
-                                                                                          band):
+def test_page_rescoring_updates_only_the_rescored_rows_with_the_answer_of_a_full_rematch(pq_store, monkeypatch, band):
     """IVF-PQ page rescoring re-evaluates only the rescored matches (``_rematch``): the same answers, totals,
     pages, scores and explanations as matching and ranking every candidate again after each round, with
     filters inside the tree and weights. With no settling band, code scores decide every leaf, so rescoring
     the page drops rows whose exact scores fail."""
-    v, dirs, _ = synth(8000, d=32, seed=5)
-    snap = write_store(tmp_path / "st", v, exact_max=1000, memory_budget=16 * len(v))
-    assert snap.manifest["index"]["type"] == "ivf_pq"
-    bank = make_bank(dirs)
+    snap, bank = pq_store
     queries = ("dog AND beach AND NOT people", "2*beach AND dog AND NOT (people OR car)",
                "sunset AND (dog OR width>=900) AND NOT car", "beach AND NOT (tree OR split=val)")
     pages = [(10, 0), (10, 10), (300, 0)]

@@ -44,6 +44,7 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = ["Binding", "binding_of", "word_groups", "bound_mask", "present_on", "binding_strength", "reading_share", "words_pass",
+           "joint_share", "jointly_on",
            "BASIC_COLOURS", "MAX_SCENE_WORDS", "MIN_BINDING"]
 
 #: Colour terms for open-vocabulary CLIPs (Berlin and Kay's eleven basic colour terms).
@@ -136,12 +137,13 @@ def _smallest_explanations(n_a: int, n_o: int) -> np.ndarray:
     return np.asarray(out, np.int64).reshape(len(out), big, 2)
 
 
-def _scene_groups(b: Binding, scores: dict, thresholds: dict, ok: np.ndarray):
+def _scene_groups(scene, pairs, scores: dict, thresholds: dict, ok: np.ndarray):
     """The enumerable rows among ``ok`` (at most ``MAX_SCENE_WORDS`` present words a side), grouped by their
     present words: yields (positions into ``rows``, rows, explanations as (explanations, k) attribute and object
-    indices, whether each explanation holds the concept), after first yielding ``rows`` itself."""
-    attrs, objs = b.scene
-    ia, io = attrs.index(b.words[0]), objs.index(b.words[1])
+    indices, whether each explanation holds every (attribute, object) word pair of ``pairs``), after first
+    yielding ``rows`` itself."""
+    attrs, objs = scene
+    want = [(attrs.index(a), objs.index(o)) for a, o in pairs]
     on_a = np.stack([np.asarray(scores[a]) >= thresholds[a] for a in attrs], 1)
     on_o = np.stack([np.asarray(scores[o]) >= thresholds[o] for o in objs], 1)
     rows = np.flatnonzero(ok & (on_a.sum(1) <= MAX_SCENE_WORDS) & (on_o.sum(1) <= MAX_SCENE_WORDS))
@@ -153,13 +155,16 @@ def _scene_groups(b: Binding, scores: dict, thresholds: dict, ok: np.ndarray):
         pa, po = np.flatnonzero(on_a[r[0]]), np.flatnonzero(on_o[r[0]])
         ex = _smallest_explanations(len(pa), len(po))
         ga, go = pa[ex[..., 0]], po[ex[..., 1]]                     # (explanations, k) word indices
-        yield sel, r, ga, go, ((ga == ia) & (go == io)).any(1)
+        has = np.ones(len(ex), bool)
+        for ia, io in want:
+            has &= ((ga == ia) & (go == io)).any(1)
+        yield sel, r, ga, go, has
 
 
 def _scene_margin(b: Binding, scores: dict, thresholds: dict, margin: np.ndarray, words_ok: np.ndarray) -> None:
     """Overwrite ``margin`` with the scene rule's margin where an image's explanations can be enumerated."""
     attrs, objs = b.scene
-    groups = _scene_groups(b, scores, thresholds, words_ok)
+    groups = _scene_groups(b.scene, [b.words], scores, thresholds, words_ok)
     rows = next(groups)
     if not len(rows):
         return
@@ -189,7 +194,7 @@ def bound_mask(b: Binding, scores: dict, thresholds: dict, binds: bool = True) -
 
 def words_pass(b: Binding, scores: dict, thresholds: dict) -> np.ndarray:
     """Rows where each of the concept's two words passes its own threshold."""
-    ok = np.ones(len(np.asarray(scores[b.text])), bool)
+    ok = np.ones(len(np.asarray(scores[b.words[0]])), bool)
     for w in b.words:
         ok &= np.asarray(scores[w]) >= thresholds[w]
     return ok
@@ -209,14 +214,38 @@ def reading_share(b: Binding, scores: dict, thresholds: dict) -> np.ndarray:
     """Per row, the share of the smallest explanations of its present words that hold the concept: the chance
     the concept is there when every reading is equally likely (1 where both words pass and nothing else
     explains them, or where explanations are not enumerated; 0 where a word fails)."""
-    ok = words_pass(b, scores, thresholds)
+    return joint_share([b], scores, thresholds)
+
+
+def joint_share(bindings: list, scores: dict, thresholds: dict) -> np.ndarray:
+    """Per row, the share of the smallest explanations of its present words that hold *every* concept of
+    ``bindings`` at once (one scene): 0 where a word fails or no reading holds them all, 1 where explanations
+    are not enumerated (more than ``MAX_SCENE_WORDS`` words a side, or an open vocabulary).
+
+    "purple triangle AND purple circle" on an image whose words are purple, red, triangle and circle: its two
+    readings are {purple triangle, red circle} and {purple circle, red triangle}; each pair alone has share 1/2,
+    the two together 0. ``scores`` / ``thresholds`` hold every scene word of the bindings (one scene)."""
+    ok = np.ones(len(np.asarray(scores[bindings[0].words[0]])), bool)
+    for b in bindings:
+        ok &= words_pass(b, scores, thresholds)
     share = ok.astype(np.float64)
-    if b.scene:
-        groups = _scene_groups(b, scores, thresholds, ok)
+    scene = bindings[0].scene
+    if scene and all(b.scene == scene for b in bindings):
+        groups = _scene_groups(scene, [b.words for b in bindings], scores, thresholds, ok)
         next(groups)
         for _, r, _, _, has in groups:
             share[r] = float(has.mean())
     return share
+
+
+def jointly_on(snapshot, bank, bindings: list, thresholds: dict, rows: np.ndarray) -> np.ndarray:
+    """Whether some reading of each row's present words holds every concept of ``bindings`` (``joint_share``
+    > 0), on the given sorted rows; reads the scene words' scores (``scene_words`` of the first binding)."""
+    from t2c.query.calibrate import concept_scores
+
+    words = list(dict.fromkeys(w for b in bindings for w in b.scene_words()))
+    sc = concept_scores(snapshot, bank.vectors(words), rows=np.asarray(rows, np.int64))
+    return joint_share(bindings, {w: sc[:, j] for j, w in enumerate(words)}, thresholds) > 0
 
 
 def present_on(snapshot, bank, text: str, cal, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

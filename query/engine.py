@@ -176,8 +176,8 @@ def _necessary_positive(node, positive: bool = True) -> dict:
 class _TreeEvaluator(qa.Visitor):
     """Boolean array over n items of a tree, from per-leaf pass arrays."""
 
-    def __init__(self, concept_pass, filter_pass, n: int):
-        self.concept_pass, self.filter_pass, self.n = concept_pass, filter_pass, n
+    def __init__(self, concept_pass, filter_pass, n: int, and_check=None):
+        self.concept_pass, self.filter_pass, self.n, self.and_check = concept_pass, filter_pass, n, and_check
 
     def visit_scored(self, node) -> np.ndarray:
         return self.concept_pass(node)
@@ -193,8 +193,8 @@ class _TreeEvaluator(qa.Visitor):
         for c in node.children:
             out &= self.visit(c)
             if not out.any():
-                break
-        return out
+                return out
+        return out if self.and_check is None else self.and_check(node, out)
 
     def visit_or(self, node) -> np.ndarray:
         out = np.zeros(self.n, bool)
@@ -227,10 +227,11 @@ class _Kleene(qa.Visitor):
         return join.reduce([m for m, _ in kids]), join.reduce([m for _, m in kids])
 
 
-def evaluate_tree(node, concept_pass, filter_pass, n: int) -> np.ndarray:
+def evaluate_tree(node, concept_pass, filter_pass, n: int, and_check=None) -> np.ndarray:
     """Evaluate the tree over n items; ``concept_pass(leaf)`` (any scored leaf) / ``filter_pass(leaf)`` give
-    bool arrays."""
-    return _TreeEvaluator(concept_pass, filter_pass, n).visit(node)
+    bool arrays. ``and_check(node, holds)``, when given, may clear items of an AND node that holds (the
+    engine's joint reading of compositional concepts)."""
+    return _TreeEvaluator(concept_pass, filter_pass, n, and_check).visit(node)
 
 
 class _BankOf(qa.Visitor):
@@ -971,7 +972,8 @@ class Engine:
         sub = self._leaf_passes(st, idx)
         for key, passed in sub.items():
             st.passed[key][idx] = passed
-        ok = evaluate_tree(st.rest, lambda c: sub[id(c)], lambda f: st.fpass[id(f)][idx], len(idx))
+        ok = evaluate_tree(st.rest, lambda c: sub[id(c)], lambda f: st.fpass[id(f)][idx], len(idx),
+                           self._joint_check(st.cals, st.rows[idx]))
         scores = scores.copy()
         scores[at[ok]] = self._rank(st, idx[ok])
         keep = np.ones(len(sel), bool)
@@ -993,7 +995,8 @@ class Engine:
         the positions (into ``st.rows``) that match."""
         st.passed = self._leaf_passes(st)
         self._filters_in_tree(st)
-        match = evaluate_tree(st.rest, lambda c: st.passed[id(c)], lambda f: st.fpass[id(f)], len(st.rows))
+        match = evaluate_tree(st.rest, lambda c: st.passed[id(c)], lambda f: st.fpass[id(f)], len(st.rows),
+                              self._joint_check(st.cals, st.rows, st.plan))
         return np.nonzero(match)[0]
 
     def _leaf_passes(self, st: _Search, at=slice(None)) -> dict:
@@ -1028,6 +1031,40 @@ class Engine:
             if c.method == "bound" and passed[id(leaf)].any():
                 on = np.nonzero(passed[id(leaf)])[0]
                 passed[id(leaf)][on] = present_on(self.snapshot, self.bank, leaf.text, c, rows[on])[0]
+
+    def _joint_check(self, cals: dict, rows: np.ndarray, plan: dict | None = None):
+        """The ``and_check`` of ``evaluate_tree``: an AND node that needs two or more compositional concepts
+        ("blue triangle AND red diamond", calibrated "bound") holds only on the rows where one reading of the
+        image's words holds them all (``binding.jointly_on``). Each concept alone may be there in some reading
+        of an image whose words are blue, red, triangle and diamond; both together only in one of its two.
+        ``plan`` (the first evaluation of a search) records, per checked AND, the concepts and the rows
+        dropped."""
+        from t2c.query.binding import binding_of, jointly_on
+
+        def check(node, holds: np.ndarray) -> np.ndarray:
+            leaves = [c for c in _necessary_positive(node).values() if cals[id(c)].method == "bound"]
+            found: dict = {}
+            for c in leaves:
+                b = binding_of(c.text, getattr(self.bank, "clip_spec", ""))
+                if b is not None and b.scene is not None:
+                    found.setdefault(b.text, (b, cals[id(c)].params["word_thresholds"]))
+            if len(found) < 2:
+                return holds
+            bindings = [b for b, _ in found.values()]
+            thresholds = {}
+            for _, words in found.values():
+                thresholds.update(words)
+            on = np.nonzero(holds)[0]
+            ok = jointly_on(self.snapshot, self.bank, bindings, thresholds, rows[on])
+            if plan is not None:
+                plan.setdefault("joint_readings", []).append({"concepts": list(found), "dropped": int((~ok).sum())})
+            if ok.all():
+                return holds
+            out = holds.copy()
+            out[on[~ok]] = False
+            return out
+
+        return check
 
     @staticmethod
     def _rank(st: _Search, sel: np.ndarray) -> np.ndarray:
@@ -1102,5 +1139,6 @@ class Engine:
         fpass = self._tree_filters(flist, np.arange(n, dtype=np.int64)) if flist else {}
         passed = {id(c): S[:, ti[c.key]] >= cals[id(c)].threshold for c in leaves}
         self._apply_binding([(c, True) for c in leaves], cals, passed, np.arange(n, dtype=np.int64))
-        match = evaluate_tree(node, lambda c: passed[id(c)], lambda f: fpass[id(f)], n)
+        match = evaluate_tree(node, lambda c: passed[id(c)], lambda f: fpass[id(f)], n,
+                              self._joint_check(cals, np.arange(n, dtype=np.int64)))
         return np.asarray(self.snapshot.ids, np.int64)[match]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from t2c.query.binding import (BASIC_COLOURS, MAX_SCENE_WORDS, MIN_BINDING, Binding, binding_of, binding_strength,
-                               bound_mask, reading_share)
+                               bound_mask, joint_share, reading_share)
 from t2c.query.estimate import answer_estimate, bound_rates, concept_rates, reading_rates
 from t2c.query.lru import LRUCache
 
@@ -91,6 +91,23 @@ def test_a_tower_that_does_not_bind_is_judged_by_its_words_with_reading_shares()
     rates = reading_rates(np.array([0.5, 0.5, 1.0, 0.0]), ok, [{"precision": 1.0, "recall": 0.9, "miss": 0.01}] * 2)
     assert rates["precision"] == pytest.approx(2 / 3) and rates["recall"] == pytest.approx(0.81)
     assert reading_rates(np.zeros(4), np.zeros(4, bool), [{"precision": 1, "recall": 1, "miss": 0}]) is None
+
+
+def test_joint_share_needs_one_reading_that_holds_every_pair():
+    pt, pc, rc = (binding_of(t, "world:clip-plain") for t in ("purple triangle", "purple circle", "red circle"))
+    thr = {w: 0.5 for w in pt.scene_words()}
+    words = [("purple", "red", "triangle", "circle"),  # two objects: {pt, rc} or {pc, rt}
+             ("purple", "triangle", "circle"),  # one colour, two shapes: {pt, pc} is the only reading
+             ("purple", "red", "blue", "triangle", "circle", "star"),  # 3 x 3: six readings
+             ("purple", "triangle")]  # "circle" fails
+    scores = _scene_scores(pt, len(words), words, {})
+    assert joint_share([pt, pc], scores, thr).tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert joint_share([pt, rc], scores, thr).tolist() == pytest.approx([0.5, 0.0, 1 / 6, 0.0])
+    for b in (pt, pc):  # one concept alone: its reading share
+        assert joint_share([b], scores, thr).tolist() == reading_share(b, scores, thr).tolist()
+    others = tuple(c for c in pt.scene[0] if c != "purple")[:MAX_SCENE_WORDS]
+    every = [("purple", *others, "triangle", "circle")]  # too many colours to enumerate: no verdict
+    assert joint_share([pt, pc], _scene_scores(pt, 1, every, {}), thr).tolist() == [1.0]
 
 
 def test_scene_rule_falls_back_to_rivals_when_too_many_words_fire():
@@ -239,6 +256,36 @@ def test_a_plain_clip_gets_the_collection_cut_and_judges_pairs_by_their_words(wo
     clip = Engine(open_store(world_store / "st", verify=False))
     assert collection_cut(clip.snapshot, clip.bank) is None
     assert by_text(clip)["red circle"].params["binds"] is True
+
+
+def test_two_pairs_on_a_plain_clip_need_one_reading_that_holds_both(world_store):
+    """A bag-of-words tower judges each pair by its words; ANDed, the pairs must also fit one reading."""
+    from t2c.data.store import open_store
+    from t2c.query.binding import binding_of, joint_share
+    from t2c.query.calibrate import concept_scores
+    from t2c.query.engine import Engine
+
+    eng = Engine(open_store(world_store / "plain", verify=False))
+    b1, b2 = binding_of("red circle", "world:clip-plain"), binding_of("red square", "world:clip-plain")
+    words = b1.scene_words()
+    sc = concept_scores(eng.snapshot, eng.bank.vectors(words))
+    q = '"red circle" AND "red square"'
+    cals = eng.calibrations(eng.parse_query(q))
+    thr = next(iter(cals.values())).params["word_thresholds"]
+    share = joint_share([b1, b2], {w: sc[:, j] for j, w in enumerate(words)}, thr)
+    res = eng.search(q, k=10_000, explain=True)
+    got = np.sort(res.all_ids)
+    assert np.array_equal(got, np.sort(np.asarray(eng.snapshot.ids)[share > 0]))
+    assert np.array_equal(got, eng.reference_answer(q))
+    indexed = Engine(eng.snapshot, exact_rows=10).search(q, k=10_000)  # candidates from the index, not a scan
+    assert indexed.plan["strategy"] != "exact_scan" and np.array_equal(np.sort(indexed.all_ids), got)
+    each = [set(eng.search(f'"{t}"', k=10_000).all_ids.tolist()) for t in ("red circle", "red square")]
+    dropped = len(each[0] & each[1]) - len(got)
+    assert dropped > 0  # images with red and circle and square but, say, a blue circle: no reading holds both
+    assert res.plan["joint_readings"] == [{"concepts": ["red circle", "red square"], "dropped": dropped}]
+    # under OR or NOT the check sits on the AND node it belongs to
+    neg = set(eng.search(f'red AND NOT ({q})', k=10_000).all_ids.tolist())
+    assert neg == set(eng.search("red", k=10_000).all_ids.tolist()) - set(got.tolist())
 
 
 def test_bound_concepts_on_world_clip_agree_with_brute_force_and_carry_estimates(world_store):

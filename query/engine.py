@@ -1019,8 +1019,57 @@ class Engine:
         match = np.zeros(len(st.rows), bool)
         match[sel] = True
         n_allowed = len(self.snapshot.ids) if st.allowed is None else len(st.allowed)
+        readings, joint = self._readings(st)
         return answer_estimate(st.rest, st.leaves, st.cals, st.passed, lambda f: st.fpass[id(f)], match,
-                               n_allowed - len(st.rows))
+                               n_allowed - len(st.rows), readings, joint)
+
+    def _readings(self, st: _Search) -> tuple[dict, object]:
+        """For the estimate: each concept judged by its words alone (a tower that does not bind), its reading
+        share on every scored row; and, for an AND node with two or more of them as children, their joint share
+        (``binding.joint_share``). ({id(leaf): shares}, joint hook or None)."""
+        from t2c.query.binding import binding_of, joint_share
+
+        judged = {}
+        for leaf, _ in st.leaves:
+            c = st.cals[id(leaf)]
+            if c.method == "bound" and not c.params.get("binds", True) and (c.params.get("rates") or {}).get(
+                    "words_precision") is not None:
+                b = binding_of(leaf.text, getattr(self.bank, "clip_spec", ""))
+                if b is not None and b.scene is not None:
+                    judged[id(leaf)] = (leaf, b)
+        on = np.zeros(len(st.rows), bool)
+        for key in judged:
+            on |= st.passed[key]
+        if not judged or not on.any():
+            return {}, None
+        at = np.nonzero(on)[0]
+        words = list(dict.fromkeys(w for _, b in judged.values() for w in b.scene_words()))
+        sc = concept_scores(self.snapshot, self.bank.vectors(words), rows=st.rows[at])
+        scores = {w: sc[:, j] for j, w in enumerate(words)}
+        thresholds = {}
+        for key in judged:
+            thresholds.update(st.cals[key].params["word_thresholds"])
+
+        def full(share):
+            out = np.zeros(len(st.rows))
+            out[at] = share
+            return out
+
+        readings = {key: full(joint_share([b], scores, thresholds)) for key, (_, b) in judged.items()}
+
+        def together(node):
+            kids = [c for c in node.children if id(c) in judged]
+            if len({c.text for c in kids}) < 2:
+                return None
+            both = np.logical_and.reduce([st.passed[id(c)] for c in kids])
+            bindings = list({c.text: judged[id(c)][1] for c in kids}.values())
+            p_words = float(np.prod([st.cals[id(c)].params["rates"]["words_precision"] for c in
+                                     {c.text: c for c in kids}.values()]))
+            indep = np.prod([np.where(st.passed[id(c)], readings[id(c)] * st.cals[id(c)].params["rates"]["words_precision"],
+                                      st.cals[id(c)].params["rates"]["miss"]) for c in kids], 0)
+            return kids, np.where(both, full(joint_share(bindings, scores, thresholds)) * p_words, indep)
+
+        return readings, together
 
     def _apply_binding(self, leaves, cals, passed: dict, rows: np.ndarray) -> None:
         """Compositional leaves calibrated with binding ("bound") must also beat their rivals on ``rows``."""

@@ -15,8 +15,10 @@ readings that contain it (``reading_rates``).
 Concepts without a fit (one population, or the model's cut) have no estimate.
 
 For the whole answer, each scored image gets, for each concept, P(present) = precision when it passed and
-miss when it failed; the tree combines them as if concepts were independent (AND: product, OR:
-1 - prod(1 - p), NOT: 1 - p; filters are exact). The estimated precision is the mean over the answer, and the
+miss when it failed (a concept judged by its words: the image's own reading share times the words'
+precision); the tree combines them as if concepts were independent (AND: product, OR: 1 - prod(1 - p),
+NOT: 1 - p; filters are exact), except colour-shape pairs ANDed under a tower that does not bind: where all
+pass, the share of the image's readings that hold them all, times their words' precision. The estimated precision is the mean over the answer, and the
 estimated recall the expected true matches in the answer over the expected true matches among all images.
 """
 from __future__ import annotations
@@ -97,16 +99,18 @@ def reading_rates(share: np.ndarray, words_ok: np.ndarray, word_rates: list) -> 
     if not ok.any() or not word_rates or not all(word_rates):
         return None
     sh = np.asarray(share, np.float64)
-    return {"precision": float(sh[ok].mean()) * float(np.prod([r["precision"] for r in word_rates])),
+    words_p = float(np.prod([r["precision"] for r in word_rates]))
+    return {"precision": float(sh[ok].mean()) * words_p, "words_precision": words_p,
             "recall": float(np.prod([r["recall"] for r in word_rates])),
             "miss": float(np.clip(sum(r["miss"] for r in word_rates), 0.0, 1.0))}
 
 
 class _Prob(qa.Visitor):
-    """Per-image probability that a tree truly holds, from per-leaf probabilities and exact filters."""
+    """Per-image probability that a tree truly holds, from per-leaf probabilities and exact filters.
+    ``joint(node)``: for an AND node, (leaves it replaces, their joint probability) or None (independent)."""
 
-    def __init__(self, leaf_p, filter_pass):
-        self.leaf_p, self.filter_pass = leaf_p, filter_pass
+    def __init__(self, leaf_p, filter_pass, joint=None):
+        self.leaf_p, self.filter_pass, self.joint = leaf_p, filter_pass, joint
 
     def visit_scored(self, node):
         return self.leaf_p(node)
@@ -118,9 +122,13 @@ class _Prob(qa.Visitor):
         return 1.0 - self.visit(node.child)
 
     def visit_and(self, node):
-        out = 1.0
+        out, skip = 1.0, set()
+        together = self.joint(node) if self.joint is not None else None
+        if together is not None:
+            skip, out = {id(c) for c in together[0]}, together[1]
         for c in node.children:
-            out = out * self.visit(c)
+            if id(c) not in skip:
+                out = out * self.visit(c)
         return out
 
     def visit_or(self, node):
@@ -130,7 +138,8 @@ class _Prob(qa.Visitor):
         return 1.0 - out
 
 
-def answer_estimate(node, leaves, cals, passed: dict, filter_pass, match: np.ndarray, unscored: int = 0) -> dict:
+def answer_estimate(node, leaves, cals, passed: dict, filter_pass, match: np.ndarray, unscored: int = 0,
+                    readings: dict | None = None, joint=None) -> dict:
     """Estimated precision and recall of an answer and of each concept (None where a concept has no fit).
 
     Args:
@@ -138,6 +147,11 @@ def answer_estimate(node, leaves, cals, passed: dict, filter_pass, match: np.nda
         passed: id(leaf) -> bool array over the scored rows. filter_pass: filter leaf -> bool array over them.
         match: bool array, the answer among the scored rows. unscored: allowed rows never scored (they failed
             an index driver); they count towards the expected true matches through the drivers' miss rate.
+        readings: id(leaf) -> per-row reading share, for concepts judged by their words alone (a text tower
+            that does not bind): a passing row holds the concept with its own share times the words' precision,
+            not with the concept's mean.
+        joint: ``joint(and_node)`` -> (child leaves, their joint probability per row) or None: concepts ANDed
+            that must hold in one reading of the image (``binding.joint_share``), instead of a product.
     Returns:
         ``{"precision", "recall", "concepts": {text: {precision, recall}}}``; None figures where unknown.
     """
@@ -151,11 +165,15 @@ def answer_estimate(node, leaves, cals, passed: dict, filter_pass, match: np.nda
     if any(r is None for r in rates.values()) or not len(match):
         return out
 
+    readings = readings or {}
+
     def leaf_p(leaf):
         r = rates[id(leaf)]
+        if id(leaf) in readings:
+            return np.where(passed[id(leaf)], readings[id(leaf)] * r.get("words_precision", 1.0), r["miss"])
         return np.where(passed[id(leaf)], r["precision"], r["miss"])
 
-    p = np.broadcast_to(_Prob(leaf_p, filter_pass).visit(node), match.shape)
+    p = np.broadcast_to(_Prob(leaf_p, filter_pass, joint).visit(node), match.shape)
     in_answer = float(p[match].sum())
     outside = float(p[~match].sum())
     if unscored:

@@ -178,6 +178,26 @@ def test_answer_estimate_combines_leaves_as_independent():
     assert 0 < est["recall"] <= 1 and set(est["concepts"]) == {"a", "b"}
 
 
+def test_answer_estimate_uses_row_shares_and_joint_readings_when_given():
+    from t2c.query.parse import parse
+
+    node = parse('"purple triangle" AND "purple circle"')
+    a, b = node.children
+    rates = {"precision": 0.5, "recall": 1.0, "miss": 0.0, "words_precision": 0.9}
+    cals = {id(a): _Cal(0.1, "bound", {"rates": rates}), id(b): _Cal(0.1, "bound", {"rates": rates})}
+    passed = {id(a): np.ones(3, bool), id(b): np.ones(3, bool)}
+    match = np.ones(3, bool)
+    share = np.array([0.5, 1.0, 0.5])
+    independent = answer_estimate(node, [(a, True), (b, True)], cals, passed, None, match)
+    assert independent["precision"] == pytest.approx(0.25)  # the mean precisions, multiplied
+    rows = answer_estimate(node, [(a, True), (b, True)], cals, passed, None, match, readings={id(a): share, id(b): share})
+    assert rows["precision"] == pytest.approx(np.mean((share * 0.9) ** 2), abs=1e-4)
+    joint = np.array([0.0, 1.0, 0.5])
+    est = answer_estimate(node, [(a, True), (b, True)], cals, passed, None, match, readings={id(a): share, id(b): share},
+                          joint=lambda n: ([a, b], joint * 0.81) if n is node else None)
+    assert est["precision"] == pytest.approx(np.mean(joint * 0.81), abs=1e-4)
+
+
 def test_lru_cache_bounds_entries_and_forgets_older_snapshots():
     c = LRUCache(3)
     for i in range(5):
@@ -283,6 +303,7 @@ def test_two_pairs_on_a_plain_clip_need_one_reading_that_holds_both(world_store)
     dropped = len(each[0] & each[1]) - len(got)
     assert dropped > 0  # images with red and circle and square but, say, a blue circle: no reading holds both
     assert res.plan["joint_readings"] == [{"concepts": ["red circle", "red square"], "dropped": dropped}]
+    assert 0 < res.estimate["precision"] <= 1  # from the joint reading shares of the answer
     # under OR or NOT the check sits on the AND node it belongs to
     neg = set(eng.search(f'red AND NOT ({q})', k=10_000).all_ids.tolist())
     assert neg == set(eng.search("red", k=10_000).all_ids.tolist()) - set(got.tolist())

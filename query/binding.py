@@ -248,9 +248,9 @@ def jointly_on(snapshot, bank, bindings: list, thresholds: dict, rows: np.ndarra
     return joint_share(bindings, {w: sc[:, j] for j, w in enumerate(words)}, thresholds) > 0
 
 
-def present_on(snapshot, bank, text: str, cal, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(present, margin) of a concept calibrated with method "bound" on the given sorted rows (margin 0 where
-    its words alone decide).
+def present_on(snapshot, bank, text: str, cal, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(present, margin, reading share) of a concept calibrated with method "bound" on the given sorted rows
+    (margin 0 and share None where its words alone decide).
 
     Args:
         snapshot: the store snapshot. bank: its ConceptBank. text: the concept.
@@ -263,6 +263,8 @@ def present_on(snapshot, bank, text: str, cal, rows: np.ndarray) -> tuple[np.nda
     texts = b.texts() if binds else [b.text, *b.words]  # judged by its words: no rival or scene score needed
     sc = concept_scores(snapshot, bank.vectors(texts), rows=np.asarray(rows, np.int64))
     scores = {t: sc[:, j] for j, t in enumerate(texts)}
+    words = cal.params["word_thresholds"]
     if not binds:
-        return words_pass(b, scores, cal.params["word_thresholds"]), np.zeros(len(sc))
-    return bound_mask(b, scores, cal.params["word_thresholds"])
+        return words_pass(b, scores, words), np.zeros(len(sc)), None
+    present, margin = bound_mask(b, scores, words)
+    return present, margin, reading_share(b, scores, words)

@@ -293,6 +293,7 @@ class _Search:
     band_above: float = 0.0  # IVF-PQ: how far over its threshold a code score may hide a fail
     passed: dict = field(default_factory=dict)  # id(leaf) -> bool array over rows
     fpass: dict | None = None  # id(filter leaf) -> bool array over rows (filters inside the tree)
+    bound: dict = field(default_factory=dict)  # id(bound leaf) -> (2, len(rows)): binding margin, reading share
 
 
 # ------------------------------------------------------------------------------------------------ engine
@@ -1003,7 +1004,11 @@ class Engine:
         """Each scored leaf's pass/fail on the candidates at positions ``at`` (all of them by default): its
         threshold, then, for leaves calibrated with binding, its rivals. {id(leaf): bool array}"""
         passed = {id(leaf): st.lscores[at, li] >= st.cals[id(leaf)].threshold for li, (leaf, _) in enumerate(st.leaves)}
-        self._apply_binding(st.leaves, st.cals, passed, st.rows[at])
+        judged = self._apply_binding(st.leaves, st.cals, passed, st.rows[at])
+        pos = np.arange(len(st.rows))[at]
+        for key, (on, margin, share) in judged.items():  # kept for the estimate: (margin, share) per row
+            kept = st.bound.setdefault(key, np.full((2, len(st.rows)), np.nan))
+            kept[0, pos[on]], kept[1, pos[on]] = margin, share
         return passed
 
     def _filters_in_tree(self, st: _Search) -> None:
@@ -1041,7 +1046,7 @@ class Engine:
         for key in judged:
             on |= st.passed[key]
         if not judged or not on.any():
-            return {}, None
+            return self._bound_posteriors(st), None
         at = np.nonzero(on)[0]
         words = list(dict.fromkeys(w for _, b in judged.values() for w in b.scene_words()))
         sc = concept_scores(self.snapshot, self.bank.vectors(words), rows=st.rows[at])
@@ -1056,6 +1061,7 @@ class Engine:
             return out
 
         readings = {key: full(joint_share([b], scores, thresholds)) for key, (_, b) in judged.items()}
+        readings.update(self._bound_posteriors(st))
 
         def together(node):
             kids = [c for c in node.children if id(c) in judged]
@@ -1071,15 +1077,40 @@ class Engine:
 
         return readings, together
 
-    def _apply_binding(self, leaves, cals, passed: dict, rows: np.ndarray) -> None:
-        """Compositional leaves calibrated with binding ("bound") must also beat their rivals on ``rows``."""
+    @staticmethod
+    def _bound_posteriors(st: _Search) -> dict:
+        """For the estimate: each concept the binding rule judged, the chance per scored row that it is bound:
+        1 where one reading explains the image's words, else the posterior of its margin
+        (``estimate.bound_posterior``); {id(leaf): array over rows} (0 where it did not pass its words)."""
+        from t2c.query.estimate import bound_posterior
+
+        out = {}
+        for key, (margin, share) in st.bound.items():
+            sides = (st.cals[key].params.get("rates") or {}).get("sides")
+            if sides is None:
+                continue
+            known = ~np.isnan(margin)
+            p = np.zeros(len(margin))
+            p[known] = np.where(share[known] >= 1.0, 1.0, bound_posterior(margin[known], sides))
+            out[key] = p
+        return out
+
+    def _apply_binding(self, leaves, cals, passed: dict, rows: np.ndarray) -> dict:
+        """Compositional leaves calibrated with binding ("bound") must also beat their rivals on ``rows``.
+        Returns, for the leaves the binding rule judged (not their words alone), {id(leaf): (positions that
+        passed their words, margin, reading share)} there, for the estimate."""
         from t2c.query.binding import present_on
 
+        judged = {}
         for leaf, _ in leaves:
             c = cals[id(leaf)]
             if c.method == "bound" and passed[id(leaf)].any():
                 on = np.nonzero(passed[id(leaf)])[0]
-                passed[id(leaf)][on] = present_on(self.snapshot, self.bank, leaf.text, c, rows[on])[0]
+                present, margin, share = present_on(self.snapshot, self.bank, leaf.text, c, rows[on])
+                passed[id(leaf)][on] = present
+                if share is not None:
+                    judged[id(leaf)] = (on, margin, share)
+        return judged
 
     def _joint_check(self, cals: dict, rows: np.ndarray, plan: dict | None = None):
         """The ``and_check`` of ``evaluate_tree``: an AND node that needs two or more compositional concepts

@@ -29,7 +29,7 @@ import numpy as np
 
 from t2c.query import ast as qa
 
-__all__ = ["concept_rates", "answer_estimate", "bound_rates", "reading_rates"]
+__all__ = ["concept_rates", "answer_estimate", "bound_rates", "bound_posterior", "reading_rates"]
 
 
 def _q(t: float, m: float, s: float) -> float:
@@ -78,17 +78,30 @@ def bound_rates(margin: np.ndarray, words_ok: np.ndarray, present: np.ndarray, w
     on = np.asarray(present)[words_ok]
     if on.sum() < 2 or (~on).sum() < 2:
         return None
-    dens = []
+    sides = []
     for grp, sign in ((x[on], 1.0), (x[~on], -1.0)):
         near = np.sort(np.abs(grp))[: max(2, len(grp) // 2)] * sign  # the half of the side nearest the cut
-        sd = max(float(near.std()), 1e-6)
-        dens.append(len(grp) / len(x) * np.exp(-0.5 * ((x - near.mean()) / sd) ** 2) / sd)
-    post = dens[0] / np.maximum(dens[0] + dens[1], 1e-300)
+        sides.append([float(near.mean()), max(float(near.std()), 1e-6), len(grp) / len(x)])
+    post = bound_posterior(x, sides)
     words_p = float(np.prod([r["precision"] for r in word_rates])) if word_rates and all(word_rates) else 1.0
     total = float(post.sum())
     n_fail = len(present) - int(np.sum(present))
     return {"precision": float(post[on].mean()) * words_p, "recall": float(post[on].sum() / total) if total else 1.0,
-            "miss": float(post[~on].sum() / n_fail) if n_fail else 0.0}
+            "miss": float(post[~on].sum() / n_fail) if n_fail else 0.0, "words_precision": words_p, "sides": sides}
+
+
+def bound_posterior(margin: np.ndarray, sides: list) -> np.ndarray:
+    """P(bound | margin) from the two sides' normals ``[[mean, std, share] (bound), [...] (not bound)]``
+    (``bound_rates``), computed in log space so that margins far from both stay 0 or 1."""
+    x = np.asarray(margin, np.float64)
+    (m0, s0, _), (m1, s1, _) = sides
+    # log(d_not / d_bound) is a parabola in x (a x^2 + b x + c); with unequal stds it turns back in one tail,
+    # where the wider normal would win again: the posterior is held at its value at the turning point
+    a, b = 0.5 / s0**2 - 0.5 / s1**2, m1 / s1**2 - m0 / s0**2
+    if abs(a) > 1e-12:
+        x = np.minimum(x, -b / (2 * a)) if a > 0 else np.maximum(x, -b / (2 * a))
+    logd = [np.log(w) - np.log(sd) - 0.5 * ((x - m) / sd) ** 2 for m, sd, w in sides]
+    return 1.0 / (1.0 + np.exp(np.clip(logd[1] - logd[0], -700, 700)))
 
 
 def reading_rates(share: np.ndarray, words_ok: np.ndarray, word_rates: list) -> dict | None:
@@ -147,9 +160,10 @@ def answer_estimate(node, leaves, cals, passed: dict, filter_pass, match: np.nda
         passed: id(leaf) -> bool array over the scored rows. filter_pass: filter leaf -> bool array over them.
         match: bool array, the answer among the scored rows. unscored: allowed rows never scored (they failed
             an index driver); they count towards the expected true matches through the drivers' miss rate.
-        readings: id(leaf) -> per-row reading share, for concepts judged by their words alone (a text tower
-            that does not bind): a passing row holds the concept with its own share times the words' precision,
-            not with the concept's mean.
+        readings: id(leaf) -> per-row chance that a passing row holds a bound concept, before its words'
+            precision: for a concept judged by its words alone (a text tower that does not bind) the row's
+            reading share, for one judged by the binding rule the posterior of its margin (1 where one reading
+            explains the words); instead of the concept's mean.
         joint: ``joint(and_node)`` -> (child leaves, their joint probability per row) or None: concepts ANDed
             that must hold in one reading of the image (``binding.joint_share``), instead of a product.
     Returns:

@@ -6,7 +6,7 @@ import pytest
 
 from t2c.query.binding import (BASIC_COLOURS, MAX_SCENE_WORDS, MIN_BINDING, Binding, binding_of, binding_strength,
                                bound_mask, joint_share, reading_share)
-from t2c.query.estimate import answer_estimate, bound_rates, concept_rates, reading_rates
+from t2c.query.estimate import answer_estimate, bound_posterior, bound_rates, concept_rates, reading_rates
 from t2c.query.lru import LRUCache
 
 
@@ -160,6 +160,11 @@ def test_bound_rates_are_probabilities_and_none_without_both_outcomes():
     r = bound_rates(margin, ok, margin >= 0, [])
     assert 0.9 < r["precision"] <= 1 and 0.9 < r["recall"] <= 1 and 0 <= r["miss"] < 0.1
     assert bound_rates(margin, ok, np.ones(100, bool), []) is None
+    post = bound_posterior(np.array([-5.0, -0.1, 0.0, 0.1, 5.0]), r["sides"])  # far margins: 0 or 1, no NaN
+    assert np.all(np.diff(post) > -1e-12) and post[0] == pytest.approx(0) and post[-1] == pytest.approx(1)
+    assert np.all(np.isfinite(post)) and post[1] < 0.1 < 0.9 < post[3]
+    # the mean posterior over the passing margins is the concept's precision
+    assert r["precision"] == pytest.approx(bound_posterior(margin[margin >= 0], r["sides"]).mean())
 
 
 def test_answer_estimate_combines_leaves_as_independent():
@@ -324,6 +329,10 @@ def test_bound_concepts_on_world_clip_agree_with_brute_force_and_carry_estimates
         assert est is not None and set(est["concepts"]) <= {"red circle", "purple", "blue square", "yellow star",
                                                              "green", "green triangle"}
         assert all(h.explanation for h in res.hits)
+        st = eng._begin(q, 10_000, 0, False)  # per-row binding posteriors kept for the estimate
+        eng._answer(st)
+        post = eng._bound_posteriors(st)
+        assert post and all(np.all((p >= 0) & (p <= 1)) for p in post.values())
         plain = Engine(snap, binding=False)
         assert "bound" not in {c.method for c in plain.calibrations(plain.parse_query(q)).values()}
 

@@ -1005,7 +1005,7 @@ class Engine:
         threshold, then, for leaves calibrated with binding, its rivals. {id(leaf): bool array}"""
         passed = {id(leaf): st.lscores[at, li] >= st.cals[id(leaf)].threshold for li, (leaf, _) in enumerate(st.leaves)}
         judged = self._apply_binding(st.leaves, st.cals, passed, st.rows[at])
-        pos = np.arange(len(st.rows))[at]
+        pos = np.arange(len(st.rows))[at] if judged else None
         for key, (on, margin, share) in judged.items():  # kept for the estimate: (margin, share) per row
             kept = st.bound.setdefault(key, np.full((2, len(st.rows)), np.nan))
             kept[0, pos[on]], kept[1, pos[on]] = margin, share

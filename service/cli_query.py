@@ -41,6 +41,9 @@ def query(
         if res.plan.get("centred_on"):
             typer.echo(f"scores: cosine less the image's mean cosine to {res.plan['centred_on']} reference words "
                        "(the CLIP model has no cut of its own, so its scores are centred)")
+        for j in res.plan.get("joint_readings", ()):
+            typer.echo(f"one reading: {' AND '.join(repr(c) for c in j['concepts'])} must hold together in one "
+                       f"reading of an image's words ({j['dropped']} images where each held alone dropped)")
     for w in res.warnings:
         typer.secho(f"note: {w}", fg=typer.colors.YELLOW, err=True)
     for h in res:

@@ -1,6 +1,8 @@
 """Binding at query time, estimated precision/recall, and the bounded snapshot caches."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -312,6 +314,17 @@ def test_two_pairs_on_a_plain_clip_need_one_reading_that_holds_both(world_store)
     # under OR or NOT the check sits on the AND node it belongs to
     neg = set(eng.search(f'red AND NOT ({q})', k=10_000).all_ids.tolist())
     assert neg == set(eng.search("red", k=10_000).all_ids.tolist()) - set(got.tolist())
+
+
+def test_cli_explain_names_the_joint_reading_check(world_store, capsys):
+    from t2c.service.cli import main
+
+    try:
+        main(["query", str(world_store / "plain"), '"red circle" AND "red square"', "--explain", "--no-verify"])
+    except SystemExit as e:
+        assert not e.code
+    out = capsys.readouterr().out
+    assert re.search(r"one reading: 'red circle' AND 'red square' must hold together .* \((\d+) images", out)
 
 
 def test_bound_concepts_on_world_clip_agree_with_brute_force_and_carry_estimates(world_store):

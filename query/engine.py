@@ -31,6 +31,9 @@ Plan for one query (``Engine.search``):
      in DuckDB. A three-valued evaluation of the tree finds the candidates whose answer still depends on an
      unsettled concept; only those are rescored exactly, from the memory-mapped vectors (only the pages
      their rows sit on, requested at once: ``Snapshot.read_rows``). The tree is evaluated over the arrays.
+     Compositional concepts calibrated with binding ("bound", ``t2c.query.binding``) are judged against
+     their rivals on the rows their threshold passes, and an AND node that needs two or more of them holds
+     only where one reading of the image's words holds them all (``_joint_check``; ``plan["joint_readings"]``).
   6. Ranking score (``score`` of a hit), with margin_i = (score_i - threshold_i) / scale_i, scale_i the
      spread of concept i's "absent" scores from calibration:
         weighted mean of margin_i over the positive-polarity concepts (under an even number of NOTs) that

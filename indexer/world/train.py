@@ -47,7 +47,7 @@ class TrainConfig:
     seed: int = 0                # data and init seed
     render_size: int = 64        # rendered side, squashed to IMAGE_SIZE
     batch: int = 256
-    steps: dict = field(default_factory=lambda: {"clip": 1100, "clip-plain": 6000, "pairnet": 1000, "autoenc": 300})
+    steps: dict = field(default_factory=lambda: {"clip": 3000, "clip-plain": 6000, "pairnet": 1000, "autoenc": 300})
     lr: dict = field(default_factory=lambda: {"clip": 2e-3, "clip-plain": 2e-3, "pairnet": 4e-3, "autoenc": 2e-3})
     clip_multi_positive: bool = True   # every true caption in the batch is a positive (False: plain InfoNCE)
     clip_hard_negatives: bool = True   # one binding-negative caption per image (colours swapped between objects)

@@ -19,8 +19,8 @@ classes; this module does the same for a concept made of an attribute word and a
   ``margin = score - min(max(same-attribute rivals), max(same-object rivals))``.
 
 Measured on a world collection of 1,500 images (collection seed 101, the tuning seed; ``bench/query_accuracy.py``
-reports other seeds) with world:clip's 1,100-step weights, over the 48 colour-shape pairs: the rival rule reached precision 0.84
-at recall 0.94, the scene rule 0.94 at 0.93.
+reports other seeds) with world:clip's 1,100-step weights, over the 48 colour-shape pairs: the rival rule reached
+precision 0.84 at recall 0.94, the scene rule 0.94 at 0.93.
 
 **Does the text tower bind at all?** A CLIP trained with a plain contrastive loss on whole captions (as the
 public CLIPs were, and world:clip-plain) is close to a bag of words: every reading of an image's words scores
@@ -43,8 +43,8 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["Binding", "binding_of", "word_groups", "bound_mask", "present_on", "binding_strength", "reading_share", "words_pass",
-           "joint_share", "jointly_on",
+__all__ = ["Binding", "binding_of", "word_groups", "bound_mask", "present_on", "binding_strength", "reading_share",
+           "words_pass", "joint_share", "jointly_on",
            "BASIC_COLOURS", "MAX_SCENE_WORDS", "MIN_BINDING"]
 
 #: Colour terms for open-vocabulary CLIPs (Berlin and Kay's eleven basic colour terms).

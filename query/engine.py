@@ -1074,8 +1074,9 @@ class Engine:
             bindings = list({c.text: judged[id(c)][1] for c in kids}.values())
             p_words = float(np.prod([st.cals[id(c)].params["rates"]["words_precision"] for c in
                                      {c.text: c for c in kids}.values()]))
-            indep = np.prod([np.where(st.passed[id(c)], readings[id(c)] * st.cals[id(c)].params["rates"]["words_precision"],
-                                      st.cals[id(c)].params["rates"]["miss"]) for c in kids], 0)
+            rates = [st.cals[id(c)].params["rates"] for c in kids]
+            indep = np.prod([np.where(st.passed[id(c)], readings[id(c)] * r["words_precision"], r["miss"])
+                             for c, r in zip(kids, rates)], 0)
             return kids, np.where(both, full(joint_share(bindings, scores, thresholds)) * p_words, indep)
 
         return readings, together

@@ -15,11 +15,12 @@ readings that contain it (``reading_rates``).
 Concepts without a fit (one population, or the model's cut) have no estimate.
 
 For the whole answer, each scored image gets, for each concept, P(present) = precision when it passed and
-miss when it failed (a concept judged by its words: the image's own reading share times the words'
-precision); the tree combines them as if concepts were independent (AND: product, OR: 1 - prod(1 - p),
-NOT: 1 - p; filters are exact), except colour-shape pairs ANDed under a tower that does not bind: where all
-pass, the share of the image's readings that hold them all, times their words' precision. The estimated precision is the mean over the answer, and the
-estimated recall the expected true matches in the answer over the expected true matches among all images.
+miss when it failed (a bound concept: the image's own margin posterior, or reading share for a concept judged
+by its words, times the words' precision); the tree combines them as if concepts were independent (AND:
+product, OR: 1 - prod(1 - p), NOT: 1 - p; filters are exact), except colour-shape pairs ANDed under a tower
+that does not bind: where all pass, the share of the image's readings that hold them all, times their words'
+precision. The estimated precision is the mean over the answer, and the estimated recall the expected true
+matches in the answer over the expected true matches among all images.
 """
 from __future__ import annotations
 

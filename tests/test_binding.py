@@ -197,10 +197,11 @@ def test_answer_estimate_uses_row_shares_and_joint_readings_when_given():
     share = np.array([0.5, 1.0, 0.5])
     independent = answer_estimate(node, [(a, True), (b, True)], cals, passed, None, match)
     assert independent["precision"] == pytest.approx(0.25)  # the mean precisions, multiplied
-    rows = answer_estimate(node, [(a, True), (b, True)], cals, passed, None, match, readings={id(a): share, id(b): share})
+    per_row = {id(a): share, id(b): share}
+    rows = answer_estimate(node, [(a, True), (b, True)], cals, passed, None, match, readings=per_row)
     assert rows["precision"] == pytest.approx(np.mean((share * 0.9) ** 2), abs=1e-4)
     joint = np.array([0.0, 1.0, 0.5])
-    est = answer_estimate(node, [(a, True), (b, True)], cals, passed, None, match, readings={id(a): share, id(b): share},
+    est = answer_estimate(node, [(a, True), (b, True)], cals, passed, None, match, readings=per_row,
                           joint=lambda n: ([a, b], joint * 0.81) if n is node else None)
     assert est["precision"] == pytest.approx(np.mean(joint * 0.81), abs=1e-4)
 

@@ -161,8 +161,10 @@ def _scene_groups(scene, pairs, scores: dict, thresholds: dict, ok: np.ndarray):
         yield sel, r, ga, go, has
 
 
-def _scene_margin(b: Binding, scores: dict, thresholds: dict, margin: np.ndarray, words_ok: np.ndarray) -> None:
-    """Overwrite ``margin`` with the scene rule's margin where an image's explanations can be enumerated."""
+def _scene_margin(b: Binding, scores: dict, thresholds: dict, margin: np.ndarray, words_ok: np.ndarray,
+                  share: np.ndarray) -> None:
+    """Overwrite ``margin`` with the scene rule's margin, and ``share`` with the reading share
+    (``reading_share``), where an image's explanations can be enumerated."""
     attrs, objs = b.scene
     groups = _scene_groups(b.scene, [b.words], scores, thresholds, words_ok)
     rows = next(groups)
@@ -171,6 +173,7 @@ def _scene_margin(b: Binding, scores: dict, thresholds: dict, margin: np.ndarray
     # (rows, attributes, objects) pair scores of the rows the rule reads
     pair = np.stack([np.stack([np.asarray(scores[f"{a} {o}"], np.float64)[rows] for o in objs], 1) for a in attrs], 1)
     for sel, r, ga, go, has in groups:
+        share[r] = float(has.mean())
         mean = pair[sel][:, ga, go].mean(2)                          # (rows, explanations)
         if not has.all():
             margin[r] = mean[:, has].max(1) - mean[:, ~has].max(1)
@@ -185,11 +188,18 @@ def bound_mask(b: Binding, scores: dict, thresholds: dict, binds: bool = True) -
         b: the binding. scores: text -> (m,) scores over the same rows. thresholds: word -> threshold.
         binds: whether the text tower binds the words (``binding_strength``); False: the words alone decide.
     """
+    present, margin, _ = _judge(b, scores, thresholds, binds)
+    return present, margin
+
+
+def _judge(b: Binding, scores: dict, thresholds: dict, binds: bool = True):
+    """``bound_mask``'s (present, margin) and each row's ``reading_share``, from one enumeration."""
     margin = _rival_margin(b, scores).astype(np.float64)
     words_ok = words_pass(b, scores, thresholds)
+    share = words_ok.astype(np.float64)
     if b.scene:
-        _scene_margin(b, scores, thresholds, margin, words_ok)
-    return (words_ok & (margin >= 0) if binds else words_ok), margin
+        _scene_margin(b, scores, thresholds, margin, words_ok, share)
+    return (words_ok & (margin >= 0) if binds else words_ok), margin, share
 
 
 def words_pass(b: Binding, scores: dict, thresholds: dict) -> np.ndarray:
@@ -266,5 +276,4 @@ def present_on(snapshot, bank, text: str, cal, rows: np.ndarray) -> tuple[np.nda
     words = cal.params["word_thresholds"]
     if not binds:
         return words_pass(b, scores, words), np.zeros(len(sc)), None
-    present, margin = bound_mask(b, scores, words)
-    return present, margin, reading_share(b, scores, words)
+    return _judge(b, scores, words)

@@ -59,6 +59,10 @@ def test_scene_rule_picks_the_best_smallest_explanation_of_the_present_words():
         ("red circle", 3): 0.1}  # row 3: one object, whatever its pair score
     present, margin = bound_mask(b, _scene_scores(b, 4, words, pairs), thr)
     assert present.tolist() == [False, True, False, True]
+    from t2c.query.binding import _judge  # one enumeration gives the reading shares too
+
+    judged = _judge(b, _scene_scores(b, 4, words, pairs), thr)
+    assert judged[2].tolist() == reading_share(b, _scene_scores(b, 4, words, pairs), thr).tolist() == [.5, .5, .5, 1]
     assert margin[0] == pytest.approx(0.35 - 0.6) and margin[1] == pytest.approx(0.5 - 0.3)
     assert margin[2] == pytest.approx(-0.005, abs=1e-6) and margin[3] > 0
     # a red square + blue circle whose circle looks a little red: "red circle" beats "blue circle", so the

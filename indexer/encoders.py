@@ -12,6 +12,8 @@ Heavy imports (torch, timm, open_clip, torchvision) are deferred until an encode
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import os
 import re
@@ -1076,6 +1078,28 @@ def _python(spec: EncoderSpec, kw: dict) -> Encoder:
         _load_into(obj, spec.weights_path, spec)
     return ModuleEncoder(spec.identity, obj, image_size=int(spec.options.get("image_size", 224)),
                          text_fn=getattr(obj, "encode_text", None), **kw)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def shipped_weights_digest(spec_str: str) -> str | None:
+    """sha256 (16 hex digits) of the weights file a spec's source ships (the ``world:`` models), or None: other
+    sources, ``weights=PATH`` checkpoints (not hashed: they may be large) or no such file. Recorded in a
+    store's manifest so that a search can tell when the shipped weights changed after indexing."""
+    try:
+        spec = parse_spec(spec_str)
+    except Exception:  # noqa: BLE001 - an unparsable spec has no shipped weights
+        return None
+    if spec.weights_path:
+        return None
+    path = weights_file(spec)
+    if path is None or not path.is_file():
+        return None
+    st = path.stat()
+    return _file_digest(str(path), st.st_size, st.st_mtime_ns)
 
 
 def weights_file(spec: EncoderSpec) -> Path | None:

@@ -605,6 +605,13 @@ def start_run(writer: StoreWriter, spec, plan: Plan, t0: float, *, aligner, fit_
     return Run(report, encoder, al, settings, run_id, parts, done, staging)
 
 
+def _weights_digests(encoder_spec: str, clip_spec: str) -> dict:
+    """The shipped weights' digests of the encoder and the CLIP, for the manifest (``shipped_weights_digest``)."""
+    from t2c.indexer.encoders import shipped_weights_digest
+
+    return {"encoder": shipped_weights_digest(encoder_spec), "clip": shipped_weights_digest(clip_spec)}
+
+
 def finish_run(writer: StoreWriter, run: _Run, plan: Plan, root_label: str, memory_budget, processed: int,
                 enc_seconds: float, t0: float, engine: str | None = None) -> IndexReport:
     """Common end of a run: collect the staged parts, commit a snapshot, fill in the report."""
@@ -622,6 +629,7 @@ def finish_run(writer: StoreWriter, run: _Run, plan: Plan, root_label: str, memo
                     "n_images": al.meta.get("n_images")},
         "roots": sorted(set((cur.manifest.get("roots", []) if cur else []) + [root_label])),
     }
+    fields["weights"] = _weights_digests(fields["encoder"], fields["clip"])
     budget = memory_budget or DEFAULT_BUDGET
     snap = writer.commit(changes, manifest_fields=fields, vectors_for=lambda ids, feats: al.apply(feats),
                          build_index=lambda v, i: build_index(v, i, memory_budget=budget),
@@ -754,6 +762,9 @@ def realign_store(store, aligner_path, *, memory_budget: int | None = None):
                         "file": None if al.is_identity else _store_aligner(writer, al),
                         "n_images": al.meta.get("n_images")},
         })
+        # the stored features keep the encoder weights they were made with; the vectors now follow the CLIP's
+        fields["weights"] = {"encoder": (cur.manifest.get("weights") or {}).get("encoder"),
+                             "clip": _weights_digests(fields["encoder"], fields["clip"])["clip"]}
         budget = memory_budget or DEFAULT_BUDGET
         run = {"run_id": f"realign-{al.digest[:12]}-{int(time.time())}", "command": "realign",
                "settings": {"aligner": al.digest}}

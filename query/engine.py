@@ -709,12 +709,24 @@ class Engine:
         """Step 3: the scored leaves with polarity, their calibrations (warnings noted) and their vectors."""
         st.leaves = _leaves(st.rest)
         st.cals = self.calibrations(st.rest)
-        warnings = _calibration_warnings(st.leaves, st.cals)
+        warnings = _calibration_warnings(st.leaves, st.cals) + self._weights_warnings()
         if warnings:
             st.plan["warnings"] = warnings
         st.T, st.tindex = self.leaf_vectors([c for c, _ in st.leaves])
         if any(self.bank_of(c) is self.bank for c, _ in st.leaves) and getattr(self.bank, "centre", None) is not None:
             st.plan["centred_on"] = len(self.bank.reference_words())  # scores: cosine less the reference mean
+
+    def _weights_warnings(self) -> list[str]:
+        """A warning when the CLIP weights this install ships differ from those the store was indexed with
+        (the manifest's ``weights`` digests): its image vectors no longer match the text vectors."""
+        from t2c.indexer.encoders import shipped_weights_digest
+
+        was = (self.snapshot.manifest.get("weights") or {}).get("clip")
+        now = shipped_weights_digest(self.snapshot.clip) if was else None
+        if not was or not now or was == now:
+            return []
+        return [f"this store was indexed with other {self.snapshot.clip} weights (sha {was}) than this install "
+                f"ships (sha {now}): its images and the concepts' text vectors no longer match; index it again"]
 
     def _drivers(self, st: _Search) -> list:
         """Step 4a: selective necessary positive leaves (up to MAX_DRIVERS, most selective first), with the

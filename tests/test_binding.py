@@ -332,6 +332,26 @@ def test_cli_explain_names_the_joint_reading_check(world_store, capsys):
     assert re.search(r"one reading: 'red circle' AND 'red square' must hold together .* \((\d+) images", out)
 
 
+def test_a_store_records_its_shipped_weights_and_a_search_warns_when_they_change(world_store, monkeypatch):
+    import hashlib
+
+    from t2c.data.store import open_store
+    from t2c.indexer import encoders
+    from t2c.indexer.encoders import parse_spec, shipped_weights_digest, weights_file
+    from t2c.query.engine import Engine
+
+    snap = open_store(world_store / "st", verify=False)
+    shipped = weights_file(parse_spec("world:clip"))
+    digest = hashlib.sha256(shipped.read_bytes()).hexdigest()[:16]
+    assert snap.manifest["weights"] == {"encoder": digest, "clip": digest} and shipped_weights_digest("world:clip") == digest
+    assert shipped_weights_digest("world:clip?weights=/some/checkpoint.safetensors") is None  # not hashed
+    assert shipped_weights_digest("python:tests.tiny_encoders:tiny_clip") is None
+    assert not Engine(snap).search("red", k=1).warnings
+    monkeypatch.setattr(encoders, "shipped_weights_digest", lambda spec: "0" * 16)  # the install's weights changed
+    warned = Engine(snap).search("red", k=1).warnings
+    assert any("index it again" in w and digest in w for w in warned)
+
+
 def test_bound_concepts_on_world_clip_agree_with_brute_force_and_carry_estimates(world_store):
     from t2c.data.store import open_store
     from t2c.query.engine import Engine

@@ -744,6 +744,7 @@ def realign_store(store, aligner_path, *, memory_budget: int | None = None):
         StoreError: store missing/locked; AlignerError: the aligner is for another encoder.
     """
     from t2c.indexer.aligner import Aligner
+    from t2c.indexer.encoders import shipped_weights_digest
     from t2c.indexer.index_build import DEFAULT_BUDGET, build_index
 
     al = Aligner.load(aligner_path)
@@ -764,7 +765,7 @@ def realign_store(store, aligner_path, *, memory_budget: int | None = None):
         })
         # the stored features keep the encoder weights they were made with; the vectors now follow the CLIP's
         fields["weights"] = {"encoder": (cur.manifest.get("weights") or {}).get("encoder"),
-                             "clip": _weights_digests(fields["encoder"], fields["clip"])["clip"]}
+                             "clip": shipped_weights_digest(fields["clip"])}
         budget = memory_budget or DEFAULT_BUDGET
         run = {"run_id": f"realign-{al.digest[:12]}-{int(time.time())}", "command": "realign",
                "settings": {"aligner": al.digest}}

@@ -49,6 +49,7 @@ Example leaves (``like:ID``, ``like:"file"``) are scored leaves like concepts: t
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,14 @@ class _BankOf(qa.Visitor):
 
     def visit_example(self, leaf):
         return self.engine.examples
+
+
+def _word_thresholds(cals: dict, keys) -> dict:
+    """The word thresholds of the bound leaves ``keys`` (id(leaf)), merged (one snapshot: equal where shared)."""
+    out: dict = {}
+    for key in keys:
+        out.update(cals[key].params["word_thresholds"])
+    return out
 
 
 def _leaves(node):
@@ -709,16 +718,18 @@ class Engine:
         """Step 3: the scored leaves with polarity, their calibrations (warnings noted) and their vectors."""
         st.leaves = _leaves(st.rest)
         st.cals = self.calibrations(st.rest)
-        warnings = _calibration_warnings(st.leaves, st.cals) + self._weights_warnings()
+        warnings = _calibration_warnings(st.leaves, st.cals) + self._weights_warnings
         if warnings:
             st.plan["warnings"] = warnings
         st.T, st.tindex = self.leaf_vectors([c for c, _ in st.leaves])
         if any(self.bank_of(c) is self.bank for c, _ in st.leaves) and getattr(self.bank, "centre", None) is not None:
             st.plan["centred_on"] = len(self.bank.reference_words())  # scores: cosine less the reference mean
 
+    @functools.cached_property
     def _weights_warnings(self) -> list[str]:
         """A warning when the CLIP weights this install ships differ from those the store was indexed with
-        (the manifest's ``weights`` digests): its image vectors no longer match the text vectors."""
+        (the manifest's ``weights`` digests): its image vectors no longer match the text vectors. Checked once
+        per engine (one snapshot)."""
         from t2c.indexer.encoders import shipped_weights_digest
 
         was = (self.snapshot.manifest.get("weights") or {}).get("clip")
@@ -1047,16 +1058,11 @@ class Engine:
         """For the estimate: each concept judged by its words alone (a tower that does not bind), its reading
         share on every scored row; and, for an AND node with two or more of them as children, their joint share
         (``binding.joint_share``). ({id(leaf): shares}, joint hook or None)."""
-        from t2c.query.binding import binding_of, joint_share
+        from t2c.query.binding import joint_share
 
-        judged = {}
-        for leaf, _ in st.leaves:
-            c = st.cals[id(leaf)]
-            if c.method == "bound" and not c.params.get("binds", True) and (c.params.get("rates") or {}).get(
-                    "words_precision") is not None:
-                b = binding_of(leaf.text, getattr(self.bank, "clip_spec", ""))
-                if b is not None and b.scene is not None:
-                    judged[id(leaf)] = (leaf, b)
+        judged = {key: lb for key, lb in self._scene_bound([leaf for leaf, _ in st.leaves], st.cals).items()
+                  if not st.cals[key].params.get("binds", True)
+                  and (st.cals[key].params.get("rates") or {}).get("words_precision") is not None}
         on = np.zeros(len(st.rows), bool)
         for key in judged:
             on |= st.passed[key]
@@ -1066,9 +1072,7 @@ class Engine:
         words = list(dict.fromkeys(w for _, b in judged.values() for w in b.scene_words()))
         sc = concept_scores(self.snapshot, self.bank.vectors(words), rows=st.rows[at])
         scores = {w: sc[:, j] for j, w in enumerate(words)}
-        thresholds = {}
-        for key in judged:
-            thresholds.update(st.cals[key].params["word_thresholds"])
+        thresholds = _word_thresholds(st.cals, judged)
 
         def full(share):
             out = np.zeros(len(st.rows))
@@ -1128,6 +1132,19 @@ class Engine:
                     judged[id(leaf)] = (on, margin, share)
         return judged
 
+    def _scene_bound(self, leaves, cals: dict) -> dict:
+        """The leaves calibrated with binding ("bound") whose words belong to a closed vocabulary (a scene):
+        {id(leaf): (leaf, Binding)}."""
+        from t2c.query.binding import binding_of
+
+        out = {}
+        for leaf in leaves:
+            if cals[id(leaf)].method == "bound":
+                b = binding_of(leaf.text, getattr(self.bank, "clip_spec", ""))
+                if b is not None and b.scene is not None:
+                    out[id(leaf)] = (leaf, b)
+        return out
+
     def _joint_check(self, cals: dict, rows: np.ndarray, plan: dict | None = None):
         """The ``and_check`` of ``evaluate_tree``: an AND node that needs two or more compositional concepts
         ("blue triangle AND red diamond", calibrated "bound") holds only on the rows where one reading of the
@@ -1135,21 +1152,15 @@ class Engine:
         of an image whose words are blue, red, triangle and diamond; both together only in one of its two.
         ``plan`` (the first evaluation of a search) records, per checked AND, the concepts and the rows
         dropped."""
-        from t2c.query.binding import binding_of, jointly_on
+        from t2c.query.binding import jointly_on
 
         def check(node, holds: np.ndarray) -> np.ndarray:
-            leaves = [c for c in _necessary_positive(node).values() if cals[id(c)].method == "bound"]
-            found: dict = {}
-            for c in leaves:
-                b = binding_of(c.text, getattr(self.bank, "clip_spec", ""))
-                if b is not None and b.scene is not None:
-                    found.setdefault(b.text, (b, cals[id(c)].params["word_thresholds"]))
+            bound = self._scene_bound(list(_necessary_positive(node).values()), cals)
+            found = {b.text: b for _, b in bound.values()}  # one binding per distinct concept
             if len(found) < 2:
                 return holds
-            bindings = [b for b, _ in found.values()]
-            thresholds = {}
-            for _, words in found.values():
-                thresholds.update(words)
+            bindings = list(found.values())
+            thresholds = _word_thresholds(cals, bound)
             on = np.nonzero(holds)[0]
             ok = jointly_on(self.snapshot, self.bank, bindings, thresholds, rows[on])
             if plan is not None:

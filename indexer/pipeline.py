@@ -239,7 +239,11 @@ def plan_walk(writer: StoreWriter, walk, *, remove_under: str | None = None) -> 
 
 def plan_entries(writer: StoreWriter, entries, *, remove_under: str | None = None) -> Plan:
     """:func:`plan_walk` over a stream of ``FileEntry`` / ``Skipped`` (e.g. ``iter_stat_paths``), in bounded
-    memory: files are looked up in the catalog ``PLAN_BATCH`` at a time and the work list goes to disk."""
+    memory: files are looked up in the catalog ``PLAN_BATCH`` at a time and the work list goes to disk.
+
+    ``entries`` must name each path once, as the sources do (``walk_folder``; ``stat_paths`` and
+    ``iter_stat_paths`` keep a repeated path's first entry): the catalog has no unique key on paths, so a path
+    listed twice here would be catalogued twice (as new, under two ids)."""
     import pyarrow as pa
 
     from t2c.data.arrow_build import strings
@@ -688,11 +692,28 @@ def _process_part(staging: Staging, i: int, items: list, results, encoder, user_
     decoded = [next(results) for _ in items]
     check_source_present(items, [r for _, r in decoded], root, staging)
     arrays = [arr for arr, _ in decoded if arr is not None]
-    feats = encoder.encode_images(np.stack(arrays)) if arrays else np.zeros((0, encoder.dim), np.float32)
-    rows = iter(feats)
+    rows = iter(_encode_list(encoder, arrays))
     out = [r if arr is None else ItemResult(True, next(rows), r.width, r.height, r.content_hash)
            for arr, r in decoded]
     staging.write_part(i, items, out, encoder.dim, user_columns)
+
+
+def _encode_list(encoder, arrays: list) -> np.ndarray:
+    """Features of a list of equal-shaped CHW arrays, one batch at a time through one reused batch buffer.
+
+    Stacking a whole part at once would copy it into a fresh 150 MB array (page faults included) before the
+    first batch could start; a batch-sized buffer stays in cache and is filled just before its forward pass.
+    """
+    if not arrays:
+        return np.zeros((0, encoder.dim), np.float32)
+    bs = max(1, int(getattr(encoder, "batch_size", 0) or len(arrays)))
+    buf = np.empty((min(bs, len(arrays)), *arrays[0].shape), np.float32)
+    out = []
+    for i in range(0, len(arrays), bs):
+        chunk = arrays[i : i + bs]
+        np.stack(chunk, out=buf[: len(chunk)])
+        out.append(encoder.encode_images(buf[: len(chunk)]))
+    return np.concatenate(out) if len(out) > 1 else out[0]
 
 
 def _collect(writer: StoreWriter, run: Run, plan: Plan) -> Changes:

@@ -309,3 +309,23 @@ def test_stage_features_index_and_keep_their_own_aligner(tmp_path):
     plain_aligner = next((tmp_path / "plain" / "aligners").glob("*.safetensors"))
     with pytest.raises(AlignerError):
         run(tmp_path / "w" / "images", tmp_path / "st2", encoder=staged, aligner=str(plain_aligner))
+
+
+def test_encode_list_batches_through_one_buffer_in_order():
+    """A part's arrays are encoded batch by batch through a reused buffer: same features, same order."""
+    from t2c.indexer.pipeline import _encode_list
+
+    class Enc:
+        dim, batch_size, calls = 4, 3, []
+
+        def encode_images(self, batch):
+            self.calls.append(len(batch))
+            return batch.reshape(len(batch), -1)[:, :4] * 2.0  # a fresh array, as encoders return
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(3, 2, 2)).astype(np.float32) for _ in range(7)]
+    enc = Enc()
+    got = _encode_list(enc, arrays)
+    assert enc.calls == [3, 3, 1]
+    assert np.array_equal(got, np.stack(arrays).reshape(7, -1)[:, :4] * 2.0)
+    assert _encode_list(enc, []).shape == (0, 4)

@@ -44,12 +44,7 @@ from t2c.data.errors import DiskFull, InvalidInput, NotFound, StoreError, StoreN
 FORMAT_VERSION = 1
 KEEP_SNAPSHOTS = 3
 QUICK_VERIFY_BYTES = 256 << 20
-CATALOG_MEMORY = 512 << 20  # DuckDB's working memory while a commit writes the catalog (it spills beyond it)
-# DuckDB holds a table's key indexes (ART: the id key and the unique path) in memory while it writes to the table,
-# and they count against its memory limit: about 55 MB per million rows with 28-character paths, so a fixed
-# 512 MB failed a commit at 9.2M rows. The limit is the working memory plus the indexes, measured after every
-# batch; before the first, the catalog's rows times this (paths longer than those measured make bigger indexes).
-CATALOG_INDEX_BYTES_PER_ROW = 96
+CATALOG_MEMORY = 512 << 20  # DuckDB's memory limit while a commit writes the catalog (it spills beyond it)
 COPY_CHUNK = 262_144  # rows of previous vectors copied at a time when committing
 SHARED_MODE = 0o644  # files others read (artefacts, shipped weights, generated worlds)
 
@@ -67,11 +62,24 @@ IMAGE_COLUMNS = {
     "added_at": "TIMESTAMP",
 }
 
-SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS images (
-        id BIGINT PRIMARY KEY, path VARCHAR NOT NULL UNIQUE, relpath VARCHAR, content_hash VARCHAR,
+# ``images`` has no key indexes (no PRIMARY KEY on id, no UNIQUE on path): DuckDB holds a table's key indexes
+# (ART) in memory while it writes to it, ~50 MB per million rows inserted (44-character paths, DuckDB 2.0.1), which made the
+# catalog the one part of a large commit whose memory grew with the rows (a fixed 512 MB limit failed at 9.2M
+# rows). Ids and paths stay unique by construction instead: planning looks every path up in the catalog (a known
+# path keeps its id) and the sources list each path once; new ids start at the manifest's next_id and are never
+# reused; a changed row replaces its id (delete + insert); ``_write_ids`` refuses a catalog that holds an id twice.
+# Catalogs written with the keys are rebuilt without them by their next commit (``_rebuild_unkeyed``).
+def images_ddl(name: str = "images", extra: Iterable[tuple[str, str]] = ()) -> str:
+    """``CREATE TABLE`` for the images table (``extra``: user columns as (name, DuckDB type), after the base ones)."""
+    more = "".join(f', "{c}" {t}' for c, t in extra)
+    return f"""CREATE TABLE IF NOT EXISTS {name} (
+        id BIGINT NOT NULL, path VARCHAR NOT NULL, relpath VARCHAR, content_hash VARCHAR,
         size BIGINT, width INTEGER, height INTEGER, mtime TIMESTAMP, mtime_ns BIGINT,
-        status VARCHAR DEFAULT 'ok', added_at TIMESTAMP)""",
+        status VARCHAR DEFAULT 'ok', added_at TIMESTAMP{more})"""
+
+
+SCHEMA = [
+    images_ddl(),
     """CREATE TABLE IF NOT EXISTS errors (
         path VARCHAR PRIMARY KEY, reason VARCHAR NOT NULL, message VARCHAR, size BIGINT, mtime_ns BIGINT,
         "at" TIMESTAMP)""",
@@ -510,6 +518,21 @@ def open_store(path: str | os.PathLike, *, verify: bool = True) -> Snapshot:
 # ------------------------------------------------------------------------------------------------
 # writing
 # ------------------------------------------------------------------------------------------------
+def catalog_has_keys(path: str | os.PathLike) -> bool:
+    """Whether a catalog file's ``images`` table has key indexes (a PRIMARY KEY, UNIQUE or an index): catalogs
+    written before they were dropped, which the next commit rebuilds without them."""
+    import duckdb
+
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return bool(con.execute(
+            "SELECT (SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'images' AND schema_name = 'main' "
+            "AND constraint_type IN ('PRIMARY KEY', 'UNIQUE')) + (SELECT count(*) FROM duckdb_indexes() "
+            "WHERE table_name = 'images' AND schema_name = 'main')").fetchone()[0])
+    finally:
+        con.close()
+
+
 @dataclass
 class Changes:
     """What one run changes: upserted image rows + their feature shards, removed ids, errors."""
@@ -642,14 +665,19 @@ class StoreWriter:
         tmpdir = Path(tempfile.mkdtemp(dir=self.root / "snapshots", prefix=".tmp-"))
         try:
             cat = tmpdir / "catalog.duckdb"
+            rebuild = False
             if prev is not None:
                 prev.close()
-                shutil.copyfile(prev.path / "catalog.duckdb", cat)
+                rebuild = catalog_has_keys(prev.path / "catalog.duckdb")
+                if not rebuild:
+                    shutil.copyfile(prev.path / "catalog.duckdb", cat)
             con = duckdb.connect(str(cat))
             try:
-                self._catalog_memory(con, first=True)
+                con.execute(f"SET memory_limit='{CATALOG_MEMORY >> 20}MB'")
                 spill = str(tmpdir / ".duckdb-tmp").replace("'", "''")
                 con.execute(f"SET temp_directory='{spill}'")
+                if rebuild:
+                    self._rebuild_unkeyed(con, prev.path / "catalog.duckdb")
                 for stmt in SCHEMA:
                     con.execute(stmt)
                 self._apply_catalog(con, changes)
@@ -744,7 +772,8 @@ class StoreWriter:
     @staticmethod
     def _write_ids(con, path: Path) -> np.ndarray:
         """Write the catalog's ids, sorted, to ``path`` (.npy) straight from DuckDB one chunk at a time and return
-        them memory-mapped: no step of the commit holds every id in RAM."""
+        them memory-mapped: no step of the commit holds every id in RAM. An id found twice (the catalog has no key
+        index to refuse it) fails the commit before anything is published."""
         from t2c.data.arrow_build import values
 
         n = int(con.execute("SELECT count(*) FROM images").fetchall()[0][0])
@@ -752,9 +781,16 @@ class StoreWriter:
             np.save(path, np.zeros(0, np.int64))
             return np.load(path, allow_pickle=False)
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(n,))
-        pos = 0
+        pos, last = 0, None
         for rb in con.sql("SELECT id FROM images ORDER BY id").to_arrow_reader(COPY_CHUNK):
             a = values(rb.column(0))
+            if len(a):
+                same = np.flatnonzero(a[1:] == a[:-1])
+                if len(same) or a[0] == last:
+                    dup = int(a[same[0]]) if len(same) else int(last)
+                    raise StoreError(f"the new catalog holds image id {dup} twice; nothing was committed",
+                                     "this is a bug in the code that planned the run: please report it")
+                last = a[-1]
             out[pos : pos + len(a)] = a
             pos += len(a)
             drop_pages(out)
@@ -784,20 +820,17 @@ class StoreWriter:
         # published (or thrown away) whole, so batches need not share a transaction, and DuckDB then keeps
         # one batch's undo state in memory instead of the whole run's
         if ch.rows:
-            self._catalog_memory(con, len(ch.rows))
             con.execute("BEGIN")
             self._upsert_rows(con, ch.rows, now, first_new)
             con.execute("COMMIT")
         for batch in (ch.row_batches() if ch.row_batches is not None else ()):
             if batch:
-                self._catalog_memory(con, len(batch))
                 con.execute("BEGIN")
                 self._upsert_rows(con, batch, now, first_new)
                 if had_errors:  # a file indexed now drops its old error row (errors are only added below)
                     con.execute("DELETE FROM errors WHERE path IN (SELECT unnest(?::VARCHAR[]))",
                                 [[r["path"] for r in batch]])
                 con.execute("COMMIT")
-        self._catalog_memory(con)  # removals and error rows touch the key indexes too
         con.execute("BEGIN")
         # after the rows (ids are never reused, so the order does not matter): streamed batches add the ids of
         # changed files that failed to read
@@ -817,19 +850,30 @@ class StoreWriter:
         con.execute("COMMIT")
 
     @staticmethod
-    def _catalog_memory(con, adding: int = 0, first: bool = False) -> None:
-        """Set DuckDB's memory limit to ``CATALOG_MEMORY`` plus the catalog's key indexes, before ``adding`` rows
-        (see ``CATALOG_INDEX_BYTES_PER_ROW``); ``first``: before the schema exists (working memory alone)."""
-        index = 0
-        if not first:
-            rows = con.execute("SELECT count(*) FROM images").fetchone()[0]
-            held = con.execute("SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory() "
-                               "WHERE tag = 'ART_INDEX'").fetchone()[0]
-            # the indexes after this batch: measured growth per row where enough is held, else the estimate
-            per_row = max(CATALOG_INDEX_BYTES_PER_ROW, held / rows) if rows >= 100_000 and held else \
-                CATALOG_INDEX_BYTES_PER_ROW
-            index = int(max(held, per_row * rows) + per_row * adding)
-        con.execute(f"SET memory_limit='{(CATALOG_MEMORY + index) >> 20}MB'")
+    def _rebuild_unkeyed(con, old: Path) -> None:
+        """Fill the new snapshot's empty catalog (``con``) from ``old``, a catalog whose ``images`` table still has
+        the key indexes (written before they were dropped): the same tables, rows (in their order) and user
+        columns, ``images`` without keys. Streamed by DuckDB (the old indexes are never loaded), into a fresh file
+        (dropping the keyed table in a copy would leave its blocks, indexes included, as free space in the file)."""
+        src = str(old).replace("'", "''")
+        con.execute(f"ATTACH '{src}' AS old_catalog (READ_ONLY)")
+        try:
+            tables = [r[0] for r in con.execute(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = 'old_catalog' AND schema_name = 'main' "
+                "ORDER BY table_oid").fetchall()]
+            for t in tables:
+                cols = con.execute("SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = "
+                                   "'old_catalog' AND schema_name = 'main' AND table_name = ? ORDER BY column_index",
+                                   [t]).fetchall()
+                names = ", ".join(f'"{c}"' for c, _ in cols)
+                if t == "images":
+                    con.execute(images_ddl("images", [(c, typ) for c, typ in cols if c not in IMAGE_COLUMNS]))
+                else:  # errors and runs keep their schema (small tables, keyed by path and run id)
+                    ddl = next((d for d in SCHEMA if d.split("(")[0].split()[-1] == t), None)
+                    con.execute(ddl or f'CREATE TABLE "{t}" AS SELECT * FROM old_catalog.main."{t}" WITH NO DATA')
+                con.execute(f'INSERT INTO "{t}" ({names}) SELECT {names} FROM old_catalog.main."{t}"')
+        finally:
+            con.execute("DETACH old_catalog")
 
     @staticmethod
     def _upsert_rows(con, rows: list[dict], now, first_new: int = 0) -> None:

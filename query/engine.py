@@ -490,8 +490,10 @@ class Engine:
         ids = [int(i) for i in ids]
         if not ids:
             return []
-        q = f"SELECT id, path FROM images WHERE id IN ({', '.join('?' * len(ids))})"
-        got = dict(self.snapshot.catalog().execute(q, ids).fetchall())
+        # the ids as a joined list, not a literal IN list: the catalog has no key index on id, and for 20 random ids
+        # of a 1M-row catalog the IN list took 26-29 ms, the join 3 ms (row groups pruned by id either way)
+        q = "SELECT id, path FROM images WHERE id IN (SELECT unnest(?::BIGINT[]))"
+        got = dict(self.snapshot.catalog().execute(q, [ids]).fetchall())
         return [got.get(i, "") for i in ids]
 
     # -- candidates --

@@ -1,5 +1,6 @@
 """Bounded-memory planning: the on-disk work list, streamed path lists, and runs planned in small batches."""
 import hashlib
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -310,44 +311,71 @@ def test_prefetch_rows_requests_the_rows_pages_and_leaves_the_data_alone(tmp_pat
     assert prefetch_rows(r[4000:], np.array([0, 999]))  # a contiguous view: its own rows' pages
 
 
-def _commit_rows(path, n: int, batch: int = 50_000):
-    """Commit ``n`` catalog rows, streamed in batches, with 4-d vectors (the catalog is what is under test)."""
+def _commit_rows(path, n: int, batch: int = 50_000, start: int = 0):
+    """Commit catalog rows with ids ``start..start+n-1`` (new ones), streamed in batches, with 4-d vectors (the
+    catalog is what is under test)."""
     from t2c.data.store import Changes, StoreWriter, atomic_save_npz, new_feature_shard_name
     from t2c.indexer.index_build import build_index
 
     def row_batches():
-        for s in range(0, n, batch):
+        for s in range(start, start + n, batch):
             yield [{"id": i, "path": f"/photos/{2018 + i % 8}/img{i:07d}.jpg", "relpath": f"img{i:07d}.jpg",
                     "content_hash": f"{i:016x}", "size": 1000, "width": 64, "height": 48,
-                    "mtime_ns": 1_600_000_000_000_000_000 + i} for i in range(s, min(n, s + batch))]
+                    "mtime_ns": 1_600_000_000_000_000_000 + i} for i in range(s, min(start + n, s + batch))]
 
-    ids = np.arange(n, dtype=np.int64)
+    def unit(feats):  # a fixed unit vector per id
+        f = feats[:, 0].astype(np.float32)
+        return np.stack([np.sin(f), np.cos(f), np.sin(2 * f), np.cos(2 * f)], axis=1) / np.float32(np.sqrt(2))
+
+    ids = np.arange(start, start + n, dtype=np.int64)
     with StoreWriter(path) as w:
-        rel = new_feature_shard_name("t", 0)
+        rel = new_feature_shard_name("t", start)
         atomic_save_npz(w.root / rel, ids=ids, feats=ids[:, None])
-        vecs = np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32)
-        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-        w.commit(Changes([], [rel], [], [], [], {"run_id": "t"}, row_batches=row_batches),
+        w.commit(Changes([], [rel], [], [], [], {"run_id": f"t{start}"}, row_batches=row_batches),
                  manifest_fields={"dim": 4, "feature_dim": 1, "encoder": "t", "clip": "t"},
-                 vectors_for=lambda _ids, feats: vecs[feats[:, 0]], build_index=build_index)
+                 vectors_for=lambda _ids, feats: unit(feats), build_index=build_index)
 
 
-def test_catalog_memory_limit_grows_with_the_key_indexes(tmp_path, monkeypatch):
-    """DuckDB keeps the catalog's key indexes in memory while it writes, counted against its limit: a commit
-    whose indexes outgrow the working memory still succeeds (the limit follows them), where a fixed limit of the
-    same working memory fails."""
+def test_catalog_commits_in_flat_memory_without_key_indexes(tmp_path, monkeypatch):
+    """The catalog's images table has no key indexes, so a commit's DuckDB memory does not grow with its rows:
+    500k rows commit under 16 MB. With the key indexes the catalog had before (held in memory while DuckDB
+    writes, ~25 MB at 500k rows) the same commit fails."""
     import duckdb
 
     from t2c.data import store as st
+    from tests.test_catalog import keyed_schema
 
-    n = 500_000  # key indexes ~27 MB against 16 MB of working memory
+    n = 500_000
     monkeypatch.setattr(st, "CATALOG_MEMORY", 16 << 20)
-    _commit_rows(tmp_path / "grows", n)
-    snap = open_store(tmp_path / "grows")
+    _commit_rows(tmp_path / "flat", n)
+    snap = open_store(tmp_path / "flat")
     assert snap.catalog().execute("SELECT count(*), count(DISTINCT path) FROM images").fetchone() == (n, n)
-    assert len(snap.ids) == n
+    assert len(snap.ids) == n and not st.catalog_has_keys(snap.path / "catalog.duckdb")
 
-    monkeypatch.setattr(st.StoreWriter, "_catalog_memory",
-                        staticmethod(lambda con, adding=0, first=False: con.execute("SET memory_limit='16MB'")))
+    monkeypatch.setattr(st, "SCHEMA", keyed_schema())
     with pytest.raises(duckdb.Error, match="memory"):
-        _commit_rows(tmp_path / "fixed", n)
+        _commit_rows(tmp_path / "keyed", n)
+
+
+@pytest.mark.slow
+def test_a_large_keyed_catalog_is_rebuilt_in_flat_memory(tmp_path, monkeypatch):
+    """A catalog written with the key indexes (500k rows) is rebuilt without them by the next commit under 16 MB
+    of DuckDB memory: the rebuild streams the rows and never loads the old indexes."""
+    from t2c.data import store as st
+    from tests.test_catalog import keyed_schema
+
+    n = 500_000
+    with monkeypatch.context() as m:
+        m.setattr(st, "SCHEMA", keyed_schema())
+        _commit_rows(tmp_path / "st", n)
+    old = open_store(tmp_path / "st")
+    assert st.catalog_has_keys(old.path / "catalog.duckdb")
+    monkeypatch.setattr(st, "CATALOG_MEMORY", 16 << 20)
+    _commit_rows(tmp_path / "st", 1000, start=n)
+    snap = open_store(tmp_path / "st")
+    assert not st.catalog_has_keys(snap.path / "catalog.duckdb")
+    assert snap.catalog().execute("SELECT count(*), count(DISTINCT path), count(DISTINCT id), max(id) FROM images"
+                                  ).fetchone() == (n + 1000, n + 1000, n + 1000, n + 999)
+    assert list(snap.ids[[0, n - 1, n, -1]]) == [0, n - 1, n, n + 999]
+    # the rebuilt file holds no dropped table's blocks: smaller than the keyed one
+    assert os.path.getsize(snap.path / "catalog.duckdb") < 0.8 * os.path.getsize(old.path / "catalog.duckdb")

@@ -9,6 +9,8 @@ Layout::
                                    checksums of every file below
         catalog.duckdb             images, errors, runs
         ids.npy                    int64 catalog ids, sorted
+        paths.bin, path_offsets.npy  each row's path (UTF-8), row i at bytes [offsets[i], offsets[i+1]): a page's
+                                   paths read by row (stores written before them look paths up in the catalog)
         vectors.npy                aligned, L2-normalised float32 vectors, row i ↔ ids[i]
         vectors16.npy              (product-quantised indices only) the same vectors in float16: what top-k
                                    searches re-rank candidates from (half the bytes to read); stores
@@ -45,6 +47,7 @@ FORMAT_VERSION = 1
 KEEP_SNAPSHOTS = 3
 QUICK_VERIFY_BYTES = 256 << 20
 CATALOG_MEMORY = 512 << 20  # DuckDB's memory limit while a commit writes the catalog (it spills beyond it)
+PATHS_BLOB, PATH_OFFSETS = "paths.bin", "path_offsets.npy"  # each row's catalog path, in row (id) order
 COPY_CHUNK = 262_144  # rows of previous vectors copied at a time when committing
 SHARED_MODE = 0o644  # files others read (artefacts, shipped weights, generated worlds)
 
@@ -301,6 +304,7 @@ class Snapshot:
         self._vectors16 = None
         self._scattered = None
         self._ids = None
+        self._path_file = None
         self._con = None
 
     # -- integrity --
@@ -372,7 +376,7 @@ class Snapshot:
         advise_random(a)
         return a
 
-    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+    def read_rows(self, rows: np.ndarray, half: bool = False) -> np.ndarray:
         """``vectors[rows]`` as float32, for a few scattered sorted rows (rescoring candidates).
 
         Read through a second mapping of ``vectors.npy`` advised ``MADV_RANDOM`` (the first one keeps the
@@ -382,8 +386,18 @@ class Snapshot:
         30 ms through this one, 6 ms with the prefetch (``bench/query_latency.py --cold``). Many rows at once
         (``READ_ROWS_SCATTERED`` or more: a prefiltered subset, a calibration sample) go through the first
         mapping, whose read-ahead serves dense row sets well, and whose prefetch would cost more than it saves
-        when the pages are already cached."""
+        when the pages are already cached.
+
+        ``half``: read the rows from the float16 copy (``vectors16``, product-quantised stores; advised
+        ``MADV_RANDOM`` too): half the bytes, converted to float32."""
         rows = np.asarray(rows, np.int64)
+        if half:
+            v16 = self.vectors16
+            if v16 is None:
+                raise StoreError(f"snapshot {self.name} has no float16 copy of its vectors")
+            if len(rows) < READ_ROWS_SCATTERED:  # many rows: their pages are mostly cached, advice costs more
+                prefetch_rows(v16, rows)
+            return np.asarray(v16[rows], np.float32)
         if len(rows) >= READ_ROWS_SCATTERED:
             return np.asarray(self.vectors[rows], np.float32)
         with self._lock:
@@ -414,6 +428,22 @@ class Snapshot:
 
                 self._index = faiss.read_index(str(self.path / "index.faiss"))
         return self._index
+
+    def paths_of_rows(self, rows) -> list[str] | None:
+        """Catalog paths of rows (positions in ``ids``), read from the snapshot's path file; None for snapshots
+        written before it existed (look them up in the catalog)."""
+        if PATH_OFFSETS not in self._files():
+            return None
+        with self._lock:
+            if self._path_file is None:
+                off = np.load(self.path / PATH_OFFSETS, mmap_mode="r", allow_pickle=False)
+                blob = np.memmap(self.path / PATHS_BLOB, np.uint8, mode="r") if off[-1] else np.zeros(0, np.uint8)
+                self._path_file = (off, blob)
+        off, blob = self._path_file
+        out = []
+        for r in np.asarray(rows, np.int64).tolist():
+            out.append(bytes(blob[int(off[r]) : int(off[r + 1])]).decode("utf-8"))
+        return out
 
     def rows_of(self, ids) -> np.ndarray:
         """Row positions of catalog ids in ``vectors``; raise NotFound for unknown ids."""
@@ -745,7 +775,7 @@ class StoreWriter:
     def _checksums(self, tmpdir: Path, shared: list[str]) -> dict:
         """The manifest's ``files``: the snapshot's own files (fsynced first) and the shared ones it names."""
         files = {}
-        for f in ("catalog.duckdb", "ids.npy", "vectors.npy", "vectors16.npy", "index.faiss"):
+        for f in ("catalog.duckdb", "ids.npy", PATH_OFFSETS, PATHS_BLOB, "vectors.npy", "vectors16.npy", "index.faiss"):
             p = tmpdir / f
             if f == "vectors16.npy" and not p.exists():
                 continue
@@ -772,18 +802,34 @@ class StoreWriter:
     @staticmethod
     def _write_ids(con, path: Path) -> np.ndarray:
         """Write the catalog's ids, sorted, to ``path`` (.npy) straight from DuckDB one chunk at a time and return
-        them memory-mapped: no step of the commit holds every id in RAM. An id found twice (the catalog has no key
+        them memory-mapped: no step of the commit holds every id in RAM. Beside them, each row's path
+        (``PATHS_BLOB``, UTF-8, at ``PATH_OFFSETS``), so a result page's paths are read by row, not looked up. An id found twice (the catalog has no key
         index to refuse it) fails the commit before anything is published."""
+        import pyarrow as pa
+
         from t2c.data.arrow_build import values
 
         n = int(con.execute("SELECT count(*) FROM images").fetchall()[0][0])
         if n == 0:
             np.save(path, np.zeros(0, np.int64))
+            np.save(path.parent / PATH_OFFSETS, np.zeros(1, np.int64))
+            (path.parent / PATHS_BLOB).write_bytes(b"")
             return np.load(path, allow_pickle=False)
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(n,))
-        pos, last = 0, None
-        for rb in con.sql("SELECT id FROM images ORDER BY id").to_arrow_reader(COPY_CHUNK):
+        offsets = np.lib.format.open_memmap(path.parent / PATH_OFFSETS, mode="w+", dtype=np.int64, shape=(n + 1,))
+        offsets[0] = 0
+        blob = open(path.parent / PATHS_BLOB, "wb")
+        pos, last, end = 0, None, 0
+        for rb in con.sql("SELECT id, path FROM images ORDER BY id").to_arrow_reader(COPY_CHUNK):
             a = values(rb.column(0))
+            # the paths in row order beside the ids (a page's paths read by position, not looked up in DuckDB)
+            strs = rb.column(1).cast(pa.large_string())
+            so = np.frombuffer(strs.buffers()[1], np.int64, len(strs) + 1, offset=8 * strs.offset)
+            data = strs.buffers()[2]
+            blob.write(memoryview(data)[int(so[0]) : int(so[-1])] if data is not None and len(strs) else b"")
+            offsets[pos + 1 : pos + 1 + len(a)] = end + (so[1:] - so[0])
+            end += int(so[-1] - so[0])
+            drop_pages(offsets)
             if len(a):
                 same = np.flatnonzero(a[1:] == a[:-1])
                 if len(same) or a[0] == last:
@@ -794,10 +840,12 @@ class StoreWriter:
             out[pos : pos + len(a)] = a
             pos += len(a)
             drop_pages(out)
+        blob.close()
         if pos != n:
             raise StoreError(f"catalog gave {pos} ids, expected {n}")
         out.flush()
-        del out
+        offsets.flush()
+        del out, offsets
         return np.load(path, mmap_mode="r", allow_pickle=False)
 
     @staticmethod

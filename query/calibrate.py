@@ -466,7 +466,7 @@ def _calibrate(scores, prior: float | None, compositional: bool) -> Calibration:
 
 
 # ----------------------------------------------------------------------------------------- store scores
-def concept_scores(snapshot, vecs, rows=None, block: int = 65536) -> np.ndarray:
+def concept_scores(snapshot, vecs, rows=None, block: int = 65536, half: bool = False) -> np.ndarray:
     """(n, k) float32 cosine scores of every image (or of ``rows``) against concept vectors, blockwise.
 
     Args:
@@ -474,6 +474,7 @@ def concept_scores(snapshot, vecs, rows=None, block: int = 65536) -> np.ndarray:
         vecs: (k, d) or (d,) concept vectors (unit length).
         rows: optional sorted row positions to score instead of all rows (read with ``Snapshot.read_rows``:
             only the pages they sit on).
+        half: with ``rows``, read them from the snapshot's float16 copy (``Snapshot.read_rows(half=True)``).
     """
     V = snapshot if isinstance(snapshot, np.ndarray) else snapshot.vectors
     T = np.asarray(vecs, np.float32)
@@ -485,11 +486,13 @@ def concept_scores(snapshot, vecs, rows=None, block: int = 65536) -> np.ndarray:
     m = V.shape[0] if rows is None else len(rows)
     out = np.empty((m, T.shape[0]), np.float32)
     TT = np.ascontiguousarray(T.T)
+    if half:
+        block = min(block, 16384)  # float16 rows are widened to float32 a block (32 MB at d = 512) at a time
     for s in range(0, m, block):
         if rows is None:
             blk = np.asarray(V[s : s + block], np.float32)
         elif hasattr(snapshot, "read_rows"):  # scattered rows: only their pages, requested at once
-            blk = snapshot.read_rows(rows[s : s + block])
+            blk = snapshot.read_rows(rows[s : s + block], half=half) if half else snapshot.read_rows(rows[s : s + block])
         else:
             blk = np.asarray(V[rows[s : s + block]], np.float32)
         np.matmul(blk, TT, out=out[s : s + len(blk)])

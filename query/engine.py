@@ -60,6 +60,7 @@ from t2c.data.errors import InvalidInput
 from t2c.data.store import quantizer_params
 from t2c.query import ast as qa
 from t2c.query.calibrate import Calibration, concept_scores, thresholds_for
+from t2c.query.lru import LRUCache
 from t2c.query.rowmap import RowPositions
 from t2c.query.sql import compile_filter, compile_filter_expr
 
@@ -306,7 +307,14 @@ class _Search:
     passed: dict = field(default_factory=dict)  # id(leaf) -> bool array over rows
     fpass: dict | None = None  # id(filter leaf) -> bool array over rows (filters inside the tree)
     bound: dict = field(default_factory=dict)  # id(bound leaf) -> (2, len(rows)): binding margin, reading share
+    half: np.ndarray | None = None  # (len(rows),) bool: lscores were rescored from the float16 copy (IVF-PQ)
 
+
+# How far a score read from the float16 copy of a vector may lie from the float32 one, per unit of the concept
+# vector's norm: each stored component is rounded to float16 (relative error <= 2**-11), so for a unit vector the
+# inner product moves by at most 2**-11 * sum|t_i x_i| <= 2**-11 * |t| (Cauchy-Schwarz); plus subnormal rounding
+# and float32 accumulation (under 1e-4 at d = 512 together).
+F16_SCORE_ERROR = 2.0 ** -11 + 1e-4
 
 # ------------------------------------------------------------------------------------------------ engine
 class Engine:
@@ -348,6 +356,7 @@ class Engine:
         self._columns: dict | None = None
         self._ivf = None
         self._row_list = None
+        self._nprobe_cache = LRUCache(4096)  # (vector bytes, present mean, base) -> starting probe depth
         self._rowpos: RowPositions | None = None
         self._ids: np.ndarray | None = None
         self._ids_are_rows = False
@@ -485,11 +494,16 @@ class Engine:
             out[id(f)] = np.where(found, col[pos] if len(col) else False, False)
         return out
 
-    def _paths(self, ids: np.ndarray) -> list[str]:
-        """Catalog paths of a page of ids, in order (one parameterised IN-list query)."""
+    def _paths(self, ids: np.ndarray, rows: np.ndarray | None = None) -> list[str]:
+        """Catalog paths of a page of ids (at ``rows``), in order: read by row from the snapshot's path file, or
+        for snapshots without one, one catalog query (a scan: 5-26 ms for 20 ids of a 10M-row catalog)."""
         ids = [int(i) for i in ids]
         if not ids:
             return []
+        if rows is not None:
+            got = self.snapshot.paths_of_rows(rows)
+            if got is not None:
+                return got
         # the ids as a joined list, not a literal IN list: the catalog has no key index on id, and for 20 random ids
         # of a 1M-row catalog the IN list took 26-29 ms, the join 3 ms (row groups pruned by id either way)
         q = "SELECT id, path FROM images WHERE id IN (SELECT unnest(?::BIGINT[]))"
@@ -555,6 +569,14 @@ class Engine:
         if groups is None or groups[2] <= groups[1]:
             return base
         present_mean = groups[2]
+        key = (np.asarray(vec, np.float32).tobytes(), float(present_mean), int(base))
+        got = self._nprobe_cache.get(key)
+        if got is None:  # a concept's depth depends on its vector and calibration alone: computed once
+            got = self._nprobe_cache.setdefault(key, self._estimate_nprobe(vec, present_mean, base))
+        return got
+
+    def _estimate_nprobe(self, vec: np.ndarray, present_mean: float, base: int) -> int:
+        """``_start_nprobe``'s estimate, from every centroid's score."""
         cents, sizes = self._ivf_layout()
         # every centroid's score, in probe order (the centroids are cached; an HNSW coarse quantizer cannot
         # list all of its lists in order, so the scores are computed directly)
@@ -699,7 +721,7 @@ class Engine:
             self._exact_scan(st)
         sel = self._match(st)
         scores = self._rank(st, sel) if len(sel) else np.zeros(0)
-        if len(sel) and st.approx is not None and st.approx[sel].any():
+        if len(sel) and ((st.approx is not None and st.approx[sel].any()) or (st.half is not None and st.half[sel].any())):
             sel, scores = self._exact_page(st, sel, scores)
         st.plan["estimate"] = self._estimate(st, sel)
         if not len(sel):
@@ -939,14 +961,39 @@ class Engine:
         must, may = _Kleene(leaf_state, lambda f: st.fpass[id(f)]).visit(st.rest)
         return np.broadcast_to(must != may, (len(st.rows),))
 
-    def _rescore(self, st: _Search, mask: np.ndarray) -> None:
-        """Exact scores of every leaf on the candidates in ``mask``, from the memory-mapped vectors."""
-        S = concept_scores(self.snapshot, st.T, rows=st.rows[mask])
+    def _rescore(self, st: _Search, mask: np.ndarray, exact: bool = False) -> None:
+        """Scores of every leaf on the candidates in ``mask``, read from the memory-mapped vectors.
+
+        Where the store keeps a float16 copy (IVF-PQ), the rows are read from it (half the bytes, and a copy
+        that fits the page cache where the float32 vectors may not): a score from it is within
+        ``F16_SCORE_ERROR`` × the concept vector's norm of the float32 one, so every leaf's pass or fail is
+        the float32 one except within that distance of its threshold, and only those rows are read again in
+        float32. The rows left with float16 scores are marked (``st.half``); the page is ranked on float32
+        scores (``_exact_page``). ``exact``: read float32 rows only."""
+        rows = st.rows[mask]
+        v16 = None if exact or not len(rows) else getattr(self.snapshot, "vectors16", None)
+        if v16 is None:
+            S, half = concept_scores(self.snapshot, st.T, rows=rows), None
+        else:
+            S = concept_scores(self.snapshot, st.T, rows=rows, half=True)
+            err = F16_SCORE_ERROR * np.linalg.norm(st.T, axis=1)
+            near = np.zeros(len(rows), bool)
+            for leaf, _ in st.leaves:
+                j = st.tindex[leaf.key]
+                near |= np.abs(S[:, j] - st.cals[id(leaf)].threshold) <= err[j]
+            if near.any():
+                S[near] = concept_scores(self.snapshot, st.T, rows=rows[near])
+            half = ~near
+            st.plan["rescored_float32"] = st.plan.get("rescored_float32", 0) + int(near.sum())
         for li, (leaf, _) in enumerate(st.leaves):
             st.lscores[mask, li] = S[:, st.tindex[leaf.key]]
         st.sure[mask] = True
         if st.approx is not None:
             st.approx[mask] = False
+        if half is not None and st.half is None:
+            st.half = np.zeros(len(st.rows), bool)
+        if st.half is not None:
+            st.half[mask] = False if half is None else half
 
     def _rescore_unknown(self, st: _Search) -> None:
         """Step 5b: exact scores, from the memory-mapped vectors, of the candidates whose answer the index left
@@ -967,10 +1014,11 @@ class Engine:
         end = st.offset + st.k
         scales = [st.cals[id(leaf)].scale for leaf, pos in st.leaves if pos] or [1.0]
         err = float(self.snapshot.manifest.get("index", {}).get("score_error") or 0.0)
-        slack = err / max(min(scales), 1e-6)
+        slack16 = F16_SCORE_ERROR * float(np.linalg.norm(st.T, axis=1).max()) / max(min(scales), 1e-6)
+        slack = err / max(min(scales), 1e-6) + slack16
         rescored = 0
         for round_ in (0, 1):
-            approx = st.approx[sel].any(1)
+            approx = st.approx[sel].any(1) if st.approx is not None else np.zeros(len(sel), bool)
             if round_ == 0 and len(sel) > end:  # the page by code scores
                 head = np.zeros(len(sel), bool)
                 head[np.argpartition(-scores, end - 1)[:end]] = True
@@ -987,6 +1035,19 @@ class Engine:
             rescored += int(approx.sum())
             self._rescore(st, mask)
             sel, scores = self._rematch(st, sel, scores, approx)
+        # rows rescored from the float16 copy that are on the page, or within float16's error of its cut: read in
+        # float32, until the page and its cut stand on float32 scores
+        while st.half is not None and len(sel):
+            half = st.half[sel]
+            if len(sel) > end:
+                half &= scores >= -np.partition(-scores, end - 1)[end - 1] - slack16
+            if not half.any():
+                break
+            mask = np.zeros(len(st.rows), bool)
+            mask[sel[half]] = True
+            rescored += int(half.sum())
+            self._rescore(st, mask, exact=True)
+            sel, scores = self._rematch(st, sel, scores, half)
         st.plan["rescored_page"] = rescored
         return sel, scores
 
@@ -1199,7 +1260,7 @@ class Engine:
         all_ids = np.asarray(self.snapshot.ids[rows], np.int64) if total else np.zeros(0, np.int64)
         order = _page_order(all_ids, scores, st.offset, st.offset + st.k)
         page_ids = all_ids[order]
-        meta = self._paths(page_ids)
+        meta = self._paths(page_ids, np.asarray(rows)[order])
         expl = self._explanations(st, np.asarray(rows)[order]) if st.explain else None
         hits = [Hit(int(i), m, float(scores[order[j]]), None if expl is None else expl[j])
                 for j, (i, m) in enumerate(zip(page_ids, meta))]

@@ -227,3 +227,51 @@ def test_a_catalog_written_with_key_indexes_is_read_then_rebuilt_without_them(tm
     make_images(imgs, 1, seed=6, start=200)
     run(imgs, tmp_path / "st")
     assert counts(open_store(tmp_path / "st")) == (11, 11, 11)
+
+
+def test_page_paths_are_read_by_row_from_the_path_file(tmp_path, monkeypatch):
+    """Each snapshot keeps every row's path beside its ids (checksummed); a search's page reads its paths from
+    there, equal to the catalog's, without a catalog query; a snapshot without the file still answers."""
+    import json
+
+    from t2c.query.engine import Engine
+
+    imgs = tmp_path / "imgs"
+    make_images(imgs, 12)
+    (imgs / "d0" / "img0000.png").rename(imgs / "d0" / "ünï cödé.png")  # non-ASCII, multi-byte paths
+    run(imgs, tmp_path / "st", part_size=5)
+    snap = open_store(tmp_path / "st")
+    assert {st.PATHS_BLOB, st.PATH_OFFSETS} <= set(snap.manifest["files"])
+    want = dict(snap.catalog().execute("SELECT id, path FROM images").fetchall())
+    rows = np.arange(len(snap.ids))[::-1]
+    assert snap.paths_of_rows(rows) == [want[int(i)] for i in snap.ids[rows]]
+    assert any("ünï cödé" in p for p in snap.paths_of_rows(np.arange(len(snap.ids))))
+
+    read = []
+    real = Snapshot.paths_of_rows
+    monkeypatch.setattr(Snapshot, "paths_of_rows", lambda self, r: read.append(list(r)) or real(self, r))
+    res = Engine(snap).search("width>=1", k=5, offset=2)  # a page of the filter's matches
+    assert len(res.hits) == 5 and [h.path for h in res.hits] == [want[h.id] for h in res.hits]
+    assert read == [list(snap.rows_of([h.id for h in res.hits]))]
+    monkeypatch.undo()
+
+    # an older snapshot, written before the path file: paths come from the catalog
+    man = json.loads((snap.path / "manifest.json").read_text())
+    for f in (st.PATHS_BLOB, st.PATH_OFFSETS):
+        man["files"].pop(f)
+    (snap.path / "manifest.json").write_text(json.dumps(man))
+    old = Snapshot(tmp_path / "st", snap.name)
+    assert old.paths_of_rows([0]) is None
+    assert [h.path for h in Engine(old).search("width>=1", k=5, offset=2).hits] == [h.path for h in res.hits]
+
+
+def test_a_changed_path_file_fails_verification(tmp_path):
+    make_images(tmp_path / "imgs", 4)
+    run(tmp_path / "imgs", tmp_path / "st")
+    snap = open_store(tmp_path / "st")
+    blob = snap.path / st.PATHS_BLOB
+    data = bytearray(blob.read_bytes())
+    data[0] ^= 1
+    blob.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="paths.bin"):
+        open_store(tmp_path / "st")

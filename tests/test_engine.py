@@ -691,3 +691,72 @@ def test_page_rescoring_updates_only_the_rescored_rows_with_the_answer_of_a_full
         assert [h.id for h in a.hits] == [h.id for h in b.hits], (q, k, o)
         np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits], atol=1e-9)
         assert [h.explanation for h in a.hits] == [h.explanation for h in b.hits], q
+
+
+def test_float16_rescoring_gives_the_float32_answer(pq_store, monkeypatch):
+    """IVF-PQ rescoring reads the float16 copy and only rows within its error of a threshold (and the page and
+    its cut) in float32: the same totals, answers, pages, scores and explanations as reading float32 alone.
+    The copy is replaced by one whose scores stray by up to 2% (scaled rows) with the error bound raised to
+    match, so rows near thresholds do flip on it; a bound that ignores the stray (0) must change answers."""
+    import functools
+
+    import t2c.query.engine as E
+
+    snap, bank = pq_store
+    queries = ("dog AND beach AND NOT people", "2*beach AND dog AND NOT (people OR car)",
+               "sunset AND (dog OR width>=900) AND NOT car", "beach AND NOT tree", "dog OR sunset")
+    pages = [(10, 0), (10, 10), (500, 0)]
+
+    def run():
+        eng = Engine(snap, bank, exact_rows=0)
+        return {(q, k, o): eng.search(q, k=k, offset=o, explain=True) for q in queries for k, o in pages}
+
+    half = run()
+    assert sum(r.plan.get("rescored", 0) for r in half.values()) > 0
+    assert sum("rescored_float32" in r.plan for r in half.values()) >= len(half) // 2
+    with monkeypatch.context() as m:
+        m.setattr(Engine, "_rescore", functools.partialmethod(E.Engine._rescore, exact=True))
+        want = run()
+    bad = (np.asarray(snap.vectors, np.float32) * 1.02).astype(np.float16)
+    monkeypatch.setattr(snap, "_vectors16", bad)
+    monkeypatch.setattr(E, "F16_SCORE_ERROR", 0.021)
+    strayed = run()
+    for got in (half, strayed):
+        for key, b in want.items():
+            a = got[key]
+            assert a.total == b.total and np.array_equal(np.sort(a.all_ids), np.sort(b.all_ids)), key
+            assert [h.id for h in a.hits] == [h.id for h in b.hits], key
+            np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits], atol=1e-6)
+            assert [[e["concept"] for e in h.explanation] for h in a.hits] == \
+                [[e["concept"] for e in h.explanation] for h in b.hits]
+    assert sum(r.plan.get("rescored_float32", 0) for r in strayed.values()) > \
+        sum(r.plan.get("rescored_float32", 0) for r in half.values())
+    monkeypatch.setattr(E, "F16_SCORE_ERROR", 0.0)  # the stray unaccounted for: answers or pages change
+    wrong = run()
+    assert any(wrong[key].total != b.total or [h.id for h in wrong[key].hits] != [h.id for h in b.hits]
+               for key, b in want.items())
+
+
+def test_starting_probe_depth_is_computed_once_per_concept(pq_store, monkeypatch):
+    """The centroid scan that sets a driver's starting probe depth runs once per concept (vector and
+    calibration), and the cached depth is the one a fresh engine computes."""
+    snap, bank = pq_store
+    eng = Engine(snap, bank, exact_rows=0)
+    calls = []
+    real = Engine._estimate_nprobe
+
+    def counting(self, vec, present_mean, base):
+        calls.append(base)
+        return real(self, vec, present_mean, base)
+
+    monkeypatch.setattr(Engine, "_estimate_nprobe", counting)
+    a = eng.search("dog AND beach AND NOT people", k=10)
+    n = len(calls)
+    assert n >= 1
+    b = eng.search("dog AND beach AND NOT people", k=10)
+    assert len(calls) == n  # the same drivers: no scan
+    eng.search("sunset AND NOT car", k=10)
+    assert len(calls) == n + 1  # a new driver: one scan
+    assert a.plan["drivers"] == b.plan["drivers"] if "drivers" in a.plan else a.plan["driver"] == b.plan["driver"]
+    fresh = Engine(snap, bank, exact_rows=0).search("dog AND beach AND NOT people", k=10)
+    assert [h.id for h in fresh.hits] == [h.id for h in b.hits]

@@ -17,6 +17,11 @@ def preprocess_image(img, cfg: dict) -> np.ndarray:
     may run its two passes in the other order, and the 8-bit rounding between them moves pixels by up to 20
     grey levels); normalisation goes through a table, bit for bit the float arithmetic.
     """
+    return normalise(np.asarray(resize_crop(img, cfg)), cfg["mean"], cfg["std"])
+
+
+def resize_crop(img, cfg: dict):
+    """The RGB PIL image ``preprocess_image`` normalises: resized and centre-cropped per ``cfg``."""
     from PIL import Image
 
     if img.mode != "RGB":
@@ -34,7 +39,7 @@ def preprocess_image(img, cfg: dict) -> np.ndarray:
         left, top = (nw - s) // 2, (nh - s) // 2
         if (nw, nh) != (s, s):
             img = img.crop((left, top, left + s, top + s))
-    return normalise(np.asarray(img), cfg["mean"], cfg["std"])
+    return img
 
 
 def normalise(rgb: np.ndarray, mean, std) -> np.ndarray:

@@ -48,6 +48,7 @@ KEEP_SNAPSHOTS = 3
 QUICK_VERIFY_BYTES = 256 << 20
 CATALOG_MEMORY = 512 << 20  # DuckDB's memory limit while a commit writes the catalog (it spills beyond it)
 PATHS_BLOB, PATH_OFFSETS = "paths.bin", "path_offsets.npy"  # each row's catalog path, in row (id) order
+PATH_CHUNK = 32_768  # rows of (id, path) read from the catalog at a time (paths make a chunk ~10x an id chunk)
 COPY_CHUNK = 262_144  # rows of previous vectors copied at a time when committing
 SHARED_MODE = 0o644  # files others read (artefacts, shipped weights, generated worlds)
 
@@ -820,7 +821,8 @@ class StoreWriter:
         offsets[0] = 0
         blob = open(path.parent / PATHS_BLOB, "wb")
         pos, last, end = 0, None, 0
-        for rb in con.sql("SELECT id, path FROM images ORDER BY id").to_arrow_reader(COPY_CHUNK):
+        con.execute("SET threads=1")  # one sort run at a time: the (id, path) sort spills within the memory limit
+        for rb in con.sql("SELECT id, path FROM images ORDER BY id").to_arrow_reader(PATH_CHUNK):
             a = values(rb.column(0))
             # the paths in row order beside the ids (a page's paths read by position, not looked up in DuckDB)
             strs = rb.column(1).cast(pa.large_string())

@@ -804,8 +804,9 @@ class StoreWriter:
     def _write_ids(con, path: Path) -> np.ndarray:
         """Write the catalog's ids, sorted, to ``path`` (.npy) straight from DuckDB one chunk at a time and return
         them memory-mapped: no step of the commit holds every id in RAM. Beside them, each row's path
-        (``PATHS_BLOB``, UTF-8, at ``PATH_OFFSETS``), so a result page's paths are read by row, not looked up. An id found twice (the catalog has no key
-        index to refuse it) fails the commit before anything is published."""
+        (``PATHS_BLOB``, UTF-8, at ``PATH_OFFSETS``), so a result page's paths are read by row, not looked up.
+        An id found twice (the catalog has no key index to refuse it) fails the commit before anything is
+        published."""
         import pyarrow as pa
 
         from t2c.data.arrow_build import values
@@ -819,30 +820,29 @@ class StoreWriter:
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(n,))
         offsets = np.lib.format.open_memmap(path.parent / PATH_OFFSETS, mode="w+", dtype=np.int64, shape=(n + 1,))
         offsets[0] = 0
-        blob = open(path.parent / PATHS_BLOB, "wb")
         pos, last, end = 0, None, 0
         con.execute("SET threads=1")  # one sort run at a time: the (id, path) sort spills within the memory limit
-        for rb in con.sql("SELECT id, path FROM images ORDER BY id").to_arrow_reader(PATH_CHUNK):
-            a = values(rb.column(0))
-            # the paths in row order beside the ids (a page's paths read by position, not looked up in DuckDB)
-            strs = rb.column(1).cast(pa.large_string())
-            so = np.frombuffer(strs.buffers()[1], np.int64, len(strs) + 1, offset=8 * strs.offset)
-            data = strs.buffers()[2]
-            blob.write(memoryview(data)[int(so[0]) : int(so[-1])] if data is not None and len(strs) else b"")
-            offsets[pos + 1 : pos + 1 + len(a)] = end + (so[1:] - so[0])
-            end += int(so[-1] - so[0])
-            drop_pages(offsets)
-            if len(a):
-                same = np.flatnonzero(a[1:] == a[:-1])
-                if len(same) or a[0] == last:
-                    dup = int(a[same[0]]) if len(same) else int(last)
-                    raise StoreError(f"the new catalog holds image id {dup} twice; nothing was committed",
-                                     "this is a bug in the code that planned the run: please report it")
-                last = a[-1]
-            out[pos : pos + len(a)] = a
-            pos += len(a)
-            drop_pages(out)
-        blob.close()
+        with open(path.parent / PATHS_BLOB, "wb") as blob:
+            for rb in con.sql("SELECT id, path FROM images ORDER BY id").to_arrow_reader(PATH_CHUNK):
+                a = values(rb.column(0))
+                # the paths in row order beside the ids (a page's paths read by position, not looked up in DuckDB)
+                strs = rb.column(1).cast(pa.large_string())
+                so = np.frombuffer(strs.buffers()[1], np.int64, len(strs) + 1, offset=8 * strs.offset)
+                data = strs.buffers()[2]
+                blob.write(memoryview(data)[int(so[0]) : int(so[-1])] if data is not None and len(strs) else b"")
+                offsets[pos + 1 : pos + 1 + len(a)] = end + (so[1:] - so[0])
+                end += int(so[-1] - so[0])
+                drop_pages(offsets)
+                if len(a):
+                    same = np.flatnonzero(a[1:] == a[:-1])
+                    if len(same) or a[0] == last:
+                        dup = int(a[same[0]]) if len(same) else int(last)
+                        raise StoreError(f"the new catalog holds image id {dup} twice; nothing was committed",
+                                         "this is a bug in the code that planned the run: please report it")
+                    last = a[-1]
+                out[pos : pos + len(a)] = a
+                pos += len(a)
+                drop_pages(out)
         if pos != n:
             raise StoreError(f"catalog gave {pos} ids, expected {n}")
         out.flush()

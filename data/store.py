@@ -67,9 +67,9 @@ IMAGE_COLUMNS = {
 }
 
 # ``images`` has no key indexes (no PRIMARY KEY on id, no UNIQUE on path): DuckDB holds a table's key indexes
-# (ART) in memory while it writes to it, ~50 MB per million rows inserted (44-character paths, DuckDB 2.0.1), which made the
-# catalog the one part of a large commit whose memory grew with the rows (a fixed 512 MB limit failed at 9.2M
-# rows). Ids and paths stay unique by construction instead: planning looks every path up in the catalog (a known
+# (ART) in memory while it writes to it, ~50 MB per million rows inserted (44-character paths, DuckDB 2.0.1),
+# which made the catalog the one part of a large commit whose memory grew with the rows (a fixed 512 MB limit
+# failed at 9.2M rows). Ids and paths stay unique by construction instead: planning looks every path up in the catalog (a known
 # path keeps its id) and the sources list each path once; new ids start at the manifest's next_id and are never
 # reused; a changed row replaces its id (delete + insert); ``_write_ids`` refuses a catalog that holds an id twice.
 # Catalogs written with the keys are rebuilt without them by their next commit (``_rebuild_unkeyed``).

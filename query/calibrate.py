@@ -492,7 +492,7 @@ def concept_scores(snapshot, vecs, rows=None, block: int = 65536, half: bool = F
         if rows is None:
             blk = np.asarray(V[s : s + block], np.float32)
         elif hasattr(snapshot, "read_rows"):  # scattered rows: only their pages, requested at once
-            blk = snapshot.read_rows(rows[s : s + block], half=half) if half else snapshot.read_rows(rows[s : s + block])
+            blk = snapshot.read_rows(rows[s : s + block], half=half)
         else:
             blk = np.asarray(V[rows[s : s + block]], np.float32)
         np.matmul(blk, TT, out=out[s : s + len(blk)])

@@ -721,7 +721,8 @@ class Engine:
             self._exact_scan(st)
         sel = self._match(st)
         scores = self._rank(st, sel) if len(sel) else np.zeros(0)
-        if len(sel) and ((st.approx is not None and st.approx[sel].any()) or (st.half is not None and st.half[sel].any())):
+        inexact = [m for m in (st.approx, st.half) if m is not None]  # code scores, float16 scores
+        if len(sel) and any(m[sel].any() for m in inexact):
             sel, scores = self._exact_page(st, sel, scores)
         st.plan["estimate"] = self._estimate(st, sel)
         if not len(sel):

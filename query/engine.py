@@ -22,7 +22,8 @@ Plan for one query (``Engine.search``):
      drivers' results is mostly such rows). Then every concept is settled on every candidate (positions found
      through ``t2c.query.rowmap``): flat / IVF-Flat indices keep raw vectors, so the range
      results already carry exact scores; for IVF-Flat the candidates' lists are scanned for every other
-     concept (``range_search_preassigned``: contiguous and exact, no random gathers from the memmap).
+     concept (range searches restricted to those lists, ``t2c.data.ivf_scan``: contiguous and exact, no random
+     gathers from the memmap; the same for IVF-PQ's plain and fast-scan codes).
      IVF-PQ: the same searches and list scans over the codes, at a radius widened by the codes' error, give
      code scores; a concept is settled where its code score lies outside a band around the threshold
      (``SETTLE_BAND`` × the index's measured ``score_error``; wider below, where the codes under-score
@@ -356,6 +357,7 @@ class Engine:
         self._columns: dict | None = None
         self._ivf = None
         self._row_list = None
+        self._lscan = None  # ListScanner over the IVF index, made on first use
         self._nprobe_cache = LRUCache(4096)  # (vector bytes, present mean, base) -> starting probe depth
         self._rowpos: RowPositions | None = None
         self._ids: np.ndarray | None = None
@@ -539,23 +541,12 @@ class Engine:
 
     def _range_in_lists(self, vec: np.ndarray, radius: float, lists: np.ndarray):
         """(ids, scores) of vectors scoring > radius inside the given IVF lists, list by list (exact scores for
-        IVF-Flat, the codes' scores for IVF-PQ)."""
-        import faiss
+        IVF-Flat, the codes' scores for IVF-PQ; ``t2c.data.ivf_scan``: plain and fast-scan codes alike)."""
+        if self._lscan is None:
+            from t2c.data.ivf_scan import ListScanner
 
-        ivf = faiss.extract_index_ivf(self.snapshot.index)
-        if not len(lists):
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        q = np.ascontiguousarray(vec[None], np.float32)
-        iq = np.ascontiguousarray(lists[None].astype(np.int64))
-        dq = np.ascontiguousarray((self._ivf_layout()[0][lists] @ q[0])[None], np.float32)  # coarse scores
-        res = faiss.RangeSearchResult(1)
-        params = faiss.SearchParametersIVF(nprobe=len(lists))  # per call: the shared index is not mutated
-        ivf.range_search_preassigned_c(1, faiss.swig_ptr(q), float(radius), faiss.swig_ptr(iq),
-                                       faiss.swig_ptr(dq), res, False, params)
-        nd = int(faiss.rev_swig_ptr(res.lims, 2)[1])
-        ids = faiss.rev_swig_ptr(res.labels, nd).copy().astype(np.int64)
-        D = faiss.rev_swig_ptr(res.distances, nd).copy().astype(np.float32)
-        return ids, D
+            self._lscan = ListScanner(self.snapshot.index, self._ivf_layout()[0])
+        return self._lscan.range_in_lists(vec, radius, lists)
 
     def _start_nprobe(self, vec: np.ndarray, cal: Calibration, base: int) -> int:
         """Lists to probe so that ~98% of the concept's estimated positives are covered.

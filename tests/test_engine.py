@@ -29,7 +29,7 @@ def synth(n, d=16, seed=0):
     return v.astype(np.float32), dirs, present
 
 
-def write_store(path, vectors, *, exact_max=200_000, seed=0, memory_budget=None, id_step=1):
+def write_store(path, vectors, *, exact_max=200_000, seed=0, memory_budget=None, id_step=1, factory=None):
     """A real store (StoreWriter + build_index) over given vectors, with a catalog incl. a user column; ids
     0, id_step, 2·id_step... (id_step > 1: ids are not row numbers, as after removals)."""
     n, d = vectors.shape
@@ -45,7 +45,7 @@ def write_store(path, vectors, *, exact_max=200_000, seed=0, memory_budget=None,
         w.commit(Changes(rows, [rel], [], [], [], {"run_id": "r1", "command": "test"}),
                  manifest_fields={"dim": d, "feature_dim": 1, "encoder": "synthetic", "clip": "synthetic"},
                  vectors_for=lambda _ids, feats: vectors[feats[:, 0]],
-                 build_index=lambda v, i: build_index(v, i, exact_max=exact_max,
+                 build_index=lambda v, i: build_index(v, i, exact_max=exact_max, factory=factory,
                                                       **({"memory_budget": memory_budget} if memory_budget else {})))
     return open_store(path)
 
@@ -72,12 +72,16 @@ def ivf_store(tmp_path_factory):
     return snap, make_bank(dirs), present
 
 
-@pytest.fixture(scope="module")
-def pq_store(tmp_path_factory):
-    """An IVF-PQ store (16 B/vector) of 8,000 synthetic 32-d vectors, with its concept bank."""
+@pytest.fixture(scope="module", params=["fast_scan", "pq8"])
+def pq_store(tmp_path_factory, request):
+    """An IVF-PQ store (16 B/vector) of 8,000 synthetic 32-d vectors, with its concept bank: 4-bit fast-scan
+    codes (what stores are built with now) or 8-bit codes (stores built before)."""
     v, dirs, _ = synth(8000, d=32, seed=5)
-    snap = write_store(tmp_path_factory.mktemp("pq") / "st", v, exact_max=1000, memory_budget=16 * len(v))
+    factory = "IVF256,PQ16np" if request.param == "pq8" else None
+    snap = write_store(tmp_path_factory.mktemp("pq") / "st", v, exact_max=1000, memory_budget=16 * len(v),
+                       factory=factory)
     assert snap.manifest["index"]["type"] == "ivf_pq"
+    assert snap.manifest["index"]["factory"].endswith("PQ16np" if factory else "PQ32x4fsr")
     return snap, make_bank(dirs)
 
 

@@ -18,7 +18,7 @@ def test_choice_by_size_and_budget():
     assert choose_index_type(1000, 512)["type"] == "flat"
     assert choose_index_type(1_000_000, 512)["type"] == "ivf_flat"
     pq = choose_index_type(10_000_000, 512, memory_budget=640_000_000)
-    assert pq["type"] == "ivf_pq" and pq["factory"].endswith(f"PQ{pq['m']}np") and 512 % pq["m"] == 0
+    assert pq["type"] == "ivf_pq" and pq["factory"].endswith(f"PQ{2 * pq['m']}x4fsr") and 512 % (2 * pq["m"]) == 0
 
 
 def test_exact_topk_matches_argsort():

@@ -27,7 +27,10 @@ Usage:
 Above ``--lazy-over-gb`` (4 GB of float32 vectors) the set is never held in RAM: ``LazySynth`` draws each
 50,000-row block from its own seed while the store is written (other draws than the in-memory set, the same
 distribution), catalog rows are inserted in batches, and the exact answers come from one scoring pass over the
-store (``Engine.reference_answer(scores=)``) instead of one pass per query.
+store (``Engine.reference_answer(scores=)``) instead of one pass per query. That pass reads all of ``vectors.npy``
+(20 GB at 10M), which would push the float16 copy the engine rescores from out of the page cache, so it runs after
+the timed queries, and without ``--cold`` the float16 copy is read once into the page cache before them, as a
+service that has been answering queries holds it (where it fits in RAM).
 """
 from __future__ import annotations
 
@@ -156,6 +159,16 @@ def build_store(path: Path, vectors: np.ndarray, *, exact_max: int, seed: int, m
     return time.perf_counter() - t0
 
 
+def warm_file(path: Path, chunk: int = 64 << 20) -> None:
+    """Read a file once through the page cache (sequentially, into one reused buffer)."""
+    if not path.exists():
+        return
+    buf = bytearray(chunk)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
 def evict_vectors(snap) -> None:
     """Drop a snapshot's vector files from this process's mappings and from the page cache (cold reads)."""
     snap.drop_vector_pages()  # mapped pages are not evicted while mapped
@@ -245,13 +258,23 @@ def main(argv=None) -> dict:
         a, b, c = rng.choice(names, 3, replace=False)
         queries.append(forms[qi % len(forms)].format(a=a, b=b, c=c))
     all_scores = None
-    if large:  # one pass over the store scores every concept; each exact answer then reads those columns
+
+    def exact_pass():  # one pass over the store scores every concept; each exact answer then reads those columns
         from t2c.query.calibrate import concept_scores
 
         t = time.perf_counter()
         S = concept_scores(snap, dirs)
-        all_scores = {("concept", name): S[:, j] for j, name in enumerate(names)}
-        exact_pass_s = time.perf_counter() - t
+        return {("concept", name): S[:, j] for j, name in enumerate(names)}, time.perf_counter() - t
+
+    after = args.cold or large  # exact answers after the timed queries
+    warmed_s = None
+    if large and not args.cold:
+        # the exact pass reads all of vectors.npy, which would evict the float16 copy the engine rescores from:
+        # it runs after the timed queries, and the copy is read into the page cache first, as a service that
+        # has been answering queries for a while holds it (where it fits in RAM)
+        t = time.perf_counter()
+        warm_file(snap.path / "vectors16.npy")
+        warmed_s = time.perf_counter() - t
     for q in queries[:3]:  # warm caches (page cache, BLAS)
         eng.search(q, k=args.k)
         if not large:
@@ -271,13 +294,15 @@ def main(argv=None) -> dict:
             eng.search(q, k=args.k)
             lat_repeat.append((time.perf_counter() - t) * 1000)
         results.append(res)
-        if not args.cold:  # interleaved, as before; cold: after all timed queries (it reads every vector)
+        if not after:  # interleaved, as before; cold or large: after all timed queries (they read every vector)
             t = time.perf_counter()
             exact_ref = eng.reference_answer(q, scores=all_scores)
             exact_lat.append((time.perf_counter() - t) * 1000)
             results[-1] = (res, exact_ref)
+    if large:
+        all_scores, exact_pass_s = exact_pass()
     for q, item in zip(queries, results):
-        if args.cold:
+        if after:
             t = time.perf_counter()
             item = (item, eng.reference_answer(q, scores=all_scores))
             exact_lat.append((time.perf_counter() - t) * 1000)
@@ -304,7 +329,7 @@ def main(argv=None) -> dict:
                                   "note": "the same query again at once: its rows in the page cache"}}
            if lat_repeat else {}),
         "exact_ms": {"p50": round(e50, 2), "p95": round(float(np.percentile(exact_lat, 95)), 2),
-                     **({"note": "every concept scored in one pass over the store first "
+                     **({"note": "every concept scored in one pass over the store, after the timed queries "
                                  f"({exact_pass_s:.0f} s, not counted per query)"} if large else {})},
         "speedup_p50": None if large else round(e50 / p50, 1),
         "recall": {"mean": round(float(np.mean(recalls)), 4), "min": round(float(np.min(recalls)), 4)},
@@ -320,7 +345,9 @@ def main(argv=None) -> dict:
                     "speedup_ge_10": None if large else e50 / p50 >= 10},
         "setup_seconds": {"generate": round(gen_s, 1), "build_store": None if build_s is None else round(build_s, 1)},
         "settle_band": None if args.rescore_all else list(eng.settle_band),
-        "page_cache": "cold (vector files dropped before every timed query)" if args.cold else "warm",
+        "page_cache": "cold (vector files dropped before every timed query)" if args.cold else (
+            f"warm (vectors16.npy read into the page cache first, {warmed_s:.0f} s; the exact pass after the timed "
+            "queries)" if warmed_s is not None else "warm"),
         "machine": {"cpus": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
                     "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
                     "note": "shared 2-core machine; other jobs may have been running"},

@@ -221,3 +221,61 @@ def test_hnsw_coarse_quantizer_searches_as_deep_as_nprobe():
     np.testing.assert_array_equal(index.search(q, 10)[1], got)
     flat = faiss.index_factory(32, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)
     assert quantizer_params(flat, 8) is None
+
+
+def _lists(index, n):
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    out = np.full(n, -1)
+    for l in range(ivf.nlist):
+        sz = ivf.invlists.list_size(l)
+        if sz:
+            out[faiss.rev_swig_ptr(ivf.invlists.get_ids(l), sz).copy()] = l
+    return out, ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+
+def test_hnsw_assignments_far_from_the_true_list_are_redone_exactly(monkeypatch):
+    """An HNSW coarse quantizer searched shallowly puts some vectors into far lists; the build checks the
+    vectors farthest from their list exactly, so none is left far from its nearest list."""
+    import faiss
+
+    import t2c.indexer.index_build as ib
+
+    monkeypatch.setattr(ib, "ASSIGN_EF", 1)
+    v = _clustered(30000, d=32, seed=3)
+    for factory in ("IVF256_HNSW32,PQ16x4fsr", "IVF256_HNSW32,PQ8np"):
+        index, info = build_index(v, np.arange(len(v)), exact_max=1000, factory=factory)
+        lists, cents = _lists(index, len(v))
+        s = v @ cents.T
+        gap = s.max(1) - s[np.arange(len(v)), lists]
+        # the check found work to do: the shallow graph's own choice leaves far placements
+        q = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+        q.hnsw.efSearch = 1
+        own = q.search(v, 1)[1][:, 0]
+        assert (s.max(1) - s[np.arange(len(v)), own] > 0.1).sum() > 0 and info["reassigned"] > 0
+        assert (gap > 0.1).sum() == 0, factory
+
+
+def test_fast_scan_codes_are_built_converted_and_searched():
+    """``PQ{M}x4fsr`` / ``x4fs``: 4-bit codes written by a plain IVF-PQ index, then converted to fast-scan (on
+    the residual or not); searches and (de)serialisation work, and OPQ in front is refused."""
+    import faiss
+
+    v = _clustered()
+    ids = np.arange(len(v), dtype=np.int64) + 3
+    for factory, residual in (("IVF64,PQ16x4fsr", True), ("IVF64,PQ16x4fs", False)):
+        index, info = build_index(v, ids, exact_max=1000, factory=factory)
+        fs = faiss.downcast_index(index)
+        assert isinstance(fs, faiss.IndexIVFPQFastScan) and fs.by_residual == residual and fs.ntotal == len(v)
+        assert info["m"] == 8 and info["score_error"] > 0 and info["recall_at_10"] >= 0.95
+        again = faiss.deserialize_index(faiss.serialize_index(index))
+        set_search_params(again, info)
+        set_search_params(index, info)
+        d0, i0 = index.search(v[:20], 10)
+        d1, i1 = again.search(v[:20], 10)
+        np.testing.assert_array_equal(i0, i1)
+        # codes alone put most vectors among their own top 10 (tuning's recall above re-ranks exactly)
+        assert np.mean([i in row for i, row in zip(ids[:20], i1.tolist())]) >= 0.7
+    with pytest.raises(InvalidInput, match="OPQ"):
+        build_index(v, ids, exact_max=1000, factory="OPQ16,IVF64,PQ16x4fsr")

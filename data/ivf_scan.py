@@ -114,8 +114,8 @@ class ListScanner:
             shell.implem, shell.skip, shell.qbs = src.implem, src.skip, src.qbs
             shell.replace_invlists(src.invlists, False)  # shared, not owned: the real index frees them
             shell.ntotal, shell.is_trained = src.ntotal, True
-            got = self._local.shell = (shell, qz, self.index)  # the real index stays alive with its shell
-        return got[0], got[1]
+            got = self._local.shell = (shell, qz)  # (the scanner holds the real index, whose lists the shell reads)
+        return got
 
 
 def _result(res) -> tuple[np.ndarray, np.ndarray]:

@@ -22,14 +22,6 @@ import threading
 import numpy as np
 
 
-def is_fast_scan(index) -> bool:
-    """Whether ``index`` is (or wraps) a FAISS fast-scan IVF index."""
-    import faiss
-
-    ivf = faiss.try_extract_index_ivf(index)
-    return ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan)
-
-
 class ListScanner:
     """``range_in_lists`` over one IVF index (plain or fast-scan); thread-safe, one shell index per thread."""
 
@@ -38,7 +30,7 @@ class ListScanner:
 
         self.index = index
         self.ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-        self.fast = isinstance(self.ivf, faiss.IndexIVFFastScan)
+        self.fast = isinstance(self.ivf, faiss.IndexIVFPQFastScan)  # the fast-scan codes build_index writes
         if centroids is None:
             centroids = self.ivf.quantizer.reconstruct_n(0, self.ivf.nlist)
         self.centroids = np.ascontiguousarray(centroids, np.float32)

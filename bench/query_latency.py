@@ -258,14 +258,6 @@ def main(argv=None) -> dict:
         a, b, c = rng.choice(names, 3, replace=False)
         queries.append(forms[qi % len(forms)].format(a=a, b=b, c=c))
     all_scores = None
-
-    def exact_pass():  # one pass over the store scores every concept; each exact answer then reads those columns
-        from t2c.query.calibrate import concept_scores
-
-        t = time.perf_counter()
-        S = concept_scores(snap, dirs)
-        return {("concept", name): S[:, j] for j, name in enumerate(names)}, time.perf_counter() - t
-
     after = args.cold or large  # exact answers after the timed queries
     warmed_s = None
     if large and not args.cold:
@@ -299,8 +291,13 @@ def main(argv=None) -> dict:
             exact_ref = eng.reference_answer(q, scores=all_scores)
             exact_lat.append((time.perf_counter() - t) * 1000)
             results[-1] = (res, exact_ref)
-    if large:
-        all_scores, exact_pass_s = exact_pass()
+    if large:  # one pass over the store scores every concept; each exact answer then reads those columns
+        from t2c.query.calibrate import concept_scores
+
+        t = time.perf_counter()
+        S = concept_scores(snap, dirs)
+        all_scores = {("concept", name): S[:, j] for j, name in enumerate(names)}
+        exact_pass_s = time.perf_counter() - t
     for q, item in zip(queries, results):
         if after:
             t = time.perf_counter()

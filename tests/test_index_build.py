@@ -272,8 +272,8 @@ def test_fast_scan_codes_are_built_converted_and_searched():
         again = faiss.deserialize_index(faiss.serialize_index(index))
         set_search_params(again, info)
         set_search_params(index, info)
-        d0, i0 = index.search(v[:20], 10)
-        d1, i1 = again.search(v[:20], 10)
+        _, i0 = index.search(v[:20], 10)
+        _, i1 = again.search(v[:20], 10)
         np.testing.assert_array_equal(i0, i1)
         # codes alone put most vectors among their own top 10 (tuning's recall above re-ranks exactly)
         assert np.mean([i in row for i, row in zip(ids[:20], i1.tolist())]) >= 0.7

@@ -40,14 +40,14 @@ def _sorted(ids, d):
 
 
 def test_every_list_gives_faiss_own_range_search(index):
-    idx, x, q, factory = index
+    idx, _, q, factory = index
     ls = ListScanner(idx)
     assert ls.fast == ("x4fs" in factory)
     nlist = ls.ivf.nlist
     for qi in q:
         for radius in (0.5, 0.2, 0.0):
             got = _sorted(*ls.range_in_lists(qi, radius, np.arange(nlist)))
-            lims, D, I = idx.range_search(qi[None], radius, params=faiss.SearchParametersIVF(nprobe=nlist))
+            _, D, I = idx.range_search(qi[None], radius, params=faiss.SearchParametersIVF(nprobe=nlist))
             want = _sorted(I.astype(np.int64), D)
             np.testing.assert_array_equal(got[0], want[0])
             np.testing.assert_allclose(got[1], want[1], atol=1e-5)
@@ -55,7 +55,7 @@ def test_every_list_gives_faiss_own_range_search(index):
 
 
 def test_only_the_chosen_lists_are_scanned(index):
-    idx, x, q, _ = index
+    idx, _, q, _ = index
     ls = ListScanner(idx)
     lists = np.array([3, 7, 30])
     ids, d = ls.range_in_lists(q[0], -1.5, lists)  # every member passes

@@ -504,15 +504,16 @@ def decode_for(
 
     Args:
         path: image file.
-        preprocess_fn: RGB PIL image -> CHW float32 array (e.g. ``Encoder.preprocess``; pass a picklable
-            callable when running in a process pool).
+        preprocess_fn: RGB PIL image -> CHW float32 array (e.g. ``Encoder.preprocess``), or an HWC uint8
+            crop to normalise later (``t2c.indexer.preprocess.crop_array``); pass a picklable callable when
+            running in a process pool.
         max_pixels, max_bytes, draft: as in ``load_image``.
         with_hash: also return ``content_hash`` of the very bytes that were decoded (no second read).
         data: the file's bytes, already in memory (an upload): decoded with the same checks and reasons
             (``empty``, ``too_large``, ``not_an_image``, ``bomb``, ...); ``path`` then only names it in messages.
 
     Returns:
-        ``(array, meta)``: the float32 CHW array and ``{"width", "height"}`` of the original image after
+        ``(array, meta)``: the array (float32, or uint8 as ``preprocess_fn`` gave it) and ``{"width", "height"}`` of the original image after
         EXIF rotation (before preprocessing), plus ``format``, ``mode`` (the source mode), ``file_size``
         and, when asked, ``content_hash``.
 
@@ -528,7 +529,8 @@ def decode_for(
         arr = preprocess_fn(rgb)
     except (OSError, ValueError, MemoryError) as e:
         raise _fail("preprocess_failed", path, f"preprocessing failed ({type(e).__name__}: {e})") from None
-    return np.ascontiguousarray(arr, dtype=np.float32), meta
+    arr = np.asarray(arr)
+    return np.ascontiguousarray(arr, dtype=np.uint8 if arr.dtype == np.uint8 else np.float32), meta
 
 
 def try_decode_for(

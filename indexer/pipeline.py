@@ -57,9 +57,12 @@ class IndexReport:
 _CFG: dict = {}
 
 
-def _init_worker(cfg: dict) -> None:
+def _init_worker(cfg: dict, lower_priority: bool = True) -> None:
+    """Set a decode worker's preprocessing; a pool worker also lowers its priority (never the caller's own)."""
     global _CFG
     _CFG = cfg
+    if not lower_priority:
+        return
     try:  # decoding workers must not fight the encoder for cores
         os.nice(5)
     except OSError:
@@ -72,14 +75,25 @@ def decode_file(path: str, cfg: dict) -> tuple[np.ndarray | None, ItemResult]:
     Returns:
         (CHW float32 array, result without features) or (None, a result with the reason it failed).
     """
+    crop, result = decode_crop(path, cfg)
+    if crop is None:
+        return None, result
+    from t2c.indexer.preprocess import normalise
+
+    return normalise(crop, cfg["mean"], cfg["std"]), result
+
+
+def decode_crop(path: str, cfg: dict) -> tuple[np.ndarray | None, ItemResult]:
+    """:func:`decode_file` before normalisation: the HWC uint8 crop (what decode workers send: a quarter of the
+    float32 array's bytes to pickle and pipe); never raises."""
     from functools import partial
 
     from t2c.data.errors import ImageDecodeError
     from t2c.data.images import decode_for
-    from t2c.indexer.preprocess import preprocess_image
+    from t2c.indexer.preprocess import crop_array
 
     try:
-        arr, meta = decode_for(str(path), partial(preprocess_image, cfg=cfg), int(cfg["max_pixels"]),
+        arr, meta = decode_for(str(path), partial(crop_array, cfg=cfg), int(cfg["max_pixels"]),
                                draft=int(cfg["image_size"]), with_hash=True)
         return arr, ItemResult(True, width=int(meta["width"]), height=int(meta["height"]),
                                content_hash=meta["content_hash"])
@@ -90,7 +104,19 @@ def decode_file(path: str, cfg: dict) -> tuple[np.ndarray | None, ItemResult]:
 
 
 def _decode(path: str):
-    return decode_file(path, _CFG)
+    return decode_crop(path, _CFG)
+
+
+def normalised(crops: list, cfg: dict, out: np.ndarray | None = None) -> np.ndarray:
+    """(N, 3, H, W) float32 of HWC uint8 crops, normalised per ``cfg`` (into ``out[:N]`` when given)."""
+    from t2c.indexer.preprocess import normalise
+
+    if out is None:
+        s = int(cfg["image_size"])
+        out = np.empty((len(crops), 3, s, s), np.float32)
+    for j, c in enumerate(crops):
+        normalise(c, cfg["mean"], cfg["std"], out=out[j])
+    return out[: len(crops)]
 
 
 DECODE_BUFFER_BYTES = 256 << 20  # decoded arrays a pool may hold ahead of the encoder
@@ -98,10 +124,11 @@ DECODE_BLOCK = 16  # paths handed to the pool at a time
 
 
 class Decoder:
-    """Ordered parallel decoding (a process pool), or in-process when workers=0.
+    """Ordered parallel decoding (a process pool), or in-process when workers=0, into HWC uint8 crops.
 
-    The pool decodes ahead of the encoder by at most ``DECODE_BUFFER_BYTES`` of arrays (a bounded window), so a
-    fast decoder never piles up a whole run's images in memory.
+    The pool decodes ahead of the encoder by at most ``DECODE_BUFFER_BYTES`` of crops (a bounded window), so a
+    fast decoder never piles up a whole run's images in memory. The crops are normalised where they are
+    batched (:func:`normalised`), so each crosses the pipe as bytes, not as a float32 array four times larger.
     """
 
     def __init__(self, cfg: dict, workers: int):
@@ -116,12 +143,12 @@ class Decoder:
     def window(self) -> int:
         """Images decoded ahead at most."""
         s = int(self.cfg.get("image_size", 224))
-        return int(min(4096, max(4 * DECODE_BLOCK, DECODE_BUFFER_BYTES // (3 * s * s * 4))))
+        return int(min(4096, max(4 * DECODE_BLOCK, DECODE_BUFFER_BYTES // (3 * s * s))))
 
     def imap(self, paths):
-        """Decoded ``(array, ItemResult)`` of each path, in order; the pool starts on the first paths at once."""
-        if self.pool is None:
-            _init_worker(self.cfg)
+        """Decoded ``(crop, ItemResult)`` of each path, in order; the pool starts on the first paths at once."""
+        if self.pool is None:  # in this process: its priority is the caller's, left as it is
+            _init_worker(self.cfg, lower_priority=False)
             return map(_decode, paths)
         return _Window(self.pool, iter(paths), max(1, self.window // DECODE_BLOCK))
 
@@ -324,8 +351,8 @@ def fit_aligner_on_folder(encoder, clip_spec: str, paths: list[str], *, max_pixe
     acc = RidgeAccumulator(encoder.dim, clip.dim)
     root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
     bar = progress_bar(len(paths), "fit aligner", progress)
-    dec_e = Decoder(dict(encoder.preprocess_config(), max_pixels=max_pixels), workers)
-    dec_c = Decoder(dict(clip.preprocess_config(), max_pixels=max_pixels), workers)
+    cfg_e, cfg_c = (dict(e.preprocess_config(), max_pixels=max_pixels) for e in (encoder, clip))
+    dec_e, dec_c = Decoder(cfg_e, workers), Decoder(cfg_c, workers)
     try:
         for chunk_start in range(0, len(paths), PART_SIZE):
             chunk = paths[chunk_start : chunk_start + PART_SIZE]
@@ -336,8 +363,8 @@ def fit_aligner_on_folder(encoder, clip_spec: str, paths: list[str], *, max_pixe
                     xc.append(ac)
                     keys.append(os.path.relpath(os.path.abspath(p), root))
             if keys:
-                fe = encoder.encode_images(np.stack(xe))
-                fc = clip.encode_images(np.stack(xc))
+                fe = encoder.encode_images(normalised(xe, cfg_e))
+                fc = clip.encode_images(normalised(xc, cfg_c))
                 fc /= np.maximum(np.linalg.norm(fc, axis=1, keepdims=True), 1e-12)
                 acc.add(fe, fc, keys=keys)
             bar.update(len(chunk))
@@ -688,31 +715,31 @@ def _new_skips(writer: StoreWriter, plan: Plan) -> bool:
 
 def _process_part(staging: Staging, i: int, items: list, results, encoder, user_columns: dict,
                   root: Path | None = None) -> None:
-    """Encode one part's decoded images and write the part to staging."""
+    """Encode one part's decoded images (HWC uint8 crops) and write the part to staging."""
     decoded = [next(results) for _ in items]
     check_source_present(items, [r for _, r in decoded], root, staging)
-    arrays = [arr for arr, _ in decoded if arr is not None]
-    rows = iter(_encode_list(encoder, arrays))
+    crops = [arr for arr, _ in decoded if arr is not None]
+    rows = iter(_encode_list(encoder, crops))
     out = [r if arr is None else ItemResult(True, next(rows), r.width, r.height, r.content_hash)
            for arr, r in decoded]
     staging.write_part(i, items, out, encoder.dim, user_columns)
 
 
-def _encode_list(encoder, arrays: list) -> np.ndarray:
-    """Features of a list of equal-shaped CHW arrays, one batch at a time through one reused batch buffer.
+def _encode_list(encoder, crops: list) -> np.ndarray:
+    """Features of a list of equal-shaped HWC uint8 crops, one batch at a time through one reused batch buffer.
 
-    Stacking a whole part at once would copy it into a fresh 150 MB array (page faults included) before the
-    first batch could start; a batch-sized buffer stays in cache and is filled just before its forward pass.
+    Each batch's crops are normalised straight into the buffer (:func:`normalised`) just before its forward
+    pass: the buffer stays in cache, and no whole part is ever copied into a fresh 150 MB float32 array.
     """
-    if not arrays:
+    if not crops:
         return np.zeros((0, encoder.dim), np.float32)
-    bs = max(1, int(getattr(encoder, "batch_size", 0) or len(arrays)))
-    buf = np.empty((min(bs, len(arrays)), *arrays[0].shape), np.float32)
+    cfg = encoder.preprocess_config()
+    bs = max(1, int(getattr(encoder, "batch_size", 0) or len(crops)))
+    h, w = crops[0].shape[:2]
+    buf = np.empty((min(bs, len(crops)), 3, h, w), np.float32)
     out = []
-    for i in range(0, len(arrays), bs):
-        chunk = arrays[i : i + bs]
-        np.stack(chunk, out=buf[: len(chunk)])
-        out.append(encoder.encode_images(buf[: len(chunk)]))
+    for i in range(0, len(crops), bs):
+        out.append(encoder.encode_images(normalised(crops[i : i + bs], cfg, out=buf)))
     return np.concatenate(out) if len(out) > 1 else out[0]
 
 

@@ -17,7 +17,12 @@ def preprocess_image(img, cfg: dict) -> np.ndarray:
     may run its two passes in the other order, and the 8-bit rounding between them moves pixels by up to 20
     grey levels); normalisation goes through a table, bit for bit the float arithmetic.
     """
-    return normalise(np.asarray(resize_crop(img, cfg)), cfg["mean"], cfg["std"])
+    return normalise(crop_array(img, cfg), cfg["mean"], cfg["std"])
+
+
+def crop_array(img, cfg: dict) -> np.ndarray:
+    """The HWC uint8 RGB array ``preprocess_image`` normalises (what decode workers hand over: 4x smaller)."""
+    return np.asarray(resize_crop(img, cfg))
 
 
 def resize_crop(img, cfg: dict):
@@ -42,14 +47,16 @@ def resize_crop(img, cfg: dict):
     return img
 
 
-def normalise(rgb: np.ndarray, mean, std) -> np.ndarray:
+def normalise(rgb: np.ndarray, mean, std, out: np.ndarray | None = None) -> np.ndarray:
     """HWC uint8 RGB -> CHW float32 ``(x / 255 - mean) / std``, through a 256-entry table per channel.
 
     The table holds exactly what the float32 arithmetic gives for each byte value, so the result is bit-for-bit
-    that of computing it pixel by pixel, in one pass instead of five.
+    that of computing it pixel by pixel, in one pass instead of five. ``out``: a (3, H, W) float32 array to fill
+    (a slot of a batch buffer) instead of a new one.
     """
     lut = _table(tuple(float(m) for m in mean), tuple(float(v) for v in std))
-    out = np.empty((3, *rgb.shape[:2]), np.float32)
+    if out is None:
+        out = np.empty((3, *rgb.shape[:2]), np.float32)
     for c in range(3):
         np.take(lut[c], rgb[:, :, c], out=out[c])
     return out

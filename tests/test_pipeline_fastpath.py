@@ -99,7 +99,7 @@ def test_the_decode_window_keeps_order_and_bounds_what_is_in_flight():
     got = list(pl._Window(pool, iter(paths), blocks=3))
     assert got == paths and pool.most <= 3
     assert list(pl._Window(Pool(), iter([]), blocks=3)) == []
-    assert pl.Decoder({"image_size": 224}, 0).window * 3 * 224 * 224 * 4 <= pl.DECODE_BUFFER_BYTES
+    assert pl.Decoder({"image_size": 224}, 0).window * 3 * 224 * 224 <= pl.DECODE_BUFFER_BYTES  # uint8 crops
 
 
 @pytest.mark.parametrize("spec", ["world:clip", "world:pairnet?features=stages&precision=bf16",
@@ -118,3 +118,19 @@ def test_sources_that_cannot_tell_give_no_hint():
     assert E.preprocess_hint("open_clip:no-such-model?weights=random") is None
     assert not E.same_preprocess(None, {"image_size": 32})
     assert E.same_preprocess({"mean": [0.5, 0.5]}, {"mean": (0.5, 0.5)})
+
+
+def test_in_process_decoding_leaves_the_callers_priority(tmp_path):
+    """workers=0 decodes in the caller's process: it must not lower that process's priority (only pool workers
+    give way to the encoder), however often it runs."""
+    import os
+
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+    before = os.nice(0)
+    cfg = {"image_size": 16, "mean": (0.5,) * 3, "std": (0.5,) * 3, "max_pixels": 10**6}
+    for _ in range(3):
+        (crop, result), = list(pl.Decoder(cfg, 0).imap([str(tmp_path / "a.png")]))
+        assert result.ok and crop.shape == (16, 16, 3)
+    assert os.nice(0) == before

@@ -30,6 +30,33 @@ def test_normalise_is_bit_for_bit_the_float_arithmetic():
     got = normalise(rgb, MEAN, STD)
     assert got.dtype == np.float32 and got.shape == (3, 37, 53) and got.flags.c_contiguous
     assert np.array_equal(got, want.transpose(2, 0, 1))
+    slot = np.full((2, 3, 37, 53), np.nan, np.float32)
+    assert normalise(rgb, MEAN, STD, out=slot[1]) is not None
+    assert np.array_equal(slot[1], got) and np.isnan(slot[0]).all()  # filled in place, nothing else touched
+
+
+def test_worker_crops_normalised_later_equal_the_float_preprocessing(tmp_path):
+    """Decode workers send uint8 crops; normalised where batched they are the encoder's own float32 input."""
+    from t2c.data.images import load_image
+    from t2c.indexer.pipeline import decode_crop, decode_file, normalised
+
+    rng = np.random.default_rng(3)
+    cfg = {"image_size": 32, "mean": MEAN, "std": STD, "resize_mode": "shorter", "crop_pct": 0.875,
+           "max_pixels": 10**7}
+    paths = []
+    for i, (w, h) in enumerate([(90, 70), (64, 120)]):
+        paths.append(tmp_path / f"{i}.jpg")
+        _photo(rng, w, h).save(paths[-1], quality=92)
+    crops = [decode_crop(str(p), cfg)[0] for p in paths]
+    assert all(c.dtype == np.uint8 and c.shape == (32, 32, 3) for c in crops)
+    batch = normalised(crops, cfg)
+    for p, row in zip(paths, batch):
+        assert np.array_equal(row, decode_file(str(p), cfg)[0])
+        assert np.array_equal(row, preprocess_image(load_image(str(p), draft=32), cfg))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    crop, result = decode_crop(str(bad), cfg)
+    assert crop is None and not result.ok and result.reason
 
 
 @pytest.mark.parametrize("crop_pct", [1.0, 0.875])

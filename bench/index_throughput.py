@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--max-side", type=int, default=800, help="largest image side (800: 0.64 MP)")
     ap.add_argument("--encoder", default="open_clip:ViT-B-32?weights=random")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=None, help="decode processes of the run (default: cores - 1)")
+    ap.add_argument("--workers", type=int, default=None, help="decode processes of the run (default: the pipeline's, one per core)")
     ap.add_argument("--precision", default="fp32", help="precision of the run's encoder (fp32|bf16|int8)")
     ap.add_argument("--runtime", default=None, help="runtime= of the run's encoder (default: the pipeline's "
                                                     "auto: OpenVINO when installed; torch: the plain path)")
@@ -83,6 +83,8 @@ def main() -> None:
                     help="at fp32, also time the pipeline's own decode + encode loop (its Decoder pool and batch "
                          "code, this process's model) over every image with no head start, ROUNDS times, each "
                          "between two forward passes: decoding overlapped at steady state (0: skip)")
+    ap.add_argument("--steady-workers", default=None, metavar="N,M",
+                    help="decode processes of the --steady rounds, taken in turn (default: the run's)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
 
@@ -250,10 +252,14 @@ def _steady_rounds(enc, forward, paths: list, args) -> dict:
     from t2c.data.images import DEFAULT_MAX_PIXELS
     from t2c.indexer.pipeline import Decoder, _encode_list
 
-    workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    from t2c.indexer.pipeline import default_workers
+
+    default = args.workers if args.workers is not None else default_workers()
+    choices = [int(w) for w in args.steady_workers.split(",")] if args.steady_workers else [default]
     cfg = dict(enc.preprocess_config(), max_pixels=DEFAULT_MAX_PIXELS)
     rounds = []
-    for _ in range(args.steady):
+    for r in range(args.steady):
+        workers = choices[r % len(choices)]
         f_before = args.n / forward(enc)
         dec = Decoder(cfg, workers)
         try:
@@ -267,9 +273,11 @@ def _steady_rounds(enc, forward, paths: list, args) -> dict:
         finally:
             dec.close()
         f_after = args.n / forward(enc)
-        rounds.append({"loop_images_per_s": round(loop_ips, 2), "fp32_forward_before_after": [round(f_before, 2),
+        rounds.append({"workers": workers, "loop_images_per_s": round(loop_ips, 2), "fp32_forward_before_after": [round(f_before, 2),
                        round(f_after, 2)], "ratio": round(loop_ips / ((f_before + f_after) / 2), 3)})
-    return {"rounds": rounds, "ratio_median": _median([r["ratio"] for r in rounds]), "workers": workers,
+    return {"rounds": rounds, "ratio_median": _median([r["ratio"] for r in rounds if r["workers"] == default]),
+            "ratio_median_by_workers": {w: _median([r["ratio"] for r in rounds if r["workers"] == w]) for w in choices},
+            "workers": default,
             "note": "decode workers start with the loop (no images decoded ahead): what decoding costs the "
                     "forward pass once a long run has used up its head start; staging writes not included"}
 

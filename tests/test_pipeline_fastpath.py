@@ -99,6 +99,14 @@ def test_the_decode_window_keeps_order_and_bounds_what_is_in_flight():
     got = list(pl._Window(pool, iter(paths), blocks=3))
     assert got == paths and pool.most <= 3
     assert list(pl._Window(Pool(), iter([]), blocks=3)) == []
+
+    # several pools (a decoder grown when encoding starts): blocks go to each in turn, results stay in order
+    pools, many = [Pool()], [f"p{i}" for i in range(300)]
+    w = pl._Window(pools, iter(many), blocks=3)
+    got = [next(w) for _ in range(40)]
+    pools.append(Pool())
+    got += list(w)
+    assert got == many and pools[1].most >= 1 and max(p.most for p in pools) <= 3
     assert pl.Decoder({"image_size": 224}, 0).window * 3 * 224 * 224 <= pl.DECODE_BUFFER_BYTES  # uint8 crops
 
 
@@ -134,3 +142,26 @@ def test_in_process_decoding_leaves_the_callers_priority(tmp_path):
         (crop, result), = list(pl.Decoder(cfg, 0).imap([str(tmp_path / "a.png")]))
         assert result.ok and crop.shape == (16, 16, 3)
     assert os.nice(0) == before
+
+
+def test_a_grown_decoder_keeps_order(tmp_path):
+    """Workers added to a decoder mid-stream (start-up's share, then one per core) decode the rest in order."""
+    from PIL import Image
+
+    for i in range(40):
+        Image.new("RGB", (20 + i, 24), (6 * i, 0, 255 - 6 * i)).save(tmp_path / f"{i:02d}.png")
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    cfg = {"image_size": 8, "mean": (0.5,) * 3, "std": (0.5,) * 3, "max_pixels": 10**6}
+    want = [pl.decode_crop(p, cfg)[0] for p in paths]
+    dec = pl.Decoder(cfg, 1)
+    try:
+        it = dec.imap(paths)
+        got = [next(it)[0] for _ in range(5)]
+        dec.grow(1)
+        dec.grow(0)
+        assert dec.workers == 2 and len(dec.pools) == 2
+        got += [a for a, _ in it]
+    finally:
+        dec.close()
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert dec.pools == [] and dec.pool is None

@@ -70,7 +70,7 @@ def index(
     fit_aligner: Optional[int] = typer.Option(None, "--fit-aligner", min=10, help="Fit an aligner on N images."),
     clip: Optional[str] = typer.Option(None, "--clip", help="CLIP spec to align into."),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Follow symlinks (loop-safe)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decode processes (0: in-process)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decode processes (default: one per core; 0: in-process)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),

@@ -513,9 +513,9 @@ def decode_for(
             (``empty``, ``too_large``, ``not_an_image``, ``bomb``, ...); ``path`` then only names it in messages.
 
     Returns:
-        ``(array, meta)``: the array (float32, or uint8 as ``preprocess_fn`` gave it) and ``{"width", "height"}`` of the original image after
-        EXIF rotation (before preprocessing), plus ``format``, ``mode`` (the source mode), ``file_size``
-        and, when asked, ``content_hash``.
+        ``(array, meta)``: the array (float32, or uint8 as ``preprocess_fn`` gave it) and
+        ``{"width", "height"}`` of the original image after EXIF rotation (before preprocessing), plus
+        ``format``, ``mode`` (the source mode), ``file_size`` and, when asked, ``content_hash``.
 
     Raises:
         ImageDecodeError: any ``REASONS`` tag; ``preprocess_failed`` when ``preprocess_fn`` raises an

@@ -70,7 +70,8 @@ def main() -> None:
     ap.add_argument("--max-side", type=int, default=800, help="largest image side (800: 0.64 MP)")
     ap.add_argument("--encoder", default="open_clip:ViT-B-32?weights=random")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=None, help="decode processes of the run (default: the pipeline's, one per core)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="decode processes of the run (default: the pipeline's, one per core)")
     ap.add_argument("--precision", default="fp32", help="precision of the run's encoder (fp32|bf16|int8)")
     ap.add_argument("--runtime", default=None, help="runtime= of the run's encoder (default: the pipeline's "
                                                     "auto: OpenVINO when installed; torch: the plain path)")
@@ -239,7 +240,7 @@ def _run_row(t: float, r: dict, n: int, fp32_ips: float, adjacent: tuple | None 
     near = {} if adjacent is None else {
         "fp32_forward_before_after": [round(x, 2) for x in adjacent],
         "loop_ratio_adjacent": round(r["images_per_second"] / (sum(adjacent) / 2), 3)}
-    return {**near,"seconds": round(t, 2), "images_per_s": round(n / t, 2), "ratio": round((n / t) / fp32_ips, 3),
+    return {**near, "seconds": round(t, 2), "images_per_s": round(n / t, 2), "ratio": round((n / t) / fp32_ips, 3),
             "stage_seconds": st, "outside_index_folder": round(max(0.0, t - r["seconds"]), 2),
             "startup_commit_seconds": round(_startup(t, st, r["seconds"]), 2),
             # the whole process beyond the eager fp32 forward pass over every image: start-up, commit and whatever
@@ -250,9 +251,7 @@ def _run_row(t: float, r: dict, n: int, fp32_ips: float, adjacent: tuple | None 
 def _steady_rounds(enc, forward, paths: list, args) -> dict:
     """The pipeline's decode + encode loop with no head start, between forward passes (see ``--steady``)."""
     from t2c.data.images import DEFAULT_MAX_PIXELS
-    from t2c.indexer.pipeline import Decoder, _encode_list
-
-    from t2c.indexer.pipeline import default_workers
+    from t2c.indexer.pipeline import Decoder, _encode_list, default_workers
 
     default = args.workers if args.workers is not None else default_workers()
     choices = [int(w) for w in args.steady_workers.split(",")] if args.steady_workers else [default]
@@ -273,8 +272,9 @@ def _steady_rounds(enc, forward, paths: list, args) -> dict:
         finally:
             dec.close()
         f_after = args.n / forward(enc)
-        rounds.append({"workers": workers, "loop_images_per_s": round(loop_ips, 2), "fp32_forward_before_after": [round(f_before, 2),
-                       round(f_after, 2)], "ratio": round(loop_ips / ((f_before + f_after) / 2), 3)})
+        rounds.append({"workers": workers, "loop_images_per_s": round(loop_ips, 2),
+                       "fp32_forward_before_after": [round(f_before, 2), round(f_after, 2)],
+                       "ratio": round(loop_ips / ((f_before + f_after) / 2), 3)})
     return {"rounds": rounds, "ratio_median": _median([r["ratio"] for r in rounds if r["workers"] == default]),
             "ratio_median_by_workers": {w: _median([r["ratio"] for r in rounds if r["workers"] == w]) for w in choices},
             "workers": default,

@@ -153,7 +153,6 @@ class Decoder:
     def __init__(self, cfg: dict, workers: int):
         self.cfg = cfg
         self.workers = 0
-        self.pool = None
         self.pools: list = []  # blocks go to these in turn (``grow`` adds one)
         self.grow(workers)
 
@@ -163,7 +162,6 @@ class Decoder:
             return
         ctx = mp.get_context("spawn")
         self.pools.append(ctx.Pool(workers, initializer=_init_worker, initargs=(self.cfg,)))
-        self.pool = self.pools[0]
         self.workers += workers
 
     @property
@@ -174,7 +172,7 @@ class Decoder:
 
     def imap(self, paths):
         """Decoded ``(crop, ItemResult)`` of each path, in order; the pool starts on the first paths at once."""
-        if self.pool is None:  # in this process: its priority is the caller's, left as it is
+        if not self.pools:  # in this process: its priority is the caller's, left as it is
             _init_worker(self.cfg, lower_priority=False)
             return map(_decode, paths)
         return _Window(self.pools, iter(paths), max(1, self.window // DECODE_BLOCK))
@@ -184,7 +182,6 @@ class Decoder:
             pool.terminate()
             pool.join()
         self.pools.clear()
-        self.pool = None
 
 
 class _Window:

@@ -164,4 +164,4 @@ def test_a_grown_decoder_keeps_order(tmp_path):
     finally:
         dec.close()
     assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
-    assert dec.pools == [] and dec.pool is None
+    assert dec.pools == [] and dec.workers == 2

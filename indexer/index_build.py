@@ -160,6 +160,10 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, *, memory_budget: int = DE
         index = faiss.index_factory(d, build_factory, faiss.METRIC_INNER_PRODUCT)
         if fast and not fast.group(2):
             faiss.extract_index_ivf(index).by_residual = False
+        plain = isinstance(faiss.downcast_index(index), faiss.IndexIVF)  # no pre-transform (OPQ) before the lists
+        if fast and not plain:
+            raise InvalidInput(f"index factory {factory!r}: fast-scan codes need the lists first (no OPQ before them)",
+                               "drop the OPQ prefix, or use PQ{m}np codes")
         rng = np.random.default_rng(seed)
         ntrain = min(n, max(choice["nlist"] * 40, 10_000))
         train = gather_rows(vectors, np.sort(rng.choice(n, ntrain, replace=False)))
@@ -180,10 +184,6 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, *, memory_budget: int = DE
             faiss.extract_index_ivf(index).clustering_index = None  # never left pointing at a freed index
             hnsw_q = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
             ef0, hnsw_q.hnsw.efSearch = hnsw_q.hnsw.efSearch, ASSIGN_EF  # each vector into its nearest list
-        plain = isinstance(faiss.downcast_index(index), faiss.IndexIVF)  # no pre-transform (OPQ) before the lists
-        if fast and not plain:
-            raise InvalidInput(f"index factory {factory!r}: fast-scan codes need the lists first (no OPQ before them)",
-                               "drop the OPQ prefix, or use PQ{m}np codes")
         checker = _AssignmentCheck(index) if hnsw_q is not None and plain else None
         for s in range(0, n, 262144):
             x, i = _f32(vectors[s : s + 262144]), np.ascontiguousarray(ids[s : s + 262144], np.int64)

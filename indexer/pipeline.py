@@ -22,6 +22,7 @@ import numpy as np
 
 from t2c.data.errors import AlignerError, InvalidInput, SourceGone, StoreError, T2CError
 from t2c.data.store import RESUME_NOTE, Changes, StoreWriter, new_feature_shard_name, store_faults
+from t2c.indexer.feed import encode_crops
 from t2c.indexer.staging import ItemResult, Staging
 from t2c.indexer.worklist import WorkList, WorkListWriter
 
@@ -69,23 +70,13 @@ def _init_worker(cfg: dict, lower_priority: bool = True) -> None:
         pass
 
 
-def decode_file(path: str, cfg: dict) -> tuple[np.ndarray | None, ItemResult]:
-    """Decode + preprocess one file (``cfg``: preprocessing and ``max_pixels``); never raises.
+def decode_crop(path: str, cfg: dict) -> tuple[np.ndarray | None, ItemResult]:
+    """Decode, resize and crop one file (``cfg``: preprocessing and ``max_pixels``) into the HWC uint8 crop that
+    decode workers send (a quarter of the normalised float32 array's bytes to pickle and pipe); never raises.
 
     Returns:
-        (CHW float32 array, result without features) or (None, a result with the reason it failed).
+        (crop, result without features) or (None, a result with the reason it failed).
     """
-    crop, result = decode_crop(path, cfg)
-    if crop is None:
-        return None, result
-    from t2c.indexer.preprocess import normalise
-
-    return normalise(crop, cfg["mean"], cfg["std"]), result
-
-
-def decode_crop(path: str, cfg: dict) -> tuple[np.ndarray | None, ItemResult]:
-    """:func:`decode_file` before normalisation: the HWC uint8 crop (what decode workers send: a quarter of the
-    float32 array's bytes to pickle and pipe); never raises."""
     from functools import partial
 
     from t2c.data.errors import ImageDecodeError
@@ -105,18 +96,6 @@ def decode_crop(path: str, cfg: dict) -> tuple[np.ndarray | None, ItemResult]:
 
 def _decode(path: str):
     return decode_crop(path, _CFG)
-
-
-def normalised(crops: list, cfg: dict, out: np.ndarray | None = None) -> np.ndarray:
-    """(N, 3, H, W) float32 of HWC uint8 crops, normalised per ``cfg`` (into ``out[:N]`` when given)."""
-    from t2c.indexer.preprocess import normalise
-
-    if out is None:
-        s = int(cfg["image_size"])
-        out = np.empty((len(crops), 3, s, s), np.float32)
-    for j, c in enumerate(crops):
-        normalise(c, cfg["mean"], cfg["std"], out=out[j])
-    return out[: len(crops)]
 
 
 def usable_cores() -> int:
@@ -147,7 +126,7 @@ class Decoder:
 
     The pool decodes ahead of the encoder by at most ``DECODE_BUFFER_BYTES`` of crops (a bounded window), so a
     fast decoder never piles up a whole run's images in memory. The crops are normalised where they are
-    batched (:func:`normalised`), so each crosses the pipe as bytes, not as a float32 array four times larger.
+    batched (:func:`t2c.indexer.feed.encode_crops`), so each crosses the pipe as bytes, not as a float32 array four times larger.
     """
 
     def __init__(self, cfg: dict, workers: int):
@@ -398,8 +377,7 @@ def fit_aligner_on_folder(encoder, clip_spec: str, paths: list[str], *, max_pixe
                     xc.append(ac)
                     keys.append(os.path.relpath(os.path.abspath(p), root))
             if keys:
-                fe = encoder.encode_images(normalised(xe, cfg_e))
-                fc = clip.encode_images(normalised(xc, cfg_c))
+                fe, fc = encode_crops(encoder, xe), encode_crops(clip, xc)
                 fc /= np.maximum(np.linalg.norm(fc, axis=1, keepdims=True), 1e-12)
                 acc.add(fe, fc, keys=keys)
             bar.update(len(chunk))
@@ -681,7 +659,7 @@ def _weights_digests(encoder_spec: str, clip_spec: str) -> dict:
     return {"encoder": shipped_weights_digest(encoder_spec), "clip": shipped_weights_digest(clip_spec)}
 
 
-def finish_run(writer: StoreWriter, run: _Run, plan: Plan, root_label: str, memory_budget, processed: int,
+def finish_run(writer: StoreWriter, run: "Run", plan: Plan, root_label: str, memory_budget, processed: int,
                 enc_seconds: float, t0: float, engine: str | None = None) -> IndexReport:
     """Common end of a run: collect the staged parts, commit a snapshot, fill in the report."""
     from t2c.indexer.index_build import DEFAULT_BUDGET, build_index
@@ -757,28 +735,10 @@ def _process_part(staging: Staging, i: int, items: list, results, encoder, user_
     decoded = [next(results) for _ in items]
     check_source_present(items, [r for _, r in decoded], root, staging)
     crops = [arr for arr, _ in decoded if arr is not None]
-    rows = iter(_encode_list(encoder, crops))
+    rows = iter(encode_crops(encoder, crops))
     out = [r if arr is None else ItemResult(True, next(rows), r.width, r.height, r.content_hash)
            for arr, r in decoded]
     staging.write_part(i, items, out, encoder.dim, user_columns)
-
-
-def _encode_list(encoder, crops: list) -> np.ndarray:
-    """Features of a list of equal-shaped HWC uint8 crops, one batch at a time through one reused batch buffer.
-
-    Each batch's crops are normalised straight into the buffer (:func:`normalised`) just before its forward
-    pass: the buffer stays in cache, and no whole part is ever copied into a fresh 150 MB float32 array.
-    """
-    if not crops:
-        return np.zeros((0, encoder.dim), np.float32)
-    cfg = encoder.preprocess_config()
-    bs = max(1, int(getattr(encoder, "batch_size", 0) or len(crops)))
-    h, w = crops[0].shape[:2]
-    buf = np.empty((min(bs, len(crops)), 3, h, w), np.float32)
-    out = []
-    for i in range(0, len(crops), bs):
-        out.append(encoder.encode_images(normalised(crops[i : i + bs], cfg, out=buf)))
-    return np.concatenate(out) if len(out) > 1 else out[0]
 
 
 def _collect(writer: StoreWriter, run: Run, plan: Plan) -> Changes:

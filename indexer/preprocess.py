@@ -54,12 +54,17 @@ def normalise(rgb: np.ndarray, mean, std, out: np.ndarray | None = None) -> np.n
     that of computing it pixel by pixel, in one pass instead of five. ``out``: a (3, H, W) float32 array to fill
     (a slot of a batch buffer) instead of a new one.
     """
-    lut = _table(tuple(float(m) for m in mean), tuple(float(v) for v in std))
+    lut = channel_table(mean, std)
     if out is None:
         out = np.empty((3, *rgb.shape[:2]), np.float32)
     for c in range(3):
         np.take(lut[c], rgb[:, :, c], out=out[c])
     return out
+
+
+def channel_table(mean, std) -> np.ndarray:
+    """(3, 256) float32: channel c's normalised value ``(v / 255 - mean[c]) / std[c]`` of each byte value v."""
+    return _table(tuple(float(m) for m in mean), tuple(float(v) for v in std))
 
 
 @lru_cache(maxsize=16)

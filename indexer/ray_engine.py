@@ -30,7 +30,7 @@ import numpy as np
 from t2c.data.errors import InvalidInput, NotFound, StoreError
 from t2c.data.store import StoreWriter, store_faults
 from t2c.indexer.pipeline import (DEFAULT_MAX_PIXELS, PART_SIZE, IndexReport, Plan, check_encoder, check_source_present,
-                                  decode_file, finish_run, plan_entries, plan_run, plan_walk, progress_bar, space_needed, start_run)
+                                  decode_crop, finish_run, plan_entries, plan_run, plan_walk, progress_bar, space_needed, start_run)
 from t2c.indexer.staging import ItemResult, Staging
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -82,13 +82,14 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, runtime
 # stages (module-level so Ray can ship them by reference)
 # ------------------------------------------------------------------------------------------------
 def decode_batch(batch: dict, cfg: dict) -> dict:
-    """Decode + preprocess a batch of paths; failures become rows with ``ok=False`` and a reason."""
+    """Decode + crop a batch of paths into HWC uint8 crops (a quarter of float32's bytes in the object store;
+    the encode actor normalises them); failures become rows with ``ok=False`` and a reason."""
     s = int(cfg["image_size"])
     n = len(batch["idx"])
-    arr = np.zeros((n, 3, s, s), np.float32)
+    arr = np.zeros((n, s, s, 3), np.uint8)
     results = []
     for j, path in enumerate(batch["path"]):
-        a, r = decode_file(str(path), cfg)
+        a, r = decode_crop(str(path), cfg)
         if a is not None:
             arr[j] = a
         results.append(r)
@@ -101,7 +102,8 @@ def decode_batch(batch: dict, cfg: dict) -> dict:
 
 
 class EncodeActor:
-    """Callable class for ``map_batches``: holds one encoder, turns decoded arrays into raw features."""
+    """Callable class for ``map_batches``: holds one encoder, turns decoded uint8 crops into raw features (through
+    :func:`t2c.indexer.feed.encode_crops`: on a GPU actor, pinned buffers normalised on the device)."""
 
     def __init__(self, spec: str, batch_size: int = 32, device: str | None = None, threads: int | None = None):
         from t2c.indexer.encoders import make_encoder
@@ -112,7 +114,9 @@ class EncodeActor:
         ok = np.asarray(batch["ok"], bool)
         feats = np.zeros((len(ok), self.encoder.dim), np.float32)
         if ok.any():
-            feats[ok] = self.encoder.encode_images(np.ascontiguousarray(batch["arr"][ok], np.float32))
+            from t2c.indexer.feed import encode_crops
+
+            feats[ok] = encode_crops(self.encoder, list(np.asarray(batch["arr"])[ok]))
         out = {k: v for k, v in batch.items() if k != "arr"}
         out["feats"] = feats
         return out

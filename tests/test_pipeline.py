@@ -309,31 +309,3 @@ def test_stage_features_index_and_keep_their_own_aligner(tmp_path):
     plain_aligner = next((tmp_path / "plain" / "aligners").glob("*.safetensors"))
     with pytest.raises(AlignerError):
         run(tmp_path / "w" / "images", tmp_path / "st2", encoder=staged, aligner=str(plain_aligner))
-
-
-def test_encode_list_batches_through_one_buffer_in_order():
-    """A part's uint8 crops are normalised into a reused batch buffer: the features of each image's own float32
-    preprocessing, bit for bit, in order."""
-    from t2c.indexer.pipeline import _encode_list
-    from t2c.indexer.preprocess import normalise
-
-    cfg = {"image_size": 2, "mean": (0.4, 0.5, 0.6), "std": (0.2, 0.25, 0.3), "resize_mode": "shorter"}
-
-    class Enc:
-        dim, batch_size, calls = 4, 3, []
-
-        def preprocess_config(self):
-            return cfg
-
-        def encode_images(self, batch):
-            self.calls.append(len(batch))
-            return batch.reshape(len(batch), -1)[:, :4] * 2.0  # a fresh array, as encoders return
-
-    rng = np.random.default_rng(0)
-    crops = [rng.integers(0, 256, (2, 2, 3), dtype=np.uint8) for _ in range(7)]
-    enc = Enc()
-    got = _encode_list(enc, crops)
-    assert enc.calls == [3, 3, 1]
-    want = np.stack([normalise(c, cfg["mean"], cfg["std"]) for c in crops])
-    assert np.array_equal(got, want.reshape(7, -1)[:, :4] * 2.0)
-    assert _encode_list(enc, []).shape == (0, 4)

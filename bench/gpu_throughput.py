@@ -82,8 +82,7 @@ def _loop(enc, paths: list, cfg: dict, workers: int, staged: bool) -> float:
         results = dec.imap(paths)
         part = 1024
         for i in range(0, len(paths), part):
-            crops = [a for a, _ in (next(results) for _ in paths[i : i + part])]
-            encode_crops(enc, crops, staged=staged)
+            encode_crops(enc, (a for a, _ in (next(results) for _ in paths[i : i + part])), staged=staged)
         _sync(enc.device)
         return len(paths) / (time.perf_counter() - t0)
     finally:

@@ -248,9 +248,8 @@ def _steady_rounds(enc, forward, paths: list, args) -> dict:
             list(dec.imap(paths[: 2 * max(1, workers)]))  # the pool started: process start is not decoding
             t0 = time.perf_counter()
             results = dec.imap(paths)
-            for i in range(0, len(paths), 256):
-                crops = [a for a, _ in (next(results) for _ in paths[i : i + 256])]
-                encode_crops(enc, crops)
+            for i in range(0, len(paths), 256):  # parts of 256, each encoded batch by batch as decoded
+                encode_crops(enc, (a for a, _ in (next(results) for _ in paths[i : i + 256])))
             loop_ips = len(paths) / (time.perf_counter() - t0)
         finally:
             dec.close()

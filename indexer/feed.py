@@ -14,6 +14,8 @@ Either way the features are, to the bit, those of normalising each crop on its o
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 
@@ -35,8 +37,11 @@ def on_device(encoder) -> bool:
         and hasattr(encoder, "_forward_images")
 
 
-def encode_crops(encoder, crops: list, *, staged: bool | None = None) -> np.ndarray:
+def encode_crops(encoder, crops, *, staged: bool | None = None) -> np.ndarray:
     """Features (N, dim) float32 of equal-shaped HWC uint8 crops, in order, one batch at a time.
+
+    ``crops`` may be any iterable, e.g. a generator over decode results: each batch is encoded as soon as its
+    crops have arrived, so the encoder starts on the first batch while the decoder still works on the rest.
 
     Args:
         encoder: a :class:`t2c.indexer.encoders.Encoder`.
@@ -52,20 +57,25 @@ def encode_crops(encoder, crops: list, *, staged: bool | None = None) -> np.ndar
         >>> encode_crops(make_encoder("world:clip"), crops).shape  # doctest: +SKIP
         (64, 128)
     """
-    if not crops:
+    bs = max(1, int(getattr(encoder, "batch_size", 0) or 64))
+    batches = _batches(crops, bs)
+    first = next(batches, None)
+    if first is None:
         return np.zeros((0, encoder.dim), np.float32)
+    batches = itertools.chain([first], batches)
     if staged if staged is not None else on_device(encoder):
-        return _encode_staged(encoder, crops)
+        return _encode_staged(encoder, batches, len(first), first[0].shape[:2])
     cfg = encoder.preprocess_config()
-    bs = _batch_size(encoder, crops)
-    h, w = crops[0].shape[:2]
-    buf = np.empty((min(bs, len(crops)), 3, h, w), np.float32)
-    out = [encoder.encode_images(normalised(crops[i : i + bs], cfg, out=buf)) for i in range(0, len(crops), bs)]
+    buf = np.empty((len(first), 3, *first[0].shape[:2]), np.float32)  # the first batch is the largest
+    out = [encoder.encode_images(normalised(batch, cfg, out=buf)) for batch in batches]
     return np.concatenate(out) if len(out) > 1 else out[0]
 
 
-def _batch_size(encoder, crops: list) -> int:
-    return max(1, int(getattr(encoder, "batch_size", 0) or len(crops)))
+def _batches(crops, n: int):
+    """Lists of up to ``n`` crops, taken from ``crops`` as they come."""
+    it = iter(crops)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
 
 
 def device_normalise(x, lut):
@@ -76,24 +86,21 @@ def device_normalise(x, lut):
     return torch.take(lut, idx)
 
 
-def _encode_staged(encoder, crops: list) -> np.ndarray:
-    """The GPU path of :func:`encode_crops`: pinned uint8 buffers in turn, asynchronous copies, normalised on the
-    device; the next batch is stacked while the device computes this one."""
+def _encode_staged(encoder, batches, n: int, hw: tuple) -> np.ndarray:
+    """The GPU path of :func:`encode_crops` over ``batches`` (lists of at most ``n`` crops of ``hw`` pixels): pinned
+    uint8 buffers in turn, asynchronous copies, normalised on the device; the next batch is gathered and stacked
+    while the device computes this one."""
     import torch
     from t2c.indexer.preprocess import channel_table
 
     cfg = encoder.preprocess_config()
     dev = torch.device(encoder.device)
     cuda = dev.type == "cuda"
-    bs = _batch_size(encoder, crops)
-    h, w = crops[0].shape[:2]
-    n = min(bs, len(crops))
-    bufs = [torch.empty((n, h, w, 3), dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+    bufs = [torch.empty((n, *hw, 3), dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
     lut = torch.from_numpy(channel_table(cfg["mean"], cfg["std"])).to(dev)
     out, pending = [], None
     with torch.inference_mode():
-        for k, i in enumerate(range(0, len(crops), bs)):
-            chunk = crops[i : i + bs]
+        for k, chunk in enumerate(batches):
             host = bufs[k % 2][: len(chunk)]
             # this buffer's last copy to the device was done: its batch's features were collected (below) one
             # batch ago, after an event recorded behind that copy

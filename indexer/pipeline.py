@@ -731,13 +731,20 @@ def _new_skips(writer: StoreWriter, plan: Plan) -> bool:
 
 def _process_part(staging: Staging, i: int, items: list, results, encoder, user_columns: dict,
                   root: Path | None = None) -> None:
-    """Encode one part's decoded images (HWC uint8 crops) and write the part to staging."""
-    decoded = [next(results) for _ in items]
+    """Encode one part's images (HWC uint8 crops) batch by batch as they are decoded; write the part to staging."""
+    decoded = []  # (decoded?, result) per item; the crops themselves go to the encoder and are let go
+
+    def crops():
+        for _ in items:
+            arr, r = next(results)
+            decoded.append((arr is not None, r))
+            if arr is not None:
+                yield arr
+
+    feats = encode_crops(encoder, crops())
     check_source_present(items, [r for _, r in decoded], root, staging)
-    crops = [arr for arr, _ in decoded if arr is not None]
-    rows = iter(encode_crops(encoder, crops))
-    out = [r if arr is None else ItemResult(True, next(rows), r.width, r.height, r.content_hash)
-           for arr, r in decoded]
+    rows = iter(feats)
+    out = [ItemResult(True, next(rows), r.width, r.height, r.content_hash) if ok else r for ok, r in decoded]
     staging.write_part(i, items, out, encoder.dim, user_columns)
 
 

@@ -122,3 +122,29 @@ def test_the_gpu_bench_runs_its_steps_on_the_cpu(tmp_path):
         assert row["forward_images_per_s"] > 0 and row["loop_staged_images_per_s"] > 0
         assert row["cosine_to_fp32"]["min"] > 0.99
     assert rows["fp32"]["forward_speedup_vs_fp32"] == 1.0 and enc["decode_only_images_per_s"] > 0
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_batches_are_encoded_as_their_crops_arrive(staged):
+    """A generator of crops (decode results as they come): each batch is encoded once its crops are in, before
+    the next ones are asked for, with the features of the whole list."""
+    enc = E.make_encoder("world:clip", batch_size=4, device="cpu")
+    crops = _crops(10, enc.image_size, seed=4)
+    taken, seen = [], []
+    real = enc._forward_images
+
+    def forward(x):
+        seen.append(len(taken))  # crops handed out when this batch's forward pass ran
+        return real(x)
+
+    enc._forward_images = forward
+
+    def arriving():
+        for c in crops:
+            taken.append(1)
+            yield c
+
+    got = encode_crops(enc, arriving(), staged=staged)
+    assert seen == [4, 8, 10]
+    assert np.array_equal(got, encode_crops(enc, crops, staged=staged))
+    assert encode_crops(enc, iter([])).shape == (0, enc.dim)

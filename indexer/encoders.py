@@ -800,7 +800,11 @@ _OPEN_CLIP_ADAPTERS = {"transformers": ("open_clip.hf_model", "open_clip.coca_mo
                        "timm": ("open_clip.timm_model",)}
 
 
-def import_open_clip(name: str | None = None):
+#: open_clip's modules that import huggingface_hub when they are imported (to download hub weights)
+_OPEN_CLIP_HUB_MODULES = ("open_clip.pretrained", "open_clip.push_to_hf_hub")
+
+
+def import_open_clip(name: str | None = None, *, hub: bool = True):
     """``import open_clip``, leaving out the optional libraries model ``name`` does not use.
 
     open_clip imports transformers and timm when it is imported (about a second), only to offer Hugging Face text
@@ -809,6 +813,9 @@ def import_open_clip(name: str | None = None):
     the adapter modules (:data:`_OPEN_CLIP_ADAPTERS`), so every model builds as with a plain ``import open_clip``.
     For such a model torchvision's two packages are shells while open_clip imports (:func:`package_shells`): only
     the transforms and ``ops.misc`` it uses load, not all of torchvision and ``torch._dynamo`` (about 1.4 s).
+    ``hub=False`` (weights that are random or a local file: nothing to download) also hides huggingface_hub
+    (0.12 s); a later call that downloads reloads open_clip's two modules that use it
+    (:data:`_OPEN_CLIP_HUB_MODULES`).
     """
     import importlib.util
     import sys
@@ -817,6 +824,8 @@ def import_open_clip(name: str | None = None):
         cfg = _open_clip_config(name.partition("/")[0]) if name else None
         hide = [] if cfg is None else [lib for lib in _OPEN_CLIP_ADAPTERS
                                        if lib not in _open_clip_needs(cfg) and lib not in sys.modules]
+        if not hub and "huggingface_hub" not in sys.modules:
+            hide.append("huggingface_hub")
         # a model that needs neither builds from open_clip's own modules: torchvision's package __init__ (and the
         # torch._dynamo it imports, ~1.4 s) is left for whoever uses torchvision itself (see import_shells)
         shells = ("torchvision", "torchvision.ops") if cfg is not None and not _open_clip_needs(cfg) else ()
@@ -837,6 +846,11 @@ def import_open_clip(name: str | None = None):
             m = sys.modules.get(mod)
             if m is not None and getattr(m, lib, True) is None and importlib.util.find_spec(lib) is not None:
                 importlib.reload(m)  # imported while the library was hidden: import it now
+    if hub and getattr(sys.modules.get("open_clip.pretrained"), "_has_hf_hub", True) is False \
+            and importlib.util.find_spec("huggingface_hub") is not None:
+        for mod in _OPEN_CLIP_HUB_MODULES:  # imported while huggingface_hub was hidden: import it now
+            if mod in sys.modules:
+                importlib.reload(sys.modules[mod])
     if cfg and "multimodal_cfg" in cfg and getattr(sys.modules.get("open_clip.coca_model"), "_has_transformers",
                                                    True) is False and importlib.util.find_spec("transformers"):
         importlib.reload(sys.modules["open_clip.coca_model"])
@@ -975,7 +989,7 @@ def _build_open_clip(open_clip, name: str, spec: EncoderSpec, pretrained):
 def _open_clip(spec: EncoderSpec, kw: dict) -> Encoder:
     """open_clip models (image and text towers); NAME/TAG selects the pretrained tag."""
     name, _, tag = spec.name.partition("/")
-    open_clip = import_open_clip(name)
+    open_clip = import_open_clip(name, hub=spec.weights_mode == "default")
     models = open_clip.list_models()
     if name not in models:
         raise UnknownChoice("open_clip model", name, models)

@@ -50,6 +50,24 @@ def test_open_clip_imports_without_transformers_and_timm_for_models_that_use_nei
     assert coca == plain.stdout.strip()
 
 
+def test_open_clip_imports_without_huggingface_hub_for_offline_weights_and_gets_it_for_a_download():
+    """Random or local weights download nothing: huggingface_hub is left out (0.12 s); a later model whose weights
+    come from the hub finds open_clip's download code working, as after a plain import."""
+    code = ("import sys\nfrom t2c.indexer.encoders import import_open_clip\n"
+            "oc = import_open_clip('ViT-B-32', hub=False)\n"
+            "print('huggingface_hub' in sys.modules, oc.pretrained._has_hf_hub, sys.modules.get('huggingface_hub', 1))\n"
+            "import_open_clip('ViT-B-32/laion2b_s34b_b79k')\n"
+            "print('huggingface_hub' in sys.modules, oc.pretrained._has_hf_hub,"
+            " sys.modules['open_clip.push_to_hf_hub']._has_hf_hub, callable(oc.push_to_hf_hub),"
+            " oc.pretrained.hf_hub_download.func.__module__.split('.')[0])")
+    p = _python(code)
+    assert p.returncode == 0, p.stderr
+    first, second = p.stdout.strip().split("\n")[:2]
+    assert first.split() == ["False", "False", "1"]  # left out, and no longer hidden once open_clip is in
+    plain = _python("import sys, open_clip; print(sys.modules['open_clip.push_to_hf_hub']._has_hf_hub)").stdout.strip()
+    assert second.split() == ["True", "True", plain, "True", "huggingface_hub"]  # each as a plain import has it
+
+
 def test_open_clip_imports_torchvision_leaves_only_and_torchvision_still_imports_whole_later():
     """For ViT-B-32 open_clip loads torchvision's transforms and ops.misc, not torchvision's __init__ (nor
     torch._dynamo); a later ``import torchvision`` is the whole library, sharing those same leaf modules."""

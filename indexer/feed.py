@@ -15,6 +15,7 @@ Either way the features are, to the bit, those of normalising each crop on its o
 from __future__ import annotations
 
 import itertools
+import time
 
 import numpy as np
 
@@ -37,7 +38,7 @@ def on_device(encoder) -> bool:
         and hasattr(encoder, "_forward_images")
 
 
-def encode_crops(encoder, crops, *, staged: bool | None = None) -> np.ndarray:
+def encode_crops(encoder, crops, *, staged: bool | None = None, clock: list | None = None) -> np.ndarray:
     """Features (N, dim) float32 of equal-shaped HWC uint8 crops, in order, one batch at a time.
 
     ``crops`` may be any iterable, e.g. a generator over decode results: each batch is encoded as soon as its
@@ -49,6 +50,8 @@ def encode_crops(encoder, crops, *, staged: bool | None = None) -> np.ndarray:
         staged: feed through uint8 buffers normalised on the encoder's device (the GPU path); default: when the
             encoder runs on an accelerator (:func:`on_device`). On the CPU it gives the same features, and tests
             use it there.
+        clock: a list to append each batch's seconds in the encoder to (the forward pass, the copies to and from
+            the device included; not the waits for crops, nor their normalisation on the CPU).
 
     Returns:
         The features, bit for bit those of ``encoder.encode_images`` on the crops normalised one by one.
@@ -63,11 +66,17 @@ def encode_crops(encoder, crops, *, staged: bool | None = None) -> np.ndarray:
     if first is None:
         return np.zeros((0, encoder.dim), np.float32)
     batches = itertools.chain([first], batches)
+    clock = [] if clock is None else clock
     if staged if staged is not None else on_device(encoder):
-        return _encode_staged(encoder, batches, len(first), first[0].shape[:2])
+        return _encode_staged(encoder, batches, len(first), first[0].shape[:2], clock)
     cfg = encoder.preprocess_config()
     buf = np.empty((len(first), 3, *first[0].shape[:2]), np.float32)  # the first batch is the largest
-    out = [encoder.encode_images(normalised(batch, cfg, out=buf)) for batch in batches]
+    out = []
+    for batch in batches:
+        x = normalised(batch, cfg, out=buf)
+        t0 = time.perf_counter()
+        out.append(encoder.encode_images(x))
+        clock.append(time.perf_counter() - t0)
     return np.concatenate(out) if len(out) > 1 else out[0]
 
 
@@ -86,7 +95,7 @@ def device_normalise(x, lut):
     return torch.take(lut, idx)
 
 
-def _encode_staged(encoder, batches, n: int, hw: tuple) -> np.ndarray:
+def _encode_staged(encoder, batches, n: int, hw: tuple, clock: list) -> np.ndarray:
     """The GPU path of :func:`encode_crops` over ``batches`` (lists of at most ``n`` crops of ``hw`` pixels): pinned
     uint8 buffers in turn, asynchronous copies, normalised on the device; the next batch is gathered and stacked
     while the device computes this one."""
@@ -105,6 +114,7 @@ def _encode_staged(encoder, batches, n: int, hw: tuple) -> np.ndarray:
             # this buffer's last copy to the device was done: its batch's features were collected (below) one
             # batch ago, after an event recorded behind that copy
             np.stack(chunk, out=host.numpy())
+            t0 = time.perf_counter()
             y = encoder._forward_images(device_normalise(host.to(dev, non_blocking=cuda), lut)).float()
             back = torch.empty(y.shape, dtype=torch.float32, pin_memory=cuda)
             back.copy_(y, non_blocking=cuda)
@@ -115,7 +125,10 @@ def _encode_staged(encoder, batches, n: int, hw: tuple) -> np.ndarray:
             if pending is not None:
                 out.append(_collect(*pending))
             pending = (back, done)
+            clock.append(time.perf_counter() - t0)  # launching this batch and collecting the last
+        t0 = time.perf_counter()
         out.append(_collect(*pending))
+        clock.append(time.perf_counter() - t0)
     return np.ascontiguousarray(np.concatenate(out) if len(out) > 1 else out[0], dtype=np.float32)
 
 

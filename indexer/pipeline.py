@@ -46,7 +46,9 @@ class IndexReport:
     aligner_r2: float | None = None
     snapshot: str | None = None
     error_reasons: dict = field(default_factory=dict)
-    stage_seconds: dict = field(default_factory=dict)  # plan, start (model + aligner), encode loop, commit
+    # plan, start (model + aligner), encode loop, commit; and "forward": the part of the encode loop spent in the
+    # encoder's forward passes (the rest is what decoding and the pipeline cost it)
+    stage_seconds: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -517,24 +519,26 @@ def index_folder(root, store, encoder_spec: str, *, aligner=None, fit_aligner: i
             state["run"] = run
             t_enc = time.perf_counter()
             cfg = dict(run.encoder.preprocess_config(), max_pixels=max_pixels)
+            clock: list = []
             processed = _encode_pending(run, plan, root, cfg, workers, progress, user_columns or {},
-                                        early=early.take(run, cfg) if early is not None else None)
+                                        early=early.take(run, cfg) if early is not None else None, clock=clock)
         finally:
             if early is not None:
                 early.close()
         enc_seconds = time.perf_counter() - t_enc
         rep = finish_run(writer, run, plan, str(root), memory_budget, processed, enc_seconds, t0)
         rep.stage_seconds = {"plan": round(t_plan - t0, 3), "start": round(t_enc - t_plan, 3),
-                             "encode_loop": round(enc_seconds, 3),
+                             "encode_loop": round(enc_seconds, 3), "forward": round(sum(clock), 3),
                              "commit": round(rep.seconds - (t_enc - t0) - enc_seconds, 3)}
         return rep
 
 
 def _encode_pending(run: "Run", plan: Plan, root: Path, cfg: dict, workers: int, progress: bool,
-                    user_columns: dict, early: tuple | None = None) -> int:
+                    user_columns: dict, early: tuple | None = None, clock: list | None = None) -> int:
     """Decode (in worker processes) and encode the parts a run has not finished; the images processed.
 
-    ``early``: (decoder, results) already decoding every part with ``cfg`` (:class:`EarlyDecode`).
+    ``early``: (decoder, results) already decoding every part with ``cfg`` (:class:`EarlyDecode`). ``clock``:
+    gets each batch's seconds in the encoder (:func:`t2c.indexer.feed.encode_crops`).
     """
     parts, done = run.parts, run.done
     bar = progress_bar(len(plan.todo), "index", progress)
@@ -548,7 +552,7 @@ def _encode_pending(run: "Run", plan: Plan, root: Path, cfg: dict, workers: int,
         if not getattr(results, "drained", False):  # an early decoder started with fewer (start-up's share); when
             decoder.grow(workers - decoder.workers)  # it already holds every path, more processes would idle
         for i in pending:
-            _process_part(run.staging, i, parts[i], results, run.encoder, user_columns, root)
+            _process_part(run.staging, i, parts[i], results, run.encoder, user_columns, root, clock)
             processed += len(parts[i])
             bar.update(len(parts[i]))
     finally:
@@ -730,7 +734,7 @@ def _new_skips(writer: StoreWriter, plan: Plan) -> bool:
 
 
 def _process_part(staging: Staging, i: int, items: list, results, encoder, user_columns: dict,
-                  root: Path | None = None) -> None:
+                  root: Path | None = None, clock: list | None = None) -> None:
     """Encode one part's images (HWC uint8 crops) batch by batch as they are decoded; write the part to staging."""
     decoded = []  # (decoded?, result) per item; the crops themselves go to the encoder and are let go
 
@@ -741,7 +745,7 @@ def _process_part(staging: Staging, i: int, items: list, results, encoder, user_
             if arr is not None:
                 yield arr
 
-    feats = encode_crops(encoder, crops())
+    feats = encode_crops(encoder, crops(), clock=clock)
     check_source_present(items, [r for _, r in decoded], root, staging)
     rows = iter(feats)
     out = [ItemResult(True, next(rows), r.width, r.height, r.content_hash) if ok else r for ok, r in decoded]

@@ -144,7 +144,9 @@ def test_batches_are_encoded_as_their_crops_arrive(staged):
             taken.append(1)
             yield c
 
-    got = encode_crops(enc, arriving(), staged=staged)
+    clock = []
+    got = encode_crops(enc, arriving(), staged=staged, clock=clock)
     assert seen == [4, 8, 10]
+    assert len(clock) == 3 + staged and all(t >= 0 for t in clock)  # per batch (+ the staged path's last collect)
     assert np.array_equal(got, encode_crops(enc, crops, staged=staged))
     assert encode_crops(enc, iter([])).shape == (0, enc.dim)

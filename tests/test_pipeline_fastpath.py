@@ -165,6 +165,8 @@ def test_encoding_grows_the_early_decoder_only_while_paths_are_left(tmp_path, mo
     make_images(tmp_path / "imgs", n)
     rep = index_folder(tmp_path / "imgs", tmp_path / "st", WORLD, workers=2, part_size=64)
     assert rep.added == n and rep.errors == 0
+    st = rep.stage_seconds  # the encoder's own share of the loop is reported beside it
+    assert 0 < st["forward"] <= st["encode_loop"] and set(st) == {"plan", "start", "encode_loop", "forward", "commit"}
     assert (grown == [1]) is grows and (grown == []) is not grows
 
 

@@ -76,6 +76,9 @@ def main() -> None:
     args = ap.parse_args()
 
     load_start = os.getloadavg()
+    from t2c.indexer.feed import steady_allocator
+
+    steady_allocator()  # as `t2c index` does: the forward passes timed here are the model's best too
     import torch
 
     from t2c.data.images import load_image

@@ -107,7 +107,9 @@ class EncodeActor:
 
     def __init__(self, spec: str, batch_size: int = 32, device: str | None = None, threads: int | None = None):
         from t2c.indexer.encoders import make_encoder
+        from t2c.indexer.feed import steady_allocator
 
+        steady_allocator()  # an actor process exists to encode
         self.encoder = make_encoder(spec, batch_size=batch_size, device=device, threads=threads)
 
     def __call__(self, batch: dict) -> dict:

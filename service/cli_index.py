@@ -87,6 +87,9 @@ def index(
 ) -> None:
     """Index a folder into a store: resumable after a kill, incremental on rerun."""
     import t2c
+    from t2c.indexer.feed import steady_allocator
+
+    steady_allocator()  # this process exists to index: freed activations are kept for the next batch
 
     rep = t2c.index(folder, store, encoder=encoder, aligner=aligner, fit_aligner=fit_aligner, clip=clip,
                     progress=not (quiet or as_json), engine=engine, follow_symlinks=follow_symlinks, workers=workers,

@@ -150,3 +150,40 @@ def test_batches_are_encoded_as_their_crops_arrive(staged):
     assert len(clock) == 3 + staged and all(t >= 0 for t in clock)  # per batch (+ the staged path's last collect)
     assert np.array_equal(got, encode_crops(enc, crops, staged=staged))
     assert encode_crops(enc, iter([])).shape == (0, enc.dim)
+
+
+def test_steady_allocator_sets_glibcs_thresholds_and_leaves_other_libcs_alone(monkeypatch):
+    import ctypes
+    import platform
+
+    import t2c.indexer.feed as feed
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    assert feed.steady_allocator() is True
+    assert calls == [(-3, 32 << 20), (-1, 512 << 20)]  # M_MMAP_THRESHOLD (glibc's largest), M_TRIM_THRESHOLD
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))  # musl, macOS: nothing to set
+    calls.clear()
+    assert feed.steady_allocator() is False and calls == []
+
+
+def test_the_index_command_steadies_the_allocator_of_its_process(tmp_path, monkeypatch):
+    import t2c.indexer.feed as feed
+    from t2c.service.cli import main
+    from tests.test_pipeline import make_images
+
+    called = []
+    monkeypatch.setattr(feed, "steady_allocator", lambda: called.append(1) or True)
+    make_images(tmp_path / "imgs", 6)
+    with pytest.raises(SystemExit) as done:
+        main(["index", str(tmp_path / "imgs"), "--store", str(tmp_path / "st"), "-e", "world:clip", "--workers", "0",
+              "-q"])
+    assert done.value.code in (0, None) and called == [1]

@@ -158,8 +158,8 @@ def steady_allocator() -> bool:
     each time, so each batch touches fresh pages: measured in a fresh `t2c index` process, 0.7-1.4 million page
     faults per 400 images and a forward pass 5-10% slower than the same model's in a process whose allocator
     had settled. With blocks up to 32 MB served from the heap and up to 512 MB of free memory kept at its top,
-    that fell to 20-40 thousand. The cost: the process keeps up to that much freed memory (its peak is not
-    raised). It is process-wide, so only processes that exist to index call it.
+    that fell to 20-40 thousand. The cost: the process holds on to up to 512 MB of freed memory instead of
+    returning it. It is process-wide, so only processes that exist to index call it.
     """
     import ctypes
     import ctypes.util

@@ -128,7 +128,8 @@ class Decoder:
 
     The pool decodes ahead of the encoder by at most ``DECODE_BUFFER_BYTES`` of crops (a bounded window), so a
     fast decoder never piles up a whole run's images in memory. The crops are normalised where they are
-    batched (:func:`t2c.indexer.feed.encode_crops`), so each crosses the pipe as bytes, not as a float32 array four times larger.
+    batched (:func:`t2c.indexer.feed.encode_crops`), so each crosses the pipe as bytes, not as a float32 array
+    four times larger.
     """
 
     def __init__(self, cfg: dict, workers: int):

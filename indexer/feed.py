@@ -38,8 +38,7 @@ def normalised(crops: list, cfg: dict, out: np.ndarray | None = None) -> np.ndar
 
 def on_device(encoder) -> bool:
     """Whether ``encoder`` computes with torch on an accelerator (its crops go through :func:`_encode_staged`)."""
-    return getattr(encoder, "runtime", "torch") == "torch" and str(getattr(encoder, "device", "cpu")) != "cpu" \
-        and hasattr(encoder, "_forward_images")
+    return getattr(encoder, "runtime", "torch") == "torch" and str(getattr(encoder, "device", "cpu")) != "cpu"
 
 
 def encode_crops(encoder, crops, *, staged: bool | None = None, clock: list | None = None) -> np.ndarray:

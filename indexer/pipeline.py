@@ -167,15 +167,15 @@ class Decoder:
 
 
 class _Window:
-    """Ordered results of ``_decode`` over ``paths`` with at most ``blocks`` blocks of paths in the pool(s).
+    """Ordered results of ``_decode`` over ``paths`` with at most ``blocks`` blocks of paths in the pools.
 
-    ``pools``: a pool, or a list of pools (blocks go to each in turn; one added later is used from then on).
+    ``pools``: the decoder's list of pools (blocks go to each in turn; one added later is used from then on).
     """
 
-    def __init__(self, pools, paths, blocks: int):
+    def __init__(self, pools: list, paths, blocks: int):
         from collections import deque
 
-        self.pools = pools if isinstance(pools, list) else [pools]
+        self.pools = pools
         self.turn, self.paths, self.pending, self.out = 0, paths, deque(), iter(())
         self.drained = False  # every path handed to a pool: a pool added now would get nothing
         for _ in range(blocks):

@@ -96,12 +96,12 @@ def test_the_decode_window_keeps_order_and_bounds_what_is_in_flight():
 
     pool = Pool()
     paths = [f"p{i}" for i in range(100)]
-    w = pl._Window(pool, iter(paths), blocks=3)
+    w = pl._Window([pool], iter(paths), blocks=3)
     assert not w.drained  # paths are left to hand out
     got = list(w)
     assert got == paths and pool.most <= 3 and w.drained
-    assert pl._Window(Pool(), iter(paths[:20]), blocks=3).drained  # every path went in at once (2 blocks)
-    assert list(pl._Window(Pool(), iter([]), blocks=3)) == []
+    assert pl._Window([Pool()], iter(paths[:20]), blocks=3).drained  # every path went in at once (2 blocks)
+    assert list(pl._Window([Pool()], iter([]), blocks=3)) == []
 
     # several pools (a decoder grown when encoding starts): blocks go to each in turn, results stay in order
     pools, many = [Pool()], [f"p{i}" for i in range(300)]

@@ -281,10 +281,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", type=Path, default=None, help="work folder (kept, reused); default temporary")
     ap.add_argument("--details", action="store_true", help="print every (collection, query seed) run")
     ap.add_argument("--no-binding", action="store_true", help="calibrated thresholds alone (no rival check)")
+    ap.add_argument("--own-agreement", type=float, default=None,
+                    help="binding.OWN_AGREEMENT for this run (default: the library's; above 1: the binding rule "
+                         "judges every pair, as before session 16)")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(2)
+    from t2c.query import binding
+
+    if args.own_agreement is not None:
+        binding.OWN_AGREEMENT = args.own_agreement
     work = args.work or Path(tempfile.mkdtemp(prefix="t2c-qacc-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -301,6 +308,7 @@ def _run(args, work: Path) -> dict:
 
     from t2c.data.store import open_store
     from t2c.data.world.generator import generate
+    from t2c.query import binding
     from t2c.query.engine import Engine
 
     sep = ";" if ";" in args.encoders else ","
@@ -330,7 +338,8 @@ def _run(args, work: Path) -> dict:
                 r = run_store(eng, truth, queries)
                 runs[enc].append(dict(r, collection_seed=cs, query_seed=qs))
     out = {"n": args.n, "collection_seeds": cseeds, "query_seeds": qseeds, "per_family": args.per_family,
-           "tuned_on": TUNING_SEEDS, "binding": not args.no_binding, "aligner_fit": f"{args.fit_set} separate world images, no labels",
+           "tuned_on": TUNING_SEEDS, "binding": not args.no_binding, "own_agreement": binding.OWN_AGREEMENT,
+           "aligner_fit": f"{args.fit_set} separate world images, no labels",
            "results": {e: _summary(runs[e]) for e in encoders}, "seconds": round(time.perf_counter() - t0, 1)}
     if args.details:
         out["runs"] = runs

@@ -592,7 +592,9 @@ def thresholds_for(snapshot, texts: Iterable[str], bank=None, *, binding: bool =
         binding: judge compositional concepts ("orange star") against their rivals
             (:mod:`t2c.query.binding`): their calibration then has method "bound", its threshold is the lowest
             score of a sampled image the binding rule calls present (the floor an index range search needs),
-            and ``params["word_thresholds"]`` holds the thresholds of the words its rule reads.
+            and ``params["word_thresholds"]`` holds the thresholds of the words its rule reads. A concept the
+            text tower binds by itself (its own threshold and the rule agree on ``OWN_AGREEMENT`` of the sample)
+            keeps its own calibration, with ``params["binding"]["rule"] == "own"``.
     Returns:
         ``{text: Calibration}``.
     """
@@ -612,7 +614,8 @@ def thresholds_for(snapshot, texts: Iterable[str], bank=None, *, binding: bool =
 def _bound_thresholds(snapshot, texts: list[str], bank, plain: dict) -> dict[str, Calibration]:
     """Calibrations of the compositional concepts among ``texts`` under the binding rule (cached)."""
     from t2c.data.errors import T2CError
-    from t2c.query.binding import MIN_BINDING, binding_of, binding_strength, bound_mask, reading_share, words_pass
+    from t2c.query.binding import (MIN_BINDING, OWN_AGREEMENT, binding_of, binding_strength, bound_mask,
+                                   reading_share, rule_agreement, words_pass)
     from t2c.query.estimate import bound_rates, concept_rates, reading_rates
 
     out = {}
@@ -637,18 +640,29 @@ def _bound_thresholds(snapshot, texts: list[str], bank, plain: dict) -> dict[str
             s = scores[t]
             strength = binding_strength(margin, words_ok, s)
             binds = strength is None or strength >= MIN_BINDING
-            word_rates = [concept_rates(word_cals[w].for_search()) for w in b.words]
-            if binds:
-                rates = bound_rates(margin, words_ok, present, word_rates)
-            else:  # a bag-of-words text tower: its words alone decide
-                present = words_ok
-                rates = reading_rates(reading_share(b, scores, words), words_ok, word_rates)
-            floor = float(s[present].min()) - 1e-6 if present.any() else float(np.nextafter(s.max(), np.inf)) + 1e-6
             raw = plain[t]
-            c = Calibration(floor, "bound", float(present.mean()), raw.scale, raw.n,
-                            {"binding": dict(b.to_dict(), rule=b.to_dict()["rule"] if binds else "words"),
-                             "binds": bool(binds), "binding_strength": None if strength is None else round(strength, 4),
-                             "word_thresholds": words, "plain": raw.to_dict(), "rates": rates}, raw.sorted_sample)
+            agreement = rule_agreement(s >= raw.for_search().threshold, present) if binds else None
+            if agreement is not None and agreement >= OWN_AGREEMENT:
+                # the tower binds this concept by itself: its own threshold decides (the scene rule reads every
+                # word of the image, so on 3-object images it adds the words' mistakes to the pair's)
+                c = Calibration(raw.threshold, raw.method, raw.prevalence, raw.scale, raw.n,
+                                dict(raw.params, binding=dict(b.to_dict(), rule="own"), binds=True,
+                                     binding_strength=None if strength is None else round(strength, 4),
+                                     agreement=round(agreement, 4)), raw.sorted_sample)
+            else:
+                word_rates = [concept_rates(word_cals[w].for_search()) for w in b.words]
+                if binds:
+                    rates = bound_rates(margin, words_ok, present, word_rates)
+                else:  # a bag-of-words text tower: its words alone decide
+                    present = words_ok
+                    rates = reading_rates(reading_share(b, scores, words), words_ok, word_rates)
+                floor = float(s[present].min()) - 1e-6 if present.any() else float(np.nextafter(s.max(), np.inf)) + 1e-6
+                c = Calibration(floor, "bound", float(present.mean()), raw.scale, raw.n,
+                                {"binding": dict(b.to_dict(), rule=b.to_dict()["rule"] if binds else "words"),
+                                 "binds": bool(binds),
+                                 "binding_strength": None if strength is None else round(strength, 4),
+                                 "agreement": None if agreement is None else round(agreement, 4),
+                                 "word_thresholds": words, "plain": raw.to_dict(), "rates": rates}, raw.sorted_sample)
             c = _cache_put(snapshot, key, c)
         out[t] = c
     return out

@@ -1261,7 +1261,8 @@ class Engine:
                             st.offset, st.plan, all_ids)
 
     def _explanations(self, st: _Search, prow: np.ndarray) -> list[list[dict]]:
-        """Per hit (page rows ``prow``), per scored leaf: score, threshold, passed, weight, negated, margin, method."""
+        """Per hit (page rows ``prow``), per scored leaf: score, threshold, passed, weight, negated, margin, method,
+        and for a compositional concept its binding rule (``rule``: scene, rivals, words, own; else None)."""
         if not st.leaves or not len(prow):  # filters only: nothing was scored
             return [[] for _ in prow]
         srt = np.argsort(prow)
@@ -1278,7 +1279,8 @@ class Engine:
                 expl.append({"concept": leaf.text, "score": round(s, 6),
                              "threshold": round(float(c.threshold), 6), "passed": bool(passed[id(leaf)][j]),
                              "weight": leaf.weight, "negated": not pos,
-                             "margin": round((s - c.threshold) / c.scale, 4), "method": c.method})
+                             "margin": round((s - c.threshold) / c.scale, 4), "method": c.method,
+                             "rule": (c.params.get("binding") or {}).get("rule")})
             out.append(expl)
         return out
 

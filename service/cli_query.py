@@ -52,7 +52,8 @@ def query(
             mark = "pass" if e["passed"] != e["negated"] else "FAIL"
             neg = "NOT " if e["negated"] else ""
             typer.echo(f"{'':21}{mark}  {neg}{e['concept']!r}: score {e['score']:.3f} "
-                       f"{'>=' if e['passed'] else '<'} threshold {e['threshold']:.3f} ({e['method']})")
+                       f"{'>=' if e['passed'] else '<'} threshold {e['threshold']:.3f} ({e['method']}"
+                       + (f", binding rule {e['rule']})" if e.get("rule") else ")"))
 
 
 def _fmt(v) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from t2c.query.binding import (BASIC_COLOURS, MAX_SCENE_WORDS, MIN_BINDING, Binding, binding_of, binding_strength,
-                               bound_mask, joint_share, reading_share)
+                               bound_mask, joint_share, reading_share, rule_agreement)
 from t2c.query.estimate import answer_estimate, bound_posterior, bound_rates, concept_rates, reading_rates
 from t2c.query.lru import LRUCache
 
@@ -352,10 +352,85 @@ def test_a_store_records_its_shipped_weights_and_a_search_warns_when_they_change
     assert any("index it again" in w and digest in w for w in warned)
 
 
-def test_bound_concepts_on_world_clip_agree_with_brute_force_and_carry_estimates(world_store):
+def test_rule_agreement_is_the_jaccard_of_two_masks():
+    a = np.array([1, 1, 0, 0, 1], bool)
+    b = np.array([1, 0, 0, 1, 1], bool)
+    assert rule_agreement(a, b) == pytest.approx(2 / 4)
+    assert rule_agreement(a, a) == 1.0
+    assert rule_agreement(a, ~a) == 0.0
+    assert rule_agreement(np.zeros(3, bool), np.zeros(3, bool)) is None
+
+
+@pytest.fixture
+def own_agreement(monkeypatch):
+    """Set ``binding.OWN_AGREEMENT`` for one test, with the calibration cache emptied before and after."""
+    from t2c.query import binding, calibrate
+
+    def set_to(value: float) -> None:
+        monkeypatch.setattr(binding, "OWN_AGREEMENT", value)
+        calibrate.clear_cache()
+
+    yield set_to
+    calibrate.clear_cache()
+
+
+def _pair_cals(eng, q: str) -> dict:
+    from t2c.query import ast as qa
+
+    node = eng.parse_query(q)
+    cals = eng.calibrations(node)
+    return {leaf.text: cals[id(leaf)] for leaf in qa.scored(node)}
+
+
+def test_a_tower_that_binds_a_pair_by_itself_keeps_the_pairs_own_threshold(world_store, own_agreement):
+    """Where the pair's own calibrated threshold and the scene rule agree on OWN_AGREEMENT of the sample, the
+    pair keeps its own calibration (rule "own"): no rival or reading check, so its answer is its threshold's."""
+    from t2c.data.store import open_store
+    from t2c.query import binding
+    from t2c.query.engine import Engine
+
+    snap = open_store(world_store / "st", verify=False)
+    q = '"red circle" AND "blue square" OR "green star"'
+    own_agreement(binding.OWN_AGREEMENT)
+    shipped = _pair_cals(Engine(snap), q)
+    for c in shipped.values():  # the shipped setting: each pair as its agreement says
+        agree = c.params["agreement"]
+        assert 0 <= agree <= 1 and (c.params["binding"]["rule"] == "own") == (agree >= binding.OWN_AGREEMENT)
+        assert (c.method == "bound") == (c.params["binding"]["rule"] != "own")
+    assert any(c.params["binding"]["rule"] == "own" for c in shipped.values())  # world:clip binds its pairs
+
+    own_agreement(0.0)  # every pair that binds at all keeps its own threshold
+    eng = Engine(snap)
+    cals, plain = _pair_cals(eng, q), _pair_cals(Engine(snap, binding=False), q)
+    for t, c in cals.items():
+        assert c.method != "bound" and c.params["binding"]["rule"] == "own" and c.params["binds"] is True
+        assert c.threshold == plain[t].threshold and c.method == plain[t].method
+    res = eng.search(q, k=10_000, explain=True)
+    assert np.array_equal(np.sort(res.all_ids), np.sort(Engine(snap, binding=False).search(q, k=10_000).all_ids))
+    assert np.array_equal(np.sort(res.all_ids), eng.reference_answer(q))
+    assert "joint_readings" not in res.plan or not res.plan["joint_readings"]
+    assert res.estimate is not None and 0 < res.estimate["precision"] <= 1
+
+    own_agreement(2.0)  # never: the scene rule judges every pair
+    assert {c.method for c in _pair_cals(Engine(snap), q).values()} == {"bound"}
+
+
+def test_a_plain_clip_never_keeps_a_pairs_own_threshold(world_store, own_agreement):
+    """A tower that does not bind judges pairs by their words, whatever OWN_AGREEMENT says."""
     from t2c.data.store import open_store
     from t2c.query.engine import Engine
 
+    own_agreement(0.0)
+    cals = _pair_cals(Engine(open_store(world_store / "plain", verify=False)), '"red circle"')
+    assert cals["red circle"].method == "bound" and cals["red circle"].params["binding"]["rule"] == "words"
+    assert cals["red circle"].params["agreement"] is None
+
+
+def test_bound_concepts_on_world_clip_agree_with_brute_force_and_carry_estimates(world_store, own_agreement):
+    from t2c.data.store import open_store
+    from t2c.query.engine import Engine
+
+    own_agreement(2.0)  # the scene rule on every pair (world:clip binds most of them by itself)
     snap = open_store(world_store / "st", verify=False)
     for q in ['"red circle" AND NOT purple', '"blue square" OR "yellow star"', 'green AND NOT "green triangle"']:
         eng = Engine(snap)

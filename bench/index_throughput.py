@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _jpegs import make_jpegs  # noqa: E402 - this script's folder
+from _machine import cpu  # noqa: E402
 
 
 def with_precision(spec: str, precision: str) -> str:
@@ -72,6 +73,10 @@ def main() -> None:
                          "between two forward passes: decoding overlapped at steady state (0: skip)")
     ap.add_argument("--steady-workers", default=None, metavar="N,M",
                     help="decode processes of the --steady rounds, taken in turn (default: the run's)")
+    ap.add_argument("--settle", type=float, default=2.0, metavar="SECONDS",
+                    help="pause between this process's forward pass and each `t2c index` run (measured on a 2-core "
+                         "VM: a run started at once after a forward pass here took ~1 s longer to start, 0.3 s after "
+                         "a 2 s pause; CPU load from other processes did not slow it)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
 
@@ -116,6 +121,7 @@ def main() -> None:
             out = []
             for r in range(args.runs):
                 f_before = forward(enc)
+                time.sleep(args.settle)  # a machine at rest, as a user's run starts on (see --settle)
                 cmd = [sys.executable, "-m", "t2c.service.cli", "index", str(imgs), "--store",
                        str(tmp / f"store-{label}{r}"), "-e", spec, "--batch-size", str(args.batch_size), "--json", "-q",
                        *kw]
@@ -163,6 +169,7 @@ def main() -> None:
             "max_side": args.max_side,
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
+            "cpu": cpu(),
             "loadavg_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
             "fp32_forward_images_per_s": round(fp32_ips, 2),
             "fp32_forward_before_after": [round(args.n / before[0], 2), round(args.n / after[0], 2)],
@@ -173,6 +180,7 @@ def main() -> None:
             "runs_note": "each run a fresh store, one cache folder: run 1 converts the model (cold: with OpenVINO the "
                          "conversion, with torch and weights=random the seeded init, then kept), later runs find it "
                          "(warm); the figures below are the last run's",
+            "settle_seconds": args.settle,
             "run_seconds": round(run_s, 2),
             "run_images_per_s": round(args.n / run_s, 2),
             "ratio": round((args.n / run_s) / fp32_ips, 3),

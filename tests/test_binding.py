@@ -409,10 +409,13 @@ def test_a_tower_that_binds_a_pair_by_itself_keeps_the_pairs_own_threshold(world
     assert np.array_equal(np.sort(res.all_ids), np.sort(Engine(snap, binding=False).search(q, k=10_000).all_ids))
     assert np.array_equal(np.sort(res.all_ids), eng.reference_answer(q))
     assert "joint_readings" not in res.plan or not res.plan["joint_readings"]
+    assert res.hits and all(e["rule"] == "own" for h in res.hits for e in h.explanation)  # --explain names it
     assert res.estimate is not None and 0 < res.estimate["precision"] <= 1
 
     own_agreement(2.0)  # never: the scene rule judges every pair
-    assert {c.method for c in _pair_cals(Engine(snap), q).values()} == {"bound"}
+    eng = Engine(snap)
+    assert {c.method for c in _pair_cals(eng, q).values()} == {"bound"}
+    assert all(e["rule"] == "scene" for h in eng.search(q, k=5, explain=True).hits for e in h.explanation)
 
 
 def test_a_plain_clip_never_keeps_a_pairs_own_threshold(world_store, own_agreement):

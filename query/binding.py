@@ -35,8 +35,8 @@ alone reached pair F1 0.62 against the scene rule's 0.56 (label-chosen ceiling 0
 the pair's own calibrated threshold already tells its images apart, and the scene rule can only add the words'
 mistakes: it reads every word of the image, and on a 3-object image one missed or spurious word changes the
 readings. So where the concept's own threshold and the rule pick the same images on at least ``OWN_AGREEMENT``
-(Jaccard, over the calibration sample: :func:`rule_agreement`), the concept keeps its own calibration (rule
-"own"). Measured (``bench/query_accuracy.py``, 1,500-image collections; tuned on seeds 101-102 x 0, 4): the pairs
+(Jaccard, over the calibration sample: :func:`rule_agreement`; at least ``MIN_AGREEMENT_IMAGES`` picked by
+either), the concept keeps its own calibration (rule "own"). Measured (``bench/query_accuracy.py``, 1,500-image collections; tuned on seeds 101-102 x 0, 4): the pairs
 of world:clip agree at 0.87-1.0 (median 0.97-0.98), of pooled pairnet at 0.46-0.95, of world:clip's 1,100-step
 weights at 0.53-0.86 (none kept: its answers are unchanged); with 0.95, rare conjunctions on world:clip went from
 0.954 to 0.990 on the tuning seeds and from 0.822 to 0.922 on fresh ones (401-402 x 8, 9).
@@ -55,7 +55,8 @@ import numpy as np
 
 __all__ = ["Binding", "binding_of", "word_groups", "bound_mask", "present_on", "binding_strength", "reading_share",
            "words_pass", "joint_share", "jointly_on",
-           "rule_agreement", "BASIC_COLOURS", "MAX_SCENE_WORDS", "MIN_BINDING", "OWN_AGREEMENT"]
+           "rule_agreement", "BASIC_COLOURS", "MAX_SCENE_WORDS", "MIN_BINDING", "OWN_AGREEMENT",
+           "MIN_AGREEMENT_IMAGES"]
 
 #: Colour terms for open-vocabulary CLIPs (Berlin and Kay's eleven basic colour terms).
 BASIC_COLOURS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown",
@@ -68,6 +69,8 @@ MIN_BINDING = 0.15
 #: Agreement (Jaccard) between the concept's own calibrated threshold and the binding rule, over the calibration
 #: sample, at or above which the text tower is taken to bind the concept by itself: its own threshold decides.
 OWN_AGREEMENT = 0.95
+#: ... taken over at least this many images picked by either (fewer: the rule stays).
+MIN_AGREEMENT_IMAGES = 10
 
 
 @dataclass(frozen=True)
@@ -233,15 +236,17 @@ def binding_strength(margin: np.ndarray, words_ok: np.ndarray, scores: np.ndarra
     return float(np.median(m)) / sd
 
 
-def rule_agreement(own: np.ndarray, rule: np.ndarray) -> float | None:
-    """Jaccard agreement of two present masks over the same rows: |both| / |either| (None: neither holds anywhere).
+def rule_agreement(own: np.ndarray, rule: np.ndarray, min_images: int | None = None) -> float | None:
+    """Jaccard agreement of two present masks over the same rows: |both| / |either| (None: fewer than
+    ``min_images``, default ``MIN_AGREEMENT_IMAGES``, are picked by either: too few to tell).
 
     A text tower that binds a concept's words by itself scores the concept's own images above the rest, so its own
     calibrated threshold and the binding rule pick the same images (agreement near 1); one that does not also
     passes the images where both words are bound to other objects (0.53-0.86 on world:clip's 1,100-step weights)."""
     own, rule = np.asarray(own, bool), np.asarray(rule, bool)
     either = int((own | rule).sum())
-    return None if either == 0 else int((own & rule).sum()) / either
+    need = MIN_AGREEMENT_IMAGES if min_images is None else max(1, int(min_images))
+    return None if either < need else int((own & rule).sum()) / either
 
 
 def reading_share(b: Binding, scores: dict, thresholds: dict) -> np.ndarray:

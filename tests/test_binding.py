@@ -355,10 +355,13 @@ def test_a_store_records_its_shipped_weights_and_a_search_warns_when_they_change
 def test_rule_agreement_is_the_jaccard_of_two_masks():
     a = np.array([1, 1, 0, 0, 1], bool)
     b = np.array([1, 0, 0, 1, 1], bool)
-    assert rule_agreement(a, b) == pytest.approx(2 / 4)
-    assert rule_agreement(a, a) == 1.0
-    assert rule_agreement(a, ~a) == 0.0
-    assert rule_agreement(np.zeros(3, bool), np.zeros(3, bool)) is None
+    assert rule_agreement(a, b, min_images=1) == pytest.approx(2 / 4)
+    assert rule_agreement(a, a, min_images=1) == 1.0
+    assert rule_agreement(a, ~a, min_images=1) == 0.0
+    assert rule_agreement(np.zeros(3, bool), np.zeros(3, bool), min_images=1) is None
+    assert rule_agreement(a, a) is None  # 3 images: too few to tell (MIN_AGREEMENT_IMAGES)
+    many = np.arange(40) % 2 == 0
+    assert rule_agreement(many, many) == 1.0
 
 
 @pytest.fixture
@@ -390,11 +393,12 @@ def test_a_tower_that_binds_a_pair_by_itself_keeps_the_pairs_own_threshold(world
     from t2c.query.engine import Engine
 
     snap = open_store(world_store / "st", verify=False)
-    q = '"red circle" AND "blue square" OR "green star"'
+    q = '"red circle" AND "blue square" OR "orange cross"'  # 12-27 images each, enough to compare the two
     own_agreement(binding.OWN_AGREEMENT)
     shipped = _pair_cals(Engine(snap), q)
     for c in shipped.values():  # the shipped setting: each pair as its agreement says
         agree = c.params["agreement"]
+        assert agree is not None
         assert 0 <= agree <= 1 and (c.params["binding"]["rule"] == "own") == (agree >= binding.OWN_AGREEMENT)
         assert (c.method == "bound") == (c.params["binding"]["rule"] != "own")
     assert any(c.params["binding"]["rule"] == "own" for c in shipped.values())  # world:clip binds its pairs
@@ -416,6 +420,20 @@ def test_a_tower_that_binds_a_pair_by_itself_keeps_the_pairs_own_threshold(world
     eng = Engine(snap)
     assert {c.method for c in _pair_cals(eng, q).values()} == {"bound"}
     assert all(e["rule"] == "scene" for h in eng.search(q, k=5, explain=True).hits for e in h.explanation)
+
+
+def test_a_pair_on_too_few_images_keeps_the_binding_rule(world_store, own_agreement):
+    """Agreement over fewer than MIN_AGREEMENT_IMAGES picked images says nothing: the rule stays."""
+    from t2c.data.store import open_store
+    from t2c.query import binding
+    from t2c.query.engine import Engine
+
+    own_agreement(0.0)
+    eng = Engine(open_store(world_store / "st", verify=False))
+    cals = _pair_cals(eng, '"red circle" OR "green star"')  # 22 and 8 images in the 400
+    assert cals["red circle"].params["binding"]["rule"] == "own"
+    assert cals["green star"].method == "bound" and cals["green star"].params["agreement"] is None
+    assert cals["green star"].prevalence * len(eng.snapshot.ids) < binding.MIN_AGREEMENT_IMAGES
 
 
 def test_a_plain_clip_never_keeps_a_pairs_own_threshold(world_store, own_agreement):

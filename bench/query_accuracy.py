@@ -20,7 +20,9 @@ labels: precision, recall and F1, averaged over queries per family and overall (
 families). Beside them, the label-chosen ceiling: the same tree evaluated with each concept's threshold on
 its cosine score chosen *with the labels* (the best-F1 threshold of that concept alone), which no threshold
 rule can beat by much. The engine's own estimate of each answer's precision and recall (from the mixture
-fits, no labels) is compared with the truth (``estimate_gap``).
+fits, no labels) is compared with the truth (``estimate_gap``). Per store, ``binding_rules`` counts the 48
+colour-shape pairs by the rule that judges them (own threshold, scene, rivals, words) with the quantiles of their
+agreement (``t2c.query.binding.rule_agreement``).
 
 Usage:
     .venv/bin/python bench/query_accuracy.py                                  # report seeds, all encoders
@@ -149,6 +151,23 @@ def draw_queries(rng, truth: Truth, per_family: int, min_true: int, objects: lis
 def _single(rng, singles) -> str:
     s = str(rng.choice(singles))
     return f'"{s}"' if " " in s else s
+
+
+def binding_rules(eng) -> dict:
+    """How a store's colour-shape pairs are judged: pairs per binding rule, and the quantiles (min, 10%, median,
+    max) of the agreement between each pair's own threshold and the rule (``binding.rule_agreement``)."""
+    from t2c.data.world import vocab
+    from t2c.query.calibrate import thresholds_for
+
+    pairs = [f"{c} {s}" for c in vocab.COLORS for s in vocab.SHAPES]
+    cals = thresholds_for(eng.snapshot, pairs, bank=eng.bank, binding=eng.binding)
+    counts: dict[str, int] = {}
+    for c in cals.values():
+        rule = (c.params.get("binding") or {}).get("rule", "threshold")
+        counts[rule] = counts.get(rule, 0) + 1
+    agree = np.sort([c.params["agreement"] for c in cals.values() if c.params.get("agreement") is not None])
+    q = [round(float(np.quantile(agree, p)), 3) for p in (0.0, 0.1, 0.5, 1.0)] if len(agree) else None
+    return {"rules": counts, "agreement_min_p10_median_max": q}
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -318,6 +337,7 @@ def _run(args, work: Path) -> dict:
     t0 = time.perf_counter()
     aligners = fit_aligners(work, encoders, args.fit_set, 9_000_001)
     runs: dict[str, list] = {e: [] for e in encoders}
+    rules: dict[str, dict] = {}
     for cs in cseeds:
         world = work / f"world-{cs}-{args.n}"
         if not (world / "labels.parquet").exists():
@@ -332,6 +352,7 @@ def _run(args, work: Path) -> dict:
             relpaths = [rel[int(i)] for i in eng.snapshot.ids]
             lab = labels.take([row_of["images/" + r] for r in relpaths])
             truth = Truth(lab, relpaths)
+            rules.setdefault(enc, {})[cs] = binding_rules(eng)
             for qs in qseeds:
                 rng = np.random.default_rng([cs, qs])
                 queries = draw_queries(rng, truth, args.per_family, args.min_true, lab.column("objects").to_pylist())
@@ -340,7 +361,7 @@ def _run(args, work: Path) -> dict:
     out = {"n": args.n, "collection_seeds": cseeds, "query_seeds": qseeds, "per_family": args.per_family,
            "tuned_on": TUNING_SEEDS, "binding": not args.no_binding, "own_agreement": binding.OWN_AGREEMENT,
            "aligner_fit": f"{args.fit_set} separate world images, no labels",
-           "results": {e: _summary(runs[e]) for e in encoders}, "seconds": round(time.perf_counter() - t0, 1)}
+           "results": {e: _summary(runs[e]) for e in encoders}, "binding_rules": rules, "seconds": round(time.perf_counter() - t0, 1)}
     if args.details:
         out["runs"] = runs
     return out

@@ -159,6 +159,7 @@ def main() -> None:
         total = sum(stages.values())
         fp32_ips = args.n / enc_s
         loop_ips = rep["images_per_second"]
+        rows = [_run_row(t, r, args.n, fp32_ips, f) for (t, r), f in zip(runs, fwd_log)]
         out = {
             "bench": "index_throughput",
             "encoder": args.encoder,
@@ -176,7 +177,7 @@ def main() -> None:
             "forward_images_per_s": round(args.n / fast_s, 2),
             "forward_before_after": [round(args.n / before[1], 2), round(args.n / after[1], 2)],
             "forward_speedup": round(enc_s / fast_s, 3),
-            "runs": [_run_row(t, r, args.n, fp32_ips, f) for (t, r), f in zip(runs, fwd_log)],
+            "runs": rows,
             "runs_note": "each run a fresh store, one cache folder: run 1 converts the model (cold: with OpenVINO the "
                          "conversion, with torch and weights=random the seeded init, then kept), later runs find it "
                          "(warm); the figures below are the last run's",
@@ -190,13 +191,11 @@ def main() -> None:
             "encode_loop_ratio": round(loop_ips / fp32_ips, 3),
             "encode_loop_note": "the last run's decode+encode loop (decoding overlapped) / eager fp32 forward pass "
                                 "(the mean of the passes before and after every run)",
-            "encode_loop_ratio_median": _median([_run_row(t, r, args.n, fp32_ips, f)["loop_ratio_adjacent"]
-                                                 for (t, r), f in zip(runs, fwd_log)]),
+            "encode_loop_ratio_median": _median([row["loop_ratio_adjacent"] for row in rows]),
             "encode_loop_ratio_median_note": "median over the runs of each run's loop against the forward passes "
                                              "timed just before and just after it (drift between runs cancels)",
-            "encode_loop_vs_in_run_forward_median": _median([
-                _run_row(t, r, args.n, fp32_ips)["loop_vs_in_run_forward"] for t, r in runs
-                if r["stage_seconds"].get("forward")]),
+            "encode_loop_vs_in_run_forward_median": _median([row["loop_vs_in_run_forward"] for row in rows
+                                                             if "loop_vs_in_run_forward" in row]),
             "encode_loop_vs_in_run_forward_note": "median over the runs of the seconds the run's encoder spent in its "
                                                   "forward passes (its stage_seconds.forward: timed inside the loop, "
                                                   "the fresh process's first batches included) / its whole decode + "
@@ -205,8 +204,7 @@ def main() -> None:
             "steady_loop": steady,
             "target_encode_loop_ratio": 0.95 if args.precision == "fp32" else None,
             "startup_commit_seconds": round(start_s + st.get("commit", 0), 2),
-            "startup_commit_seconds_median": _median([_run_row(t, r, args.n, fp32_ips)["startup_commit_seconds"]
-                                                      for t, r in runs]),
+            "startup_commit_seconds_median": _median([row["startup_commit_seconds"] for row in rows]),
             "target_startup_commit_seconds": 3.0,
             "run_stage_seconds": dict(st, outside_index_folder=round(outside, 3)),
             "cosine_to_fp32": {"min": round(float(cos.min()), 5), "mean": round(float(cos.mean()), 5)},

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -645,10 +645,9 @@ def _bound_thresholds(snapshot, texts: list[str], bank, plain: dict) -> dict[str
             if agreement is not None and agreement >= OWN_AGREEMENT:
                 # the tower binds this concept by itself: its own threshold decides (the scene rule reads every
                 # word of the image, so on 3-object images it adds the words' mistakes to the pair's)
-                c = Calibration(raw.threshold, raw.method, raw.prevalence, raw.scale, raw.n,
-                                dict(raw.params, binding=dict(b.to_dict(), rule="own"), binds=True,
-                                     binding_strength=None if strength is None else round(strength, 4),
-                                     agreement=round(agreement, 4)), raw.sorted_sample)
+                c = replace(raw, params=dict(raw.params, binding=dict(b.to_dict(), rule="own"), binds=True,
+                                             binding_strength=None if strength is None else round(strength, 4),
+                                             agreement=round(agreement, 4)))
             else:
                 word_rates = [concept_rates(word_cals[w].for_search()) for w in b.words]
                 if binds:

@@ -261,6 +261,15 @@ def world_store(tmp_path_factory):
     return root
 
 
+def _cals_by_text(eng, q: str) -> dict:
+    """{concept text: its calibration} for the scored concepts of query ``q``."""
+    from t2c.query import ast as qa
+
+    node = eng.parse_query(q)
+    cals = eng.calibrations(node)
+    return {leaf.text: cals[id(leaf)] for leaf in qa.scored(node)}
+
+
 def test_a_plain_clip_gets_the_collection_cut_and_judges_pairs_by_their_words(world_store):
     """world:clip-plain (no own cut, a bag-of-words text tower): estimated cut, words rule; world:clip: neither."""
     from t2c.data.store import open_store
@@ -271,14 +280,7 @@ def test_a_plain_clip_gets_the_collection_cut_and_judges_pairs_by_their_words(wo
     cut = collection_cut(plain.snapshot, plain.bank)
     assert cut is not None and 0 < cut < 0.3
     q = '"red circle" AND NOT star'
-    def by_text(eng):
-        from t2c.query import ast as qa
-
-        node = eng.parse_query(q)
-        cals = eng.calibrations(node)
-        return {leaf.text: cals[id(leaf)] for leaf in qa.scored(node)}
-
-    cals = by_text(plain)
+    cals = _cals_by_text(plain, q)
     assert cals["red circle"].method == "bound" and cals["red circle"].params["binds"] is False
     assert cals["red circle"].params["binding"]["rule"] == "words"
     assert cals["star"].method in ("cut", "gmm") and (cals["star"].method == "gmm" or cals["star"].threshold == cut)
@@ -287,7 +289,7 @@ def test_a_plain_clip_gets_the_collection_cut_and_judges_pairs_by_their_words(wo
     assert 0 < res.estimate["concepts"]["red circle"]["precision"] <= 1
     clip = Engine(open_store(world_store / "st", verify=False))
     assert collection_cut(clip.snapshot, clip.bank) is None
-    assert by_text(clip)["red circle"].params["binds"] is True
+    assert _cals_by_text(clip, q)["red circle"].params["binds"] is True
 
 
 def test_two_pairs_on_a_plain_clip_need_one_reading_that_holds_both(world_store):
@@ -377,14 +379,6 @@ def own_agreement(monkeypatch):
     calibrate.clear_cache()
 
 
-def _pair_cals(eng, q: str) -> dict:
-    from t2c.query import ast as qa
-
-    node = eng.parse_query(q)
-    cals = eng.calibrations(node)
-    return {leaf.text: cals[id(leaf)] for leaf in qa.scored(node)}
-
-
 def test_a_tower_that_binds_a_pair_by_itself_keeps_the_pairs_own_threshold(world_store, own_agreement):
     """Where the pair's own calibrated threshold and the scene rule agree on OWN_AGREEMENT of the sample, the
     pair keeps its own calibration (rule "own"): no rival or reading check, so its answer is its threshold's."""
@@ -395,7 +389,7 @@ def test_a_tower_that_binds_a_pair_by_itself_keeps_the_pairs_own_threshold(world
     snap = open_store(world_store / "st", verify=False)
     q = '"red circle" AND "blue square" OR "orange cross"'  # 12-27 images each, enough to compare the two
     own_agreement(binding.OWN_AGREEMENT)
-    shipped = _pair_cals(Engine(snap), q)
+    shipped = _cals_by_text(Engine(snap), q)
     for c in shipped.values():  # the shipped setting: each pair as its agreement says
         agree = c.params["agreement"]
         assert agree is not None
@@ -405,7 +399,7 @@ def test_a_tower_that_binds_a_pair_by_itself_keeps_the_pairs_own_threshold(world
 
     own_agreement(0.0)  # every pair that binds at all keeps its own threshold
     eng = Engine(snap)
-    cals, plain = _pair_cals(eng, q), _pair_cals(Engine(snap, binding=False), q)
+    cals, plain = _cals_by_text(eng, q), _cals_by_text(Engine(snap, binding=False), q)
     for t, c in cals.items():
         assert c.method != "bound" and c.params["binding"]["rule"] == "own" and c.params["binds"] is True
         assert c.threshold == plain[t].threshold and c.method == plain[t].method
@@ -418,7 +412,7 @@ def test_a_tower_that_binds_a_pair_by_itself_keeps_the_pairs_own_threshold(world
 
     own_agreement(2.0)  # never: the scene rule judges every pair
     eng = Engine(snap)
-    assert {c.method for c in _pair_cals(eng, q).values()} == {"bound"}
+    assert {c.method for c in _cals_by_text(eng, q).values()} == {"bound"}
     assert all(e["rule"] == "scene" for h in eng.search(q, k=5, explain=True).hits for e in h.explanation)
 
 
@@ -430,7 +424,7 @@ def test_a_pair_on_too_few_images_keeps_the_binding_rule(world_store, own_agreem
 
     own_agreement(0.0)
     eng = Engine(open_store(world_store / "st", verify=False))
-    cals = _pair_cals(eng, '"red circle" OR "green star"')  # 22 and 8 images in the 400
+    cals = _cals_by_text(eng, '"red circle" OR "green star"')  # 22 and 8 images in the 400
     assert cals["red circle"].params["binding"]["rule"] == "own"
     assert cals["green star"].method == "bound" and cals["green star"].params["agreement"] is None
     assert cals["green star"].prevalence * len(eng.snapshot.ids) < binding.MIN_AGREEMENT_IMAGES
@@ -442,7 +436,7 @@ def test_a_plain_clip_never_keeps_a_pairs_own_threshold(world_store, own_agreeme
     from t2c.query.engine import Engine
 
     own_agreement(0.0)
-    cals = _pair_cals(Engine(open_store(world_store / "plain", verify=False)), '"red circle"')
+    cals = _cals_by_text(Engine(open_store(world_store / "plain", verify=False)), '"red circle"')
     assert cals["red circle"].method == "bound" and cals["red circle"].params["binding"]["rule"] == "words"
     assert cals["red circle"].params["agreement"] is None
 
